@@ -1,0 +1,1 @@
+"""Archive service: owner of the genealogical documents and of each run's state machine."""

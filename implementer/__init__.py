@@ -1,0 +1,1 @@
+"""Implementer service: proposal -> candidate module, verification in the sandbox, bounded correction."""

@@ -1,0 +1,1 @@
+"""POISE core: contracts, algorithm interface, testbed, CLI."""

@@ -1,0 +1,154 @@
+"""Pure-torch building blocks that candidate modules may import (`from poise.algorithms import common`).
+
+Shapes: B responses, L padded response tokens, G groups. `mask` is the float (B, L) response mask,
+`group_index` the long (B,) contiguous group id of each response.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Clamp on log-ratios before exp, as VERL does, so one wild token cannot overflow the ratio.
+LOG_RATIO_CLAMP = 20.0
+KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    if dim is None:
+        return (values * mask).sum() / (mask.sum() + 1e-8)
+    return (values * mask).sum(dim) / (mask.sum(dim) + 1e-8)
+
+
+def group_sum(values: Tensor, group_index: Tensor) -> Tensor:
+    """Per-group sums (G,) of per-response values (B,)."""
+    n_groups = int(group_index.max()) + 1
+    return torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, group_index, values)
+
+
+def group_mean_std(scores: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-response group mean and unbiased (n-1) group std, broadcast back to (B,).
+
+    A group of one response has no baseline: mean 0 and std 1, VERL's convention.
+    """
+    count = group_sum(torch.ones_like(scores), group_index)
+    mean = group_sum(scores, group_index) / count
+    centered = scores - mean[group_index]
+    var = group_sum(centered * centered, group_index) / (count - 1).clamp(min=1)
+    single = count[group_index] == 1
+    mean_b = torch.where(single, torch.zeros_like(scores), mean[group_index])
+    std_b = torch.where(single, torch.ones_like(scores), var.sqrt()[group_index])
+    return mean_b, std_b
+
+
+def group_count(group_index: Tensor, like: Tensor) -> Tensor:
+    """Number of responses in each response's group, (B,)."""
+    return group_sum(torch.ones_like(like), group_index)[group_index]
+
+
+def whiten(values: Tensor, mask: Tensor) -> Tensor:
+    """(values - mean) / sqrt(var + 1e-8) over the valid tokens of the whole batch (unbiased var)."""
+    n = mask.sum()
+    if n < 2:
+        raise ValueError("whitening needs at least two valid tokens in the batch")
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask) * n / (n - 1)
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def token_level(advantages: Tensor, mask: Tensor) -> Tensor:
+    """Broadcast (B,) sequence advantages to (B, L), zero on padding."""
+    return advantages.unsqueeze(-1) * mask
+
+
+def ppo_clip_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float = 3.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Token-level PPO clip (asymmetric when clip_high != clip_low) with dual-clip for negative advantages.
+
+    loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); for A < 0 additionally capped at -A c,
+    so a token whose ratio exploded cannot dominate the batch (Ye et al. 2020, dual-clip PPO).
+    """
+    log_ratio = (log_prob - old_log_prob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pessimistic = torch.maximum(unclipped, clipped)
+    capped = torch.minimum(pessimistic, -advantages * dual_clip)
+    loss = torch.where(advantages < 0, capped, pessimistic)
+    metrics = {
+        "clip_frac": masked_mean((clipped > unclipped).to(mask.dtype), mask).item(),
+        "clip_frac_lower": masked_mean(((pessimistic > -advantages * dual_clip) & (advantages < 0)).to(mask.dtype),
+                                       mask).item(),
+        "ppo_kl": masked_mean(-log_ratio, mask).item(),
+    }
+    return loss, metrics
+
+
+def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs (Schulman 2020, "Approximating KL").
+
+    k1 ("kl"): log r; abs: |log r|; k2 ("mse"): (log r)^2 / 2; k3 ("low_var_kl"): exp(-log r) + log r - 1,
+    with log r = log_prob - ref_log_prob. A trailing "+" (e.g. "k3+") keeps the estimator's value but takes
+    the gradient of k2, whose expected gradient is the true KL gradient.
+    """
+    straight_through = estimator.endswith("+")
+    base = estimator[:-1] if straight_through else estimator
+    log_ratio = log_prob - ref_log_prob
+    if base in ("k1", "kl"):
+        value = log_ratio
+    elif base == "abs":
+        value = log_ratio.abs()
+    elif base in ("k2", "mse"):
+        value = 0.5 * log_ratio.square()
+    elif base in ("k3", "low_var_kl"):
+        reverse = (-log_ratio).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        value = (torch.exp(reverse) - reverse - 1.0).clamp(-10.0, 10.0)
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; use one of {', '.join(KL_ESTIMATORS)} (+ suffix ok)")
+    if not straight_through or base in ("k2", "mse"):
+        return value
+    k2 = 0.5 * log_ratio.square()
+    return k2 - k2.detach() + value.detach()
+
+
+def add_kl_penalty(loss: Tensor, log_prob: Tensor, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    """Add `kl_coef * kl_penalty(log_prob, ref_log_prob, kl_estimator)` per token when kl_coef > 0.
+
+    Aggregation is linear, so adding the penalty per token before aggregation equals VERL's separate
+    `kl_loss_coef * agg_loss(kl)` term under the same mode.
+    """
+    coef = float(batch["hparams"].get("kl_coef", 0.0))
+    if coef == 0.0:
+        return loss, {}
+    if "ref_log_prob" not in batch:
+        raise ValueError("kl_coef > 0 but the batch has no ref_log_prob: the protocol must keep a reference model")
+    kl = kl_penalty(log_prob, batch["ref_log_prob"], str(batch["hparams"].get("kl_estimator", "k3")))
+    return loss + coef * kl, {"kl": masked_mean(kl.detach(), batch["response_mask"]).item()}
+
+
+def clipped_policy_loss(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor, batch: dict[str, Any]
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO clip + dual-clip with hparams clip_low, clip_high, dual_clip, plus the optional KL penalty."""
+    hp = batch["hparams"]
+    loss, metrics = ppo_clip_loss(
+        log_prob, old_log_prob, advantages, response_mask, hp["clip_low"], hp["clip_high"], hp.get("dual_clip", 3.0)
+    )
+    loss, kl_metrics = add_kl_penalty(loss, log_prob, batch)
+    return loss, {**metrics, **kl_metrics}
+
+
+def group_normalized_advantages(batch: dict[str, Any]) -> Tensor:
+    """GRPO's advantage: (s_i - mean_g) / (std_g + eps) per response, broadcast over its tokens, (B, L)."""
+    scores = batch["scores"]
+    mean, std = group_mean_std(scores, batch["group_index"])
+    return token_level((scores - mean) / (std + batch["hparams"]["eps"]), batch["response_mask"])

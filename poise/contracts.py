@@ -1,0 +1,684 @@
+"""Every message and document that crosses a boundary in POISE, defined once.
+
+The archive holds one `Node` per candidate algorithm: the paper's entry e_i = (z_i, ρ_i, τ_i, y_i, r_i)
+is `Proposal` (z), `Implementation` (ρ), `TrainingTrajectory` (τ), `Evaluation` (y) and `Reflection` (r),
+tied to the lineage by `Genealogy`. Services talk through the `Message` subclasses below, one per bus
+subject; `encode` / `decode` are the only way bytes become messages and back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+MAX_MESSAGE_BYTES = 1 << 20  # results travel on the bus; checkpoints and other large artifacts go by URI
+MAX_REASON_CHARS = 200
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Scalar = bool | int | float | str  # bool first: JSON true must stay a bool, 3 an int, 3.0 a float
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+NonNegative = Annotated[float, Field(ge=0.0)]
+
+
+class ContractError(ValueError):
+    """Bytes on the bus that are not a valid message of their subject, or a message that cannot be sent."""
+
+
+class Contract(BaseModel):
+    """Base of every contract: unknown fields are an error, and nan/inf survive JSON.
+
+    A diverging training curve is data, not an error, so floats serialize as the JSON constants
+    NaN / Infinity (which Python's `json` and pydantic both read back) instead of null.
+    """
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+
+# ---------------------------------------------------------------------------------------------- enums
+
+
+class NodeStatus(StrEnum):
+    """Where a node stands in the pipeline propose → implement → train → evaluate → reflect."""
+
+    PROPOSED = "proposed"
+    IMPLEMENTED = "implemented"
+    TRAINED = "trained"
+    EVALUATED = "evaluated"
+    REFLECTED = "reflected"
+    FAILED = "failed"
+
+
+PIPELINE: tuple[NodeStatus, ...] = (
+    NodeStatus.PROPOSED,
+    NodeStatus.IMPLEMENTED,
+    NodeStatus.TRAINED,
+    NodeStatus.EVALUATED,
+    NodeStatus.REFLECTED,
+)
+NEXT_STATUS: dict[NodeStatus, NodeStatus] = dict(zip(PIPELINE, PIPELINE[1:], strict=False))
+TERMINAL_STATUSES: frozenset[NodeStatus] = frozenset({NodeStatus.REFLECTED, NodeStatus.FAILED})
+
+
+def can_transition(current: NodeStatus, new: NodeStatus) -> bool:
+    """True if a node may move from `current` to `new`: one step forward, or to failed from non-terminal.
+
+    A repeat (current == new) is not a transition; the archive ignores it as a redelivered event.
+    """
+    if current in TERMINAL_STATUSES:
+        return False
+    return new == NodeStatus.FAILED or NEXT_STATUS.get(current) == new
+
+
+class Phase(StrEnum):
+    """A phase of the closed loop, as named on the bus and in costs and failures."""
+
+    PROPOSE = "propose"
+    IMPLEMENT = "implement"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    REFLECT = "reflect"
+
+
+class LossAggMode(StrEnum):
+    """How the per-token loss is reduced to a scalar; the names are VERL's `loss_agg_mode` values."""
+
+    TOKEN_MEAN = "token-mean"
+    SEQ_MEAN_TOKEN_SUM = "seq-mean-token-sum"
+    SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
+
+
+class MetricKind(StrEnum):
+    """pass@k sampled at temperature 1.0 (hard suites) or greedy acc@1 (the rest)."""
+
+    PASS_AT_K = "pass@k"
+    ACC_AT_1 = "acc@1"
+
+
+class Effect(StrEnum):
+    """What a reflection concludes a mechanism did to the node, relative to its parent."""
+
+    HELPED = "helped"
+    HURT = "hurt"
+    NEUTRAL = "neutral"
+    CONTEXT_DEPENDENT = "context_dependent"
+
+
+# ------------------------------------------------------------------------------------------ genealogy
+
+
+class Genealogy(Contract):
+    """A node's place in the run's lineage. `ancestors` holds every node on a path to a root."""
+
+    run_id: Id
+    node_id: Id
+    parent_ids: list[Id] = []
+    depth: int = Field(0, ge=0)
+    ancestors: list[Id] = []
+
+    @model_validator(mode="after")
+    def _check_lineage(self) -> Genealogy:
+        if (self.depth == 0) != (not self.parent_ids):
+            raise ValueError(
+                f"node {self.node_id}: depth {self.depth} with {len(self.parent_ids)} parents; "
+                "a root has depth 0 and no parents, every other node has both"
+            )
+        if self.node_id in self.parent_ids or self.node_id in self.ancestors:
+            raise ValueError(f"node {self.node_id} is listed among its own parents or ancestors")
+        missing = [p for p in self.parent_ids if p not in self.ancestors]
+        if missing:
+            raise ValueError(f"node {self.node_id}: parents {missing} are missing from its ancestors")
+        return self
+
+    @classmethod
+    def child(cls, node_id: str, parents: list[Genealogy]) -> Genealogy:
+        """The genealogy of a new node bred from `parents` (all of one run)."""
+        if not parents:
+            raise ValueError(f"node {node_id}: a child needs at least one parent")
+        if len({p.run_id for p in parents}) > 1:
+            raise ValueError(f"node {node_id}: parents come from different runs")
+        ancestors = list(dict.fromkeys([a for p in parents for a in (*p.ancestors, p.node_id)]))
+        return cls(
+            run_id=parents[0].run_id,
+            node_id=node_id,
+            parent_ids=[p.node_id for p in parents],
+            depth=1 + max(p.depth for p in parents),
+            ancestors=ancestors,
+        )
+
+
+# -------------------------------------------------------------------------------------- z: proposal
+
+
+class MechanismSpec(Contract):
+    """One named building block of an algorithm (e.g. "analytic_variance_scaling") and its constants."""
+
+    name: str = Field(min_length=1)
+    params: dict[str, Scalar] = {}
+
+
+class Proposal(Contract):
+    """z: what the candidate algorithm is and why, as produced by the proposer."""
+
+    name: str = Field(min_length=1)
+    rationale: str
+    mechanisms: list[MechanismSpec] = []
+    hparams: dict[str, Scalar] = {}
+    loss_agg_mode: LossAggMode = LossAggMode.TOKEN_MEAN
+    directive: str | None = None
+    generator: str = Field(min_length=1, description='"offline" or the id of the model that wrote it')
+    parent_ids: list[Id] = []
+
+
+# -------------------------------------------------------------------------------- ρ: implementation
+
+
+class CheckResult(Contract):
+    """The outcome of one verification check (shape, finiteness, consistency with the proposal …)."""
+
+    name: str
+    passed: bool
+    message: str = ""
+
+
+class VerificationAttempt(Contract):
+    """One round of the bounded correction loop: the code tried and what the checks said about it."""
+
+    attempt: int = Field(ge=1)
+    source: str
+    passed: bool
+    checks: list[CheckResult] = []
+    duration_s: NonNegative = 0.0
+    error: str | None = None
+
+
+class Implementation(Contract):
+    """ρ: the candidate's module source under the shared algorithm interface, and how it was verified."""
+
+    source: str
+    source_sha256: Sha256Hex
+    attempts: list[VerificationAttempt] = []
+    verified: bool
+
+    @model_validator(mode="after")
+    def _check_sha256(self) -> Implementation:
+        if self.source_sha256 != sha256_hex(self.source):
+            raise ValueError("source_sha256 does not match the source; build with Implementation.from_source")
+        return self
+
+    @classmethod
+    def from_source(
+        cls, source: str, attempts: list[VerificationAttempt] | None = None, verified: bool = False
+    ) -> Implementation:
+        """The implementation of `source`, its sha256 computed here."""
+        attempts = attempts or []
+        return cls(source=source, source_sha256=sha256_hex(source), attempts=attempts, verified=verified)
+
+
+def sha256_hex(text: str) -> str:
+    """The hex sha256 of utf-8 `text`; identifies candidate source code."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# -------------------------------------------------------------------------------------- τ: trajectory
+
+
+class TrainingStep(Contract):
+    """Metrics logged at one optimizer step. None = not measured at this step; nan/inf are real values."""
+
+    step: int = Field(ge=0)
+    reward_mean: float | None = None
+    format_valid_rate: float | None = None
+    entropy: float | None = None
+    response_length: float | None = None
+    kl: float | None = None
+    grad_norm: float | None = None
+    clip_frac: float | None = None
+    adv_mean: float | None = None
+    adv_std: float | None = None
+    step_time_s: float | None = None
+    extra: dict[str, float] = {}
+
+
+class TrainingTrajectory(Contract):
+    """τ: the learning curves of one training run under a named protocol."""
+
+    protocol: str
+    seed: int
+    steps: list[TrainingStep] = []
+    aborted: bool = False
+    abort_reason: str | None = None
+    checkpoint_uri: str | None = None
+    wall_s: NonNegative = 0.0
+
+    def curve(self, name: str) -> list[float | None]:
+        """One metric over steps, from a named field or from `extra` (None where a step lacks it)."""
+        if name in TrainingStep.model_fields and name != "extra":
+            return [getattr(s, name) for s in self.steps]
+        if any(name in s.extra for s in self.steps):
+            return [s.extra.get(name) for s in self.steps]
+        raise KeyError(f"no training metric {name!r}: neither a TrainingStep field nor in any step's extra")
+
+
+# -------------------------------------------------------------------------------------- y: evaluation
+
+
+class SuiteResult(Contract):
+    """One benchmark suite's score (e.g. AIME25 pass@32) with its confidence interval."""
+
+    suite: str = Field(min_length=1)
+    kind: MetricKind
+    k: int = Field(1, ge=1)
+    value: Unit
+    ci_low: Unit
+    ci_high: Unit
+    n_prompts: int = Field(ge=1)
+    n_samples: int = Field(ge=1)
+    mean_length: NonNegative
+    format_valid_rate: Unit
+    weight: NonNegative
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> SuiteResult:
+        if self.kind == MetricKind.ACC_AT_1 and self.k != 1:
+            raise ValueError(f"suite {self.suite}: acc@1 needs k=1, got k={self.k}")
+        if self.ci_low > self.ci_high:
+            raise ValueError(f"suite {self.suite}: ci_low {self.ci_low} > ci_high {self.ci_high}")
+        return self
+
+
+class Evaluation(Contract):
+    """y: the metric vector of one evaluation pass (one seed) over all suites, and the run's utility U."""
+
+    suites: dict[str, SuiteResult]
+    overall: float
+    overall_ci: tuple[float, float] | None = None
+    mean_length: NonNegative
+    seed: int
+    utility: float | None = None
+    constraints_satisfied: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_suite_keys(self) -> Evaluation:
+        wrong = [key for key, result in self.suites.items() if key != result.suite]
+        if wrong:
+            raise ValueError(f"suites keyed by a name other than their own: {wrong}")
+        return self
+
+
+# -------------------------------------------------------------------------------------- r: reflection
+
+
+class MechanismEffect(Contract):
+    """A reflection's verdict on one mechanism, with how sure it is and the evidence (curves, metrics)."""
+
+    mechanism: str = Field(min_length=1)
+    effect: Effect
+    confidence: Unit
+    evidence: str
+
+
+class Reflection(Contract):
+    """r: the mechanism-level diagnosis of a node against its parent, fed back to later proposals."""
+
+    text: str
+    effects: list[MechanismEffect] = []
+    diagnoses: list[str] = []
+    generator: str = Field(min_length=1)
+
+
+# ------------------------------------------------------------------------------------ failure, cost
+
+
+class Failure(Contract):
+    """Why a node stopped: the phase, a one-line reason for lists and logs, and the full detail."""
+
+    phase: Phase
+    reason: str
+    detail: str = ""
+
+    @field_validator("reason")
+    @classmethod
+    def _one_short_line(cls, reason: str) -> str:
+        # Normalize rather than reject: building a Failure must never itself fail.
+        lines = [line.strip() for line in reason.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError("a failure needs a non-empty reason")
+        line = lines[0]
+        return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 1] + "…"
+
+
+class Cost(Contract):
+    """What a node (or a run) has spent: wall seconds per phase and agent-LLM usage."""
+
+    phase_seconds: dict[Phase, NonNegative] = {}
+    llm_input_tokens: int = Field(0, ge=0)
+    llm_output_tokens: int = Field(0, ge=0)
+    llm_usd: NonNegative = 0.0
+
+    def add(self, other: Cost) -> Cost:
+        seconds = dict(self.phase_seconds)
+        for phase, s in other.phase_seconds.items():
+            seconds[phase] = seconds.get(phase, 0.0) + s
+        return Cost(
+            phase_seconds=seconds,
+            llm_input_tokens=self.llm_input_tokens + other.llm_input_tokens,
+            llm_output_tokens=self.llm_output_tokens + other.llm_output_tokens,
+            llm_usd=self.llm_usd + other.llm_usd,
+        )
+
+
+# ------------------------------------------------------------------------------------------- the node
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# The part of a node each status guarantees is present (cumulative along PIPELINE).
+_STATUS_PART = {
+    NodeStatus.IMPLEMENTED: "implementation",
+    NodeStatus.TRAINED: "trajectory",
+    NodeStatus.EVALUATED: "evaluation",
+    NodeStatus.REFLECTED: "reflection",
+}
+
+
+class Node(Contract):
+    """An archive entry e_i = (z, ρ, τ, y, r) with its lineage, status, failure and cost.
+
+    Every status on the pipeline guarantees the parts of the phases it has passed; a failed node keeps
+    whatever parts it reached, and only a failed node carries a `failure`.
+    """
+
+    genealogy: Genealogy
+    status: NodeStatus = NodeStatus.PROPOSED
+    proposal: Proposal
+    implementation: Implementation | None = None
+    trajectory: TrainingTrajectory | None = None
+    evaluation: Evaluation | None = None
+    replicates: list[Evaluation] = []  # fresh-seed re-evaluations of the same checkpoint, for noise
+    reflection: Reflection | None = None
+    failure: Failure | None = None
+    cost: Cost = Field(default_factory=Cost)
+    created_at: AwareDatetime = Field(default_factory=utc_now)
+    updated_at: AwareDatetime = Field(default_factory=utc_now)
+
+    @property
+    def node_id(self) -> str:
+        return self.genealogy.node_id
+
+    @property
+    def run_id(self) -> str:
+        return self.genealogy.run_id
+
+    @model_validator(mode="after")
+    def _check_parts(self) -> Node:
+        if (self.status == NodeStatus.FAILED) != (self.failure is not None):
+            raise ValueError(
+                f"node {self.node_id}: status {self.status} with failure={self.failure is not None}; "
+                "a failed node needs a failure, and only a failed node has one"
+            )
+        if self.status != NodeStatus.FAILED:
+            reached = PIPELINE[1 : PIPELINE.index(self.status) + 1]
+            missing = [_STATUS_PART[s] for s in reached if getattr(self, _STATUS_PART[s]) is None]
+            if missing:
+                raise ValueError(f"node {self.node_id}: status {self.status} but {missing} missing")
+        return self
+
+
+# --------------------------------------------------------------------------------------- run config
+
+
+class SelectionWeights(Contract):
+    """Parent acquisition s(d) = w_pareto·U_pareto + w_perf·U_perf + w_div·U_div + w_bayes·α_GP(d).
+
+    gamma, top_k and beta shape the GP target, the discounted top-K descendant gain
+    y_d = mean_topK γ^depth · tanh((U(c) − U(d)) / β); kappa is the UCB exploration weight.
+    """
+
+    pareto: NonNegative = 1.0
+    perf: NonNegative = 1.0
+    div: NonNegative = 0.5
+    bayes: NonNegative = 1.0
+    gamma: NonNegative = 0.8
+    top_k: int = Field(3, ge=1)
+    beta: NonNegative = 0.05
+    kappa: NonNegative = 1.0
+
+
+class Objective(Contract):
+    """What the utility U rewards: weighted Overall, or shorter responses at Overall within tolerance."""
+
+    kind: Literal["overall", "length"] = "overall"
+    accuracy_tolerance: NonNegative = 0.01
+    directive: str | None = None
+
+
+_LLM_SPEC = re.compile(r"^(?:offline|anthropic:(?P<model>\S+)|openai:(?P<url>https?://[^\s#]+)#(?P<omodel>\S+))$")
+
+
+def parse_llm_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """Split an agent-LLM spec into (provider, base url, model): "offline", "anthropic:<model>",
+    or "openai:<url>#<model>" for any OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama)."""
+    match = _LLM_SPEC.match(spec)
+    if match is None:
+        raise ValueError(
+            f"llm {spec!r} is not one of: offline, anthropic:<model>, openai:<url>#<model> "
+            "(e.g. openai:http://localhost:8000/v1#Qwen2.5-7B-Instruct)"
+        )
+    if match["model"]:
+        return "anthropic", None, match["model"]
+    if match["url"]:
+        return "openai", match["url"], match["omodel"]
+    return "offline", None, None
+
+
+class Backends(Contract):
+    """Which implementation plays each role: embedded defaults, or the production services."""
+
+    trainer: Literal["testbed", "verl"] = "testbed"
+    evaluator: Literal["testbed", "vllm"] = "testbed"
+    store: Literal["sqlite", "mongo"] = "sqlite"
+    bus: Literal["inproc", "nats"] = "inproc"
+    llm: str = "offline"
+
+    @field_validator("llm")
+    @classmethod
+    def _check_llm(cls, llm: str) -> str:
+        parse_llm_spec(llm)
+        return llm
+
+
+class RunConfig(Contract):
+    """Everything that defines a search run; stored with the run so it can be resumed."""
+
+    run_id: Id
+    budget: int = Field(64, ge=1, description="evaluated candidates, the paper's 64")
+    parallel: int = Field(3, ge=1, description="nodes in the pipeline at once")
+    parents_per_round: int = Field(3, ge=1)
+    population_size: int = Field(4, ge=1, description="proposals sampled per parent before screening")
+    max_correction_attempts: int = Field(3, ge=1)
+    root_seeds: int = Field(3, ge=1, description="fresh-seed evaluations of the root, the yardstick")
+    replicate_seeds: int = Field(3, ge=1, description="fresh-seed re-evaluations of a promising node")
+    seed: int = 0
+    protocol: str = "default"
+    objective: Objective = Field(default_factory=Objective)
+    weights: SelectionWeights = Field(default_factory=SelectionWeights)
+    backends: Backends = Field(default_factory=Backends)
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+
+class Message(Contract):
+    """A bus message about one node. `attempt` counts retries of the same work for the same node."""
+
+    subject: ClassVar[str]
+
+    run_id: Id
+    node_id: Id
+    attempt: int = Field(1, ge=1)
+
+    @property
+    def msg_id(self) -> str:
+        """Deterministic id for publish dedupe (NATS `Nats-Msg-Id`); ids never contain '/'."""
+        return "/".join((self.subject, self.run_id, self.node_id, str(self.attempt), *self._dedupe_extra()))
+
+    def _dedupe_extra(self) -> tuple[str, ...]:
+        return ()
+
+
+class _ReplicableMessage(Message):
+    """A message that may belong to a fresh-seed replicate evaluation, which needs its own msg_id."""
+
+    replicate: int = Field(0, ge=0, description="0 = the node's own evaluation, i >= 1 = the i-th replicate")
+
+    def _dedupe_extra(self) -> tuple[str, ...]:
+        return (f"r{self.replicate}",) if self.replicate else ()
+
+
+class WorkPropose(Message):
+    """Ask the proposer for one screened child of `parent_ids`; `node_id` is the child's pre-assigned id."""
+
+    subject: ClassVar[str] = "work.propose"
+    parent_ids: list[Id] = Field(min_length=1)
+    round: int = Field(0, ge=0)
+
+
+class WorkImplement(Message):
+    """Write and verify the module for `proposal`, with bounded correction."""
+
+    subject: ClassVar[str] = "work.implement"
+    proposal: Proposal
+
+
+class WorkTrain(Message):
+    """Train the verified `source` under `protocol` with `seed`."""
+
+    subject: ClassVar[str] = "work.train"
+    source: str
+    protocol: str
+    seed: int
+
+
+class WorkEvaluate(_ReplicableMessage):
+    """Evaluate the checkpoint at `checkpoint_uri` on the protocol's suites with `seed`."""
+
+    subject: ClassVar[str] = "work.evaluate"
+    checkpoint_uri: str
+    protocol: str
+    seed: int
+
+
+class WorkReflect(Message):
+    """The reflector reads the node and its parents from the archive; the message only names them."""
+
+    subject: ClassVar[str] = "work.reflect"
+    parent_ids: list[Id] = []
+
+
+class EvtProposed(Message):
+    """The proposer's screened proposal for the pre-assigned node."""
+
+    subject: ClassVar[str] = "evt.proposed"
+    proposal: Proposal
+
+
+class EvtImplemented(Message):
+    """A verified implementation; an unverifiable one is reported with evt.failed instead."""
+
+    subject: ClassVar[str] = "evt.implemented"
+    implementation: Implementation
+
+
+class EvtTrained(Message):
+    """The training trajectory and, in it, the checkpoint URI (an aborted run is still a trajectory)."""
+
+    subject: ClassVar[str] = "evt.trained"
+    trajectory: TrainingTrajectory
+
+
+class EvtEvaluated(_ReplicableMessage):
+    """One evaluation: the node's own (replicate 0) or a fresh-seed replicate."""
+
+    subject: ClassVar[str] = "evt.evaluated"
+    evaluation: Evaluation
+
+
+class EvtReflected(Message):
+    """The reflection that closes the node's pass through the loop."""
+
+    subject: ClassVar[str] = "evt.reflected"
+    reflection: Reflection
+
+
+class EvtFailed(_ReplicableMessage):
+    """A phase failed. With replicate >= 1 only that replicate evaluation failed, not the node."""
+
+    subject: ClassVar[str] = "evt.failed"
+    failure: Failure
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.subject: cls
+    for cls in (
+        WorkPropose,
+        WorkImplement,
+        WorkTrain,
+        WorkEvaluate,
+        WorkReflect,
+        EvtProposed,
+        EvtImplemented,
+        EvtTrained,
+        EvtEvaluated,
+        EvtReflected,
+        EvtFailed,
+    )
+}
+
+EVENT_STATUS: dict[str, NodeStatus] = {
+    EvtProposed.subject: NodeStatus.PROPOSED,
+    EvtImplemented.subject: NodeStatus.IMPLEMENTED,
+    EvtTrained.subject: NodeStatus.TRAINED,
+    EvtEvaluated.subject: NodeStatus.EVALUATED,
+    EvtReflected.subject: NodeStatus.REFLECTED,
+    EvtFailed.subject: NodeStatus.FAILED,
+}
+
+
+def encode(msg: Message) -> bytes:
+    """The message as utf-8 JSON, refused if over MAX_MESSAGE_BYTES."""
+    data = msg.model_dump_json().encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ContractError(
+            f"{msg.subject} for node {msg.node_id}: {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte "
+            "message limit; put large artifacts in storage and send their URI"
+        )
+    return data
+
+
+def decode(subject: str, data: bytes) -> Message:
+    """The message of type `subject` in `data`, or ContractError saying what is wrong with it."""
+    cls = MESSAGE_TYPES.get(subject)
+    if cls is None:
+        raise ContractError(f"unknown subject {subject!r}; known subjects: {', '.join(MESSAGE_TYPES)}")
+    try:
+        return cls.model_validate_json(data)
+    except ValidationError as err:
+        raise ContractError(f"invalid {subject} message: {err}") from err

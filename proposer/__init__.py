@@ -1,0 +1,1 @@
+"""Proposer service: parent selection, context construction, proposal generation and screening (Phase I)."""

@@ -1,0 +1,1 @@
+"""Reflector service: mechanism-level diagnosis of a node's trajectory and metrics against its parent."""

@@ -1,0 +1,1 @@
+"""Trainer service: runs a candidate under the standardized protocol (CPU testbed or VERL)."""
