@@ -102,6 +102,18 @@ def build_batch(
     return batch
 
 
+def slice_batch(batch: Mapping[str, Any], index: Tensor) -> dict[str, Any]:
+    """The rows `index` of a batch (a minibatch): per-response tensors are indexed, the rest kept.
+
+    group_index keeps its ids, so group statistics precomputed over the whole batch stay valid.
+    """
+    rows = batch["scores"].shape[0]
+    return {
+        key: value[index] if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == rows else value
+        for key, value in batch.items()
+    }
+
+
 def contiguous_group_index(group_index: Sequence[Any] | Tensor, device: torch.device | None = None) -> Tensor:
     """Map per-row group ids (uids, ints) to 0..G-1 in order of first appearance, as a long tensor (B,)."""
     ids = group_index.tolist() if isinstance(group_index, Tensor) else list(group_index)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from poise.algorithm import check_passed, describe_problems, structural_check
 from poise.algorithms import REFERENCE_ALGORITHMS
@@ -40,6 +42,35 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_testbed_build(args: argparse.Namespace) -> int:
+    from poise.testbed.checkpoints import BASE_DIR
+    from poise.testbed.sft import build_base_checkpoint
+
+    out = Path(args.out) if args.out else BASE_DIR / args.name
+    print(f"building the base checkpoint: seed {args.seed}, {args.steps} SFT steps -> {out}")
+    path = build_base_checkpoint(out, seed=args.seed, steps=args.steps, log=print)
+    recipe = json.loads((path / "recipe.json").read_text())
+    print(f"done: weights sha256 {recipe['weights_sha256']}, final loss {recipe['final_loss']:.4f}")
+    return 0
+
+
+def cmd_bench_testbed(args: argparse.Namespace) -> int:
+    from poise.bench import CONTROL, bench_testbed
+    from poise.testbed.protocol import get_protocol
+
+    algorithms = args.algorithms or [*REFERENCE_ALGORITHMS, CONTROL]
+    unknown = [a for a in algorithms if a not in REFERENCE_ALGORITHMS and a != CONTROL]
+    if unknown:
+        print(f"unknown algorithms: {', '.join(unknown)}; known: {', '.join(REFERENCE_ALGORITHMS)}, {CONTROL}",
+              file=sys.stderr)
+        return 2
+    protocol = get_protocol(args.protocol)
+    report = bench_testbed(protocol, args.seeds, algorithms, Path(args.json) if args.json else None)
+    print(f"R = {report.get('R')}, pooled seed SD = {report.get('pooled_seed_sd')}, "
+          f"significant pairs = {report.get('n_significant_pairs')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poise", description="Autonomous discovery of LLM-RL algorithms.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
     algorithms = commands.add_parser("algorithms", help="list the reference algorithms (literature priors)")
     algorithms.set_defaults(handler=cmd_algorithms)
+
+    testbed = commands.add_parser("testbed", help="the CPU testbed").add_subparsers(dest="testbed", required=True)
+    build = testbed.add_parser("build", help="rebuild the base checkpoint deterministically from a seed")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--steps", type=int, default=420, help="SFT steps (a budget in steps, never seconds)")
+    build.add_argument("--name", default="default", help="checkpoint name under poise/testbed/base/")
+    build.add_argument("--out", help="write somewhere else instead")
+    build.set_defaults(handler=cmd_testbed_build)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bench_testbed = bench.add_parser("testbed", help="reference algorithms x seeds: learning and sensitivity")
+    bench_testbed.add_argument("--seeds", type=int, default=4)
+    bench_testbed.add_argument("--algorithms", nargs="*", help="default: every reference algorithm + the control")
+    bench_testbed.add_argument("--protocol", default="default")
+    bench_testbed.add_argument("--json", help="write the report here (updated after every run)")
+    bench_testbed.set_defaults(handler=cmd_bench_testbed)
     return parser
 
 

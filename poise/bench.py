@@ -1,0 +1,198 @@
+"""`poise bench testbed`: does the testbed separate algorithms by more than seed luck?
+
+Trains every reference algorithm (and a deliberately broken control, sign-flipped GRPO) with N seeds under
+one protocol, each run sandboxed exactly as in a discovery run, evaluates each checkpoint in this process,
+and reports per-seed Overall, per-suite scores, timings and throughput, the pooled seed SD, the
+sensitivity ratio R = SD(algorithm means) / pooled seed SD, and which pairs differ (Welch t-test). It also
+times the sampler against HF `generate` on the same batch, and how fast a broken candidate is aborted.
+Run it alone on the machine: contention changes timings several-fold (never the metrics: budgets are steps).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from scipy import stats
+
+from evaluator.testbed import evaluate_checkpoint
+from poise.algorithms import REFERENCE_ALGORITHMS
+from poise.testbed.checkpoints import base_checkpoint
+from poise.testbed.model import load_model
+from poise.testbed.protocol import Protocol
+from poise.testbed.sampler import hf_generate_baseline, sample
+from poise.testbed.tasks import training_batch
+from poise.testbed.tokenizer import encode_prompts
+from trainer.testbed_runner import train_candidate
+
+CONTROL = "grpo_sign_flip"
+
+
+def sign_flipped_grpo() -> str:
+    """The broken control: GRPO pushing every advantage the wrong way."""
+    source = REFERENCE_ALGORITHMS["grpo"].source()
+    old = "    return common.group_normalized_advantages(batch)\n"
+    assert old in source, "grpo.py changed: update the sign-flip control"
+    flipped = "    return -common.group_normalized_advantages(batch)  # BROKEN CONTROL: sign flipped\n"
+    return source.replace(old, flipped)
+
+
+NAN_CANDIDATE = '''
+import torch
+LOSS_AGG_MODE = "token-mean"
+HPARAMS = {}
+
+def compute_advantages(batch):
+    return batch["scores"] - batch["group_mean_score"]
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    # Broken on purpose: log of a negative number is nan on every token.
+    return -advantages * torch.log(log_prob)
+'''
+
+
+def candidates(names: Sequence[str]) -> dict[str, str]:
+    sources = {}
+    for name in names:
+        sources[name] = sign_flipped_grpo() if name == CONTROL else REFERENCE_ALGORITHMS[name].source()
+    return sources
+
+
+def run_arm(name: str, source: str, protocol: Protocol, seed: int, base: Path, workdir: Path) -> dict:
+    outcome = train_candidate(source, protocol, seed, base, workdir / f"{name}-s{seed}", name=name)
+    record: dict = {"seed": seed, "train_s": outcome.wall_s, "failure": outcome.failure,
+                    "aborted": outcome.trajectory.aborted, "abort_reason": outcome.trajectory.abort_reason}
+    steps = outcome.trajectory.steps
+    if steps:
+        sample_s = sum(s.extra.get("sample_s", 0.0) for s in steps)
+        update_s = sum(s.extra.get("update_s", 0.0) for s in steps)
+        record.update(
+            steps=len(steps),
+            steps_per_s=len(steps) / sum(s.step_time_s or 0.0 for s in steps),
+            sample_tok_s=sum(s.extra.get("sample_tokens", 0.0) for s in steps) / max(sample_s, 1e-9),
+            train_tok_s=sum(s.extra.get("update_tokens", 0.0) for s in steps) / max(update_s, 1e-9),
+            reward_first5=statistics.fmean(s.reward_mean for s in steps[:5]),
+            reward_last5=statistics.fmean(s.reward_mean for s in steps[-5:]),
+            final_kl=next((s.kl for s in reversed(steps) if s.kl is not None), None),
+            clip_frac=statistics.fmean(s.clip_frac or 0.0 for s in steps),
+            format_valid_last5=statistics.fmean(s.format_valid_rate for s in steps[-5:]),
+        )
+    if outcome.checkpoint is None:
+        record.update(overall=None, eval_s=0.0)
+        return record
+    evaluation, eval_stats = evaluate_checkpoint(outcome.checkpoint, protocol, seed)
+    record.update(
+        overall=evaluation.overall, overall_ci=list(evaluation.overall_ci or ()), eval_s=eval_stats.wall_s,
+        eval_tok_s=eval_stats.generated_tokens / eval_stats.wall_s, mean_length=evaluation.mean_length,
+        suites={n: r.value for n, r in evaluation.suites.items()}, pass_at_1=eval_stats.per_suite_pass_at_1,
+    )
+    return record
+
+
+def sampler_speedup(base: Path, protocol: Protocol, repeats: int = 3) -> dict:
+    """Own KV-cache sampler vs HF generate, same model, same 128-row batch, greedy, best of `repeats`."""
+    torch.set_num_threads(protocol.threads)
+    model, _ = load_model(base)
+    model.eval()
+    problems = training_batch(0, 12345, protocol.rollouts_per_step(), protocol.train_chain_lengths)
+    prompt_ids, prompt_mask = encode_prompts([p.prompt for p in problems])
+    timings: dict[str, float] = {}
+    for label, fn in (("sampler", lambda: sample(model, prompt_ids, prompt_mask, protocol.max_new_tokens, 0.0)),
+                      ("hf_generate", lambda: hf_generate_baseline(model, prompt_ids, prompt_mask,
+                                                                  protocol.max_new_tokens, 0.0))):
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - started)
+        timings[label] = best
+    return {"rows": prompt_ids.shape[0], "max_new_tokens": protocol.max_new_tokens, **timings,
+            "speedup": timings["hf_generate"] / timings["sampler"]}
+
+
+def summarize(arms: dict[str, list[dict]], base_overall: float) -> dict:
+    finished = {name: [r["overall"] for r in runs if r["overall"] is not None] for name, runs in arms.items()}
+    sane = {name: values for name, values in finished.items() if name != CONTROL and len(values) >= 2}
+    pooled_sd = statistics.fmean(statistics.variance(v) for v in sane.values()) ** 0.5 if sane else None
+    means = {name: statistics.fmean(v) for name, v in finished.items() if v}
+    spread = statistics.stdev([means[n] for n in sane]) if len(sane) >= 2 else None
+    pairs = []
+    for a, b in itertools.combinations(sorted(finished), 2):
+        if len(finished[a]) >= 2 and len(finished[b]) >= 2:
+            test = stats.ttest_ind(finished[a], finished[b], equal_var=False)
+            p = float(test.pvalue) if test.pvalue == test.pvalue else 1.0  # nan when both arms are constant
+            pairs.append({"a": a, "b": b, "diff": means[a] - means[b], "p": p})
+    summary = {
+        "pooled_seed_sd": pooled_sd,
+        "algorithm_means": means,
+        "R": spread / pooled_sd if spread is not None and pooled_sd else None,
+        "pairs": pairs,
+        "significant_pairs": [p for p in pairs if p["p"] < 0.05],
+        "n_significant_pairs": sum(p["p"] < 0.05 for p in pairs),
+        "n_significant_pairs_excluding_control": sum(p["p"] < 0.05 and CONTROL not in (p["a"], p["b"])
+                                                     for p in pairs),
+    }
+    if pooled_sd and "grpo" in means:
+        summary["grpo_gain_in_sd"] = (means["grpo"] - base_overall) / pooled_sd
+    if pooled_sd and CONTROL in means:
+        summary["control_drop_in_sd"] = (base_overall - means[CONTROL]) / pooled_sd
+    return summary
+
+
+def bench_testbed(protocol: Protocol, seeds: int, algorithms: Sequence[str], json_path: Path | None,
+                  workdir: Path | None = None, log=print) -> dict:
+    base = base_checkpoint(protocol.base_checkpoint)
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="poise-bench-"))
+    report: dict = {"command": " ".join(["poise", *sys.argv[1:]]), "protocol": protocol.as_dict(),
+                    "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                "threads": protocol.threads, "platform": platform.platform()},
+                    "seeds": list(range(seeds))}
+    log("timing the sampler against HF generate ...")
+    report["sampler"] = sampler_speedup(base, protocol)
+    report["sampler_speedup_vs_generate"] = report["sampler"]["speedup"]
+    log(f"  sampler {report['sampler']['sampler']:.2f} s, generate {report['sampler']['hf_generate']:.2f} s, "
+        f"speedup {report['sampler_speedup_vs_generate']:.2f}x")
+    base_evals = [evaluate_checkpoint(base, protocol, seed)[0] for seed in range(seeds)]
+    report["base"] = {"overall": statistics.fmean(e.overall for e in base_evals),
+                      "overall_per_eval_seed": [e.overall for e in base_evals],
+                      "suites": {n: statistics.fmean(e.suites[n].value for e in base_evals)
+                                 for n in base_evals[0].suites}}
+    log(f"base checkpoint Overall {report['base']['overall']:.4f}")
+    started = time.perf_counter()
+    outcome = train_candidate(NAN_CANDIDATE, protocol, 0, base, workdir / "nan-candidate", name="nan_candidate")
+    report["broken_candidate_abort"] = {"wall_s": time.perf_counter() - started, "reason": outcome.failure or
+                                        outcome.trajectory.abort_reason}
+    log(f"broken candidate stopped in {report['broken_candidate_abort']['wall_s']:.1f} s: "
+        f"{report['broken_candidate_abort']['reason']}")
+    arms: dict[str, list[dict]] = {name: [] for name in algorithms}
+    sources = candidates(algorithms)
+    for seed in range(seeds):  # seed-major, so an interrupted bench still has every arm at low seeds
+        for name in algorithms:
+            record = run_arm(name, sources[name], protocol, seed, base, workdir)
+            arms[name].append(record)
+            overall = "failed" if record["overall"] is None else f"{record['overall']:.4f}"
+            log(f"  {name:<24} seed {seed}: Overall {overall}  train {record['train_s']:.0f} s  "
+                f"eval {record['eval_s']:.0f} s" + (f"  [{record['abort_reason']}]" if record["aborted"] else ""))
+            report["algorithms"] = {n: _arm_report(runs) for n, runs in arms.items()}
+            report.update(summarize(arms, report["base"]["overall"]))
+            if json_path:
+                json_path.parent.mkdir(parents=True, exist_ok=True)
+                json_path.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _arm_report(runs: list[dict]) -> dict:
+    return {
+        "overall": [r["overall"] for r in runs],
+        "train_s": [r["train_s"] for r in runs],
+        "eval_s": [r["eval_s"] for r in runs],
+        "runs": runs,
+    }

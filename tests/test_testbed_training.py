@@ -1,0 +1,154 @@
+"""The testbed end to end on the tiny protocol: sandboxed RL training, evaluation, determinism, aborts."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from evaluator.testbed import evaluate_checkpoint
+from poise.algorithms import reference_algorithm
+from poise.bench import NAN_CANDIDATE, sign_flipped_grpo
+from poise.sandbox import SandboxLimits
+from poise.testbed.checkpoints import base_checkpoint
+from poise.testbed.protocol import get_protocol, protocol_from_dict
+from trainer.testbed_runner import train_candidate
+
+TINY = get_protocol("tiny")
+GRPO = reference_algorithm("grpo").source()
+
+
+@pytest.fixture(scope="module")
+def base() -> Path:
+    return base_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def grpo_run(base, tmp_path_factory):
+    steps = []
+    outcome = train_candidate(GRPO, TINY, 7, base, tmp_path_factory.mktemp("grpo"), on_step=steps.append)
+    return outcome, steps
+
+
+def without_timings(trajectory) -> list[dict]:
+    timing = {"step_time_s", "sample_s", "update_s"}
+    rows = []
+    for step in trajectory.steps:
+        row = step.model_dump(exclude={"step_time_s"})
+        row["extra"] = {k: v for k, v in row["extra"].items() if k not in timing}
+        rows.append(row)
+    return rows
+
+
+def test_tiny_training_produces_a_full_trajectory_and_checkpoint(grpo_run):
+    outcome, streamed = grpo_run
+    assert outcome.failure is None, outcome.detail
+    trajectory = outcome.trajectory
+    assert len(trajectory.steps) == TINY.steps and not trajectory.aborted
+    assert [s.step for s in streamed] == [0, 1, 2]  # progress arrives while the child runs
+    for step in trajectory.steps:
+        for metric in ("reward_mean", "format_valid_rate", "entropy", "response_length", "kl", "grad_norm",
+                       "clip_frac", "adv_mean", "adv_std", "step_time_s"):
+            assert getattr(step, metric) is not None, metric
+        assert 0.0 <= step.reward_mean <= 1.0 and step.entropy > 0 and step.kl >= 0
+    assert trajectory.steps[0].kl == pytest.approx(0.0, abs=1e-3)  # step 0 samples from the base itself
+    assert (outcome.checkpoint / "model.safetensors").exists()
+
+
+def test_evaluation_reports_six_weighted_suites_with_intervals(grpo_run):
+    outcome, _ = grpo_run
+    evaluation, stats = evaluate_checkpoint(outcome.checkpoint, TINY, seed=0)
+    assert len(evaluation.suites) == 6
+    assert sum(r.weight for r in evaluation.suites.values()) == pytest.approx(1.0)
+    kinds = sorted(r.kind.value for r in evaluation.suites.values())
+    assert kinds == ["acc@1"] * 4 + ["pass@k"] * 2
+    overall = sum(r.weight * r.value for r in evaluation.suites.values())
+    assert evaluation.overall == pytest.approx(overall)
+    low, high = evaluation.overall_ci
+    assert low <= evaluation.overall <= high
+    assert evaluation.mean_length > 0 and stats.generated_tokens > 0
+
+
+def test_same_candidate_protocol_and_seed_give_identical_results(grpo_run, base, tmp_path):
+    outcome, _ = grpo_run
+    again = train_candidate(GRPO, TINY, 7, base, tmp_path / "again")
+    assert without_timings(again.trajectory) == without_timings(outcome.trajectory)
+    first, _ = evaluate_checkpoint(outcome.checkpoint, TINY, seed=3)
+    second, _ = evaluate_checkpoint(again.checkpoint, TINY, seed=3)
+    assert first == second
+
+
+def test_another_seed_gives_another_trajectory(grpo_run, base, tmp_path):
+    outcome, _ = grpo_run
+    other = train_candidate(GRPO, TINY, 8, base, tmp_path / "other")
+    assert without_timings(other.trajectory) != without_timings(outcome.trajectory)
+
+
+def test_non_finite_loss_aborts_with_a_clear_reason(base, tmp_path):
+    outcome = train_candidate(NAN_CANDIDATE, TINY.replace(steps=50), 0, base, tmp_path)
+    assert outcome.trajectory.aborted
+    assert "non-finite loss" in outcome.trajectory.abort_reason
+    assert len(outcome.trajectory.steps) == 0  # stopped inside the first step, not after 50
+
+
+def test_sign_flipped_control_is_a_valid_candidate(base, tmp_path):
+    outcome = train_candidate(sign_flipped_grpo(), TINY, 0, base, tmp_path)
+    assert outcome.failure is None and outcome.trajectory.steps[-1].adv_mean is not None
+
+
+def test_candidate_exception_is_reported_with_its_line(base, tmp_path):
+    source = GRPO.replace("    return common.group_normalized_advantages(batch)\n",
+                          "    raise RuntimeError('boom')\n")
+    outcome = train_candidate(source, TINY, 0, base, tmp_path)
+    assert outcome.failure is not None and outcome.checkpoint is None
+    assert "RuntimeError: boom at line" in outcome.failure
+
+
+def hostile(body: str) -> str:
+    """GRPO whose advantage function first runs `body` (indented into the function)."""
+    indented = "".join(f"    {line}\n" for line in body.strip().splitlines())
+    return GRPO.replace("def compute_advantages(batch):\n", "def compute_advantages(batch):\n" + indented)
+
+
+def test_candidate_cannot_read_the_parents_secrets(base, tmp_path, monkeypatch):
+    monkeypatch.setenv("POISE_FAKE_SECRET", "sk-fake-123456")
+    outcome = train_candidate(hostile("import os\nraise RuntimeError('env:' + repr(sorted(os.environ)))"),
+                              TINY, 0, base, tmp_path)
+    assert "env:" in outcome.failure and "POISE_FAKE_SECRET" not in outcome.failure
+    assert "sk-fake" not in outcome.failure + outcome.detail
+
+
+def test_candidate_cannot_reach_the_network(base, tmp_path):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    outcome = train_candidate(hostile(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)"),
+                              TINY, 0, base, tmp_path)
+    server.close()
+    assert outcome.failure is not None and ("OSError" in outcome.failure or "Error" in outcome.failure)
+    assert not accepted
+
+
+def test_runaway_candidate_is_killed_at_the_deadline(base, tmp_path):
+    outcome = train_candidate(hostile("while True:\n    pass"), TINY, 0, base, tmp_path,
+                              limits=SandboxLimits(wall_s=20))
+    assert outcome.failure == "killed after the 20 s wall-clock deadline"
+    assert outcome.trajectory.aborted
+
+
+def test_huge_allocation_fails_inside_the_sandbox(base, tmp_path):
+    outcome = train_candidate(hostile("blob = bytearray(64 << 30)"), TINY, 0, base, tmp_path)
+    assert outcome.failure is not None and "MemoryError" in outcome.failure
+
+
+def test_protocol_round_trips_through_json():
+    import json
+
+    for name in ("default", "tiny"):
+        protocol = get_protocol(name)
+        assert protocol_from_dict(json.loads(json.dumps(protocol.as_dict()))) == protocol
