@@ -10,6 +10,7 @@ from pathlib import Path
 
 from poise.algorithm import check_passed, describe_problems, structural_check
 from poise.algorithms import REFERENCE_ALGORITHMS
+from poise.testbed.sft import DEFAULT_SFT_STEPS
 
 
 def selfcheck() -> int:
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     testbed = commands.add_parser("testbed", help="the CPU testbed").add_subparsers(dest="testbed", required=True)
     build = testbed.add_parser("build", help="rebuild the base checkpoint deterministically from a seed")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--steps", type=int, default=420, help="SFT steps (a budget in steps, never seconds)")
+    build.add_argument("--steps", type=int, default=DEFAULT_SFT_STEPS, help="SFT steps (a budget, never seconds)")
     build.add_argument("--name", default="default", help="checkpoint name under poise/testbed/base/")
     build.add_argument("--out", help="write somewhere else instead")
     build.set_defaults(handler=cmd_testbed_build)

@@ -52,7 +52,7 @@ def test_tiny_training_produces_a_full_trajectory_and_checkpoint(grpo_run):
         for metric in ("reward_mean", "format_valid_rate", "entropy", "response_length", "kl", "grad_norm",
                        "clip_frac", "adv_mean", "adv_std", "step_time_s"):
             assert getattr(step, metric) is not None, metric
-        assert 0.0 <= step.reward_mean <= 1.0 and step.entropy > 0 and step.kl >= 0
+        assert 0.0 <= step.reward_mean <= 1.0 and step.entropy > 0 and step.kl > -1e-6  # k3 >= 0 up to rounding
     assert trajectory.steps[0].kl == pytest.approx(0.0, abs=1e-3)  # step 0 samples from the base itself
     assert (outcome.checkpoint / "model.safetensors").exists()
 

@@ -10,25 +10,25 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from poise.testbed.tasks import DEFAULT_SUITES, SuiteSpec
+from poise.testbed.tasks import DEFAULT_SUITES, TRAIN_CHAIN_LENGTHS, SuiteSpec
 
 
 @dataclass(frozen=True)
 class Protocol:
     name: str
     # --- RL training
-    steps: int = 60
+    steps: int = 45
     prompts_per_step: int = 16
     group_size: int = 8                # G samples per prompt
     minibatches: int = 4               # optimizer updates per rollout batch; > 1 makes ratios and clipping matter
     epochs: int = 1
-    lr: float = 3e-5
+    lr: float = 5e-5
     warmup_steps: int = 5              # linear warmup: Adam's first bias-corrected steps are ~lr*sign(g) everywhere
     adam_betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
     temperature: float = 1.0
     max_new_tokens: int = 96
-    train_chain_lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    train_chain_lengths: tuple[int, ...] = TRAIN_CHAIN_LENGTHS   # the SFT distribution, 1-10 operations
     kl_log_every: int = 5              # KL to the base model is logged on steps 0-2 and every k-th step
     # --- early abort: a clearly broken run should cost seconds
     abort_kl: float = 2.0              # k3 KL to the base, per token
