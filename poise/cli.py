@@ -72,6 +72,23 @@ def cmd_bench_testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sampler(args: argparse.Namespace) -> int:
+    from poise.bench import sampler_speedup
+    from poise.testbed.checkpoints import base_checkpoint
+    from poise.testbed.protocol import get_protocol
+
+    protocol = get_protocol(args.protocol)
+    report = {"command": " ".join(["poise", *sys.argv[1:]]),
+              **sampler_speedup(base_checkpoint(protocol.base_checkpoint), protocol, repeats=args.repeats)}
+    for label in ("sampled", "greedy"):
+        timing = report[label]
+        print(f"{label}: sampler {timing['sampler']:.3f} s, HF generate {timing['hf_generate']:.3f} s, "
+              f"speedup {timing['speedup']:.2f}x ({report['rows']} rows, up to {report['max_new_tokens']} tokens)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poise", description="Autonomous discovery of LLM-RL algorithms.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_testbed.add_argument("--protocol", default="default")
     bench_testbed.add_argument("--json", help="write the report here (updated after every run)")
     bench_testbed.set_defaults(handler=cmd_bench_testbed)
+    bench_sampler = bench.add_parser("sampler", help="the KV-cache sampler vs HF generate on one rollout batch")
+    bench_sampler.add_argument("--protocol", default="default")
+    bench_sampler.add_argument("--repeats", type=int, default=5)
+    bench_sampler.add_argument("--json", help="write the report here")
+    bench_sampler.set_defaults(handler=cmd_bench_sampler)
     return parser
 
 

@@ -22,7 +22,7 @@ class Protocol:
     group_size: int = 8                # G samples per prompt
     minibatches: int = 4               # optimizer updates per rollout batch; > 1 makes ratios and clipping matter
     epochs: int = 1
-    lr: float = 5e-5
+    lr: float = 3e-5
     warmup_steps: int = 5              # linear warmup: Adam's first bias-corrected steps are ~lr*sign(g) everywhere
     adam_betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
