@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import platform
 import statistics
 import sys
@@ -146,6 +147,12 @@ def summarize(arms: dict[str, list[dict]], base_overall: float) -> dict:
         "n_significant_pairs_excluding_control": sum(p["p"] < 0.05 and CONTROL not in (p["a"], p["b"])
                                                      for p in pairs),
     }
+    if pooled_sd:
+        # Two-sided Welch/normal approximation at alpha 0.05 and 80% power: n = 2 (z_0.975 + z_0.8)^2 sd^2 / d^2.
+        z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
+        summary["seeds_per_arm_for_effect"] = {
+            f"{effect:g}": math.ceil(2 * (z * pooled_sd / effect) ** 2) for effect in (0.01, 0.02, 0.03, 0.05, 0.1)
+        }
     if pooled_sd and "grpo" in means:
         summary["grpo_gain_in_sd"] = (means["grpo"] - base_overall) / pooled_sd
     if pooled_sd and CONTROL in means:
@@ -194,6 +201,14 @@ def bench_testbed(protocol: Protocol, seeds: int, algorithms: Sequence[str], jso
             if json_path:
                 json_path.parent.mkdir(parents=True, exist_ok=True)
                 json_path.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def resummarize(report: dict) -> dict:
+    """Recompute the summary fields of a saved report from its per-run records (e.g. after a fix to
+    `summarize`); the measurements themselves are untouched."""
+    arms = {name: arm["runs"] for name, arm in report["algorithms"].items()}
+    report.update(summarize(arms, report["base"]["overall"]))
     return report
 
 

@@ -72,6 +72,17 @@ def cmd_bench_testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_summarize(args: argparse.Namespace) -> int:
+    from poise.bench import resummarize
+
+    path = Path(args.json)
+    report = resummarize(json.loads(path.read_text()))
+    path.write_text(json.dumps(report, indent=1))
+    print(f"R = {report.get('R')}, pooled seed SD = {report.get('pooled_seed_sd')}, "
+          f"significant pairs = {report.get('n_significant_pairs')}")
+    return 0
+
+
 def cmd_bench_sampler(args: argparse.Namespace) -> int:
     from poise.bench import sampler_speedup
     from poise.testbed.checkpoints import base_checkpoint
@@ -112,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_testbed.add_argument("--protocol", default="default")
     bench_testbed.add_argument("--json", help="write the report here (updated after every run)")
     bench_testbed.set_defaults(handler=cmd_bench_testbed)
+    bench_summarize = bench.add_parser("summarize", help="recompute the summary of a saved testbed report")
+    bench_summarize.add_argument("json")
+    bench_summarize.set_defaults(handler=cmd_bench_summarize)
     bench_sampler = bench.add_parser("sampler", help="the KV-cache sampler vs HF generate on one rollout batch")
     bench_sampler.add_argument("--protocol", default="default")
     bench_sampler.add_argument("--repeats", type=int, default=5)

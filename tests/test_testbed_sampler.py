@@ -13,14 +13,7 @@ from poise.testbed.tokenizer import EOS_ID, PAD_ID, encode_prompts
 PROMPTS = [make_problem(s, [("+", 1)] * n).prompt for s, n in [(5, 1), (17, 10), (2, 4), (60, 7), (8, 2), (33, 9)]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on two shared cores slow down several-fold as soon as another process
-    # is busy (they spin-wait for each other); one thread keeps these tests fast and steady.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -19,14 +19,7 @@ from poise.testbed.tasks import eval_prompt_set, eval_set_fingerprint, grade, ma
 TINY = SFTConfig(batch_size=8, warmup_steps=1, threads=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on two shared cores slow down several-fold as soon as another process
-    # is busy (they spin-wait for each other); one thread keeps these tests fast and steady.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

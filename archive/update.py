@@ -1,0 +1,275 @@
+"""The archive update operator U: every `evt.*` applied to its node as an idempotent state transition.
+
+A node moves proposed → implemented → trained → evaluated → reflected, or to failed from any step
+before reflected. Delivery is at-least-once, so `ArchiveUpdater.apply` sorts each event into:
+
+- applied: the node moved (or gained a replicate evaluation); `next_work` is what to publish next;
+- duplicate: the node already reached what the event reports; nothing is written. If the node still
+  waits at that status, `next_work` repeats the follow-up work (its msg_id is the same, so a bus with
+  publish dedupe drops it, and a crash between writing and publishing loses nothing);
+- rejected: unknown run or node, out of order, or stale; logged to "poise.archive" with the reason.
+
+`apply` never raises for a bad event; only a storage failure (`ArchiveError`) escapes, so the caller
+can leave the message unacknowledged and have it redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pydantic import ValidationError
+
+from archive.store import ArchiveError, ArchiveStore
+from poise.contracts import (
+    EVENT_STATUS,
+    PIPELINE,
+    EvtEvaluated,
+    EvtFailed,
+    EvtImplemented,
+    EvtProposed,
+    EvtReflected,
+    EvtTrained,
+    Failure,
+    Genealogy,
+    Message,
+    Node,
+    NodeStatus,
+    Phase,
+    RunConfig,
+    WorkEvaluate,
+    WorkImplement,
+    WorkReflect,
+    WorkTrain,
+    can_transition,
+    utc_now,
+)
+
+log = logging.getLogger("poise.archive")
+
+# The part of a node each pipeline event brings.
+STATUS_PART: dict[NodeStatus, str] = {
+    NodeStatus.PROPOSED: "proposal",
+    NodeStatus.IMPLEMENTED: "implementation",
+    NodeStatus.TRAINED: "trajectory",
+    NodeStatus.EVALUATED: "evaluation",
+    NodeStatus.REFLECTED: "reflection",
+}
+IN_FLIGHT: frozenset[NodeStatus] = frozenset({NodeStatus.PROPOSED, NodeStatus.IMPLEMENTED, NodeStatus.TRAINED})
+# The phase a node at each status is waiting on: the only phase whose failure can fail it now.
+PENDING_PHASE: dict[NodeStatus, Phase] = {
+    NodeStatus.PROPOSED: Phase.IMPLEMENT,
+    NodeStatus.IMPLEMENTED: Phase.TRAIN,
+    NodeStatus.TRAINED: Phase.EVALUATE,
+    NodeStatus.EVALUATED: Phase.REFLECT,
+}
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one event did: the outcome, why, the node's document afterwards, and the work to publish."""
+
+    outcome: Outcome
+    reason: str
+    node: Node | None = None
+    next_work: tuple[Message, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunAccounting:
+    """Where a run stands against its budget (evaluated candidates) and parallelism (candidates in flight)."""
+
+    evaluated: int
+    in_flight: int
+    failed: int
+    budget: int
+    parallel: int
+    can_propose: bool
+
+
+def next_work(node: Node, config: RunConfig) -> tuple[Message, ...]:
+    """The work a node at its current status waits for (empty once it is reflected or failed)."""
+    ids = {"run_id": node.run_id, "node_id": node.node_id}
+    match node.status:
+        case NodeStatus.PROPOSED:
+            return (WorkImplement(**ids, proposal=node.proposal),)
+        case NodeStatus.IMPLEMENTED if node.implementation is not None:
+            return (WorkTrain(**ids, source=node.implementation.source, protocol=config.protocol, seed=config.seed),)
+        case NodeStatus.TRAINED if node.trajectory is not None and node.trajectory.checkpoint_uri is not None:
+            uri = node.trajectory.checkpoint_uri
+            return (WorkEvaluate(**ids, checkpoint_uri=uri, protocol=config.protocol, seed=config.seed),)
+        case NodeStatus.EVALUATED:
+            return (WorkReflect(**ids, parent_ids=node.genealogy.parent_ids),)
+    return ()
+
+
+def _advance(node: Node, **changes: object) -> Node:
+    """A validated copy of `node` with `changes` (model_copy would skip the status/parts invariants)."""
+    return Node(**{**dict(node), **changes, "updated_at": utc_now()})
+
+
+def _reached(node: Node, status: NodeStatus) -> bool:
+    """True if the node already holds what an event announcing pipeline `status` would bring.
+
+    A failed node has reached a status if it kept that phase's part (e.g. training without a checkpoint).
+    """
+    if node.status == NodeStatus.FAILED:
+        return getattr(node, STATUS_PART[status]) is not None
+    return PIPELINE.index(node.status) >= PIPELINE.index(status)
+
+
+class ArchiveUpdater:
+    """The single writer of a store's nodes: applies events, and accounts for each run's budget."""
+
+    def __init__(self, store: ArchiveStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()  # one event at a time: read-modify-write of a node is not split
+
+    def apply(self, event: Message) -> UpdateResult:
+        """Apply one event to its node; never raises for a bad event (see the module docstring)."""
+        with self._lock:
+            try:
+                result = self._apply(event)
+                if result is None:  # lost a compare-and-set to another writer: judge again on fresh state
+                    result = self._apply(event) or self._reject(event, "the node kept changing under this update")
+            except ValueError as err:  # the event's content breaks a contract invariant (pydantic or Genealogy)
+                why = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+                result = self._reject(event, f"the result does not fit the node: {why}")
+        level = logging.WARNING if result.outcome == Outcome.REJECTED else logging.INFO
+        log.log(level, "%s %s/%s: %s — %s", event.subject, event.run_id, event.node_id, result.outcome, result.reason)
+        return result
+
+    def accounting(self, run_id: str) -> RunAccounting:
+        """Budget counts nodes that carry an evaluation; in flight are those not yet evaluated nor failed."""
+        config = self.store.get_run(run_id)
+        if config is None:
+            raise ArchiveError(f"no run {run_id!r} in the archive; start it before asking for its accounting")
+        counts = self.store.counts(run_id)
+        evaluated_failures = sum(1 for n in self.store.nodes(run_id, NodeStatus.FAILED) if n.evaluation is not None)
+        evaluated = counts[NodeStatus.EVALUATED] + counts[NodeStatus.REFLECTED] + evaluated_failures
+        in_flight = sum(counts[s] for s in IN_FLIGHT)
+        return RunAccounting(
+            evaluated=evaluated,
+            in_flight=in_flight,
+            failed=counts[NodeStatus.FAILED],
+            budget=config.budget,
+            parallel=config.parallel,
+            can_propose=evaluated + in_flight < config.budget and in_flight < config.parallel,
+        )
+
+    # ------------------------------------------------------------------------------------- events
+
+    def _apply(self, event: Message) -> UpdateResult | None:
+        """The event's result, or None if a compare-and-set lost a race."""
+        status = EVENT_STATUS.get(event.subject)
+        if status is None:
+            return self._reject(event, f"{event.subject} is not an event; the archive applies only evt.* messages")
+        config = self.store.get_run(event.run_id)
+        if config is None:
+            return self._reject(event, f"unknown run {event.run_id!r}")
+        node = self.store.get_node(event.run_id, event.node_id)
+        if isinstance(event, EvtProposed):
+            return self._proposed(event, config, node)
+        if node is None:
+            if isinstance(event, EvtFailed) and event.failure.phase == Phase.PROPOSE:
+                return UpdateResult(Outcome.APPLIED, f"no proposal was made: {event.failure.reason}")
+            return self._reject(event, f"unknown node {event.node_id!r} in run {event.run_id!r}")
+        if isinstance(event, EvtFailed):
+            return self._failed(event, node)
+        if isinstance(event, EvtEvaluated) and event.replicate:
+            return self._replicate(event, node)
+        if _reached(node, status):
+            work = next_work(node, config) if node.status == status else ()
+            reason = f"node is {node.status} and holds its {STATUS_PART[status]}"
+            return UpdateResult(Outcome.DUPLICATE, reason, node, work)
+        if node.failure is not None:
+            return self._reject(event, f"node failed in {node.failure.phase} ({node.failure.reason}); too late", node)
+        if not can_transition(node.status, status):
+            needed = PIPELINE[PIPELINE.index(status) - 1]
+            return self._reject(event, f"node is {node.status}; {event.subject} applies to a {needed} node", node)
+        return self._write(node, self._advanced(event, node, status), config)
+
+    def _advanced(self, event: Message, node: Node, status: NodeStatus) -> Node:
+        """The node after a pipeline event; a result that cannot go on fails the node instead."""
+        match event:
+            case EvtImplemented(implementation=impl) if not impl.verified:
+                failure = Failure(phase=Phase.IMPLEMENT, reason="the implementer reported an unverified implementation")
+                return _advance(node, status=NodeStatus.FAILED, implementation=impl, failure=failure)
+            case EvtImplemented(implementation=impl):
+                return _advance(node, status=status, implementation=impl)
+            case EvtTrained(trajectory=trajectory) if trajectory.checkpoint_uri is None:
+                why = f" (aborted: {trajectory.abort_reason})" if trajectory.abort_reason else ""
+                failure = Failure(phase=Phase.TRAIN, reason=f"training left no checkpoint to evaluate{why}")
+                return _advance(node, status=NodeStatus.FAILED, trajectory=trajectory, failure=failure)
+            case EvtTrained(trajectory=trajectory):
+                return _advance(node, status=status, trajectory=trajectory)
+            case EvtEvaluated(evaluation=evaluation):
+                return _advance(node, status=status, evaluation=evaluation)
+            case EvtReflected(reflection=reflection):
+                return _advance(node, status=status, reflection=reflection)
+        raise AssertionError(f"unhandled event {event.subject}")  # EVENT_STATUS lists only the cases above
+
+    def _proposed(self, event: EvtProposed, config: RunConfig, node: Node | None) -> UpdateResult | None:
+        """Create the pre-assigned node, its lineage taken from the proposal's parents (none: a root)."""
+        if node is not None:
+            work = next_work(node, config) if node.status == NodeStatus.PROPOSED else ()
+            return UpdateResult(Outcome.DUPLICATE, f"node is already {node.status}", node, work)
+        parents = [self.store.get_node(event.run_id, p) for p in event.proposal.parent_ids]
+        missing = [p for p, parent in zip(event.proposal.parent_ids, parents, strict=True) if parent is None]
+        if missing:
+            return self._reject(event, f"parents {missing} are not in run {event.run_id!r}")
+        if parents:
+            genealogy = Genealogy.child(event.node_id, [p.genealogy for p in parents if p is not None])
+        else:
+            genealogy = Genealogy(run_id=event.run_id, node_id=event.node_id)
+        new = Node(genealogy=genealogy, proposal=event.proposal)
+        if not self.store.insert_node(new):
+            return None
+        return UpdateResult(Outcome.APPLIED, f"proposed at depth {genealogy.depth}", new, next_work(new, config))
+
+    def _failed(self, event: EvtFailed, node: Node) -> UpdateResult | None:
+        failure = event.failure
+        if event.replicate:
+            return UpdateResult(
+                Outcome.APPLIED, f"replicate {event.replicate} failed ({failure.reason}); the node is unchanged", node
+            )
+        if node.failure is not None:
+            return UpdateResult(Outcome.DUPLICATE, f"node already failed in {node.failure.phase}", node)
+        pending = PENDING_PHASE.get(node.status)
+        if failure.phase != pending:
+            waiting = f"waits for {pending}" if pending else "is done"
+            return self._reject(event, f"node is {node.status}, {waiting}; a failure in {failure.phase} is stale", node)
+        return self._write(node, _advance(node, status=NodeStatus.FAILED, failure=failure), None)
+
+    def _replicate(self, event: EvtEvaluated, node: Node) -> UpdateResult | None:
+        """A fresh-seed re-evaluation of an evaluated node; one per seed."""
+        if node.evaluation is None or node.status == NodeStatus.FAILED:
+            reason = f"node is {node.status}; replicate {event.replicate} needs an evaluated node"
+            return self._reject(event, reason, node)
+        if any(r.seed == event.evaluation.seed for r in node.replicates):
+            return UpdateResult(Outcome.DUPLICATE, f"a replicate with seed {event.evaluation.seed} is stored", node)
+        return self._write(node, _advance(node, replicates=[*node.replicates, event.evaluation]), None)
+
+    def _write(self, old: Node, new: Node, config: RunConfig | None) -> UpdateResult | None:
+        """Compare-and-set `old` → `new` (None if another writer moved the node first).
+
+        `config` is given when the new status has follow-up work to publish (not for a replicate).
+        """
+        if not self.store.transition(old.run_id, old.node_id, old.status, new):
+            return None
+        change = f"{old.status} → {new.status}" if old.status != new.status else f"{new.status}, updated"
+        if new.failure is not None:
+            change += f" ({new.failure.phase}: {new.failure.reason})"
+        return UpdateResult(Outcome.APPLIED, change, new, next_work(new, config) if config else ())
+
+    @staticmethod
+    def _reject(event: Message, reason: str, node: Node | None = None) -> UpdateResult:
+        return UpdateResult(Outcome.REJECTED, reason, node)

@@ -1,0 +1,500 @@
+"""Archive store contract suite and the update operator's state machine.
+
+Every test taking `open_store` runs against each backend in STORE_BACKENDS; a backend is a function of
+the test's tmp_path returning an opener, and each call of the opener is a new store object on the same
+storage (so durability and cross-connection races are checked the same way for every backend). The
+MongoDB store adds itself here (mongomock always, a real server when MONGO_URL is set).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from archive.sqlite_store import DB_FILENAME, SCHEMA_VERSION, SQLiteStore
+from archive.store import ArchiveError, ArchiveStore
+from archive.update import ArchiveUpdater, Outcome, UpdateResult
+from poise.contracts import (
+    CheckResult,
+    Effect,
+    Evaluation,
+    EvtEvaluated,
+    EvtFailed,
+    EvtImplemented,
+    EvtProposed,
+    EvtReflected,
+    EvtTrained,
+    Failure,
+    Genealogy,
+    Implementation,
+    MechanismEffect,
+    MechanismSpec,
+    MetricKind,
+    Node,
+    NodeStatus,
+    Phase,
+    Proposal,
+    Reflection,
+    RunConfig,
+    SuiteResult,
+    TrainingStep,
+    TrainingTrajectory,
+    VerificationAttempt,
+    WorkEvaluate,
+    WorkImplement,
+    WorkReflect,
+    WorkTrain,
+)
+
+RUN = "run-vm-av"
+SOURCE = """LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"clip_eps": 0.2, "var_floor": 1e-4}
+
+def compute_advantages(batch):
+    return batch["scores"] - batch["group_mean_score"]
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    ratio = (log_prob - old_log_prob).exp()
+    return -(ratio * advantages[:, None]) * response_mask
+"""
+
+Opener = Callable[[], ArchiveStore]
+
+
+# ------------------------------------------------------------------------------------------- backends
+
+
+def sqlite_backend(tmp_path: Path) -> Opener:
+    return lambda: SQLiteStore.in_run_dir(tmp_path / RUN)
+
+
+STORE_BACKENDS: dict[str, Callable[[Path], Opener]] = {"sqlite": sqlite_backend}
+
+
+@pytest.fixture(params=sorted(STORE_BACKENDS))
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    backend = STORE_BACKENDS[request.param](tmp_path)
+    opened: list[ArchiveStore] = []
+
+    def open_() -> ArchiveStore:
+        opened.append(backend())
+        return opened[-1]
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store: Opener) -> ArchiveStore:
+    return open_store()
+
+
+@pytest.fixture
+def updater(store: ArchiveStore) -> ArchiveUpdater:
+    store.put_run(run_config())
+    return ArchiveUpdater(store)
+
+
+# ------------------------------------------------------------------------------------------ documents
+
+
+def run_config(run_id: str = RUN, budget: int = 4, parallel: int = 2) -> RunConfig:
+    return RunConfig(run_id=run_id, budget=budget, parallel=parallel, seed=7, protocol="testbed-v1")
+
+
+def proposal(name: str = "VM-AV-GRPO", parent_ids: list[str] | None = None) -> Proposal:
+    return Proposal(
+        name=name,
+        rationale="scale advantages by the analytic group variance; mask format-invalid responses",
+        mechanisms=[MechanismSpec(name="analytic_variance_scaling", params={"var_floor": 1e-4})],
+        hparams={"clip_eps": 0.2},
+        generator="offline",
+        parent_ids=parent_ids or [],
+    )
+
+
+def implementation(verified: bool = True) -> Implementation:
+    attempt = VerificationAttempt(
+        attempt=1, source=SOURCE, passed=verified, checks=[CheckResult(name="shapes", passed=verified)]
+    )
+    return Implementation.from_source(SOURCE, attempts=[attempt], verified=verified)
+
+
+def trajectory(checkpoint_uri: str | None = "file:///runs/run-vm-av/ckpt/n1") -> TrainingTrajectory:
+    steps = [TrainingStep(step=0, reward_mean=0.2, kl=0.0), TrainingStep(step=1, reward_mean=0.31, kl=float("nan"))]
+    return TrainingTrajectory(
+        protocol="testbed-v1", seed=7, steps=steps, checkpoint_uri=checkpoint_uri, aborted=checkpoint_uri is None
+    )
+
+
+def evaluation(seed: int = 7, overall: float = 0.41) -> Evaluation:
+    suite = SuiteResult(
+        suite="hard", kind=MetricKind.PASS_AT_K, k=8, value=overall, ci_low=overall - 0.05, ci_high=overall + 0.05,
+        n_prompts=32, n_samples=256, mean_length=41.5, format_valid_rate=0.97, weight=1.0,
+    )  # fmt: skip
+    return Evaluation(suites={"hard": suite}, overall=overall, mean_length=41.5, seed=seed)
+
+
+def reflection() -> Reflection:
+    effect = MechanismEffect(
+        mechanism="analytic_variance_scaling", effect=Effect.HELPED, confidence=0.7, evidence="lower KL spikes"
+    )
+    return Reflection(text="variance scaling steadied the advantage estimate", effects=[effect], generator="offline")
+
+
+def root_node(node_id: str = "n0", run_id: str = RUN) -> Node:
+    return Node(genealogy=Genealogy(run_id=run_id, node_id=node_id), proposal=proposal("GRPO"))
+
+
+def child_node(node_id: str, *parents: Node) -> Node:
+    genealogy = Genealogy.child(node_id, [p.genealogy for p in parents])
+    return Node(genealogy=genealogy, proposal=proposal(parent_ids=[p.node_id for p in parents]))
+
+
+def implemented(node: Node) -> Node:
+    return Node(**{**dict(node), "status": NodeStatus.IMPLEMENTED, "implementation": implementation()})
+
+
+def ids(nodes: list[Node]) -> list[str]:
+    return [n.node_id for n in nodes]
+
+
+def same(a: BaseModel | None, b: BaseModel | None) -> bool:
+    """Document equality that holds for nan curves too (nan != nan, so `==` fails after a round trip)."""
+    return a is not None and b is not None and a.model_dump_json() == b.model_dump_json()
+
+
+# ------------------------------------------------------------------------------------- store contract
+
+
+def test_run_config_round_trips_and_a_second_put_replaces_it(store: ArchiveStore) -> None:
+    assert store.get_run(RUN) is None
+    store.put_run(run_config(budget=4))
+    assert store.get_run(RUN) == run_config(budget=4)
+    store.put_run(run_config(budget=64))
+    assert store.get_run(RUN).budget == 64
+
+
+def test_insert_node_is_idempotent_and_never_overwrites(store: ArchiveStore) -> None:
+    first = root_node()
+    assert store.insert_node(first) is True
+    second = Node(genealogy=first.genealogy, proposal=proposal("a different proposal"))
+    assert store.insert_node(second) is False
+    assert store.get_node(RUN, "n0") == first
+    assert len(store.nodes(RUN)) == 1
+
+
+def test_documents_round_trip_exactly_nan_curves_included(store: ArchiveStore) -> None:
+    node = Node(**{**dict(implemented(root_node())), "status": NodeStatus.TRAINED, "trajectory": trajectory()})
+    store.insert_node(node)
+    assert store.get_node(RUN, "n0").model_dump_json() == node.model_dump_json()
+    assert store.get_node(RUN, "missing") is None
+
+
+def test_nodes_come_in_insertion_order_filtered_by_status_and_run(store: ArchiveStore) -> None:
+    root = root_node("n9")
+    nodes = [root, child_node("n2", root), child_node("n5", root), child_node("n1", root)]
+    for node in nodes:
+        store.insert_node(node)
+    store.insert_node(root_node("n0", run_id="another-run"))
+    store.transition(RUN, "n5", NodeStatus.PROPOSED, implemented(nodes[2]))
+    assert ids(store.nodes(RUN)) == ["n9", "n2", "n5", "n1"]
+    assert ids(store.nodes(RUN, NodeStatus.PROPOSED)) == ["n9", "n2", "n1"]
+    assert ids(store.nodes(RUN, NodeStatus.IMPLEMENTED)) == ["n5"]
+    assert ids(store.nodes("another-run")) == ["n0"]
+
+
+def test_children_are_the_nodes_bred_from_a_parent(store: ArchiveStore) -> None:
+    a, b = root_node("a"), root_node("b")
+    a1, ab, b1 = child_node("a1", a), child_node("ab", a, b), child_node("b1", b)
+    for node in (a, b, a1, ab, b1, child_node("a1x", a1)):
+        store.insert_node(node)
+    assert ids(store.children(RUN, "a")) == ["a1", "ab"]
+    assert ids(store.children(RUN, "b")) == ["ab", "b1"]
+    assert ids(store.children(RUN, "a1")) == ["a1x"]
+    assert store.children(RUN, "b1") == []
+
+
+def test_transition_is_compare_and_set_on_status(store: ArchiveStore) -> None:
+    node = root_node()
+    store.insert_node(node)
+    moved = implemented(node)
+    assert store.transition(RUN, "n0", NodeStatus.PROPOSED, moved) is True
+    failed = Node(**{**dict(node), "status": NodeStatus.FAILED, "failure": Failure(phase=Phase.IMPLEMENT, reason="x")})
+    assert store.transition(RUN, "n0", NodeStatus.PROPOSED, failed) is False  # status moved on: the CAS loses
+    assert store.get_node(RUN, "n0") == moved
+    assert store.transition(RUN, "missing", NodeStatus.PROPOSED, root_node("missing")) is False
+
+
+def test_transition_refuses_another_nodes_document(store: ArchiveStore) -> None:
+    store.insert_node(root_node("n0"))
+    with pytest.raises(ArchiveError, match="n1"):
+        store.transition(RUN, "n0", NodeStatus.PROPOSED, implemented(root_node("n1")))
+
+
+def test_counts_cover_every_status(store: ArchiveStore) -> None:
+    for node_id in ("n0", "n1", "n2"):
+        store.insert_node(root_node(node_id))
+    store.transition(RUN, "n1", NodeStatus.PROPOSED, implemented(root_node("n1")))
+    counts = store.counts(RUN)
+    assert counts == {**{s: 0 for s in NodeStatus}, NodeStatus.PROPOSED: 2, NodeStatus.IMPLEMENTED: 1}
+    assert store.counts("empty-run") == {s: 0 for s in NodeStatus}
+
+
+def test_a_second_store_on_the_same_storage_reads_everything_back(open_store: Opener) -> None:
+    writer = open_store()
+    writer.put_run(run_config())
+    root = root_node()
+    writer.insert_node(root)
+    writer.insert_node(child_node("n1", root))
+    writer.transition(RUN, "n0", NodeStatus.PROPOSED, implemented(root))
+    writer.close()
+    reader = open_store()
+    assert reader.get_run(RUN) == run_config()
+    assert ids(reader.nodes(RUN)) == ["n0", "n1"]
+    assert reader.get_node(RUN, "n0") == implemented(root)
+    assert ids(reader.children(RUN, "n0")) == ["n1"]
+
+
+def race(barrier: threading.Barrier, store: ArchiveStore, node: Node, wins: list[bool], i: int) -> None:
+    barrier.wait()
+    wins[i] = store.transition(RUN, node.node_id, NodeStatus.PROPOSED, node)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-store", "two-stores"])
+def test_concurrent_transitions_of_one_node_have_exactly_one_winner(open_store: Opener, shared: bool) -> None:
+    stores = [open_store()] * 2 if shared else [open_store(), open_store()]
+    failure = Failure(phase=Phase.IMPLEMENT, reason="verification failed")
+    for round_ in range(10):
+        node = root_node(f"n{round_}")
+        stores[0].insert_node(node)
+        candidates = [implemented(node), Node(**{**dict(node), "status": NodeStatus.FAILED, "failure": failure})]
+        barrier, wins = threading.Barrier(2), [False, False]
+        threads = [threading.Thread(target=race, args=(barrier, stores[i], candidates[i], wins, i)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(wins) == 1
+        assert stores[0].get_node(RUN, node.node_id) == candidates[wins.index(True)]
+
+
+# ----------------------------------------------------------------------------------- SQLite specifics
+
+
+def test_sqlite_archive_lives_in_the_run_directory_in_wal_with_full_sync(tmp_path: Path) -> None:
+    with SQLiteStore.in_run_dir(tmp_path / "runs" / RUN) as store:
+        store.put_run(run_config())
+    db = sqlite3.connect(tmp_path / "runs" / RUN / DB_FILENAME)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert json.loads(db.execute("SELECT doc FROM runs").fetchone()[0])["run_id"] == RUN
+    db.close()
+    store = SQLiteStore(tmp_path / "runs" / RUN / DB_FILENAME)
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    store.close()
+
+
+def test_sqlite_refuses_a_newer_schema_and_a_closed_store(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / DB_FILENAME)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(ArchiveError, match="upgrade POISE"):
+        SQLiteStore(tmp_path / DB_FILENAME)
+    store = SQLiteStore(tmp_path / "other.db")
+    store.close()
+    with pytest.raises(ArchiveError):
+        store.get_run(RUN)
+
+
+# ------------------------------------------------------------------------------------ update operator
+
+
+def happy_events(node_id: str = "n0", parent_ids: list[str] | None = None) -> list:
+    ids_ = {"run_id": RUN, "node_id": node_id}
+    return [
+        EvtProposed(**ids_, proposal=proposal(parent_ids=parent_ids)),
+        EvtImplemented(**ids_, implementation=implementation()),
+        EvtTrained(**ids_, trajectory=trajectory()),
+        EvtEvaluated(**ids_, evaluation=evaluation()),
+        EvtReflected(**ids_, reflection=reflection()),
+    ]
+
+
+def drive(updater: ArchiveUpdater, node_id: str, steps: int, parent_ids: list[str] | None = None) -> UpdateResult:
+    """Apply the first `steps` happy-path events of a node, asserting each applies."""
+    for event in happy_events(node_id, parent_ids)[:steps]:
+        result = updater.apply(event)
+        assert result.outcome == Outcome.APPLIED, result.reason
+    return result
+
+
+def test_happy_path_moves_the_node_and_names_the_next_work(updater: ArchiveUpdater) -> None:
+    results = [updater.apply(event) for event in happy_events("n0")]
+    assert [r.outcome for r in results] == [Outcome.APPLIED] * 5
+    assert [r.node.status for r in results] == [s for s in NodeStatus if s != NodeStatus.FAILED]
+    ids_ = {"run_id": RUN, "node_id": "n0"}
+    assert [r.next_work for r in results] == [
+        (WorkImplement(**ids_, proposal=proposal()),),
+        (WorkTrain(**ids_, source=SOURCE, protocol="testbed-v1", seed=7),),
+        (WorkEvaluate(**ids_, checkpoint_uri="file:///runs/run-vm-av/ckpt/n1", protocol="testbed-v1", seed=7),),
+        (WorkReflect(**ids_, parent_ids=[]),),
+        (),
+    ]
+    stored = updater.store.get_node(RUN, "n0")
+    assert same(stored, results[-1].node)
+    assert (stored.implementation, stored.evaluation) == (implementation(), evaluation())
+    assert stored.reflection == reflection()
+
+
+def test_a_proposal_takes_its_lineage_from_its_parents(updater: ArchiveUpdater) -> None:
+    drive(updater, "a", 4)
+    drive(updater, "b", 1)
+    drive(updater, "a1", 1, parent_ids=["a"])
+    result = drive(updater, "a1b", 4, parent_ids=["a1", "b"])
+    assert result.next_work == (WorkReflect(run_id=RUN, node_id="a1b", parent_ids=["a1", "b"]),)
+    genealogy = updater.store.get_node(RUN, "a1b").genealogy
+    assert (genealogy.depth, genealogy.parent_ids, genealogy.ancestors) == (2, ["a1", "b"], ["a", "a1", "b"])
+    assert ids(updater.store.children(RUN, "b")) == ["a1b"]
+
+
+def test_a_repeated_event_changes_nothing(updater: ArchiveUpdater) -> None:
+    events = happy_events("n0")
+    for done, event in enumerate(events, start=1):
+        first = updater.apply(event)
+        before = updater.store.get_node(RUN, "n0").model_dump_json()
+        for earlier in events[:done]:
+            again = updater.apply(earlier)
+            assert again.outcome == Outcome.DUPLICATE, again.reason
+            # The latest event's follow-up work is named again (a crash may have lost its publish).
+            assert again.next_work == (first.next_work if earlier is event else ())
+        assert updater.store.get_node(RUN, "n0").model_dump_json() == before
+
+
+def test_a_second_proposal_for_the_same_node_keeps_the_first(updater: ArchiveUpdater) -> None:
+    drive(updater, "n0", 1)
+    other = EvtProposed(run_id=RUN, node_id="n0", attempt=2, proposal=proposal("another idea"))
+    assert updater.apply(other).outcome == Outcome.DUPLICATE
+    assert updater.store.get_node(RUN, "n0").proposal == proposal()
+
+
+def test_out_of_order_and_unknown_events_are_rejected_with_a_logged_reason(
+    updater: ArchiveUpdater, caplog: pytest.LogCaptureFixture
+) -> None:
+    drive(updater, "n0", 2)
+    before = updater.store.get_node(RUN, "n0")
+    early = EvtEvaluated(run_id=RUN, node_id="n0", evaluation=evaluation())
+    orphan = EvtProposed(run_id=RUN, node_id="n1", proposal=proposal(parent_ids=["ghost"]))
+    stranger = EvtTrained(run_id=RUN, node_id="ghost", trajectory=trajectory())
+    lost_run = EvtProposed(run_id="no-such-run", node_id="n0", proposal=proposal())
+    not_an_event = WorkTrain(run_id=RUN, node_id="n0", source=SOURCE, protocol="testbed-v1", seed=7)
+    with caplog.at_level(logging.WARNING, logger="poise.archive"):
+        results = {e.subject + e.node_id: updater.apply(e) for e in (early, orphan, stranger, lost_run, not_an_event)}
+    assert all(r.outcome == Outcome.REJECTED and r.next_work == () for r in results.values())
+    assert "is implemented" in results["evt.evaluatedn0"].reason
+    assert "ghost" in results["evt.proposedn1"].reason
+    assert "unknown node" in results["evt.trainedghost"].reason
+    assert "unknown run" in results["evt.proposedn0"].reason
+    assert "not an event" in results["work.trainn0"].reason
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 5
+    assert updater.store.get_node(RUN, "n0") == before
+    assert ids(updater.store.nodes(RUN)) == ["n0"]
+
+
+def test_a_failure_fails_the_node_once_and_later_news_is_ignored(updater: ArchiveUpdater) -> None:
+    drive(updater, "n0", 2)
+    failed = EvtFailed(run_id=RUN, node_id="n0", failure=Failure(phase=Phase.TRAIN, reason="loss went nan\ntrace"))
+    result = updater.apply(failed)
+    assert (result.outcome, result.next_work) == (Outcome.APPLIED, ())
+    node = updater.store.get_node(RUN, "n0")
+    assert (node.status, node.failure.reason) == (NodeStatus.FAILED, "loss went nan")
+    assert node.implementation == implementation()
+    assert updater.apply(failed).outcome == Outcome.DUPLICATE
+    late = updater.apply(EvtTrained(run_id=RUN, node_id="n0", trajectory=trajectory()))
+    assert late.outcome == Outcome.REJECTED and "failed in train" in late.reason
+    assert updater.store.get_node(RUN, "n0") == node
+
+
+def test_a_failure_of_a_phase_the_node_is_not_waiting_on_is_stale(updater: ArchiveUpdater) -> None:
+    drive(updater, "n0", 3)
+    stale = EvtFailed(run_id=RUN, node_id="n0", failure=Failure(phase=Phase.IMPLEMENT, reason="timeout"))
+    result = updater.apply(stale)
+    assert result.outcome == Outcome.REJECTED and "waits for evaluate" in result.reason
+    assert updater.store.get_node(RUN, "n0").status == NodeStatus.TRAINED
+
+
+def test_results_that_cannot_go_on_fail_the_node_and_keep_the_result(updater: ArchiveUpdater) -> None:
+    drive(updater, "n0", 1)
+    unverified = EvtImplemented(run_id=RUN, node_id="n0", implementation=implementation(verified=False))
+    assert updater.apply(unverified).node.failure.phase == Phase.IMPLEMENT
+    drive(updater, "n1", 2)
+    no_checkpoint = EvtTrained(run_id=RUN, node_id="n1", trajectory=trajectory(checkpoint_uri=None))
+    result = updater.apply(no_checkpoint)
+    assert (result.outcome, result.next_work) == (Outcome.APPLIED, ())
+    assert "no checkpoint" in result.node.failure.reason
+    assert same(result.node.trajectory, trajectory(checkpoint_uri=None))
+    assert updater.apply(no_checkpoint).outcome == Outcome.DUPLICATE
+
+
+def test_replicate_evaluations_accumulate_once_per_seed(updater: ArchiveUpdater) -> None:
+    drive(updater, "n0", 3)
+    replicate = EvtEvaluated(run_id=RUN, node_id="n0", replicate=1, evaluation=evaluation(seed=8))
+    assert updater.apply(replicate).outcome == Outcome.REJECTED  # the node has no evaluation of its own yet
+    assert updater.apply(happy_events("n0")[3]).outcome == Outcome.APPLIED
+    result = updater.apply(replicate)
+    assert (result.outcome, result.next_work, result.node.status) == (Outcome.APPLIED, (), NodeStatus.EVALUATED)
+    assert updater.apply(replicate).outcome == Outcome.DUPLICATE
+    lost = EvtFailed(run_id=RUN, node_id="n0", replicate=2, failure=Failure(phase=Phase.EVALUATE, reason="oom"))
+    assert updater.apply(lost).outcome == Outcome.APPLIED
+    assert updater.store.get_node(RUN, "n0").replicates == [evaluation(seed=8)]
+    assert updater.store.get_node(RUN, "n0").status == NodeStatus.EVALUATED
+
+
+def test_a_failed_proposal_creates_no_node(updater: ArchiveUpdater) -> None:
+    failed = EvtFailed(run_id=RUN, node_id="n7", failure=Failure(phase=Phase.PROPOSE, reason="screening kept none"))
+    assert updater.apply(failed).outcome == Outcome.APPLIED
+    assert updater.store.nodes(RUN) == []
+
+
+def test_accounting_counts_evaluated_against_budget_and_in_flight_against_parallel(updater: ArchiveUpdater) -> None:
+    def account() -> tuple[int, int, int, bool]:
+        a = updater.accounting(RUN)
+        assert (a.budget, a.parallel) == (4, 2)
+        return a.evaluated, a.in_flight, a.failed, a.can_propose
+
+    assert account() == (0, 0, 0, True)
+    drive(updater, "n0", 1)
+    drive(updater, "n1", 3)
+    assert account() == (0, 2, 0, False)  # parallelism full
+    for event in happy_events("n0")[1:]:
+        assert updater.apply(event).outcome == Outcome.APPLIED
+    assert account() == (1, 1, 0, True)
+    updater.apply(happy_events("n1")[3])
+    fail_reflect = Failure(phase=Phase.REFLECT, reason="reflector timed out")
+    updater.apply(EvtFailed(run_id=RUN, node_id="n1", failure=fail_reflect))
+    assert account() == (2, 0, 1, True)  # an evaluated node that failed to reflect still spent budget
+    drive(updater, "n2", 1)
+    drive(updater, "n3", 2)
+    assert account() == (2, 2, 1, False)  # 2 evaluated + 2 in flight = budget 4
+    with pytest.raises(ArchiveError, match="no run"):
+        updater.accounting("no-such-run")
+
+
+def test_an_event_that_breaks_a_contract_invariant_is_rejected_not_raised(updater: ArchiveUpdater) -> None:
+    # "p" claims an ancestor "x" that was never stored; proposing "x" as p's child would close a cycle.
+    updater.store.insert_node(
+        Node(
+            genealogy=Genealogy(run_id=RUN, node_id="p", parent_ids=["x"], depth=1, ancestors=["x"]),
+            proposal=proposal(),
+        )
+    )
+    result = updater.apply(EvtProposed(run_id=RUN, node_id="x", proposal=proposal(parent_ids=["p"])))
+    assert result.outcome == Outcome.REJECTED and "own parents or ancestors" in result.reason
+    assert updater.store.get_node(RUN, "x") is None
