@@ -212,6 +212,26 @@ def resummarize(report: dict) -> dict:
     return report
 
 
+def markdown_table(report: dict) -> str:
+    """Per-algorithm mean +- SD of Overall over seeds, gain over the base, timings: for READMEs and notes."""
+    base = report["base"]["overall"]
+    lines = ["| algorithm | Overall mean ± SD (seeds) | Δ vs base | per seed | train s | eval s |",
+             "|---|---|---|---|---|---|"]
+    for name, arm in sorted(report["algorithms"].items(), key=lambda kv: -statistics.fmean(
+            [v for v in kv[1]["overall"] if v is not None] or [0.0])):
+        values = [v for v in arm["overall"] if v is not None]
+        if not values:
+            lines.append(f"| {name} | {'failed' if arm['overall'] else 'not run'} | | | | |")
+            continue
+        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        mean = statistics.fmean(values)
+        lines.append(f"| {name} | {mean:.4f} ± {sd:.4f} ({len(values)}) | {mean - base:+.4f} | "
+                     f"{' '.join(f'{v:.3f}' for v in values)} | {statistics.fmean(arm['train_s']):.0f} | "
+                     f"{statistics.fmean(arm['eval_s']):.0f} |")
+    lines.append(f"| base checkpoint | {base:.4f} | | | | |")
+    return "\n".join(lines)
+
+
 def _arm_report(runs: list[dict]) -> dict:
     return {
         "overall": [r["overall"] for r in runs],

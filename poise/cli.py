@@ -73,11 +73,12 @@ def cmd_bench_testbed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_summarize(args: argparse.Namespace) -> int:
-    from poise.bench import resummarize
+    from poise.bench import markdown_table, resummarize
 
     path = Path(args.json)
     report = resummarize(json.loads(path.read_text()))
     path.write_text(json.dumps(report, indent=1))
+    print(markdown_table(report))
     print(f"R = {report.get('R')}, pooled seed SD = {report.get('pooled_seed_sd')}, "
           f"significant pairs = {report.get('n_significant_pairs')}")
     return 0
