@@ -43,6 +43,22 @@ def group_mean_std(scores: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor]
     return mean_b, std_b
 
 
+def counted_group_mean_std(values: Tensor, group_index: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
+    """group_mean_std over the counted responses only (counted (B,) 1 or 0), broadcast back to every response.
+
+    Used to keep format-invalid responses out of a group's statistics. A group with fewer than two counted
+    responses has no baseline: mean 0 and std 1. With every response counted this is exactly group_mean_std.
+    """
+    count = group_sum(counted, group_index)
+    mean = group_sum(values * counted, group_index) / count.clamp(min=1)
+    centered = (values - mean[group_index]) * counted
+    var = group_sum(centered * centered, group_index) / (count - 1).clamp(min=1)
+    no_baseline = count[group_index] < 2
+    mean_b = torch.where(no_baseline, torch.zeros_like(values), mean[group_index])
+    std_b = torch.where(no_baseline, torch.ones_like(values), var.sqrt()[group_index])
+    return mean_b, std_b
+
+
 def group_count(group_index: Tensor, like: Tensor) -> Tensor:
     """Number of responses in each response's group, (B,)."""
     return group_sum(torch.ones_like(like), group_index)[group_index]
