@@ -137,6 +137,9 @@ class SQLiteStore(ArchiveStore):
         except ValidationError as err:
             raise ArchiveError(f"{self.path} holds a run config for {run_id} this POISE cannot read: {err}") from err
 
+    def run_ids(self) -> list[str]:
+        return [row[0] for row in self._read("SELECT run_id FROM runs ORDER BY rowid", ())]
+
     # --------------------------------------------------------------------------------------- nodes
 
     def insert_node(self, node: Node) -> bool:

@@ -35,6 +35,10 @@ class ArchiveStore(ABC):
         """The run's configuration, or None if no such run was stored."""
 
     @abstractmethod
+    def run_ids(self) -> list[str]:
+        """Every stored run, oldest first."""
+
+    @abstractmethod
     def insert_node(self, node: Node) -> bool:
         """Add a new node; False (and nothing written) if a node with this run_id and node_id exists."""
 

@@ -34,6 +34,7 @@ from poise.contracts import (
     EvtTrained,
     Failure,
     Genealogy,
+    Implementation,
     Message,
     Node,
     NodeStatus,
@@ -111,6 +112,25 @@ def next_work(node: Node, config: RunConfig) -> tuple[Message, ...]:
     return ()
 
 
+def _verification_failure(impl: Implementation) -> str:
+    """One line: how many attempts, and the first failing check (or coder error) of the last one."""
+    if not impl.attempts:
+        return "the implementer reported an unverified implementation without attempts"
+    last = impl.attempts[-1]
+    failing = next((c for c in last.checks if not c.passed), None)
+    what = f"{failing.name}: {failing.message}" if failing else (last.error or "no check passed")
+    return f"verification failed after {len(impl.attempts)} attempt(s): {what}"
+
+
+def _verification_detail(impl: Implementation) -> str:
+    lines = []
+    for attempt in impl.attempts:
+        lines.append(f"attempt {attempt.attempt}: {'passed' if attempt.passed else 'failed'}"
+                     + (f" — {attempt.error}" if attempt.error else ""))
+        lines += [f"  {c.name}: {c.message}" for c in attempt.checks if not c.passed]
+    return "\n".join(lines)[-4000:]
+
+
 def _advance(node: Node, **changes: object) -> Node:
     """A validated copy of `node` with `changes` (model_copy would skip the status/parts invariants)."""
     return Node(**{**dict(node), **changes, "updated_at": utc_now()})
@@ -186,6 +206,8 @@ class ArchiveUpdater:
             return self._failed(event, node)
         if isinstance(event, EvtEvaluated) and event.replicate:
             return self._replicate(event, node)
+        if isinstance(event, EvtTrained) and event.replicate:
+            return self._replicate_trained(event, node, config)
         if _reached(node, status):
             work = next_work(node, config) if node.status == status else ()
             reason = f"node is {node.status} and holds its {STATUS_PART[status]}"
@@ -201,7 +223,8 @@ class ArchiveUpdater:
         """The node after a pipeline event; a result that cannot go on fails the node instead."""
         match event:
             case EvtImplemented(implementation=impl) if not impl.verified:
-                failure = Failure(phase=Phase.IMPLEMENT, reason="the implementer reported an unverified implementation")
+                failure = Failure(phase=Phase.IMPLEMENT, reason=_verification_failure(impl),
+                                  detail=_verification_detail(impl))
                 return _advance(node, status=NodeStatus.FAILED, implementation=impl, failure=failure)
             case EvtImplemented(implementation=impl):
                 return _advance(node, status=status, implementation=impl)
@@ -248,6 +271,22 @@ class ArchiveUpdater:
             waiting = f"waits for {pending}" if pending else "is done"
             return self._reject(event, f"node is {node.status}, {waiting}; a failure in {failure.phase} is stale", node)
         return self._write(node, _advance(node, status=NodeStatus.FAILED, failure=failure), None)
+
+    def _replicate_trained(self, event: EvtTrained, node: Node, config: RunConfig) -> UpdateResult:
+        """A fresh-seed re-training of an evaluated node: nothing is stored; its checkpoint goes to evaluation."""
+        trajectory = event.trajectory
+        if node.evaluation is None or node.status == NodeStatus.FAILED:
+            why = f"node is {node.status}; replicate {event.replicate} needs an evaluated node"
+            return self._reject(event, why, node)
+        if any(r.seed == trajectory.seed for r in node.replicates):
+            return UpdateResult(Outcome.DUPLICATE, f"a replicate with seed {trajectory.seed} is stored", node)
+        if trajectory.checkpoint_uri is None:
+            why = trajectory.abort_reason or "no checkpoint"
+            return UpdateResult(Outcome.APPLIED, f"replicate {event.replicate} training failed ({why})", node)
+        work = WorkEvaluate(run_id=node.run_id, node_id=node.node_id, replicate=event.replicate,
+                            checkpoint_uri=trajectory.checkpoint_uri, protocol=config.protocol, seed=trajectory.seed)
+        reason = f"replicate {event.replicate} trained (seed {trajectory.seed})"
+        return UpdateResult(Outcome.APPLIED, reason, node, (work,))
 
     def _replicate(self, event: EvtEvaluated, node: Node) -> UpdateResult | None:
         """A fresh-seed re-evaluation of an evaluated node; one per seed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,10 +31,149 @@ def selfcheck() -> int:
     return 1 if failed else 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    print("poise run: the embedded discovery loop is not built yet; checking the reference algorithms that "
-          "seed it (the search root and the literature priors).")
+def cmd_selfcheck(args: argparse.Namespace) -> int:
     return selfcheck()
+
+
+DEFAULT_RUN_DIR = "runs/default"
+RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds")
+
+
+def _run_id(run_dir: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", run_dir.resolve().name).lstrip("-_.") or "run"
+    return name[:64]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from archive.sqlite_store import SQLiteStore
+    from poise.contracts import RunConfig
+    from poise.runner import RunError, run
+    from poise.testbed.protocol import PROTOCOLS
+
+    if args.protocol is not None and args.protocol not in PROTOCOLS:
+        print(f"unknown protocol {args.protocol!r}; known: {', '.join(PROTOCOLS)}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir)
+    given = {k: getattr(args, k) for k in RUN_SETTINGS if getattr(args, k) is not None}
+    stored = None
+    if (run_dir / "archive.db").exists():
+        with SQLiteStore.in_run_dir(run_dir) as store:
+            ids = store.run_ids()
+            stored = store.get_run(ids[0]) if ids else None
+    try:
+        config = stored.model_copy(update=given) if stored else RunConfig(run_id=_run_id(run_dir), **given)
+        config = RunConfig.model_validate(config.model_dump())
+    except ValueError as err:
+        print(f"invalid run settings: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(config, run_dir, stream=sys.stdout)
+    except RunError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; `poise run --run-dir {run_dir}` resumes the run where it stopped", file=sys.stderr)
+        return 130
+    _print_outcome(summary)
+    return 0
+
+
+def _print_outcome(summary) -> None:
+    best = summary.status.get("best")
+    root = summary.status.get("root") or {}
+    print(f"wall {summary.wall_s:.0f} s, inside phase work {summary.work_s:.0f} s "
+          f"(orchestration overhead {100 * summary.overhead_fraction:.2f}%), depth {summary.status['depth']}")
+    if root.get("mean") is not None:
+        print(f"GRPO (root): {_interval_text(root)}")
+    if best:
+        print(f"best: {best['node_id']} {best['name']} [{', '.join(best['mechanisms'])}]: {_interval_text(best)} "
+              f"— {best['verdict']}")
+
+
+def _interval_text(entry: dict) -> str:
+    mean = entry.get("mean", entry.get("utility"))
+    interval = entry.get("interval") or ([entry["ci_low"], entry["ci_high"]] if entry.get("ci_low") is not None
+                                         else None)
+    seeds = entry.get("seeds", entry.get("n"))
+    if interval is None:
+        return f"{mean:.4f} (1 seed)"
+    return f"{mean:.4f} ± {(interval[1] - interval[0]) / 2:.4f} (95% CI over {seeds} seeds)"
+
+
+def _open_run_store(run_dir: Path):
+    from archive.sqlite_store import SQLiteStore
+
+    if not (run_dir / "archive.db").exists():
+        raise SystemExit(f"no run in {run_dir}: start one with `poise run --run-dir {run_dir}`")
+    store = SQLiteStore.in_run_dir(run_dir)
+    ids = store.run_ids()
+    if not ids:
+        store.close()
+        raise SystemExit(f"{run_dir} holds an archive without a run")
+    return store, ids[0]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from archive.status import run_status
+
+    store, run_id = _open_run_store(Path(args.run_dir))
+    with store:
+        status = run_status(store, run_id)
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    counts = ", ".join(f"{k} {v}" for k, v in status["counts"].items() if v)
+    print(f"run {run_id}: protocol {status['protocol']}, seed {status['seed']}, depth {status['depth']}")
+    print(f"evaluated {status['budget']['evaluated']}/{status['budget']['total']} ({counts or 'no nodes yet'})")
+    root = status["root"]
+    if root and root.get("mean") is not None:
+        print(f"GRPO (root): {_interval_text(root)}")
+    if status["leader"]:
+        leader = status["leader"]
+        print(f"top single seed: {leader['node_id']} {leader['name']} {leader['utility']:.4f}")
+    if status["best"]:
+        best = status["best"]
+        print(f"best: {best['node_id']} {best['name']}: {_interval_text(best)} — {best['verdict']}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from archive.report import render_node_text
+
+    store, run_id = _open_run_store(Path(args.run_dir))
+    with store:
+        node = store.get_node(run_id, args.node)
+        if node is None:
+            known = ", ".join(n.node_id for n in store.nodes(run_id)) or "none"
+            print(f"no node {args.node!r} in run {run_id}; nodes: {known}", file=sys.stderr)
+            return 2
+        parent = store.get_node(run_id, node.genealogy.parent_ids[0]) if node.genealogy.parent_ids else None
+    if args.json:
+        print(node.model_dump_json(indent=1))
+    else:
+        print(render_node_text(node, parent))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from archive.report import write_report
+    from archive.status import run_status
+
+    run_dir = Path(args.run_dir)
+    store, run_id = _open_run_store(run_dir)
+    out = Path(args.out) if args.out else run_dir / "report.html"
+    with store:
+        status = run_status(store, run_id)
+        best, root = status["best"], status["root"] or {}
+        summary = {"GRPO (root)": _interval_text(root) if root.get("mean") is not None else "not evaluated"}
+        if best:
+            summary["best node"] = f"{best['node_id']} {best['name']}"
+            summary["best Overall"] = _interval_text(best)
+            summary["verdict"] = best["verdict"]
+        summary["depth reached"] = str(status["depth"])
+        path = write_report(store, run_id, out, summary=summary)
+    print(f"report written to {path}")
+    return 0
 
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
@@ -104,8 +244,33 @@ def cmd_bench_sampler(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poise", description="Autonomous discovery of LLM-RL algorithms.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="grow a lineage of algorithms from GRPO (embedded mode)")
+    run = commands.add_parser("run", help="grow a lineage of algorithms from GRPO (embedded mode); resumes a run")
+    run.add_argument("--budget", type=int, help="evaluated candidates, the root excluded (default 64)")
+    run.add_argument("--parallel", type=int, help="candidates in the pipeline at once (default 3)")
+    run.add_argument("--seed", type=int, help="the run's seed: proposals, training and evaluation (default 0)")
+    run.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"where the archive lives (default {DEFAULT_RUN_DIR})")
+    run.add_argument("--protocol", help="testbed protocol: default, or tiny for tests (default: default)")
+    run.add_argument("--parent-selection", choices=("greedy", "random"), help="baseline parent choice (greedy)")
+    run.add_argument("--root-seeds", type=int, help="seeds the root (GRPO) is trained with, for the noise (3)")
+    run.add_argument("--replicate-seeds", type=int, help="fresh seeds a node is re-trained with before it is "
+                                                          "reported as the best (3)")
     run.set_defaults(handler=cmd_run)
+    for name, handler, text in (("status", cmd_status, "where a run stands"),
+                                ("report", cmd_report, "write a self-contained HTML report of a run")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+        sub.set_defaults(handler=handler)
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="machine-readable")
+        else:
+            sub.add_argument("--out", help="default: RUN_DIR/report.html")
+    show = commands.add_parser("show", help="one node: proposal, code, verification, curves, metrics, reflection")
+    show.add_argument("node")
+    show.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_show)
+    check = commands.add_parser("selfcheck", help="structural check of the reference algorithms")
+    check.set_defaults(handler=cmd_selfcheck)
     algorithms = commands.add_parser("algorithms", help="list the reference algorithms (literature priors)")
     algorithms.set_defaults(handler=cmd_algorithms)
 

@@ -512,6 +512,8 @@ class RunConfig(Contract):
     budget: int = Field(64, ge=1, description="evaluated candidates, the paper's 64")
     parallel: int = Field(3, ge=1, description="nodes in the pipeline at once")
     parents_per_round: int = Field(3, ge=1)
+    parent_selection: Literal["greedy", "random"] = Field(
+        "greedy", description="baseline proposer: the best node by utility, or a uniformly random evaluated node")
     population_size: int = Field(4, ge=1, description="proposals sampled per parent before screening")
     max_correction_attempts: int = Field(3, ge=1)
     root_seeds: int = Field(3, ge=1, description="fresh-seed evaluations of the root, the yardstick")
@@ -568,8 +570,8 @@ class WorkImplement(Message):
     proposal: Proposal
 
 
-class WorkTrain(Message):
-    """Train the verified `source` under `protocol` with `seed`."""
+class WorkTrain(_ReplicableMessage):
+    """Train the verified `source` under `protocol` with `seed` (replicate >= 1: a fresh-seed re-training)."""
 
     subject: ClassVar[str] = "work.train"
     source: str
@@ -607,8 +609,11 @@ class EvtImplemented(Message):
     implementation: Implementation
 
 
-class EvtTrained(Message):
-    """The training trajectory and, in it, the checkpoint URI (an aborted run is still a trajectory)."""
+class EvtTrained(_ReplicableMessage):
+    """The training trajectory and, in it, the checkpoint URI (an aborted run is still a trajectory).
+
+    With replicate >= 1 it is a fresh-seed re-training of an evaluated node: the node is unchanged and the
+    replicate's checkpoint goes on to a replicate evaluation."""
 
     subject: ClassVar[str] = "evt.trained"
     trajectory: TrainingTrajectory

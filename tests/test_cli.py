@@ -7,8 +7,8 @@ import sys
 from poise.cli import main
 
 
-def test_run_checks_every_reference_algorithm(capsys):
-    assert main(["run"]) == 0
+def test_selfcheck_checks_every_reference_algorithm(capsys):
+    assert main(["selfcheck"]) == 0
     out = capsys.readouterr().out
     assert "8/8 reference algorithms pass the check" in out and "gmpo" in out
 

@@ -1,0 +1,228 @@
+"""The archive bound to the bus: the owner of a run.
+
+It applies every `evt.*` with the update operator (archive/update.py), publishes the work that follows, and
+keeps the pipeline full: the root (GRPO) first, trained with `root_seeds` seeds to measure the run's noise;
+then children of parents chosen by the baseline selection while the budget (evaluated candidates) and
+parallelism (candidates in flight) allow; finally, before a node is reported as the best, it is re-trained
+with `replicate_seeds` fresh seeds.
+
+Resume: nothing about a run lives only in memory. `start()` rebuilds the pending work from the stored
+nodes — every node not yet reflected or failed gets its next work again (in-flight work is redone), and
+proposals that never reached the archive are asked for again under the same node id, which the
+deterministic proposer turns into the same proposal.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from archive.store import ArchiveStore
+from archive.update import ArchiveUpdater, Outcome, UpdateResult, next_work
+from poise.bus import Bus
+from poise.contracts import (
+    EvtFailed,
+    EvtProposed,
+    Failure,
+    Message,
+    Node,
+    NodeStatus,
+    Phase,
+    RunConfig,
+    WorkPropose,
+    WorkTrain,
+)
+from poise.scoring import replicate_seed, seed_scores, summarize, utility
+from proposer.baseline import root_proposal, select_parent
+
+log = logging.getLogger("poise.archive")
+
+ROOT_ID = "n000"
+MAX_CONFIRMED = 2          # nodes re-trained with fresh seeds at the end of a run, best single-seed first
+MAX_REPLICATE_TRIES = 2    # a replicate that fails this often is given up (the node keeps fewer seeds)
+PHASE_OF_WORK = {"work.propose": Phase.PROPOSE, "work.implement": Phase.IMPLEMENT, "work.train": Phase.TRAIN,
+                 "work.evaluate": Phase.EVALUATE, "work.reflect": Phase.REFLECT}
+
+
+@dataclass
+class RunState:
+    """What the archive service is waiting for, beyond what the stored nodes say."""
+
+    proposals: dict[str, WorkPropose]
+    replicates: set[tuple[str, int]]
+    replicate_tries: Counter
+    propose_failures: int = 0
+    finished: bool = False
+    stop_reason: str | None = None
+
+
+def node_number(node_id: str) -> int:
+    return int(node_id[1:]) if node_id[:1] == "n" and node_id[1:].isdigit() else -1
+
+
+class ArchiveService:
+    def __init__(self, bus: Bus, store: ArchiveStore, config: RunConfig,
+                 on_result: Callable[[Message, UpdateResult], None] | None = None) -> None:
+        self.bus = bus
+        self.store = store
+        self.config = config
+        self.updater = ArchiveUpdater(store)
+        self.state = RunState(proposals={}, replicates=set(), replicate_tries=Counter())
+        self.on_result = on_result
+
+    @property
+    def run_id(self) -> str:
+        return self.config.run_id
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> int:
+        """Publish the root or the work every stored node waits for; returns how many nodes are resumed."""
+        nodes = self.store.nodes(self.run_id)
+        if not nodes:
+            proposal = root_proposal().model_copy(update={"directive": self.config.objective.directive})
+            self.bus.publish(EvtProposed(run_id=self.run_id, node_id=ROOT_ID, proposal=proposal))
+            return 0
+        resumed = 0
+        for node in nodes:
+            for work in next_work(node, self.config):
+                self.bus.publish(work)
+                resumed += 1
+        self.pump()
+        return resumed
+
+    def handle(self, event: Message) -> None:
+        """Apply one event, publish what follows, and refill the pipeline."""
+        result = self.updater.apply(event)
+        self._settle(event, result)
+        for work in result.next_work:
+            self.bus.publish(work)
+        if self.on_result:
+            self.on_result(event, result)
+        self.pump()
+
+    def dead_letter(self, message: Message, reason: str) -> None:
+        """A message no handler could process: its node fails in that phase (NATS dead-letter equivalent)."""
+        phase = PHASE_OF_WORK.get(message.subject)
+        if phase is None:
+            log.error("event %s for %s could not be applied: %s", message.subject, message.node_id, reason)
+            return
+        replicate = getattr(message, "replicate", 0)
+        failure = Failure(phase=phase, reason=f"{phase} service error: {reason}", detail=reason)
+        self.handle(EvtFailed(run_id=message.run_id, node_id=message.node_id, attempt=message.attempt,
+                              replicate=replicate, failure=failure))
+
+    def _settle(self, event: Message, result: UpdateResult) -> None:
+        """Forget the pending proposal or replicate this event answers."""
+        if event.subject in ("evt.proposed", "evt.failed") and not getattr(event, "replicate", 0):
+            if event.node_id in self.state.proposals:
+                if isinstance(event, EvtFailed) and event.failure.phase == Phase.PROPOSE:
+                    self.state.propose_failures += 1
+                del self.state.proposals[event.node_id]
+        replicate = getattr(event, "replicate", 0)
+        if replicate:
+            key = (event.node_id, replicate)
+            ended = event.subject in ("evt.evaluated", "evt.failed") or (
+                event.subject == "evt.trained" and not result.next_work)
+            if ended and key in self.state.replicates:
+                self.state.replicates.discard(key)
+                if event.subject != "evt.evaluated" or result.outcome == Outcome.REJECTED:
+                    self.state.replicate_tries[key] += 1
+
+    # ------------------------------------------------------------------------------------ scheduling
+
+    def pump(self) -> None:
+        """Publish the proposals and replicates the run needs now; mark the run finished when it is done."""
+        if self.state.finished:
+            return
+        nodes = self.store.nodes(self.run_id)
+        by_id = {n.node_id: n for n in nodes}
+        root = by_id.get(ROOT_ID)
+        if root is None:
+            return
+        if root.status == NodeStatus.FAILED:
+            self._finish(f"the root (GRPO) failed in {root.failure.phase}: {root.failure.reason}")
+            return
+        if root.evaluation is None:
+            return
+        self._replicate(root, self.config.root_seeds - 1)
+        accounting = self.updater.accounting(self.run_id)
+        pending = len(self.state.proposals)
+        in_flight = accounting.in_flight + pending
+        if accounting.failed >= max(8, 2 * self.config.budget):
+            self.state.stop_reason = f"{accounting.failed} candidates failed; stopped proposing"
+        if self.state.propose_failures >= 5:
+            self.state.stop_reason = f"the proposer failed {self.state.propose_failures} times; stopped proposing"
+        # The root counts towards nothing: the budget is the number of evaluated children.
+        evaluated_children = accounting.evaluated - 1
+        next_number = 1 + max([node_number(n) for n in (*by_id, *self.state.proposals)], default=0)
+        while (self.state.stop_reason is None and evaluated_children + in_flight < self.config.budget
+               and in_flight < self.config.parallel):
+            parents = [n for n in nodes if n.evaluation is not None and n.status != NodeStatus.FAILED]
+            node_id = f"n{next_number:03d}"
+            parent = select_parent(parents, self.config.parent_selection, self._rng(node_id),
+                                   lambda n: utility(n.evaluation))
+            work = WorkPropose(run_id=self.run_id, node_id=node_id, parent_ids=[parent.node_id],
+                               attempt=1 + self.state.propose_failures)
+            self.state.proposals[node_id] = work
+            self.bus.publish(work)
+            next_number += 1
+            in_flight += 1
+        if in_flight or self.state.replicates:
+            return
+        if evaluated_children >= self.config.budget or self.state.stop_reason:
+            if not self._confirm_best(nodes):
+                self._finish(self.state.stop_reason or "budget reached")
+
+    def _confirm_best(self, nodes: list[Node]) -> bool:
+        """Re-train the best single-seed nodes with fresh seeds; True while such work is pending."""
+        children = [n for n in nodes if n.node_id != ROOT_ID and n.evaluation is not None
+                    and n.status != NodeStatus.FAILED]
+        ranked = sorted(children, key=lambda n: -(utility(n.evaluation) or float("-inf")))
+        confirmed = [n for n in ranked if len(n.replicates) + self._given_up(n) >= self.config.replicate_seeds]
+        best_mean = max((summarize(seed_scores(n)).mean for n in confirmed), default=float("-inf"))
+        for node in ranked:
+            if len(confirmed) >= MAX_CONFIRMED:
+                break
+            if node in confirmed:
+                continue
+            if (utility(node.evaluation) or float("-inf")) <= best_mean:
+                break  # no unconfirmed node could beat the confirmed best
+            return self._replicate(node, self.config.replicate_seeds)
+        return False
+
+    def _given_up(self, node: Node) -> int:
+        return sum(1 for (nid, _), tries in self.state.replicate_tries.items()
+                   if nid == node.node_id and tries >= MAX_REPLICATE_TRIES)
+
+    def _replicate(self, node: Node, wanted: int) -> bool:
+        """Publish the missing fresh-seed re-trainings of `node`; True if any is pending."""
+        if node.implementation is None:
+            return False
+        have = {r.seed for r in node.replicates}
+        pending = False
+        for i in range(1, wanted + 1):
+            seed = replicate_seed(self.config.seed, i)
+            key = (node.node_id, i)
+            if seed in have or self.state.replicate_tries[key] >= MAX_REPLICATE_TRIES:
+                continue
+            pending = True
+            if key in self.state.replicates:
+                continue
+            self.state.replicates.add(key)
+            self.bus.publish(WorkTrain(run_id=self.run_id, node_id=node.node_id, replicate=i,
+                                       attempt=1 + self.state.replicate_tries[key], source=node.implementation.source,
+                                       protocol=self.config.protocol, seed=seed))
+        return pending
+
+    def _finish(self, reason: str) -> None:
+        self.state.finished = True
+        self.state.stop_reason = reason
+        log.info("run %s finished: %s", self.run_id, reason)
+
+    def _rng(self, node_id: str) -> random.Random:
+        return random.Random(f"select/{self.config.seed}/{node_id}")
+

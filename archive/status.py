@@ -1,0 +1,81 @@
+"""Where a run stands, as one JSON-ready dict: counts, budget, the best node with its seed interval."""
+
+from __future__ import annotations
+
+from archive.store import ArchiveStore
+from poise.contracts import NodeStatus
+from poise.scoring import ALPHA, seed_scores, summarize, utility, welch_p
+
+ROOT_ID = "n000"
+
+
+def run_status(store: ArchiveStore, run_id: str) -> dict:
+    config = store.get_run(run_id)
+    if config is None:
+        raise KeyError(f"no run {run_id!r} in this archive")
+    nodes = store.nodes(run_id)
+    counts = {status.value: 0 for status in NodeStatus}
+    for node in nodes:
+        counts[node.status.value] += 1
+    root = next((n for n in nodes if n.node_id == ROOT_ID), None)
+    root_scores = seed_scores(root) if root else []
+    root_summary = summarize(root_scores)
+    evaluated = [n for n in nodes if n.evaluation is not None and n.status != NodeStatus.FAILED]
+    children = [n for n in evaluated if n.node_id != ROOT_ID]
+    best = _best(evaluated, config.replicate_seeds)
+    status = {
+        "run_id": run_id,
+        "protocol": config.protocol,
+        "seed": config.seed,
+        "counts": counts,
+        "budget": {"total": config.budget, "evaluated": len(children), "parallel": config.parallel},
+        "depth": max((n.genealogy.depth for n in nodes), default=0),
+        "root": None if root is None else {
+            "node_id": root.node_id, "status": root.status.value, "scores": root_scores,
+            **(root_summary.as_dict() if root_summary else {}),
+        },
+        "best": None,
+        "leader": None,
+    }
+    leader = max(children, key=lambda n: utility(n.evaluation), default=None)
+    if leader is not None:
+        status["leader"] = {"node_id": leader.node_id, "name": leader.proposal.name,
+                            "utility": utility(leader.evaluation), "seeds": len(seed_scores(leader))}
+    if best is not None:
+        scores = seed_scores(best)
+        summary = summarize(scores)
+        p = welch_p(scores, root_scores) if best.node_id != ROOT_ID else None
+        gain = summary.mean - root_summary.mean if root_summary else None
+        status["best"] = {
+            "node_id": best.node_id,
+            "name": best.proposal.name,
+            "mechanisms": [m.name for m in best.proposal.mechanisms],
+            "utility": summary.mean,
+            "interval": [summary.ci_low, summary.ci_high] if summary.ci_low is not None else None,
+            "seeds": len(scores),
+            "scores": scores,
+            "confirmed": len(scores) > 1,
+            "gain_over_root": gain,
+            "p_vs_root": p,
+            "verdict": _verdict(best.node_id, gain, p),
+        }
+    return status
+
+
+def _best(evaluated: list, replicate_seeds: int):
+    """The node with the highest seed mean among confirmed ones (root included); else the top single seed."""
+    confirmed = [n for n in evaluated if len(seed_scores(n)) > 1]
+    if confirmed:
+        return max(confirmed, key=lambda n: summarize(seed_scores(n)).mean)
+    scored = [n for n in evaluated if utility(n.evaluation) is not None]
+    return max(scored, key=lambda n: utility(n.evaluation), default=None)
+
+
+def _verdict(node_id: str, gain: float | None, p: float | None) -> str:
+    if node_id == ROOT_ID:
+        return "GRPO (the root) is the best node"
+    if p is None:
+        return "not yet confirmed with fresh seeds"
+    if p >= ALPHA:
+        return f"indistinguishable from GRPO (Welch p = {p:.2f})"
+    return f"{'better' if gain > 0 else 'worse'} than GRPO (Welch p = {p:.3f})"

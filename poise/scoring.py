@@ -1,0 +1,81 @@
+"""Utility and noise: how a node is scored, and how sure we are of it.
+
+A node's own evaluation is one training seed. The root (GRPO) is trained with `root_seeds` seeds to measure
+the run's seed noise, and a node is re-trained with `replicate_seeds` fresh seeds before it is reported as
+the best. Means come with a t-based 95% confidence interval over seeds, and a node is "indistinguishable
+from GRPO" when Welch's t-test cannot tell their seed scores apart at p < 0.05.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from scipy import stats
+
+from poise.contracts import Evaluation, Node
+
+REPLICATE_SEED_STRIDE = 1000  # replicate i trains and evaluates with seed + i * stride: far from other seeds
+ALPHA = 0.05
+
+
+def utility(evaluation: Evaluation | None) -> float | None:
+    """U of one evaluation: the stored utility when the objective set one, else the weighted Overall."""
+    if evaluation is None:
+        return None
+    return evaluation.utility if evaluation.utility is not None else evaluation.overall
+
+
+def replicate_seed(seed: int, replicate: int) -> int:
+    return seed + replicate * REPLICATE_SEED_STRIDE
+
+
+def seed_scores(node: Node) -> list[float]:
+    """U over every seed the node was trained with: its own evaluation, then its replicates."""
+    evaluations = ([node.evaluation] if node.evaluation is not None else []) + list(node.replicates)
+    return [u for u in map(utility, evaluations) if u is not None and math.isfinite(u)]
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    mean: float
+    sd: float | None
+    n: int
+    ci_low: float | None
+    ci_high: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        if self.ci_low is None:
+            return f"{self.mean:.4f} (1 seed)"
+        return f"{self.mean:.4f} ± {(self.ci_high - self.ci_low) / 2:.4f} (95% CI, {self.n} seeds)"
+
+
+def summarize(scores: list[float]) -> SeedSummary | None:
+    if not scores:
+        return None
+    n = len(scores)
+    mean = sum(scores) / n
+    if n < 2:
+        return SeedSummary(mean, None, n, None, None)
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1))
+    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * sd / math.sqrt(n)
+    return SeedSummary(mean, sd, n, mean - half, mean + half)
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch t-test p-value of two seed samples; None when either has fewer than 2 seeds."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if max(a) == min(a) and max(b) == min(b):
+        return 1.0 if a[0] == b[0] else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def pooled_sd(samples: list[list[float]]) -> float | None:
+    """Pooled within-node seed SD over nodes with at least 2 seeds."""
+    num = sum(sum((s - sum(x) / len(x)) ** 2 for s in x) for x in samples if len(x) >= 2)
+    dof = sum(len(x) - 1 for x in samples if len(x) >= 2)
+    return math.sqrt(num / dof) if dof else None

@@ -1,0 +1,468 @@
+"""The run report (HTML figures and node table) and the plain-text node view of `poise show`.
+
+The archive built here has a root, a two-parent child, a failed node with a hostile name, a node with
+nan curves, a pending node without a trajectory, and a node that did worse than the root:
+
+    depth 0   n0 GRPO (0.40, replicates seeds 8, 9)
+    depth 1   n1 (0.45)   n2 <script> FAILED in train   n6 (0.38)
+    depth 2   n3 (0.43, nan curves; parent n1)   n4 (0.50; parents n1, n2)
+    depth 3   n5 pending (parent n3)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from archive.report import (
+    SCALE_STOPS,
+    cumulative_best,
+    lineage_layout,
+    render_node_text,
+    top_variants,
+    write_report,
+)
+from archive.sqlite_store import SQLiteStore
+from archive.store import ArchiveError
+from poise.contracts import (
+    CheckResult,
+    Effect,
+    Evaluation,
+    Failure,
+    Genealogy,
+    Implementation,
+    MechanismEffect,
+    MechanismSpec,
+    MetricKind,
+    Node,
+    NodeStatus,
+    Phase,
+    Proposal,
+    Reflection,
+    RunConfig,
+    SuiteResult,
+    TrainingStep,
+    TrainingTrajectory,
+    VerificationAttempt,
+)
+
+RUN = "run-report"
+HOSTILE = "<script>alert(1)</script>"
+NAN = float("nan")
+SOURCE = """LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"clip_eps": 0.2}
+
+def compute_advantages(batch):
+    return batch["scores"] - batch["group_mean_score"]
+"""
+
+
+# ------------------------------------------------------------------------------------------ documents
+
+
+def evaluation(overall: float, mean_length: float = 40.0, seed: int = 7) -> Evaluation:
+    suite = SuiteResult(
+        suite="hard", kind=MetricKind.PASS_AT_K, k=8, value=overall, ci_low=overall - 0.05, ci_high=overall + 0.05,
+        n_prompts=32, n_samples=256, mean_length=mean_length, format_valid_rate=0.97, weight=1.0,
+    )  # fmt: skip
+    return Evaluation(
+        suites={"hard": suite}, overall=overall, overall_ci=(overall - 0.03, overall + 0.03),
+        mean_length=mean_length, seed=seed,
+    )  # fmt: skip
+
+
+def trajectory(reward: list[float], entropy: list[float] | None = None) -> TrainingTrajectory:
+    entropy = entropy or [1.0 - 0.1 * i for i in range(len(reward))]
+    steps = [
+        TrainingStep(step=i, reward_mean=r, entropy=e, response_length=50.0 - i, kl=0.01 * i, grad_norm=1.0)
+        for i, (r, e) in enumerate(zip(reward, entropy, strict=True))
+    ]
+    return TrainingTrajectory(protocol="testbed-v1", seed=7, steps=steps, checkpoint_uri="file:///ckpt")
+
+
+def implementation() -> Implementation:
+    checks = [CheckResult(name="shapes", passed=True), CheckResult(name="finite", passed=False, message="nan loss")]
+    attempts = [
+        VerificationAttempt(attempt=1, source=SOURCE, passed=False, checks=checks, error="ValueError: nan loss"),
+        VerificationAttempt(attempt=2, source=SOURCE, passed=True, checks=[CheckResult(name="finite", passed=True)]),
+    ]
+    return Implementation.from_source(SOURCE, attempts=attempts, verified=True)
+
+
+def proposal(name: str, parent_ids: list[str]) -> Proposal:
+    return Proposal(
+        name=name, rationale="scale advantages by the analytic group variance",
+        mechanisms=[MechanismSpec(name="analytic_variance_scaling", params={"var_floor": 1e-4})],
+        hparams={"clip_eps": 0.2}, generator="offline", parent_ids=parent_ids,
+    )  # fmt: skip
+
+
+def node(node_id: str, parents: list[Node], name: str | None = None, **parts: object) -> Node:
+    genealogy = (
+        Genealogy.child(node_id, [p.genealogy for p in parents]) if parents else Genealogy(run_id=RUN, node_id=node_id)
+    )
+    parent_ids = [p.node_id for p in parents]
+    return Node(genealogy=genealogy, proposal=proposal(name or f"variant-{node_id}", parent_ids), **parts)
+
+
+def evaluated(node_id: str, parents: list[Node], overall: float, length: float, **parts: object) -> Node:
+    parts = {"trajectory": trajectory([0.2, 0.3, overall]), **parts}
+    return node(node_id, parents, status=NodeStatus.EVALUATED, implementation=implementation(),
+                evaluation=evaluation(overall, length), **parts)  # fmt: skip
+
+
+def reflection() -> Reflection:
+    effect = MechanismEffect(
+        mechanism="analytic_variance_scaling", effect=Effect.HELPED, confidence=0.7, evidence="lower KL spikes"
+    )
+    return Reflection(
+        text="variance scaling steadied the advantage estimate", effects=[effect],
+        diagnoses=["KL spikes trace to the advantage estimate"], generator="offline",
+    )  # fmt: skip
+
+
+def archive_nodes() -> dict[str, Node]:
+    n0 = node(
+        "n0", [], name="GRPO", status=NodeStatus.REFLECTED, implementation=implementation(),
+        trajectory=trajectory([0.1, 0.2, 0.3, 0.35]), evaluation=evaluation(0.40, 60.0), reflection=reflection(),
+        replicates=[evaluation(0.38, 61.0, seed=8), evaluation(0.42, 59.0, seed=9)],
+    )  # fmt: skip
+    n1 = evaluated("n1", [n0], 0.45, 50.0)
+    failure = Failure(phase=Phase.TRAIN, reason='<img src="http://evil.example/x.png"> diverged', detail="loss nan")
+    n2 = node("n2", [n0], name=HOSTILE, status=NodeStatus.FAILED, implementation=implementation(), failure=failure)
+    n3 = evaluated("n3", [n1], 0.43, 45.0, trajectory=trajectory([0.2, NAN, 0.4, math.inf], [NAN, 0.9, NAN, NAN]))
+    n4 = evaluated("n4", [n1, n2], 0.50, 42.0)
+    n5 = node("n5", [n3])
+    n6 = evaluated("n6", [n0], 0.38, 70.0)
+    return {n.node_id: n for n in (n0, n1, n2, n3, n4, n5, n6)}
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with SQLiteStore(tmp_path / "archive.db") as store:
+        yield store
+
+
+@pytest.fixture
+def archive(store: SQLiteStore) -> SQLiteStore:
+    store.put_run(RunConfig(run_id=RUN, budget=12, seed=7, protocol="testbed-v1"))
+    for n in archive_nodes().values():
+        assert store.insert_node(n)
+    return store
+
+
+# ---------------------------------------------------------------------------------------- html parsing
+
+
+class Element:
+    def __init__(self, tag: str, attrs: dict[str, str], parent: Element | None) -> None:
+        self.tag, self.attrs, self.parent, self.children, self.text = tag, attrs, parent, [], ""
+
+    def find_all(self, tag: str, css_class: str | None = None) -> list[Element]:
+        found = []
+        for child in self.children:
+            if child.tag == tag and (css_class is None or css_class in child.attrs.get("class", "").split()):
+                found.append(child)
+            found += child.find_all(tag, css_class)
+        return found
+
+    def all_text(self) -> str:
+        return self.text + "".join(c.all_text() for c in self.children)
+
+
+VOID = {"meta", "br", "img", "input", "link", "hr"}
+
+
+class Tree(HTMLParser):
+    """A small DOM from html.parser: enough to count elements and read their attributes and text."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.root = self.current = Element("#document", {}, None)
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        element = Element(tag, {k: v or "" for k, v in attrs}, self.current)
+        self.current.children.append(element)
+        if tag not in VOID:
+            self.current = element
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.current.children.append(Element(tag, {k: v or "" for k, v in attrs}, self.current))
+
+    def handle_endtag(self, tag: str) -> None:
+        element = self.current
+        while element is not None and element.tag != tag:
+            element = element.parent
+        assert element is not None, f"</{tag}> closes nothing"
+        assert element is self.current, f"</{tag}> closes <{element.tag}> over an unclosed <{self.current.tag}>"
+        self.current = element.parent
+
+    def handle_data(self, data: str) -> None:
+        self.current.text += data
+
+
+def walk(element: Element) -> Iterator[Element]:
+    for child in element.children:
+        yield child
+        yield from walk(child)
+
+
+def figures(root: Element) -> dict[str, Element]:
+    return {svg.attrs["id"]: svg for svg in root.find_all("svg")}
+
+
+def polyline_points(polyline: Element) -> list[tuple[float, float]]:
+    return [tuple(map(float, p.split(","))) for p in polyline.attrs["points"].split()]
+
+
+def titles(element: Element) -> str:
+    return "".join(t.text for t in element.find_all("title"))
+
+
+@pytest.fixture
+def page(archive: SQLiteStore, tmp_path: Path) -> str:
+    summary = {"best node": "n4", "best Overall (mean ± CI over 3 seeds)": "0.50 ± 0.02",
+               "vs GRPO": "indistinguishable from GRPO", "wall time (s)": 1234.5}  # fmt: skip
+    path = write_report(archive, RUN, tmp_path / "out" / "report.html", summary=summary)
+    assert path == tmp_path / "out" / "report.html"
+    return path.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- analysis
+
+
+def test_cumulative_best_is_the_running_max_over_depths() -> None:
+    nodes = list(archive_nodes().values())
+    assert cumulative_best(nodes) == [(0, 0.40), (1, 0.45), (2, 0.50), (3, 0.50)]
+    # A length-aware utility (shorter is better) gives another frontier from the same nodes.
+    shorter = cumulative_best(nodes, lambda n: -n.evaluation.mean_length if n.evaluation else None)
+    assert shorter == [(0, -60.0), (1, -50.0), (2, -42.0), (3, -42.0)]
+    assert cumulative_best(nodes, lambda n: NAN) == []
+
+
+def test_top_variants_rank_non_root_nodes_by_utility() -> None:
+    nodes = list(archive_nodes().values())
+    assert [n.node_id for n in top_variants(nodes)] == ["n4", "n1", "n3"]
+    longest = top_variants(nodes, lambda n: n.evaluation.mean_length if n.evaluation else None)
+    assert [n.node_id for n in longest] == ["n6", "n1", "n3"]  # the root (60) is never a variant
+
+
+def test_lineage_layout_puts_nodes_in_depth_columns_near_their_parents() -> None:
+    layout = lineage_layout(list(archive_nodes().values()))
+    assert {k: d for k, (d, _) in layout.items()} == {"n0": 0, "n1": 1, "n2": 1, "n6": 1, "n3": 2, "n4": 2, "n5": 3}
+    assert sorted(row for d, row in layout.values() if d == 1) == [0, 1, 2]
+    assert layout["n3"][1] < layout["n4"][1]  # n3's parent n1 sits above n4's mean parent row (n1, n2)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def test_report_has_the_four_figures_and_a_row_per_node(page: str) -> None:
+    root = Tree(page).root
+    assert list(figures(root)) == ["fig-lineage", "fig-frontier", "fig-dynamics", "fig-scatter"]
+    rows = root.find_all("table")[0].find_all("tr")[1:]
+    assert [r.attrs["data-node-id"] for r in rows] == ["n0", "n1", "n2", "n3", "n4", "n5", "n6"]
+    cells = {r.attrs["data-node-id"]: [td.all_text() for td in r.find_all("td")] for r in rows}
+    assert cells["n4"][1:5] == ["variant-n4", "2", "n1, n2", "evaluated"]
+    assert cells["n4"][5:7] == ["0.5 [0.47, 0.53]", "42"]
+    assert cells["n4"][8] == "analytic_variance_scaling"
+    assert cells["n2"][4] == "failed" and cells["n2"][9].startswith("train: <img")
+    assert cells["n5"][5] == "—"
+
+
+def test_lineage_figure_draws_every_node_and_edge_coloured_by_overall(page: str) -> None:
+    lineage = figures(Tree(page).root)["fig-lineage"]
+    circles = {c.attrs["data-node-id"]: c for c in lineage.find_all("circle", "node")}
+    assert sorted(circles) == ["n0", "n1", "n2", "n3", "n4", "n5", "n6"]
+    edges = {(e.attrs["data-parent"], e.attrs["data-child"]) for e in lineage.find_all("line", "edge")}
+    assert edges == {("n0", "n1"), ("n0", "n2"), ("n0", "n6"), ("n1", "n3"), ("n1", "n4"), ("n2", "n4"), ("n3", "n5")}
+    # Lowest Overall (n6) and highest (n4) take the ends of the scale shown in the legend's gradient.
+    stops = [s.attrs["stop-color"] for s in lineage.find_all("stop")]
+    assert stops == list(SCALE_STOPS)
+    assert circles["n6"].attrs["fill"] == stops[0] and circles["n4"].attrs["fill"] == stops[-1]
+    assert len({circles[n].attrs["fill"] for n in ("n0", "n1", "n3", "n4", "n6")}) == 5
+    assert "failed in train" in titles(circles["n2"]) and circles["n2"].attrs["fill"] == "#b0b0b0"
+    assert circles["n5"].attrs["fill"] == "#ffffff"
+    # The root is marked by a ring around its node.
+    (ring,) = lineage.find_all("circle", "root-mark")
+    assert (ring.attrs["cx"], ring.attrs["cy"]) == (circles["n0"].attrs["cx"], circles["n0"].attrs["cy"])
+    assert "root (GRPO)" in titles(circles["n0"])
+    assert float(circles["n0"].attrs["cx"]) < float(circles["n1"].attrs["cx"]) < float(circles["n4"].attrs["cx"])
+
+
+def test_frontier_is_a_monotone_step_line_above_the_dashed_root_level(page: str) -> None:
+    frontier_fig = figures(Tree(page).root)["fig-frontier"]
+    (line,) = frontier_fig.find_all("polyline", "frontier")
+    assert line.attrs["data-best"] == "0:0.4 1:0.45 2:0.5 3:0.5"
+    points = polyline_points(line)
+    assert len(points) == 1 + 2 * 3  # a step (horizontal then vertical) per depth after the first
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    assert xs == sorted(xs) and ys == sorted(ys, reverse=True)  # SVG y grows downwards: better is higher
+    (root_level,) = frontier_fig.find_all("line", "root-level")
+    assert root_level.attrs["stroke-dasharray"]
+    assert float(root_level.attrs["y1"]) == pytest.approx(ys[0], abs=0.1)  # the root is the depth-0 best
+    assert len(frontier_fig.find_all("circle", "utility-point")) == 5
+
+
+def test_dynamics_draw_root_and_top_three_skipping_non_finite_points(page: str) -> None:
+    dynamics = figures(Tree(page).root)["fig-dynamics"]
+    panels = {g.attrs["data-metric"]: g for g in dynamics.find_all("g", "panel")}
+    assert list(panels) == ["reward_mean", "entropy", "response_length"]
+    series = {m: [c.attrs["data-series"] for c in p.find_all("polyline", "curve")] for m, p in panels.items()}
+    root = "root (GRPO) n0"
+    assert series["reward_mean"] == [root, "n4", "n1", "n3"]
+    assert series["entropy"] == [root, "n4", "n1"]  # n3 logged one finite entropy: no line to draw
+    assert series["response_length"] == [root, "n4", "n1", "n3"]
+    n3_reward = next(c for c in panels["reward_mean"].find_all("polyline", "curve") if c.attrs["data-series"] == "n3")
+    assert len(polyline_points(n3_reward)) == 2  # of 0.2, nan, 0.4, inf
+    legend = [g.all_text() for g in dynamics.find_all("g", "legend-entry")]
+    assert legend == [root, "n4", "n1", "n3"]
+
+
+def test_scatter_places_every_evaluated_node_by_length_and_overall(page: str) -> None:
+    scatter = figures(Tree(page).root)["fig-scatter"]
+    points = {p.attrs["data-node-id"]: p for p in scatter.find_all("circle", "point")}
+    assert sorted(points) == ["n0", "n1", "n3", "n4", "n6"]
+    assert sorted(t.text for t in scatter.find_all("text", "point-label")) == sorted(points)
+    assert float(points["n4"].attrs["cy"]) < float(points["n6"].attrs["cy"])  # higher Overall is higher up
+    assert float(points["n4"].attrs["cx"]) < float(points["n6"].attrs["cx"])  # shorter is further left
+
+
+def test_header_shows_config_counts_and_summary(page: str) -> None:
+    root = Tree(page).root
+    config, summary = root.find_all("dl")
+    items = dict(zip((d.text for d in config.find_all("dt")), (d.text for d in config.find_all("dd")), strict=True))
+    assert (items["budget"], items["protocol"], items["seed"]) == ("12", "testbed-v1", "7")
+    assert items["nodes"] == "7 (proposed 1, evaluated 4, reflected 1, failed 1)"
+    values = [d.text for d in summary.find_all("dd")]
+    assert values == ["n4", "0.50 ± 0.02", "indistinguishable from GRPO", "1234"]
+
+
+def test_report_is_self_contained_and_escapes_hostile_text(page: str) -> None:
+    root = Tree(page).root
+    tags = {e.tag for e in walk(root)}
+    assert not tags & {"script", "link", "img", "iframe", "object", "embed", "foreignobject"}
+    for element in walk(root):
+        for name, value in element.attrs.items():
+            assert not name.startswith("on"), f"event handler {name} on <{element.tag}>"
+            if name in ("src", "href", "xlink:href"):
+                pytest.fail(f"<{element.tag} {name}={value!r}> refers to a resource")
+    assert "@import" not in page and "url(http" not in page
+    assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert HOSTILE in Tree(page).root.all_text()  # shown as text, exactly as the candidate named itself
+
+
+def test_report_of_a_run_with_only_a_proposed_root(store: SQLiteStore, tmp_path: Path) -> None:
+    store.put_run(RunConfig(run_id=RUN, budget=4))
+    store.insert_node(node("n0", [], name="GRPO"))
+    root = Tree(write_report(store, RUN, tmp_path / "r.html").read_text()).root
+    figs = figures(root)
+    assert len(figs) == 4
+    assert len(figs["fig-lineage"].find_all("circle", "node")) == 1 and not figs["fig-lineage"].find_all("line", "edge")
+    assert not figs["fig-frontier"].find_all("polyline") and "no node has a utility" in figs["fig-frontier"].all_text()
+    assert not figs["fig-dynamics"].find_all("polyline") and "(no trajectory)" in figs["fig-dynamics"].all_text()
+    assert not figs["fig-scatter"].find_all("circle")
+
+
+def test_report_of_a_run_with_only_an_evaluated_root(store: SQLiteStore, tmp_path: Path) -> None:
+    store.insert_node(evaluated("n0", [], 0.4, 60.0))
+    root = Tree(write_report(store, RUN, tmp_path / "r.html").read_text()).root
+    figs = figures(root)
+    assert "config" in root.find_all("dl")[0].all_text() and "not stored" in root.find_all("dl")[0].all_text()
+    assert figs["fig-frontier"].find_all("polyline", "frontier")[0].attrs["data-best"] == "0:0.4"
+    assert len(figs["fig-dynamics"].find_all("polyline", "curve")) == 3
+    assert len(figs["fig-scatter"].find_all("circle", "point")) == 1
+
+
+def test_report_follows_a_custom_utility(archive: SQLiteStore, tmp_path: Path) -> None:
+    def shorter(n: Node) -> float | None:
+        return -n.evaluation.mean_length if n.evaluation else None
+
+    figs = figures(Tree(write_report(archive, RUN, tmp_path / "r.html", utility=shorter).read_text()).root)
+    assert figs["fig-frontier"].find_all("polyline", "frontier")[0].attrs["data-best"] == "0:-60 1:-50 2:-42 3:-42"
+    legend = [g.all_text() for g in figs["fig-dynamics"].find_all("g", "legend-entry")]
+    assert legend == ["root (GRPO) n0", "n4", "n3", "n1"]
+
+
+def test_report_of_an_unknown_run_is_an_error(store: SQLiteStore, tmp_path: Path) -> None:
+    with pytest.raises(ArchiveError, match="no run 'nope'"):
+        write_report(store, "nope", tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+
+# ------------------------------------------------------------------------------------------- node text
+
+
+def section(text: str, name: str) -> str:
+    """The body of one '--- name ---' section of the node view."""
+    match = re.search(rf"^--- {re.escape(name)}[^\n]*---\n(.*?)(?=^--- |\Z)", text, re.S | re.M)
+    assert match, f"no section {name!r} in:\n{text}"
+    return match.group(1)
+
+
+def test_node_text_shows_every_part_of_a_reflected_root() -> None:
+    text = render_node_text(archive_nodes()["n0"])
+    assert text.startswith("node n0 — GRPO\n")
+    assert "parents: none (root)" in section(text, "genealogy")
+    assert section(text, "status").strip() == "reflected"
+    proposal = section(text, "proposal")
+    assert "analytic_variance_scaling(var_floor=0.0001)" in proposal and "hparams: clip_eps=0.2" in proposal
+    assert "scale advantages by the analytic group variance" in proposal
+    assert 'return batch["scores"] - batch["group_mean_score"]' in section(text, "code")
+    verification = section(text, "verification")
+    assert "attempt 1: FAILED" in verification and "attempt 2: passed" in verification
+    assert "[FAIL] finite: nan loss" in verification and "[ok  ] shapes" in verification
+    assert "ValueError: nan loss" in verification
+    curves = section(text, "training curves")
+    assert re.search(r"reward_mean\s+0\.1 → 0\.35", curves)
+    assert re.search(r"response_length\s+50 → 47", curves)
+    assert re.search(r"clip_frac\s+not logged", curves)
+    metrics = section(text, "metrics")
+    assert re.search(r"hard\s+pass@8\s+0\.4 \[0\.35, 0\.45\]", metrics)
+    assert re.search(r"Overall\s+0\.4 \[0\.37, 0\.43\]", metrics)
+    assert re.search(r"seed 8\s+Overall 0\.38", metrics) and re.search(r"seed 9\s+Overall 0\.42", metrics)
+    assert "mean Overall over 3 seeds (own + replicates): 0.4" in metrics
+    reflection_text = section(text, "reflection")
+    assert "variance scaling steadied the advantage estimate" in reflection_text
+    assert "- KL spikes trace to the advantage estimate" in reflection_text
+    assert "- analytic_variance_scaling: helped (confidence 0.7) — lower KL spikes" in reflection_text
+
+
+def test_node_text_compares_with_the_parent_and_keeps_nan_visible() -> None:
+    nodes = archive_nodes()
+    text = render_node_text(nodes["n3"], parent=nodes["n1"])
+    assert "parents: n1 (variant-n1)" in section(text, "genealogy")
+    assert "ancestors: n0, n1" in section(text, "genealogy")
+    curves = section(text, "training curves")
+    assert re.search(r"reward_mean\s+0\.2 → inf\s+\(parent 0\.2 → 0\.45\)", curves)
+    assert re.search(r"entropy\s+nan → nan", curves)
+    metrics = section(text, "metrics")
+    assert "(parent 0.45, Δ -0.020)" in metrics and "(parent 50, -10.0%)" in metrics
+
+
+def test_node_text_of_a_failed_and_a_pending_node() -> None:
+    nodes = archive_nodes()
+    failed = render_node_text(nodes["n2"])
+    assert 'failed in train: <img src="http://evil.example/x.png"> diverged' in section(failed, "status")
+    assert "loss nan" in section(failed, "status")
+    assert "not trained yet" in section(failed, "training curves")
+    pending = render_node_text(nodes["n5"])
+    assert section(pending, "status").strip() == "proposed"
+    assert "not implemented yet" in section(pending, "code")
+    assert "no verification attempts recorded" in section(pending, "verification")
+    assert "not evaluated yet" in section(pending, "metrics") and "not reflected yet" in section(pending, "reflection")
+
+
+def test_node_text_neutralizes_terminal_control_characters() -> None:
+    n = archive_nodes()["n5"]
+    sneaky = n.model_copy(update={"proposal": proposal("clear\x1b[2J\x1b]0;pwned\x07 me\u202e", ["n3"])})
+    text = render_node_text(sneaky)
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert text.startswith("node n5 — clear\ufffd[2J\ufffd]0;pwned\ufffd me\ufffd\n")

@@ -1,0 +1,41 @@
+"""The trainer bound to the bus: work.train → evt.trained (a failed run is a trajectory without checkpoint).
+
+Each node trains in its own directory under the run (`nodes/<id>/train`, `nodes/<id>/train-r<i>` for a
+fresh-seed replicate); the checkpoint URI in the trajectory points there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from poise.bus import Bus
+from poise.contracts import EvtTrained, TrainingStep, WorkTrain
+from poise.testbed.checkpoints import base_checkpoint
+from poise.testbed.protocol import get_protocol
+from poise.timing import PhaseClock
+from trainer.testbed_runner import train_candidate
+
+
+class TrainerService:
+    subject = WorkTrain.subject
+
+    def __init__(self, bus: Bus, workroot: Path, clock: PhaseClock | None = None,
+                 on_step: Callable[[WorkTrain, TrainingStep], None] | None = None) -> None:
+        self.bus = bus
+        self.workroot = workroot
+        self.clock = clock or PhaseClock()
+        self.on_step = on_step
+
+    def handle(self, work: WorkTrain) -> None:
+        protocol = get_protocol(work.protocol)
+        folder = "train" if not work.replicate else f"train-r{work.replicate}"
+        on_step = (lambda step: self.on_step(work, step)) if self.on_step else None
+        with self.clock.phase("train"):
+            outcome = train_candidate(work.source, protocol, work.seed, base_checkpoint(protocol.base_checkpoint),
+                                      self.workroot / work.node_id / folder, on_step=on_step, name=work.node_id)
+        trajectory = outcome.trajectory
+        if outcome.failure and not trajectory.abort_reason:
+            trajectory = trajectory.model_copy(update={"aborted": True, "abort_reason": outcome.failure})
+        self.bus.publish(EvtTrained(run_id=work.run_id, node_id=work.node_id, attempt=work.attempt,
+                                    replicate=work.replicate, trajectory=trajectory))
