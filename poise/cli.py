@@ -241,6 +241,26 @@ def cmd_bench_sampler(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_loop(args: argparse.Namespace) -> int:
+    """A fresh run in a temporary directory: how much of the wall time is orchestration, not phase work."""
+    import tempfile
+
+    from poise.contracts import RunConfig
+    from poise.runner import run
+
+    with tempfile.TemporaryDirectory(prefix="poise-bench-loop-") as tmp:
+        config = RunConfig(run_id="bench-loop", budget=args.budget, protocol=args.protocol, seed=args.seed,
+                           root_seeds=args.root_seeds, replicate_seeds=args.replicate_seeds, parallel=1)
+        summary = run(config, Path(tmp), stream=sys.stdout)
+    report = {"command": " ".join(["poise", *sys.argv[1:]]), **summary.as_dict()}
+    print(f"wall {summary.wall_s:.1f} s, phase work {summary.work_s:.1f} s "
+          f"({', '.join(f'{k} {v:.1f} s' for k, v in summary.phase_seconds.items())}), "
+          f"orchestration overhead {summary.wall_s - summary.work_s:.2f} s = {100 * summary.overhead_fraction:.2f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poise", description="Autonomous discovery of LLM-RL algorithms.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -297,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sampler.add_argument("--repeats", type=int, default=5)
     bench_sampler.add_argument("--json", help="write the report here")
     bench_sampler.set_defaults(handler=cmd_bench_sampler)
+    bench_loop = bench.add_parser("loop", help="orchestration overhead of the embedded loop on a fresh run")
+    bench_loop.add_argument("--budget", type=int, default=4)
+    bench_loop.add_argument("--protocol", default="tiny")
+    bench_loop.add_argument("--seed", type=int, default=0)
+    bench_loop.add_argument("--root-seeds", type=int, default=2)
+    bench_loop.add_argument("--replicate-seeds", type=int, default=2)
+    bench_loop.add_argument("--json", help="write the report here")
+    bench_loop.set_defaults(handler=cmd_bench_loop)
     return parser
 
 

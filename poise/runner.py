@@ -8,6 +8,7 @@ is refused; a larger budget extends the run), and the work of every unfinished n
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -49,6 +50,13 @@ class RunSummary:
     @property
     def overhead_fraction(self) -> float:
         return max(0.0, self.wall_s - self.work_s) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """This process's share of the run (a resumed run counts from its restart)."""
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "wall_s": self.wall_s, "work_s": self.work_s,
+                "overhead_s": self.wall_s - self.work_s, "overhead_fraction": self.overhead_fraction,
+                "phase_seconds": self.phase_seconds, "stop_reason": self.stop_reason,
+                "resumed_nodes": self.resumed_nodes, "status": self.status}
 
 
 def open_run(run_dir: Path, config: RunConfig) -> tuple[SQLiteStore, RunConfig]:
@@ -218,6 +226,7 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
         if archive.state.finished:
             progress.say(f"run finished ({archive.state.stop_reason}) in {_clock(wall)}")
             progress.status_line()
+        (run_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=1))
         return summary
     finally:
         logger.removeHandler(handler)

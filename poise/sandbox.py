@@ -2,36 +2,77 @@
 
 Parent side (`run_sandboxed`): the child is a fresh interpreter (`python -I -m <module>`) in its own
 session, with a scrubbed environment (no API keys or tokens reach it), its own working directory, and a
-wall-clock deadline enforced from outside by killing the whole process group. Input goes in as JSON on
-stdin; output comes back as JSON lines on stdout, size-capped and parsed by the parent, never unpickled.
+wall-clock deadline enforced from outside. Input goes in as JSON on stdin; output comes back as JSON lines
+on stdout, size-capped and parsed by the parent, never unpickled.
 
-Child side (`enter_sandbox`): before any candidate code is loaded, the trusted harness lowers its own
-resource limits (address space, CPU seconds, file size, open files, no core dumps), moves into a new
-network namespace when it can (root: no interface but a downed loopback, so no socket reaches anything),
-and sets no-new-privileges. What could not be applied is reported in the result, never silently skipped.
+Child side (`enter_sandbox`): the trusted harness calls it before any candidate code is loaded. Layers,
+in the order they are applied, and what each one does not do:
+
+1. Namespaces (needs CAP_SYS_ADMIN, i.e. root here). `unshare(NEWNS | NEWNET | NEWIPC | NEWPID)`, then
+   a fork: the process started by the parent stays outside as a small trusted watchdog, and the child
+   that runs the harness and the candidate is PID 1 of a new PID namespace. Network: only a downed
+   loopback, so no TCP/UDP socket reaches anything (filesystem Unix sockets are layer 4's job). IPC:
+   no access to the host's System V shared memory or message queues. PID: the candidate sees, signals
+   and ptraces only its own processes (a root candidate could otherwise `kill(-1, SIGKILL)` every root
+   process of the machine), and when PID 1 dies the kernel kills everything left in the namespace, so
+   forks that left the process group (`setsid`) do not outlive the sandbox.
+   At the deadline the parent sends the watchdog SIGTERM; the watchdog SIGKILLs PID 1 (the candidate
+   cannot block a SIGKILL sent from the parent namespace), then the parent kills the process group.
+2. Filesystem (mount namespace, private propagation, so nothing reaches the host's mount table): the
+   working directory is bind-mounted onto itself and stays writable (nosuid, nodev); every other mount is
+   remounted read-only, nosuid, nodev (noexec and atime flags are kept). A fresh read-only /proc of the
+   new PID namespace replaces the host's (so no /proc/<pid>/root of a host process, and /proc/sys and
+   /sys are read-only: a root process without capabilities could otherwise write many sysctls). /dev is
+   read-only and nodev, so no block device can be opened; only null, zero, full, random, urandom and
+   tty are bind-mounted back as usable devices (no GPU devices: this sandbox is for CPU work). A read-only
+   bind mount is per mount, so symlinks out of the working directory lead to read-only mounts and hard
+   links across mounts fail with EXDEV. Mounts hidden under other mounts are not remounted (they are not
+   reachable without unmounting, which needs capabilities). Limit: files stay *readable* as far as their
+   owner bits allow root (the interpreter lives under /root), so secrets stored on disk are not hidden.
+3. Resource limits: address space, CPU seconds, file size, open files, no core dumps. RLIMIT_NPROC does
+   not apply to uid 0, so the number of processes is not limited (PID 1's death still reaps them all);
+   RLIMIT_AS is per process and counts virtual memory.
+4. Privileges: securebits (no root privilege on exec, locked), the capability bounding set emptied,
+   ambient capabilities cleared, effective/permitted/inheritable emptied, no-new-privileges. The
+   candidate is still uid 0 (the interpreter under a 0700 /root is not readable by another uid), but
+   without capabilities it cannot remount, mount, unmount, create device nodes, override file
+   permissions, ptrace or signal anything outside its PID namespace. A seccomp filter (x86_64 only, a
+   hand-built BPF denylist) then makes namespace creation (unshare, setns, clone with CLONE_NEW*; clone3
+   answers ENOSYS so libc falls back to clone), the mount API, ptrace and cross-process memory access,
+   bpf, perf events, kernel keyrings (shared by all root processes, not namespaced), userfaultfd,
+   io_uring, module and kexec loading fail, and refuses `socket(AF_UNIX, ...)`: a network namespace does
+   not cover Unix sockets bound in the filesystem (e.g. a database's /tmp socket), and read-only mounts
+   do not stop a connect(). A denylist misses syscalls it does not name; the kernel itself is shared.
+   Without the filter, a user namespace is still useless for an escape: mounts copied into it are
+   locked, so they cannot be remounted writable or unmounted.
+
+Everything is done through ctypes on libc. Whatever could not be applied is returned as an isolation
+note (never silently skipped); callers report the notes with their results.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
+import re
 import resource
 import selectors
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 RESULT_KEY = "result"
 MAX_OUTPUT_BYTES = 8 << 20
 STDERR_TAIL_BYTES = 16 << 10
-_CLONE_NEWNET = 0x40000000
-_PR_SET_NO_NEW_PRIVS = 38
+WATCHDOG_GRACE_S = 5.0  # how long the parent waits for the watchdog to kill the sandbox before killing the group
 
 
 @dataclass(frozen=True)
@@ -142,7 +183,7 @@ def run_sandboxed(
             for line in lines:
                 _take_line(line, result, on_event)
     if result.timed_out or result.output_overflow:
-        _kill_group(child.pid)
+        _stop(child)
     result.returncode = child.wait()
     _kill_group(child.pid)  # forks left behind by a child that exited still die
     if stdout_buffer and not result.output_overflow:
@@ -167,6 +208,18 @@ def _take_line(line: bytes, result: SandboxResult, on_event: Callable[[dict[str,
         on_event(message)
 
 
+def _stop(child: subprocess.Popen) -> None:
+    """Deadline or overflow: the watchdog kills the sandbox's PID 1 (and with it the whole PID namespace),
+    then the process group goes too. Without a watchdog (no PID namespace) SIGTERM simply ends the child."""
+    if child.poll() is None:
+        try:
+            child.send_signal(signal.SIGTERM)
+            child.wait(timeout=WATCHDOG_GRACE_S)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    _kill_group(child.pid)
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -176,38 +229,315 @@ def _kill_group(pid: int) -> None:
 
 # ------------------------------------------------------------------------------------------- child
 
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEW_ANY = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+_MS_REMOUNT, _MS_NOSYMFOLLOW, _MS_NOATIME, _MS_NODIRATIME = 0x20, 0x100, 0x400, 0x800
+_MS_BIND, _MS_REC, _MS_PRIVATE, _MS_STRICTATIME = 0x1000, 0x4000, 0x40000, 0x1000000
+_KEPT_MOUNT_OPTIONS = {"ro": _MS_RDONLY, "noexec": _MS_NOEXEC, "nosymfollow": _MS_NOSYMFOLLOW,
+                       "noatime": _MS_NOATIME, "nodiratime": _MS_NODIRATIME}
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # the only usable device nodes inside
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_SECCOMP = 22
+_PR_CAPBSET_DROP = 24
+_PR_SET_SECUREBITS = 28
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+# NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE set; KEEP_CAPS clear; all four locked.
+_SECUREBITS = 0b11101111
+_CAP_SYS_ADMIN = 21
+_CAPABILITY_VERSION_3 = 0x20080522
+
+# seccomp: a BPF denylist for x86_64 (numbers from asm/unistd_64.h).
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_X32_SYSCALL_BIT = 0x40000000
+_SYS_SOCKET, _SYS_CLONE, _SYS_CLONE3 = 41, 56, 435
+_AF_UNIX = 1
+DENIED_SYSCALLS_X86_64 = {
+    "syslog": 103, "ptrace": 101, "personality": 135, "pivot_root": 155, "chroot": 161, "acct": 163,
+    "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "init_module": 175,
+    "delete_module": 176, "quotactl": 179, "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250,
+    "unshare": 272, "perf_event_open": 298, "name_to_handle_at": 303, "open_by_handle_at": 304, "setns": 308,
+    "process_vm_readv": 310, "process_vm_writev": 311, "finit_module": 313, "kexec_file_load": 320, "bpf": 321,
+    "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428,
+    "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_getfd": 438,
+    "process_madvise": 440, "mount_setattr": 442,
+}
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_JSET_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ERRNO, _SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+_SECCOMP_MODE_FILTER = 2
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
 
 def enter_sandbox() -> tuple[dict[str, Any], list[str]]:
-    """In the child: read the payload, apply the limits, return (payload, isolation notes).
+    """In the child: read the payload, apply every layer, return (payload, isolation notes).
 
-    Must run before any candidate code is loaded. The notes list what could not be applied.
+    Must run before any candidate code is loaded. The notes list what could not be applied. With a PID
+    namespace the process that called this never returns from it: it becomes the watchdog and exits with
+    the sandboxed child's status; the call returns in the child, as PID 1 of the new namespace.
     """
     payload = json.loads(sys.stdin.buffer.read())
     limits = payload.get("_limits", {})
     notes: list[str] = []
+    libc = _libc()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the watchdog too
+    workdir = os.getcwd()
+    if _has_capability(_CAP_SYS_ADMIN):
+        new_mounts = _unshare(libc, _CLONE_NEWNS, "mount", notes)
+        _unshare(libc, _CLONE_NEWNET, "network", notes)
+        _unshare(libc, _CLONE_NEWIPC, "IPC", notes)
+        pid1 = _unshare(libc, _CLONE_NEWPID, "PID", notes) and _fork_behind_watchdog(libc, notes)
+        if new_mounts:
+            _isolate_filesystem(libc, workdir, pid1, notes)
+        else:
+            notes.append("filesystem writable wherever root may write (no mount namespace)")
+    else:
+        notes.append("no namespaces (needs CAP_SYS_ADMIN): the network, the host's processes and every "
+                     f"file uid {os.geteuid()} may write stay reachable")
     for limit, value in (
         (resource.RLIMIT_AS, limits.get("memory_bytes")),
         (resource.RLIMIT_CPU, limits.get("cpu_s")),
         (resource.RLIMIT_FSIZE, limits.get("file_bytes")),
         (resource.RLIMIT_NOFILE, limits.get("open_files")),
-        (resource.RLIMIT_CORE, 0),
     ):
         if value is not None:
             resource.setrlimit(limit, (int(value), int(value)))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if os.geteuid() == 0:
-        if libc.unshare(_CLONE_NEWNET) != 0:
-            notes.append(f"no network namespace (unshare failed: errno {ctypes.get_errno()})")
-    else:
-        notes.append("no network namespace (needs root or user namespaces)")
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        notes.append("no-new-privileges not set")
+    if _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1) != 0:
+        notes.append(f"no-new-privileges not set ({_errno()})")
+    _drop_capabilities(libc, notes)
+    _install_seccomp_filter(libc, notes)
     # The protocol channel moves to a private descriptor; fd 1 now goes to stderr, so whatever the
     # candidate prints cannot pass for a harness message.
     global _channel
     _channel = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     return payload, notes
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.unshare.argtypes = [ctypes.c_int]
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return libc
+
+
+def _prctl(libc: ctypes.CDLL, option: int, arg2: int = 0, arg3: int = 0) -> int:
+    return libc.prctl(option, arg2, arg3, 0, 0)
+
+
+def _errno() -> str:
+    number = ctypes.get_errno()
+    return errno.errorcode.get(number, str(number))
+
+
+def _proc_status() -> dict[str, str]:
+    with open("/proc/self/status") as status:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
+
+
+def _has_capability(cap: int) -> bool:
+    return bool(int(_proc_status().get("CapEff", "0"), 16) >> cap & 1)
+
+
+def _unshare(libc: ctypes.CDLL, flag: int, name: str, notes: list[str]) -> bool:
+    if libc.unshare(flag) == 0:
+        return True
+    notes.append(f"no {name} namespace (unshare failed: {_errno()})")
+    return False
+
+
+def _fork_behind_watchdog(libc: ctypes.CDLL, notes: list[str]) -> bool:
+    """Fork the sandboxed child (PID 1 of the new PID namespace); the caller becomes its watchdog."""
+    parent = os.getppid()
+    try:
+        child = os.fork()
+    except OSError as err:
+        notes.append(f"no PID namespace (fork failed: {err})")
+        return False
+    if child == 0:
+        _prctl(libc, _PR_SET_PDEATHSIG, signal.SIGKILL)  # a backstop only: the candidate could undo it
+        return True
+    _watch(libc, child, parent)
+
+
+def _watch(libc: ctypes.CDLL, child: int, parent: int) -> NoReturn:
+    """The process the parent started: trusted, runs no candidate code, cannot be reached from inside the
+    namespace. SIGTERM (the parent's deadline) or the parent's death kills the sandbox's PID 1, which takes
+    every process of the namespace with it. Exits the way the child exited."""
+    reaped = False
+
+    def stop(*_: object) -> None:
+        if not reaped:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    _prctl(libc, _PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        stop()
+    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # not reaped yet: `child` cannot name another process
+    reaped = True
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        code = 128 - code
+    os._exit(code)
+
+
+def _isolate_filesystem(libc: ctypes.CDLL, workdir: str, new_proc: bool, notes: list[str]) -> None:
+    """Everything read-only except the working directory (in this mount namespace only)."""
+    if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        # Without private propagation the binds below would show up in the host's mount table.
+        notes.append(f"filesystem writable wherever root may write (making mounts private failed: {_errno()})")
+        return
+    if libc.mount(workdir.encode(), workdir.encode(), None, _MS_BIND | _MS_REC, None) != 0:
+        notes.append(f"filesystem writable wherever root may write (binding the working directory failed: "
+                     f"{_errno()})")
+        return
+    os.chdir(workdir)  # onto the new mount: relative paths must resolve through it
+    devices = set()
+    for name in DEVICES:
+        path = f"/dev/{name}"
+        try:
+            if not stat.S_ISCHR(os.stat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        if libc.mount(path.encode(), path.encode(), None, _MS_BIND, None) == 0:
+            devices.add(path)
+        else:
+            notes.append(f"{path} not usable ({_errno()})")
+    if new_proc and libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None) != 0:
+        notes.append(f"the host's /proc stays visible, read-only (mounting a new one failed: {_errno()})")
+    failed, done = [], set()
+    for mount_point, options in _mount_table():
+        if mount_point in done:
+            continue  # stacked mounts: a path reaches only the top one
+        done.add(mount_point)
+        flags = _MS_REMOUNT | _MS_BIND | _MS_NOSUID
+        for option in options:
+            flags |= _KEPT_MOUNT_OPTIONS.get(option, 0)
+        if "noatime" not in options and "relatime" not in options:
+            flags |= _MS_STRICTATIME
+        if mount_point == workdir:
+            flags |= _MS_NODEV
+        elif mount_point in devices:
+            flags |= _MS_RDONLY
+        else:
+            flags |= _MS_RDONLY | _MS_NODEV
+        if libc.mount(None, mount_point.encode(), None, flags, None) != 0:
+            failed.append(f"{mount_point} ({_errno()})")
+    if failed:
+        notes.append("mounts left writable: " + ", ".join(failed))
+    if os.statvfs("/").f_flag & os.ST_RDONLY == 0:
+        notes.append("/ is still writable")
+    if os.statvfs(workdir).f_flag & os.ST_RDONLY:
+        notes.append("the working directory is read-only")
+
+
+def _mount_table() -> list[tuple[str, set[str]]]:
+    """(mount point, per-mount options) from /proc/self/mountinfo, in mount order."""
+    table = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            table.append((point, set(fields[5].split(","))))
+    return table
+
+
+def _drop_capabilities(libc: ctypes.CDLL, notes: list[str]) -> None:
+    """Securebits, bounding set, ambient set, then effective/permitted/inheritable: all empty."""
+    if _prctl(libc, _PR_SET_SECUREBITS, _SECUREBITS) != 0 and os.geteuid() == 0:
+        notes.append(f"securebits not locked ({_errno()})")
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as last:
+            last_cap = int(last.read())
+    except (OSError, ValueError):
+        last_cap = 63
+    for cap in range(last_cap + 1):
+        _prctl(libc, _PR_CAPBSET_DROP, cap)
+    _prctl(libc, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
+    if libc.capset(header, data) != 0:
+        notes.append(f"capabilities not dropped (capset failed: {_errno()})")
+    status = _proc_status()
+    kept = [f"{key}={status.get(key)}" for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+            if int(status.get(key, "0"), 16)]
+    if kept:
+        notes.append("capabilities kept: " + ", ".join(kept))
+
+
+def seccomp_program() -> list[tuple[int, int, int, int]]:
+    """The filter as (code, jt, jf, k) classic-BPF instructions over struct seccomp_data (x86_64)."""
+    code: list[tuple[int, str | None, str | None, int]] = []
+    labels: dict[str, int] = {}
+
+    def op(instruction: int, k: int = 0, jt: str | None = None, jf: str | None = None) -> None:
+        code.append((instruction, jt, jf, k))
+
+    op(_BPF_LD_W_ABS, 4)                                    # seccomp_data.arch
+    op(_BPF_JEQ_K, _AUDIT_ARCH_X86_64, jf="kill")           # i386 or x32 entry: kill
+    op(_BPF_LD_W_ABS, 0)                                    # seccomp_data.nr
+    op(_BPF_JGE_K, _X32_SYSCALL_BIT, jt="kill")
+    for number in sorted(DENIED_SYSCALLS_X86_64.values()):
+        op(_BPF_JEQ_K, number, jt="eperm")
+    op(_BPF_JEQ_K, _SYS_CLONE3, jt="enosys")                # flags sit behind a pointer: let libc use clone
+    op(_BPF_JEQ_K, _SYS_CLONE, jt="clone")
+    op(_BPF_JEQ_K, _SYS_SOCKET, jt="socket", jf="allow")
+    labels["clone"] = len(code)
+    op(_BPF_LD_W_ABS, 16)                                   # low word of args[0]: clone flags
+    op(_BPF_JSET_K, _CLONE_NEW_ANY, jt="eperm", jf="allow")
+    labels["socket"] = len(code)
+    op(_BPF_LD_W_ABS, 16)                                   # args[0]: address family
+    op(_BPF_JEQ_K, _AF_UNIX, jt="eperm", jf="allow")
+    labels["eperm"] = len(code)
+    op(_BPF_RET_K, _SECCOMP_RET_ERRNO | errno.EPERM)
+    labels["enosys"] = len(code)
+    op(_BPF_RET_K, _SECCOMP_RET_ERRNO | errno.ENOSYS)
+    labels["kill"] = len(code)
+    op(_BPF_RET_K, _SECCOMP_RET_KILL_PROCESS)
+    labels["allow"] = len(code)
+    op(_BPF_RET_K, _SECCOMP_RET_ALLOW)
+
+    def offset(index: int, label: str | None) -> int:
+        jump = 0 if label is None else labels[label] - index - 1
+        assert 0 <= jump <= 255, "BPF jumps are forward and at most 255"
+        return jump
+
+    return [(ins, offset(i, jt), offset(i, jf), k) for i, (ins, jt, jf, k) in enumerate(code)]
+
+
+def _install_seccomp_filter(libc: ctypes.CDLL, notes: list[str]) -> None:
+    if os.uname().machine != "x86_64":
+        notes.append(f"no seccomp filter (built for x86_64 only, this is {os.uname().machine})")
+        return
+    program = seccomp_program()
+    filters = (_SockFilter * len(program))(*(_SockFilter(*instruction) for instruction in program))
+    fprog = _SockFprog(len(program), filters)
+    if _prctl(libc, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog)) != 0:
+        notes.append(f"no seccomp filter ({_errno()})")
 
 
 _channel = sys.stdout

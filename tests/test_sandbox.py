@@ -1,0 +1,312 @@
+"""The sandbox holds: a probe child (poise.sandbox_probe) runs snippets inside it and reports what happened."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import poise
+from poise.sandbox import WATCHDOG_GRACE_S, SandboxLimits, run_sandboxed
+
+PROBE = "poise.sandbox_probe"
+LIMITS = SandboxLimits(wall_s=60.0, memory_bytes=2 << 30)
+PROJECT_DIR = Path(poise.__file__).resolve().parent.parent
+DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _privileged() -> bool:
+    with open("/proc/self/status") as status:
+        cap_eff = next(line.split()[1] for line in status if line.startswith("CapEff:"))
+    return bool(int(cap_eff, 16) >> 21 & 1)  # CAP_SYS_ADMIN: namespaces and mounts
+
+
+ISOLATED = _privileged()
+isolated = pytest.mark.skipif(not ISOLATED, reason="namespaces and mounts need CAP_SYS_ADMIN (root)")
+
+
+def probe(code: str, workdir: Path, limits: SandboxLimits = LIMITS, **payload) -> dict:
+    run = run_sandboxed(PROBE, {"code": textwrap.dedent(code), **payload}, workdir, limits, threads=1)
+    assert run.ok, f"{run.failure_reason()}\n{run.stderr_tail}"
+    return run.result
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    return tmp_path / "work"
+
+
+def test_every_layer_applies_and_the_notes_say_what_did_not(workdir):
+    report = probe("""
+        import os
+        status = {k: v.strip() for k, v in (line.split(":", 1) for line in open("/proc/self/status"))}
+        result = {"status": status, "pid": os.getpid(), "procs": [p for p in os.listdir("/proc") if p.isdigit()]}
+        """, workdir)
+    assert report["raised"] is None, report["message"]
+    if not ISOLATED:
+        assert any("namespace" in note for note in report["notes"])
+        return
+    assert report["notes"] == []
+    status = report["result"]["status"]
+    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[key], 16) == 0, key
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert report["result"]["pid"] == 1 and report["result"]["procs"] == ["1"]  # its own PID namespace
+
+
+@isolated
+def test_writes_outside_the_working_directory_fail_and_leave_nothing(workdir, tmp_path):
+    owned = tmp_path / "owned-by-root.txt"  # root's own file, next to the working directory
+    owned.write_text("original")
+    owned.chmod(0o644)
+    targets = [str(tmp_path / "new.txt"), f"/tmp/poise-sandbox-probe-{uuid.uuid4().hex}",
+               str(PROJECT_DIR / f"poise-sandbox-probe-{uuid.uuid4().hex}")]
+    report = probe("""
+        import os
+        result = {}
+        def attempt(name, action):
+            try:
+                action()
+                result[name] = 0
+            except OSError as err:
+                result[name] = err.errno
+        for i, target in enumerate(payload["targets"]):
+            attempt(f"create{i}", lambda: open(target, "w").write("escaped"))
+        owned = payload["owned"]
+        attempt("append", lambda: open(owned, "a").write("escaped"))
+        attempt("truncate", lambda: os.truncate(owned, 0))
+        attempt("chmod", lambda: os.chmod(owned, 0o777))
+        attempt("rename", lambda: os.rename(owned, owned + ".moved"))
+        attempt("unlink", lambda: os.unlink(owned))
+        attempt("mkdir", lambda: os.mkdir(owned + ".d"))
+        """, workdir, targets=targets, owned=str(owned))
+    assert report["raised"] is None, report["message"]
+    assert report["result"] and all(code in DENIED for code in report["result"].values()), report["result"]
+    assert all(code == errno.EROFS for code in report["result"].values())  # the read-only mount is the barrier
+    for target in targets:
+        assert not Path(target).exists(), target
+    assert owned.read_text() == "original" and stat.S_IMODE(owned.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["owned-by-root.txt", "work"]
+
+
+def test_the_working_directory_stays_writable(workdir):
+    report = probe("""
+        import os, tempfile
+        open("relative.txt", "w").write("relative")
+        open(os.path.join(payload["path"], "absolute.txt"), "w").write("absolute")
+        os.makedirs("sub/dir")
+        open("sub/dir/nested.txt", "w").write("nested")
+        with tempfile.NamedTemporaryFile("w", delete=False) as handle:  # TMPDIR is the working directory
+            handle.write("temporary")
+        result = os.path.dirname(handle.name)
+        """, workdir, path=str(workdir.resolve()))
+    assert report["raised"] is None, report["message"]
+    assert report["result"] == str(workdir.resolve())
+    assert (workdir / "relative.txt").read_text() == "relative"
+    assert (workdir / "absolute.txt").read_text() == "absolute"
+    assert (workdir / "sub" / "dir" / "nested.txt").read_text() == "nested"
+
+
+@isolated
+def test_links_do_not_lead_out_of_the_working_directory(workdir, tmp_path):
+    owned = tmp_path / "owned.txt"
+    owned.write_text("original")
+    report = probe("""
+        import os
+        result = {}
+        os.symlink(payload["outside"], "link")
+        try:
+            open("link", "w").write("escaped")
+        except OSError as err:
+            result["symlink"] = err.errno
+        try:
+            os.link(payload["owned"], "hard")  # then write through the hard link
+        except OSError as err:
+            result["hardlink"] = err.errno
+        """, workdir, outside=str(tmp_path / "via-link.txt"), owned=str(owned))
+    assert report["result"] == {"symlink": errno.EROFS, "hardlink": errno.EXDEV}
+    assert not (tmp_path / "via-link.txt").exists() and owned.read_text() == "original"
+
+
+@isolated
+def test_the_sandbox_cannot_be_undone(workdir, tmp_path):
+    target = tmp_path / "escaped.txt"
+    report = probe("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+        MS_REMOUNT, MS_BIND, CLONE_NEWNS, CLONE_NEWUSER = 0x20, 0x1000, 0x20000, 0x10000000
+        result = {}
+        def call(name, rc):
+            result[name] = 0 if rc == 0 else ctypes.get_errno()
+        call("remount_root_rw", libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND, None))
+        call("remount_root_rw_plain", libc.mount(None, b"/", None, MS_REMOUNT, None))
+        call("umount_proc", libc.umount2(b"/proc", 2))
+        call("tmpfs_over_tmp", libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))
+        call("unshare_user_mount", libc.unshare(CLONE_NEWUSER | CLONE_NEWNS))
+        if result["unshare_user_mount"] == 0:  # then a user namespace's capabilities would be tried
+            call("remount_in_userns", libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND, None))
+        call("mknod_block_device", libc.mknod(b"vda", 0o60600, os.makedev(254, 0)))
+        call("keyctl", libc.syscall(250, 0, -4, 0, 0, 0))  # KEYCTL_GET_KEYRING_ID of the user keyring
+        call("ptrace_traceme", libc.ptrace(0, 0, None, None))
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+        data = (ctypes.c_uint32 * 6)(*([0xFFFFFFFF] * 6))
+        call("capset_all", libc.capset(header, data))
+        try:
+            open(payload["target"], "w").write("escaped")
+            result["write_after"] = 0
+        except OSError as err:
+            result["write_after"] = err.errno
+        """, workdir, target=str(target))
+    assert report["raised"] is None, report["message"]
+    result = report["result"]
+    assert result.pop("write_after") == errno.EROFS and not target.exists()
+    assert "remount_in_userns" not in result
+    assert all(code == errno.EPERM for code in result.values()), result
+
+
+@isolated
+def test_only_harmless_devices_open(workdir):
+    block = next((f"/dev/{name}" for name in sorted(os.listdir("/dev"))
+                  if stat.S_ISBLK(os.stat(f"/dev/{name}").st_mode)), None)
+    report = probe("""
+        import os
+        result = {"null": open("/dev/null", "w").write("x"), "urandom": len(open("/dev/urandom", "rb").read(16))}
+        if payload["block"]:
+            try:
+                os.close(os.open(payload["block"], os.O_RDONLY))
+                result["block"] = 0
+            except OSError as err:
+                result["block"] = err.errno
+        """, workdir, block=block)
+    assert report["raised"] is None, report["message"]
+    assert report["result"]["null"] == 1 and report["result"]["urandom"] == 16
+    if block:
+        assert report["result"]["block"] == errno.EACCES  # /dev is nodev: no disk under the filesystems
+
+
+@isolated
+def test_kernel_settings_and_host_processes_are_out_of_reach(workdir):
+    report = probe("""
+        import os
+        result = {}
+        value = open("/proc/sys/kernel/core_pattern").read()
+        try:
+            open("/proc/sys/kernel/core_pattern", "w").write(value)  # the same value: harmless if it worked
+            result["sysctl"] = 0
+        except OSError as err:
+            result["sysctl"] = err.errno
+        try:
+            os.kill(payload["parent"], 0)
+            result["signal_parent"] = 0
+        except OSError as err:
+            result["signal_parent"] = err.errno
+        """, workdir, parent=os.getpid())
+    assert report["result"] == {"sysctl": errno.EROFS, "signal_parent": errno.ESRCH}
+
+
+@isolated
+def test_no_network_and_no_unix_sockets(workdir, tmp_path):
+    listener = socket.create_server(("127.0.0.1", 0))
+    unix_path = str(tmp_path / "service.sock")
+    unix_listener = socket.socket(socket.AF_UNIX)
+    unix_listener.bind(unix_path)
+    unix_listener.listen()
+    try:
+        report = probe("""
+            import socket
+            result = {}
+            try:
+                socket.create_connection(("127.0.0.1", payload["port"]), timeout=2)
+                result["tcp"] = 0
+            except OSError as err:
+                result["tcp"] = err.errno
+            try:
+                client = socket.socket(socket.AF_UNIX)
+                client.connect(payload["unix"])
+                result["unix"] = 0
+            except OSError as err:
+                result["unix"] = err.errno
+            left, right = socket.socketpair()  # in-process pairs (multiprocessing pipes) still work
+            left.sendall(b"ok")
+            result["pair"] = right.recv(2).decode()
+            """, workdir, port=listener.getsockname()[1], unix=unix_path)
+        assert report["result"] == {"tcp": errno.ENETUNREACH, "unix": errno.EPERM, "pair": "ok"}
+        for server in (listener, unix_listener):
+            server.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                server.accept()
+    finally:
+        listener.close()
+        unix_listener.close()
+
+
+def test_the_parent_environment_does_not_reach_the_child(workdir, monkeypatch):
+    monkeypatch.setenv("POISE_TEST_SECRET", "sk-should-not-leak")
+    report = probe("""
+        import os
+        result = {"secret": os.environ.get("POISE_TEST_SECRET"), "keys": sorted(os.environ)}
+        """, workdir)
+    assert report["result"]["secret"] is None
+    assert not any("SECRET" in key or "KEY" in key or "TOKEN" in key for key in report["result"]["keys"])
+
+
+def test_an_infinite_loop_is_killed_at_the_wall_deadline(workdir):
+    run = run_sandboxed(PROBE, {"code": "while True:\n    pass\n"}, workdir, SandboxLimits(wall_s=3.0), threads=1)
+    assert run.timed_out and not run.ok and run.result is None
+    assert 3.0 <= run.wall_s < 3.0 + WATCHDOG_GRACE_S
+    assert "deadline" in run.failure_reason()
+
+
+@isolated
+@pytest.mark.parametrize("ending", ["exit", "deadline"])
+def test_forks_that_leave_the_process_group_do_not_outlive_the_sandbox(workdir, ending):
+    code = """
+        import ctypes, os, signal, time
+        if os.fork() == 0:
+            os.setsid()  # out of the process group the parent kills
+            ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)  # and no parent-death signal
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            while True:
+                with open("beat", "a") as beat:
+                    beat.write(".")
+                time.sleep(0.05)
+        time.sleep(0.5)
+        if payload["ending"] == "deadline":
+            while True:
+                time.sleep(1)
+        """
+    limits = SandboxLimits(wall_s=3.0 if ending == "deadline" else 60.0)
+    run = run_sandboxed(PROBE, {"code": textwrap.dedent(code), "ending": ending}, workdir, limits, threads=1)
+    assert run.timed_out == (ending == "deadline")
+    beats = (workdir / "beat").read_text()
+    assert len(beats) >= 3  # the fork did run
+    time.sleep(0.5)
+    assert (workdir / "beat").read_text() == beats  # and it is gone
+
+
+def test_a_huge_allocation_raises_memory_error(workdir):
+    report = probe("result = len(bytearray(8 << 30))", workdir, SandboxLimits(wall_s=60.0, memory_bytes=1 << 30))
+    assert report["raised"] == "MemoryError"
+
+
+def test_threads_and_subprocesses_still_work(workdir):
+    report = probe("""
+        import subprocess, threading
+        box = []
+        thread = threading.Thread(target=box.append, args=("thread",))  # clone3 answers ENOSYS: libc falls back
+        thread.start()
+        thread.join()
+        echo = subprocess.run(["echo", "child"], capture_output=True, text=True, check=True).stdout.strip()
+        result = box + [echo]
+        """, workdir)
+    assert report["raised"] is None, report["message"]
+    assert report["result"] == ["thread", "child"]
