@@ -20,7 +20,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from archive.store import ArchiveStore
+from archive.status import run_status
+from archive.store import ArchiveError, ArchiveStore
 from archive.update import ArchiveUpdater, Outcome, UpdateResult, next_work
 from poise.bus import Bus
 from poise.contracts import (
@@ -35,6 +36,7 @@ from poise.contracts import (
     WorkPropose,
     WorkTrain,
 )
+from poise.metrics import DUPLICATE, METRICS, OK, REJECTED, backend_name, observed
 from poise.scoring import replicate_seed, seed_scores, summarize, utility
 from proposer.baseline import root_proposal, select_parent
 
@@ -45,6 +47,7 @@ MAX_CONFIRMED = 2          # nodes re-trained with fresh seeds at the end of a r
 MAX_REPLICATE_TRIES = 2    # a replicate that fails this often is given up (the node keeps fewer seeds)
 PHASE_OF_WORK = {"work.propose": Phase.PROPOSE, "work.implement": Phase.IMPLEMENT, "work.train": Phase.TRAIN,
                  "work.evaluate": Phase.EVALUATE, "work.reflect": Phase.REFLECT}
+METRIC_OUTCOME = {Outcome.APPLIED: OK, Outcome.DUPLICATE: DUPLICATE, Outcome.REJECTED: REJECTED}
 
 
 @dataclass
@@ -57,6 +60,16 @@ class RunState:
     propose_failures: int = 0
     finished: bool = False
     stop_reason: str | None = None
+
+
+def dead_letter_failure(message: Message, reason: str) -> EvtFailed | None:
+    """The evt.failed that a dead-lettered work message means for its node; None for an event."""
+    phase = PHASE_OF_WORK.get(message.subject)
+    if phase is None:
+        return None
+    failure = Failure(phase=phase, reason=f"{phase} service error: {reason}", detail=reason)
+    return EvtFailed(run_id=message.run_id, node_id=message.node_id, attempt=message.attempt,
+                     replicate=getattr(message, "replicate", 0), failure=failure)
 
 
 def node_number(node_id: str) -> int:
@@ -72,6 +85,7 @@ class ArchiveService:
         self.updater = ArchiveUpdater(store)
         self.state = RunState(proposals={}, replicates=set(), replicate_tries=Counter())
         self.on_result = on_result
+        self.backend = backend_name(store)
 
     @property
     def run_id(self) -> str:
@@ -94,7 +108,8 @@ class ArchiveService:
         self.pump()
         return resumed
 
-    def handle(self, event: Message) -> None:
+    @observed("update")
+    def handle(self, event: Message) -> str:
         """Apply one event, publish what follows, and refill the pipeline."""
         result = self.updater.apply(event)
         self._settle(event, result)
@@ -103,17 +118,17 @@ class ArchiveService:
         if self.on_result:
             self.on_result(event, result)
         self.pump()
+        self._observe(event, result)
+        return METRIC_OUTCOME[result.outcome]
 
     def dead_letter(self, message: Message, reason: str) -> None:
         """A message no handler could process: its node fails in that phase (NATS dead-letter equivalent)."""
-        phase = PHASE_OF_WORK.get(message.subject)
-        if phase is None:
+        METRICS.dead_letters.labels(subject=message.subject).inc()
+        failed = dead_letter_failure(message, reason)
+        if failed is None:
             log.error("event %s for %s could not be applied: %s", message.subject, message.node_id, reason)
             return
-        replicate = getattr(message, "replicate", 0)
-        failure = Failure(phase=phase, reason=f"{phase} service error: {reason}", detail=reason)
-        self.handle(EvtFailed(run_id=message.run_id, node_id=message.node_id, attempt=message.attempt,
-                              replicate=replicate, failure=failure))
+        self.handle(failed)
 
     def _settle(self, event: Message, result: UpdateResult) -> None:
         """Forget the pending proposal or replicate this event answers."""
@@ -131,6 +146,20 @@ class ArchiveService:
                 self.state.replicates.discard(key)
                 if event.subject != "evt.evaluated" or result.outcome == Outcome.REJECTED:
                     self.state.replicate_tries[key] += 1
+
+    def _observe(self, event: Message, result: UpdateResult) -> None:
+        """The run-level metrics an applied evaluation changes: candidates evaluated, best utility."""
+        if event.subject != "evt.evaluated" or result.outcome != Outcome.APPLIED:
+            return
+        if not getattr(event, "replicate", 0):
+            METRICS.evaluated_candidates.inc()
+        try:
+            best = run_status(self.store, event.run_id)["best"]
+        except (KeyError, ArchiveError) as err:  # a metric must never fail the event it describes
+            log.warning("best utility of run %s not updated: %s", event.run_id, err)
+            return
+        if best is not None and best["utility"] is not None:
+            METRICS.best_utility.set(best["utility"])
 
     # ------------------------------------------------------------------------------------ scheduling
 
@@ -171,6 +200,7 @@ class ArchiveService:
             self.bus.publish(work)
             next_number += 1
             in_flight += 1
+        METRICS.set_in_flight(self.run_id, in_flight)
         if in_flight or self.state.replicates:
             return
         if evaluated_children >= self.config.budget or self.state.stop_reason:

@@ -11,6 +11,7 @@ from pathlib import Path
 from implementer.core import Coder, OfflineCoder, implement, sandbox_verifier
 from poise.bus import Bus
 from poise.contracts import EvtImplemented, WorkImplement
+from poise.metrics import OK, REJECTED, observed
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import get_protocol
 from poise.timing import PhaseClock
@@ -28,11 +29,14 @@ class ImplementerService:
         self.coder = coder or OfflineCoder()
         self.verify_wall_s = verify_wall_s
         self.clock = clock or PhaseClock()
+        self.backend = self.coder.name
 
-    def handle(self, work: WorkImplement) -> None:
+    @observed("implement")
+    def handle(self, work: WorkImplement) -> str:
         base = base_checkpoint(self.protocol.base_checkpoint)
         verifier = sandbox_verifier(base, self.workroot / work.node_id, self.protocol, wall_s=self.verify_wall_s)
         with self.clock.phase("implement"):
             implementation, summary = implement(work.proposal, self.coder, verifier, self.max_attempts)
         self.bus.publish(EvtImplemented(run_id=work.run_id, node_id=work.node_id, attempt=work.attempt,
                                         implementation=implementation))
+        return OK if implementation.verified else REJECTED

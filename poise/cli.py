@@ -11,6 +11,7 @@ from pathlib import Path
 
 from poise.algorithm import check_passed, describe_problems, structural_check
 from poise.algorithms import REFERENCE_ALGORITHMS
+from poise.settings import SERVICES
 from poise.testbed.sft import DEFAULT_SFT_STEPS
 
 
@@ -261,6 +262,12 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from poise.serve import run_service
+
+    return run_service(args.service)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poise", description="Autonomous discovery of LLM-RL algorithms.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -289,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_show)
+    serve = commands.add_parser("serve", help="run one service of the distributed mode (settings: POISE_* "
+                                              "variables; see poise/serve.py)")
+    serve.add_argument("service", choices=SERVICES)
+    serve.set_defaults(handler=cmd_serve)
     check = commands.add_parser("selfcheck", help="structural check of the reference algorithms")
     check.set_defaults(handler=cmd_selfcheck)
     algorithms = commands.add_parser("algorithms", help="list the reference algorithms (literature priors)")

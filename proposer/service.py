@@ -11,17 +11,20 @@ import random
 from archive.store import ArchiveStore
 from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtProposed, Failure, Phase, RunConfig, WorkPropose
+from poise.metrics import FAILED, observed
 from proposer.baseline import description_key, mutate
 
 
 class ProposerService:
     subject = WorkPropose.subject
+    backend = "baseline"
 
     def __init__(self, bus: Bus, archive: ArchiveStore) -> None:
         self.bus = bus
         self.archive = archive
 
-    def handle(self, work: WorkPropose) -> None:
+    @observed("propose")
+    def handle(self, work: WorkPropose) -> str | None:
         ids = {"run_id": work.run_id, "node_id": work.node_id, "attempt": work.attempt}
         config = self.archive.get_run(work.run_id)
         parent = self.archive.get_node(work.run_id, work.parent_ids[0])
@@ -29,12 +32,12 @@ class ProposerService:
             failure = Failure(phase=Phase.PROPOSE, reason=f"parent {work.parent_ids[0]} of run {work.run_id} "
                                                           "is not in the archive")
             self.bus.publish(EvtFailed(**ids, failure=failure))
-            return
+            return FAILED
         try:
             proposal = propose_child(config, work, parent.proposal, self.archive)
         except ValueError as err:
             self.bus.publish(EvtFailed(**ids, failure=Failure(phase=Phase.PROPOSE, reason=str(err), detail=str(err))))
-            return
+            return FAILED
         self.bus.publish(EvtProposed(**ids, proposal=proposal))
 
 

@@ -9,23 +9,26 @@ from __future__ import annotations
 from archive.store import ArchiveStore
 from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtReflected, Failure, Phase, WorkReflect
+from poise.metrics import FAILED, observed
 from poise.scoring import seed_scores, summarize
 from reflector.core import reflect
 
 
 class ReflectorService:
     subject = WorkReflect.subject
+    backend = "offline"
 
     def __init__(self, bus: Bus, archive: ArchiveStore) -> None:
         self.bus = bus
         self.archive = archive
 
-    def handle(self, work: WorkReflect) -> None:
+    @observed("reflect")
+    def handle(self, work: WorkReflect) -> str | None:
         ids = {"run_id": work.run_id, "node_id": work.node_id, "attempt": work.attempt}
         node = self.archive.get_node(work.run_id, work.node_id)
         if node is None:
             self.bus.publish(EvtFailed(**ids, failure=Failure(phase=Phase.REFLECT, reason="node not in the archive")))
-            return
+            return FAILED
         parent = self.archive.get_node(work.run_id, work.parent_ids[0]) if work.parent_ids else None
         root_id = node.genealogy.ancestors[0] if node.genealogy.ancestors else node.node_id
         root = self.archive.get_node(work.run_id, root_id)

@@ -1,23 +1,32 @@
 """Archive store contract suite and the update operator's state machine.
 
-Every test taking `open_store` runs against each backend in STORE_BACKENDS; a backend is a function of
-the test's tmp_path returning an opener, and each call of the opener is a new store object on the same
-storage (so durability and cross-connection races are checked the same way for every backend). The
-MongoDB store adds itself here (mongomock always, a real server when MONGO_URL is set).
+Every test taking `open_store` runs against each backend in STORE_BACKENDS: SQLite, MongoDB on mongomock
+(always), and a real MongoDB when MONGO_URL is set (a fresh database per test, dropped afterwards;
+skipped with the reason otherwise, so a green run here is never mistaken for a real-server run). A
+backend is a context manager over the test's tmp_path yielding an opener, and each call of the opener
+is a new store object on the same storage (so durability and cross-connection races are checked the
+same way for every backend).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import timedelta
 from pathlib import Path
 
+import mongomock
+import pymongo
 import pytest
 from pydantic import BaseModel
 
+from archive.mongo_store import MongoStore
 from archive.sqlite_store import DB_FILENAME, SCHEMA_VERSION, SQLiteStore
 from archive.store import ArchiveError, ArchiveStore
 from archive.update import ArchiveUpdater, Outcome, UpdateResult
@@ -71,25 +80,70 @@ Opener = Callable[[], ArchiveStore]
 # ------------------------------------------------------------------------------------------- backends
 
 
-def sqlite_backend(tmp_path: Path) -> Opener:
-    return lambda: SQLiteStore.in_run_dir(tmp_path / RUN)
+@contextmanager
+def sqlite_backend(tmp_path: Path) -> Iterator[Opener]:
+    yield lambda: SQLiteStore.in_run_dir(tmp_path / RUN)
 
 
-STORE_BACKENDS: dict[str, Callable[[Path], Opener]] = {"sqlite": sqlite_backend}
+@contextmanager
+def mongomock_backend(tmp_path: Path) -> Iterator[Opener]:
+    client = mongomock.MongoClient()  # one in-memory server per test, shared by the test's stores
+    yield lambda: MongoStore(client)
 
 
-@pytest.fixture(params=sorted(STORE_BACKENDS))
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
-    backend = STORE_BACKENDS[request.param](tmp_path)
+@contextmanager
+def mongo_backend(tmp_path: Path) -> Iterator[Opener]:
+    url = os.environ.get("MONGO_URL")
+    if not url:
+        pytest.skip("MONGO_URL is not set: no real MongoDB to test against (mongomock stood in for it)")
+    database = f"poise_test_{uuid.uuid4().hex[:16]}"
+    try:
+        yield lambda: MongoStore(url, database)
+    finally:
+        with pymongo.MongoClient(url) as client:
+            client.drop_database(database)
+
+
+STORE_BACKENDS: dict[str, Callable[[Path], AbstractContextManager[Opener]]] = {
+    "sqlite": sqlite_backend,
+    "mongomock": mongomock_backend,
+    "mongo": mongo_backend,
+}
+MONGO_BACKENDS = ["mongomock", "mongo"]
+
+
+@contextmanager
+def opening(backend: str, tmp_path: Path) -> Iterator[Opener]:
+    """The backend's opener; every store it opened is closed at the end."""
     opened: list[ArchiveStore] = []
+    with STORE_BACKENDS[backend](tmp_path) as open_backend:
 
-    def open_() -> ArchiveStore:
-        opened.append(backend())
-        return opened[-1]
+        def open_() -> ArchiveStore:
+            opened.append(open_backend())
+            return opened[-1]
 
-    yield open_
-    for store in opened:
-        store.close()
+        try:
+            yield open_
+        finally:
+            for store in opened:
+                store.close()
+
+
+@pytest.fixture(params=list(STORE_BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def open_store(backend: str, tmp_path: Path) -> Iterator[Opener]:
+    with opening(backend, tmp_path) as open_:
+        yield open_
+
+
+@pytest.fixture(params=MONGO_BACKENDS)
+def open_mongo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], MongoStore]]:
+    with opening(request.param, tmp_path) as open_:
+        yield open_
 
 
 @pytest.fixture
@@ -249,6 +303,22 @@ def test_counts_cover_every_status(store: ArchiveStore) -> None:
     assert store.counts("empty-run") == {s: 0 for s in NodeStatus}
 
 
+def test_listings_follow_arrival_not_creation_time(store: ArchiveStore) -> None:
+    late = root_node("late")
+    early = Node(**{**dict(root_node("early")), "created_at": late.created_at - timedelta(hours=1)})
+    store.insert_node(late)
+    store.insert_node(early)
+    assert ids(store.nodes(RUN)) == ["late", "early"]
+
+
+def test_run_ids_are_oldest_first_and_a_replaced_run_keeps_its_place(store: ArchiveStore) -> None:
+    assert store.run_ids() == []
+    for run_id in ("zeta", "alpha", "mid"):
+        store.put_run(run_config(run_id))
+    store.put_run(run_config("zeta", budget=9))
+    assert store.run_ids() == ["zeta", "alpha", "mid"]
+
+
 def test_a_second_store_on_the_same_storage_reads_everything_back(open_store: Opener) -> None:
     writer = open_store()
     writer.put_run(run_config())
@@ -270,7 +340,11 @@ def race(barrier: threading.Barrier, store: ArchiveStore, node: Node, wins: list
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["one-store", "two-stores"])
-def test_concurrent_transitions_of_one_node_have_exactly_one_winner(open_store: Opener, shared: bool) -> None:
+def test_concurrent_transitions_of_one_node_have_exactly_one_winner(
+    open_store: Opener, backend: str, shared: bool
+) -> None:
+    if backend == "mongomock":
+        pytest.skip("mongomock is not thread-safe; test_a_stale_revision_loses_* races two Mongo stores in turn")
     stores = [open_store()] * 2 if shared else [open_store(), open_store()]
     failure = Failure(phase=Phase.IMPLEMENT, reason="verification failed")
     for round_ in range(10):
@@ -312,6 +386,135 @@ def test_sqlite_refuses_a_newer_schema_and_a_closed_store(tmp_path: Path) -> Non
     store.close()
     with pytest.raises(ArchiveError):
         store.get_run(RUN)
+
+
+# ------------------------------------------------------------------------------------ Mongo specifics
+
+
+def evaluated(node: Node, replicate_seeds: tuple[int, ...] = ()) -> Node:
+    replicates = [evaluation(seed=seed) for seed in replicate_seeds]
+    return Node(
+        **{
+            **dict(implemented(node)),
+            "status": NodeStatus.EVALUATED,
+            "trajectory": trajectory(),
+            "evaluation": evaluation(),
+            "replicates": replicates,
+        }
+    )
+
+
+def test_mongo_indexes_exist_with_their_keys_and_a_reopen_keeps_them(open_mongo: Callable[[], MongoStore]) -> None:
+    open_mongo()
+    store = open_mongo()  # creating the same indexes again is a no-op
+    nodes = {name: info["key"] for name, info in store.database["nodes"].index_information().items()}
+    assert nodes == {
+        "_id_": [("_id", 1)],
+        "run_seq": [("run_id", 1), ("seq", 1)],
+        "run_status": [("run_id", 1), ("status", 1), ("seq", 1)],
+        "run_parent": [("run_id", 1), ("parent_ids", 1)],
+        "run_ancestor": [("run_id", 1), ("ancestors", 1)],
+        "run_utility": [("run_id", 1), ("utility", -1)],
+    }
+    runs = {name: info["key"] for name, info in store.database["runs"].index_information().items()}
+    assert runs == {"_id_": [("_id", 1)], "seq": [("seq", 1)]}
+
+
+def test_mongo_documents_are_the_contract_plus_query_fields(open_mongo: Callable[[], MongoStore]) -> None:
+    store = open_mongo()
+    root = root_node("a")
+    child = evaluated(child_node("a1", root))
+    store.insert_node(root)
+    store.insert_node(child)
+    doc = store.database["nodes"].find_one({"_id": f"{RUN}/a1"})
+    contract = {
+        k: v
+        for k, v in doc.items()
+        if k not in ("_id", "seq", "rev", "run_id", "node_id", "parent_ids", "ancestors", "depth", "utility")
+    }
+    assert json.dumps(contract, sort_keys=True) == json.dumps(child.model_dump(mode="json"), sort_keys=True)
+    assert (doc["run_id"], doc["node_id"], doc["parent_ids"], doc["ancestors"], doc["depth"]) == (
+        RUN,
+        "a1",
+        ["a"],
+        ["a"],
+        1,
+    )
+    assert (doc["status"], doc["utility"], doc["rev"]) == ("evaluated", 0.41, 1)
+    assert store.database["nodes"].find_one({"_id": f"{RUN}/a"})["utility"] is None
+    top = store.database["nodes"].find({"run_id": RUN, "ancestors": "a"}).sort("utility", -1)
+    assert [d["node_id"] for d in top] == ["a1"]
+
+
+def test_a_stale_revision_loses_even_when_the_status_still_matches(open_mongo: Callable[[], MongoStore]) -> None:
+    first, second = open_mongo(), open_mongo()
+    root = root_node()
+    first.insert_node(evaluated(root))
+    assert first.get_node(RUN, "n0") == second.get_node(RUN, "n0")  # both read revision 1
+    assert first.transition(RUN, "n0", NodeStatus.EVALUATED, evaluated(root, (8,))) is True
+    # The second store's document was built from what it read before the first wrote; on status alone
+    # (SQLite's guard) it would win too and drop replicate 8.
+    assert second.transition(RUN, "n0", NodeStatus.EVALUATED, evaluated(root, (9,))) is False
+    assert [r.seed for r in second.get_node(RUN, "n0").replicates] == [8]
+    # Having read again, it builds on the first's write and wins.
+    assert second.transition(RUN, "n0", NodeStatus.EVALUATED, evaluated(root, (8, 9))) is True
+    assert [r.seed for r in first.get_node(RUN, "n0").replicates] == [8, 9]
+    assert first.database["nodes"].find_one({"_id": f"{RUN}/n0"})["rev"] == 3
+
+
+def test_an_updater_that_loses_to_another_store_retries_on_fresh_state(
+    open_mongo: Callable[[], MongoStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = open_mongo(), open_mongo()
+    first.put_run(run_config())
+    first.insert_node(evaluated(root_node()))
+    seed8 = EvtEvaluated(run_id=RUN, node_id="n0", replicate=1, evaluation=evaluation(seed=8))
+    seed9 = EvtEvaluated(run_id=RUN, node_id="n0", replicate=2, evaluation=evaluation(seed=9))
+    read, interleaved = second.get_node, []
+
+    def read_then_the_other_writes(run_id: str, node_id: str) -> Node | None:
+        node = read(run_id, node_id)
+        if not interleaved:  # the first archive replica applies its event between our read and our write
+            interleaved.append(ArchiveUpdater(first).apply(seed8))
+        return node
+
+    monkeypatch.setattr(second, "get_node", read_then_the_other_writes)
+    result = ArchiveUpdater(second).apply(seed9)
+    assert interleaved[0].outcome == result.outcome == Outcome.APPLIED
+    assert [r.seed for r in first.get_node(RUN, "n0").replicates] == [8, 9]
+
+
+def test_mongo_a_corrupted_document_raises_naming_it(open_mongo: Callable[[], MongoStore]) -> None:
+    store = open_mongo()
+    store.put_run(run_config())
+    intact = root_node("n0")
+    store.insert_node(intact)
+    store.insert_node(root_node("n1"))
+    store.database["nodes"].update_one({"_id": f"{RUN}/n1"}, {"$set": {"proposal": 42}})
+    store.database["runs"].update_one({"_id": RUN}, {"$set": {"budget": "plenty"}})
+    assert store.get_node(RUN, "n0") == intact
+    with pytest.raises(ArchiveError, match=f"node {RUN}/n1 .* does not validate as a Node"):
+        store.get_node(RUN, "n1")
+    with pytest.raises(ArchiveError, match=f"{RUN}/n1"):
+        store.nodes(RUN)
+    with pytest.raises(ArchiveError, match=f"run config {RUN} .* does not validate as a RunConfig"):
+        store.get_run(RUN)
+
+
+def test_mongo_ping_answers_until_the_store_is_closed(open_mongo: Callable[[], MongoStore]) -> None:
+    store = open_mongo()
+    assert store.ping() is True
+    store.close()
+    assert store.ping() is False
+    with pytest.raises(ArchiveError, match="closed"):
+        store.get_run(RUN)
+
+
+def test_mongo_an_unreachable_server_is_an_archive_error_without_credentials() -> None:
+    url = "mongodb://poise:s3cret@127.0.0.1:9/?serverSelectionTimeoutMS=200"
+    with pytest.raises(ArchiveError, match="127.0.0.1:9") as caught:
+        MongoStore(url)
+    assert "s3cret" not in str(caught.value) and "poise:" not in str(caught.value)
 
 
 # ------------------------------------------------------------------------------------ update operator

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from poise.bus import Bus
 from poise.contracts import EvtTrained, TrainingStep, WorkTrain
+from poise.metrics import ABORTED, FAILED, METRICS, OK, observed
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import get_protocol
 from poise.timing import PhaseClock
@@ -19,6 +20,7 @@ from trainer.testbed_runner import train_candidate
 
 class TrainerService:
     subject = WorkTrain.subject
+    backend = "testbed"
 
     def __init__(self, bus: Bus, workroot: Path, clock: PhaseClock | None = None,
                  on_step: Callable[[WorkTrain, TrainingStep], None] | None = None) -> None:
@@ -27,7 +29,8 @@ class TrainerService:
         self.clock = clock or PhaseClock()
         self.on_step = on_step
 
-    def handle(self, work: WorkTrain) -> None:
+    @observed("train")
+    def handle(self, work: WorkTrain) -> str:
         protocol = get_protocol(work.protocol)
         folder = "train" if not work.replicate else f"train-r{work.replicate}"
         on_step = (lambda step: self.on_step(work, step)) if self.on_step else None
@@ -39,3 +42,5 @@ class TrainerService:
             trajectory = trajectory.model_copy(update={"aborted": True, "abort_reason": outcome.failure})
         self.bus.publish(EvtTrained(run_id=work.run_id, node_id=work.node_id, attempt=work.attempt,
                                     replicate=work.replicate, trajectory=trajectory))
+        METRICS.record_training(self.backend, trajectory)
+        return FAILED if outcome.failure else ABORTED if trajectory.aborted else OK

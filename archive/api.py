@@ -1,0 +1,154 @@
+"""The archive's HTTP read API (FastAPI router), mounted under /api by `poise serve archive`.
+
+    GET  /api/runs                                        every run's RunConfig, oldest first
+    POST /api/runs                                        start or resume a run (body: RunConfig); 202
+    GET  /api/runs/{run_id}                               {"config": RunConfig, "status": run_status(...)}
+    GET  /api/runs/{run_id}/config                        RunConfig
+    GET  /api/runs/{run_id}/counts                        {status: number of nodes} for every status
+    GET  /api/runs/{run_id}/nodes[?status=evaluated]      the run's nodes in insertion order
+    GET  /api/runs/{run_id}/nodes/{node_id}               one Node
+    GET  /api/runs/{run_id}/nodes/{node_id}/children      the nodes bred from it
+
+An unknown run or node is a 404 whose `detail` says which, with the header `X-Poise-Not-Found: run|node`
+(so a client can tell "no such node" from "no POISE API at this address"). A store failure is a 503.
+
+Non-finite floats: the contracts keep nan/inf (a diverging curve is data) and write them as the JSON
+constants NaN/Infinity, which browsers' `JSON.parse` rejects. Responses therefore write every non-finite
+float as `null` by default. `?nonfinite=constants` keeps the constants instead, so a POISE client
+(`archive.client.ArchiveClient`) reads back exactly the stored documents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from archive.status import run_status
+from archive.store import ArchiveError, ArchiveStore
+from poise.contracts import Node, NodeStatus, RunConfig
+
+NOT_FOUND_HEADER = "X-Poise-Not-Found"
+Nonfinite = Annotated[Literal["null", "constants"], Query(
+    description="how nan/inf are written: null (default; what browsers parse) or the JSON constants "
+                "NaN/Infinity (lossless; what ArchiveClient asks for)")]
+
+
+class RunView(BaseModel):
+    """A run as the API shows it: its configuration and where it stands (archive/status.py)."""
+
+    config: RunConfig
+    status: dict[str, Any]
+
+
+class RunRefused(Exception):
+    """POST /api/runs cannot start the run as asked (e.g. it exists with other settings); a 409."""
+
+
+def finite(value: Any) -> Any:
+    """`value` (JSON-ready data) with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
+def respond(payload: Any, nonfinite: str = "null", status_code: int = 200) -> Response:
+    """A JSON response of contracts (models, lists of them, dicts); see the module docstring for nan/inf."""
+    data = _plain(payload)
+    if nonfinite == "constants":
+        body = json.dumps(data, allow_nan=True, separators=(",", ":"))
+    else:
+        body = json.dumps(finite(data), allow_nan=False, separators=(",", ":"))
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
+def _plain(payload: Any) -> Any:
+    if isinstance(payload, BaseModel):
+        return payload.model_dump(mode="json")
+    if isinstance(payload, list):
+        return [_plain(item) for item in payload]
+    if isinstance(payload, dict):
+        return {key: _plain(item) for key, item in payload.items()}
+    return payload
+
+
+def _not_found(what: Literal["run", "node"], message: str) -> HTTPException:
+    return HTTPException(404, detail=message, headers={NOT_FOUND_HEADER: what})
+
+
+def archive_router(store: ArchiveStore, start_run: Callable[[RunConfig], RunConfig] | None = None) -> APIRouter:
+    """The /api routes over `store`. With `start_run` (the archive service's), POST /api/runs starts runs."""
+    router = APIRouter(prefix="/api", tags=["archive"])
+
+    def config_of(run_id: str) -> RunConfig:
+        config = store.get_run(run_id)
+        if config is None:
+            known = ", ".join(store.run_ids()) or "none"
+            raise _not_found("run", f"no run {run_id!r} in the archive; known runs: {known}")
+        return config
+
+    def node_of(run_id: str, node_id: str) -> Node:
+        config_of(run_id)
+        node = store.get_node(run_id, node_id)
+        if node is None:
+            raise _not_found("node", f"no node {node_id!r} in run {run_id!r}; "
+                                     f"GET /api/runs/{run_id}/nodes lists its nodes")
+        return node
+
+    @router.get("/runs", response_model=list[RunConfig])
+    def list_runs(nonfinite: Nonfinite = "null") -> Response:
+        return respond([config_of(run_id) for run_id in store.run_ids()], nonfinite)
+
+    @router.get("/runs/{run_id}", response_model=RunView)
+    def get_run(run_id: str, nonfinite: Nonfinite = "null") -> Response:
+        config = config_of(run_id)
+        return respond(RunView(config=config, status=run_status(store, run_id)), nonfinite)
+
+    @router.get("/runs/{run_id}/config", response_model=RunConfig)
+    def get_config(run_id: str, nonfinite: Nonfinite = "null") -> Response:
+        return respond(config_of(run_id), nonfinite)
+
+    @router.get("/runs/{run_id}/counts", response_model=dict[NodeStatus, int])
+    def get_counts(run_id: str) -> Response:
+        config_of(run_id)
+        return respond({status.value: n for status, n in store.counts(run_id).items()})
+
+    @router.get("/runs/{run_id}/nodes", response_model=list[Node])
+    def list_nodes(run_id: str, status: NodeStatus | None = None, nonfinite: Nonfinite = "null") -> Response:
+        config_of(run_id)
+        return respond(store.nodes(run_id, status), nonfinite)
+
+    @router.get("/runs/{run_id}/nodes/{node_id}", response_model=Node)
+    def get_node(run_id: str, node_id: str, nonfinite: Nonfinite = "null") -> Response:
+        return respond(node_of(run_id, node_id), nonfinite)
+
+    @router.get("/runs/{run_id}/nodes/{node_id}/children", response_model=list[Node])
+    def list_children(run_id: str, node_id: str, nonfinite: Nonfinite = "null") -> Response:
+        node_of(run_id, node_id)
+        return respond(store.children(run_id, node_id), nonfinite)
+
+    if start_run is not None:
+        @router.post("/runs", response_model=RunConfig, status_code=202)
+        def post_run(config: Annotated[RunConfig, Body()]) -> Response:
+            """Start the run (or resume it: a stored run may only change budget and parallel)."""
+            try:
+                started = start_run(config)
+            except RunRefused as err:
+                raise HTTPException(409, detail=str(err)) from err
+            return respond(started, status_code=202)
+
+    return router
+
+
+def store_unavailable(request: Any, err: ArchiveError) -> JSONResponse:
+    """Exception handler for the app: a store failure is the archive's trouble (503), not the caller's."""
+    return JSONResponse({"detail": f"the archive store failed: {err}"}, status_code=503)

@@ -1,0 +1,277 @@
+"""The production archive store: MongoDB through pymongo (sync; call it via `asyncio.to_thread` from a loop).
+
+Collections (in the given database, "poise" by default):
+
+- `runs`: one document per run, `_id` = run_id: the `RunConfig` fields plus `seq` and `rev`.
+- `nodes`: one document per node, `_id` = f"{run_id}/{node_id}": `Node.model_dump(mode="json")` (so
+  nan/inf curves and microsecond timestamps round-trip exactly) plus top-level copies that queries and
+  indexes use (run_id, node_id, parent_ids, ancestors, depth, utility = evaluation.overall), and `seq`, `rev`.
+- `counters`: the insertion counters that give `seq`. MongoDB has no autoincrement and a node's
+  `created_at` is its maker's clock, not the order it reached the archive, so listings sort by `seq`
+  (the order SQLite's `seq` column gives).
+
+`rev` counts the writes of a document. `transition` is one `find_one_and_update` filtered on the expected
+status and, when this store has read or written the node, on the revision it last saw. So two stores
+that read a node at the same status cannot both write it, even when neither changes the status (two
+replicate evaluations of an evaluated node); SQLite guards on status alone, which a single writer
+makes enough. The interface has no place for the caller's revision, so "last seen by this store
+object" stands in for it; see `transition`.
+
+Only operations that mongomock also runs are used (no bulk_write, sessions or transactions), so the
+contract suite checks this module without a server and against one when MONGO_URL is set.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ValidationError
+from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+
+from archive.store import ArchiveError, ArchiveStore, check_same_node
+from poise.contracts import Node, NodeStatus, RunConfig
+
+DEFAULT_DATABASE = "poise"
+DEFAULT_TIMEOUT_MS = 10_000  # server selection; a URL's own serverSelectionTimeoutMS wins
+# Fields the store adds to a node's contract document; stripped before validation.
+_NODE_EXTRAS = ("_id", "seq", "rev", "run_id", "node_id", "parent_ids", "ancestors", "depth", "utility")
+_RUN_EXTRAS = ("_id", "seq", "rev")
+NODE_INDEXES: dict[str, list[tuple[str, int]]] = {
+    "run_seq": [("run_id", ASCENDING), ("seq", ASCENDING)],  # a run's nodes in insertion order
+    "run_status": [("run_id", ASCENDING), ("status", ASCENDING), ("seq", ASCENDING)],  # by status, counts
+    "run_parent": [("run_id", ASCENDING), ("parent_ids", ASCENDING)],  # children (multikey)
+    "run_ancestor": [("run_id", ASCENDING), ("ancestors", ASCENDING)],  # descendants (multikey)
+    "run_utility": [("run_id", ASCENDING), ("utility", DESCENDING)],  # top-K
+}
+RUN_INDEXES: dict[str, list[tuple[str, int]]] = {"seq": [("seq", ASCENDING)]}
+
+
+def redact(url: str) -> str:
+    """The URL without user, password and options (options may carry secrets too), for messages."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def describe(client: object) -> str:
+    """A borrowed client's servers (pymongo knows its seeds without connecting), else its class."""
+    if isinstance(client, MongoClient):
+        hosts = ",".join(f"{host}:{port}" for host, port in client.topology_description.server_descriptions())
+        return f"mongodb://{hosts}/"
+    return f"{type(client).__module__}.{type(client).__name__}"
+
+
+def node_key(run_id: str, node_id: str) -> str:
+    return f"{run_id}/{node_id}"  # ids never contain "/" (contracts.Id), so keys cannot collide
+
+
+def node_fields(node: Node) -> dict[str, Any]:
+    """The node's stored fields (all but _id, seq and rev)."""
+    g = node.genealogy
+    utility = node.evaluation.overall if node.evaluation is not None else None
+    return {
+        **node.model_dump(mode="json"),
+        "run_id": g.run_id,
+        "node_id": g.node_id,
+        "parent_ids": g.parent_ids,
+        "ancestors": g.ancestors,
+        "depth": g.depth,
+        "utility": utility,
+    }
+
+
+class MongoStore(ArchiveStore):
+    """An `ArchiveStore` in MongoDB, safe to share between threads (as a pymongo client is).
+
+    `url_or_client` is a mongodb:// URL (the store opens and closes its own client) or a client it
+    borrows (pymongo's or mongomock's; `close` then leaves the client open).
+    """
+
+    def __init__(self, url_or_client: str | MongoClient, database: str = DEFAULT_DATABASE) -> None:
+        if isinstance(url_or_client, str):
+            self.where = f"{redact(url_or_client)} (database {database})"
+            options: dict[str, Any] = {}
+            if "serverselectiontimeoutms" not in url_or_client.lower():
+                options["serverSelectionTimeoutMS"] = DEFAULT_TIMEOUT_MS
+            try:
+                self._client = MongoClient(url_or_client, **options)
+            except (PyMongoError, ValueError, TypeError) as err:  # a malformed URL or option
+                raise ArchiveError(f"cannot open the archive at {self.where}: {err}") from err
+            self._owns_client = True
+        else:
+            self._client = url_or_client
+            self._owns_client = False
+            self.where = f"{describe(url_or_client)} (database {database})"
+        self.database = self._client[database]  # holds runs, nodes and counters; public for maintenance and tests
+        self._runs, self._nodes, self._counters = (self.database[name] for name in ("runs", "nodes", "counters"))
+        self._closed = False
+        self._lock = threading.Lock()
+        self._seen: dict[str, int] = {}  # node key -> the latest revision this store read or wrote
+        try:
+            self._create_indexes()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_indexes(self) -> None:
+        """Idempotent: create_index with the same name and keys is a no-op; other keys under a name fail."""
+        with self._op("index creation"):
+            for collection, indexes in ((self._nodes, NODE_INDEXES), (self._runs, RUN_INDEXES)):
+                for name, keys in indexes.items():
+                    collection.create_index(keys, name=name)
+
+    # ------------------------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _op(self, what: str) -> Iterator[None]:
+        if self._closed:
+            raise ArchiveError(f"archive {what} on {self.where}: the store is closed")
+        try:
+            yield
+        except ConnectionFailure as err:  # includes server selection timeouts: nothing answered in time
+            raise ArchiveError(f"archive {what} failed: cannot reach MongoDB at {self.where}: {err}") from err
+        except PyMongoError as err:
+            raise ArchiveError(f"archive {what} failed on {self.where}: {err}") from err
+
+    def _next_seq(self, counter: str) -> int:
+        done = self._counters.find_one_and_update(
+            {"_id": counter}, {"$inc": {"seq": 1}}, upsert=True, return_document=ReturnDocument.AFTER
+        )
+        return done["seq"]
+
+    def _saw(self, key: str, rev: object) -> None:
+        if isinstance(rev, int):
+            with self._lock:
+                self._seen[key] = max(rev, self._seen.get(key, rev))
+
+    def _contract(self, model: type[BaseModel], doc: dict[str, Any], extras: tuple[str, ...], what: str) -> Any:
+        try:
+            return model.model_validate({k: v for k, v in doc.items() if k not in extras})
+        except ValidationError as err:
+            raise ArchiveError(f"{what} in {self.where} does not validate as a {model.__name__}: {err}") from err
+
+    def _node(self, doc: dict[str, Any]) -> Node:
+        self._saw(doc["_id"], doc.get("rev"))
+        return self._contract(Node, doc, _NODE_EXTRAS, f"node {doc['_id']}")
+
+    def _find_nodes(self, query: dict[str, Any], what: str) -> list[Node]:
+        with self._op(what):
+            docs = list(self._nodes.find(query).sort("seq", ASCENDING))
+        return [self._node(doc) for doc in docs]
+
+    # ---------------------------------------------------------------------------------------- runs
+
+    def put_run(self, config: RunConfig) -> None:
+        with self._op(f"put_run {config.run_id}"):
+            self._runs.update_one(
+                {"_id": config.run_id},
+                {
+                    "$set": config.model_dump(mode="json"),
+                    "$inc": {"rev": 1},
+                    "$setOnInsert": {"seq": self._next_seq("runs")},
+                },
+                upsert=True,
+            )
+
+    def get_run(self, run_id: str) -> RunConfig | None:
+        with self._op(f"get_run {run_id}"):
+            doc = self._runs.find_one({"_id": run_id})
+        return None if doc is None else self._contract(RunConfig, doc, _RUN_EXTRAS, f"run config {run_id}")
+
+    def run_ids(self) -> list[str]:
+        with self._op("run_ids"):
+            return [doc["_id"] for doc in self._runs.find({}, {"_id": True}).sort("seq", ASCENDING)]
+
+    # --------------------------------------------------------------------------------------- nodes
+
+    def insert_node(self, node: Node) -> bool:
+        key = node_key(node.run_id, node.node_id)
+        with self._op(f"insert of node {key}"):
+            try:
+                self._nodes.insert_one({"_id": key, **node_fields(node), "seq": self._next_seq("nodes"), "rev": 1})
+            except DuplicateKeyError:
+                return False
+        self._saw(key, 1)
+        return True
+
+    def get_node(self, run_id: str, node_id: str) -> Node | None:
+        key = node_key(run_id, node_id)
+        with self._op(f"read of node {key}"):
+            doc = self._nodes.find_one({"_id": key})
+        return None if doc is None else self._node(doc)
+
+    def nodes(self, run_id: str, status: NodeStatus | None = None) -> list[Node]:
+        query: dict[str, Any] = {"run_id": run_id}
+        if status is not None:
+            query["status"] = NodeStatus(status).value
+        return self._find_nodes(query, f"listing of run {run_id}")
+
+    def children(self, run_id: str, node_id: str) -> list[Node]:
+        return self._find_nodes({"run_id": run_id, "parent_ids": node_id}, f"children of {node_key(run_id, node_id)}")
+
+    def transition(self, run_id: str, node_id: str, expected: NodeStatus, node: Node) -> bool:
+        """Compare-and-set on status and, if this store has seen the node, on the revision it last saw.
+
+        A stale revision (another store wrote since this one read) loses even when the status still
+        matches; the caller reads again and retries, as `ArchiveUpdater` does. A lost compare-and-set
+        forgets the revision, so a caller that retries without reading is guarded by status alone.
+        The guard is per store object, not per caller: a read by another thread of this store between
+        the caller's read and its write refreshes the revision. Exposing the revision in the interface
+        (a `rev` returned by reads and passed to `transition`) would close that gap.
+        """
+        check_same_node(run_id, node_id, node)
+        key = node_key(run_id, node_id)
+        expect: dict[str, Any] = {"_id": key, "status": NodeStatus(expected).value}
+        with self._lock:
+            seen = self._seen.get(key)
+        if seen is not None:
+            expect["rev"] = seen
+        with self._op(f"transition of node {key}"):
+            written = self._nodes.find_one_and_update(
+                expect,
+                {"$set": node_fields(node), "$inc": {"rev": 1}},
+                projection={"rev": True},
+                return_document=ReturnDocument.AFTER,
+            )
+        if written is None:
+            with self._lock:
+                self._seen.pop(key, None)
+            return False
+        self._saw(key, written["rev"])
+        return True
+
+    def counts(self, run_id: str) -> dict[NodeStatus, int]:
+        with self._op(f"counts of run {run_id}"):
+            rows = list(
+                self._nodes.aggregate(
+                    [{"$match": {"run_id": run_id}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+                )
+            )
+        found = {row["_id"]: row["n"] for row in rows}
+        unknown = sorted(set(found) - set(NodeStatus), key=str)
+        if unknown:
+            raise ArchiveError(f"run {run_id} in {self.where} has nodes at unknown statuses {unknown}")
+        return {status: found.get(status.value, 0) for status in NodeStatus}
+
+    # ------------------------------------------------------------------------------------- health
+
+    def ping(self) -> bool:
+        """Whether the server answers (a health check; never raises)."""
+        if self._closed:
+            return False
+        try:
+            self._client.admin.command("ping")
+        except PyMongoError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client:
+            self._client.close()

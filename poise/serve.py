@@ -1,0 +1,535 @@
+"""`poise serve SERVICE` (or `python -m poise.serve SERVICE`): one service of the distributed mode.
+
+One process per container (research/ops.md section 3.3): it reads its settings from `POISE_*` variables
+(poise/settings.py), connects to NATS JetStream (`NatsBus`), builds its service and serves HTTP on
+POISE_HTTP_PORT with one uvicorn worker in a thread:
+
+- `GET /healthz`: 200 when the bus is connected (and, for the archive, the store answers); otherwise 503
+  with a JSON body naming each problem. It is also 503 while the service shuts down.
+- `GET /metrics`: Prometheus text of `poise.metrics.REGISTRY`.
+- archive only: the read API under `/api/` (archive/api.py) and `POST /api/runs` to start or resume a run.
+
+Workers: proposer and reflector read the archive over HTTP (`ArchiveClient` on POISE_ARCHIVE_URL). The
+implementer and trainer keep one service per run (node ids repeat across runs), with node directories
+under `POISE_WORK_DIR/runs/<run_id>/nodes`, a volume the trainer and evaluator share.
+
+The archive owns runs: at start-up it resumes every run in its store and starts the one POISE_RUN_ID
+describes; POST /api/runs starts more. Its store is MongoDB (POISE_MONGO_URL) or, without it, SQLite at
+POISE_WORK_DIR/archive.db.
+
+SIGTERM / SIGINT: the service stops fetching, lets the current handler finish for up to
+POISE_SHUTDOWN_GRACE_S, closes the bus and the store, and exits 0. A handler still running after the grace
+period is abandoned unacknowledged; JetStream redelivers its message after the ack wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
+
+from archive.api import RunRefused, archive_router, store_unavailable
+from archive.store import ArchiveError, ArchiveStore
+from poise.contracts import MESSAGE_TYPES, Backends, Message, RunConfig
+from poise.metrics import METRICS, REGISTRY
+from poise.settings import SERVICES, ServiceSettings, SettingsError, load_settings
+
+log = logging.getLogger("poise.serve")
+
+EVENT_SUBJECTS = tuple(subject for subject in MESSAGE_TYPES if subject.startswith("evt."))
+RESUMABLE = ("budget", "parallel")  # what a resumed run may change (as `poise run`); the rest defines the run
+LOOP_TICK_S = 1.0
+Check = Callable[[], str | None]  # a health check: None when fine, else what is wrong
+
+
+class ServeError(Exception):
+    """The service cannot start as configured; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------------------------- HTTP
+
+
+def build_app(service: str, checks: Mapping[str, Check], stopping: threading.Event | None = None,
+              router: APIRouter | None = None, before_scrape: Callable[[], None] | None = None) -> FastAPI:
+    """The service's HTTP app: /healthz, /metrics and, for the archive, the /api router."""
+    app = FastAPI(title=f"POISE {service}", docs_url="/api/docs" if router else None, redoc_url=None,
+                  openapi_url="/api/openapi.json" if router else None)
+    app.add_exception_handler(ArchiveError, store_unavailable)
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        results = {name: _run_check(check) for name, check in checks.items()}
+        if stopping is not None and stopping.is_set():
+            results["service"] = "shutting down"
+        problems = {name: problem for name, problem in results.items() if problem}
+        body = {"status": "unhealthy" if problems else "ok", "service": service,
+                "checks": {name: problem or "ok" for name, problem in results.items()}}
+        return JSONResponse(body, status_code=503 if problems else 200)
+
+    def metrics() -> Response:
+        if before_scrape is not None:
+            before_scrape()
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    # Both spellings: a mounted ASGI app would answer /metrics with a redirect (research/ops.md 3.3).
+    app.get("/metrics")(metrics)
+    app.get("/metrics/", include_in_schema=False)(metrics)
+    if router is not None:
+        app.include_router(router)
+    return app
+
+
+def _run_check(check: Check) -> str | None:
+    try:
+        return check()
+    except Exception as err:  # noqa: BLE001 - a failing check is an unhealthy answer, not a 500
+        return f"{type(err).__name__}: {err}"
+
+
+class HttpServer:
+    """uvicorn serving `app` from a daemon thread (one worker: metrics live in this process)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError as err:
+            self.socket.close()
+            raise ServeError(f"cannot serve HTTP on {host}:{port}: {err}; set POISE_HTTP_PORT to a free port") from err
+        self.port = self.socket.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", workers=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, name="http",
+                                       daemon=True)
+
+    def start(self, timeout_s: float = 10.0) -> HttpServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ServeError(f"the HTTP server did not start on port {self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.socket.close()
+
+
+# ------------------------------------------------------------------------------------------ the archive
+
+
+def resolve_run(store: ArchiveStore, run_id: str, given: Mapping[str, Any], backends: Backends) -> RunConfig:
+    """Store and return the run `run_id` with the settings `given`: a new run, or the stored one resumed.
+
+    A stored run keeps its settings; `given` may change only budget and parallel (RunRefused otherwise).
+    A new run takes `backends` unless `given` names them.
+    """
+    stored = store.get_run(run_id)
+    if stored is None:
+        try:
+            config = RunConfig.model_validate({"backends": backends.model_dump(), **given, "run_id": run_id})
+        except ValueError as err:
+            raise RunRefused(f"invalid run {run_id}: {err}") from err
+        store.put_run(config)
+        return config
+    current = stored.model_dump(mode="json")
+    differ = [k for k, v in given.items() if k not in RESUMABLE and k != "run_id" and current.get(k) != v]
+    if differ:
+        what = ", ".join(f"{k}={current.get(k)!r} (asked {given[k]!r})" for k in differ)
+        raise RunRefused(f"run {run_id} exists with {what}; resume it with the same settings (only "
+                         f"{' and '.join(RESUMABLE)} may change) or start a run with another run_id")
+    updated = RunConfig.model_validate({**current, **{k: given[k] for k in RESUMABLE if k in given}})
+    if updated != stored:
+        store.put_run(updated)
+    return updated
+
+
+class ArchiveHost:
+    """The archive service of every active run behind one set of subscriptions (one per evt.* subject).
+
+    Events, start-ups and HTTP requests for new runs all run on the bus loop's thread (`run_pending` between
+    fetches), so each `ArchiveService` stays single-threaded, as in embedded mode.
+    """
+
+    def __init__(self, bus: Any, store: ArchiveStore, backends: Backends) -> None:
+        from archive.service import ArchiveService
+
+        self._service_class = ArchiveService
+        self.bus = bus
+        self.store = store
+        self.backends = backends
+        self.runs: dict[str, Any] = {}
+        self._pending: queue.SimpleQueue[RunConfig] = queue.SimpleQueue()
+
+    def request(self, config: RunConfig) -> RunConfig:
+        """POST /api/runs: store the run now (refusing conflicts), start it on the loop thread soon."""
+        given = config.model_dump(mode="json", include=config.model_fields_set)
+        resolved = resolve_run(self.store, config.run_id, given, self.backends)
+        self._pending.put(resolved)
+        return resolved
+
+    def resume_all(self, run_id: str | None = None, given: Mapping[str, Any] | None = None) -> None:
+        """At start-up: the run the environment describes starts (or resumes), and every stored run resumes."""
+        if run_id is not None:
+            resolve_run(self.store, run_id, given or {}, self.backends)
+        for stored_id in self.store.run_ids():
+            config = self.store.get_run(stored_id)
+            if config is not None:
+                self._pending.put(config)
+
+    def run_pending(self) -> None:
+        while True:
+            try:
+                config = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            self._activate(config)
+
+    def _activate(self, config: RunConfig) -> None:
+        service = self.runs.get(config.run_id)
+        if service is not None:  # a running run whose budget or parallelism changed
+            service.config = config
+            service.pump()
+            return
+        service = self._service_class(self.bus, self.store, config)
+        self.runs[config.run_id] = service
+        resumed = service.start()
+        log.info("run %s %s (budget %d, protocol %s, seed %d)", config.run_id,
+                 f"resumed: {resumed} piece(s) of work redone" if resumed else "started", config.budget,
+                 config.protocol, config.seed)
+
+    def _service_of(self, message: Message) -> Any | None:
+        service = self.runs.get(message.run_id)
+        if service is None:
+            config = self.store.get_run(message.run_id)
+            if config is None:
+                log.warning("%s for %s/%s: no such run in the archive; dropped", message.subject, message.run_id,
+                            message.node_id)
+                return None
+            self._activate(config)
+            service = self.runs[message.run_id]
+        return service
+
+    def handle(self, event: Message) -> None:
+        service = self._service_of(event)
+        if service is not None:
+            service.handle(event)
+
+    def dead_letter(self, message: Message, reason: str) -> None:
+        service = self._service_of(message)
+        if service is not None:
+            service.dead_letter(message, reason)
+        else:
+            METRICS.dead_letters.labels(subject=message.subject).inc()
+
+
+def open_store(settings: ServiceSettings) -> ArchiveStore:
+    """MongoDB when POISE_MONGO_URL is set, else SQLite at POISE_WORK_DIR/archive.db."""
+    if settings.mongo_url:
+        from archive.mongo_store import MongoStore
+
+        return MongoStore(settings.mongo_url)
+    from archive.sqlite_store import SQLiteStore
+
+    return SQLiteStore(settings.work_dir / "archive.db")
+
+
+def store_check(store: ArchiveStore) -> Check:
+    def check() -> str | None:
+        ping = getattr(store, "ping", None)
+        if ping is not None:
+            return None if ping() else "the archive store does not answer ping"
+        store.run_ids()  # SQLite: a read that fails if the file is unusable
+        return None
+
+    return check
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+class PerRun:
+    """One service per run, made on the run's first message: node ids repeat across runs, and the
+    implementer verifies under the run's protocol."""
+
+    def __init__(self, make: Callable[[str], Any]) -> None:
+        self.make = make
+        self.services: dict[str, Any] = {}
+
+    def handle(self, message: Message) -> None:
+        service = self.services.get(message.run_id)
+        if service is None:
+            service = self.services[message.run_id] = self.make(message.run_id)
+        service.handle(message)
+
+
+def nodes_dir(settings: ServiceSettings, run_id: str) -> Path:
+    return settings.work_dir / "runs" / run_id / "nodes"
+
+
+def forward_dead_letter(bus: Any) -> Callable[[Message, str], None]:
+    """A worker's dead letters: the node fails in that phase (the archive applies the evt.failed)."""
+    from archive.service import dead_letter_failure
+
+    def dead_letter(message: Message, reason: str) -> None:
+        METRICS.dead_letters.labels(subject=message.subject).inc()
+        failed = dead_letter_failure(message, reason)
+        if failed is None:
+            log.error("%s for %s/%s given up: %s", message.subject, message.run_id, message.node_id, reason)
+            return
+        bus.publish(failed)
+
+    return dead_letter
+
+
+# --------------------------------------------------------------------------------------- the service
+
+
+@dataclass
+class Runtime:
+    """What `serve` runs for one service."""
+
+    subscriptions: dict[str, Callable[[Message], Any]]
+    dead_letter: Callable[[Message, str], None]
+    checks: dict[str, Check] = field(default_factory=dict)
+    router: APIRouter | None = None
+    between: Callable[[], None] | None = None  # run on the loop thread between fetches (archive)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    counter_label: str = ""
+
+
+def build_runtime(service: str, bus: Any, settings: ServiceSettings) -> Runtime:
+    """The service `service` on `bus`, with its health checks, HTTP routes and what to close at the end."""
+    if service == "archive":
+        store = open_store(settings)
+        try:
+            host = ArchiveHost(bus, store, settings.backends())
+            host.resume_all(settings.run_id, settings.run_settings())
+        except (RunRefused, ArchiveError) as err:
+            store.close()
+            raise ServeError(str(err)) from err
+        return Runtime(subscriptions={subject: host.handle for subject in EVENT_SUBJECTS},
+                       dead_letter=host.dead_letter, checks={"store": store_check(store)},
+                       router=archive_router(store, start_run=host.request), between=host.run_pending,
+                       closers=[store.close], counter_label="evt.*")
+    if settings.trainer_backend != "testbed" and service == "trainer":
+        raise ServeError(f"POISE_TRAINER_BACKEND={settings.trainer_backend}: no trainer service for it in this "
+                         "build (trainer/service.py runs the CPU testbed); use testbed")
+    if settings.evaluator_backend != "testbed" and service == "evaluator":
+        raise ServeError(f"POISE_EVALUATOR_BACKEND={settings.evaluator_backend}: no evaluator service for it in "
+                         "this build (evaluator/service.py runs the CPU testbed); use testbed")
+    dead_letter = forward_dead_letter(bus)
+    if service in ("proposer", "reflector"):
+        from archive.client import ArchiveClient
+
+        client = ArchiveClient(settings.archive_url)
+        if service == "proposer":
+            from proposer.service import ProposerService as Worker
+        else:
+            from reflector.service import ReflectorService as Worker
+        worker = Worker(bus, client)
+        return Runtime({worker.subject: worker.handle}, dead_letter, closers=[client.close],
+                       counter_label=worker.subject)
+    if service == "implementer":
+        from archive.client import ArchiveClient
+        from implementer.service import ImplementerService
+
+        client = ArchiveClient(settings.archive_url)
+
+        def implementer(run_id: str) -> ImplementerService:
+            config = client.get_run(run_id)
+            if config is None:
+                raise ArchiveError(f"run {run_id} is not in the archive at {settings.archive_url}")
+            return ImplementerService(bus, nodes_dir(settings, run_id), config.protocol,
+                                      config.max_correction_attempts, verify_wall_s=settings.verify_wall_s)
+
+        return Runtime({"work.implement": PerRun(implementer).handle}, dead_letter, closers=[client.close],
+                       counter_label="work.implement")
+    if service == "trainer":
+        from trainer.service import TrainerService
+
+        trainers = PerRun(lambda run_id: TrainerService(bus, nodes_dir(settings, run_id)))
+        return Runtime({"work.train": trainers.handle}, dead_letter, counter_label="work.train")
+    if service == "evaluator":
+        from evaluator.service import EvaluatorService
+
+        evaluator = EvaluatorService(bus)
+        return Runtime({evaluator.subject: evaluator.handle}, dead_letter, counter_label=evaluator.subject)
+    raise ServeError(f"unknown service {service!r}; one of: {', '.join(SERVICES)}")
+
+
+class BusCounters:
+    """Copies the bus's redelivery count into `poise_bus_redeliveries_total` at each scrape.
+
+    A per-subject mapping is copied per subject; a plain number is labelled with the subject this service
+    consumes (a worker consumes one subject; the archive's events are labelled `evt.*`)."""
+
+    def __init__(self, bus: Any, label: str) -> None:
+        self.bus = bus
+        self.label = label
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def sync(self) -> None:
+        value = getattr(self.bus, "redelivered", None)
+        if isinstance(value, Mapping):
+            totals = {str(subject): int(n) for subject, n in value.items()}
+        elif isinstance(value, int | float):
+            totals = {self.label: int(value)}
+        else:
+            return
+        with self._lock:
+            for subject, total in totals.items():
+                delta = total - self._seen.get(subject, 0)
+                if delta > 0:
+                    METRICS.bus_redeliveries.labels(subject=subject).inc(delta)
+                self._seen[subject] = max(total, self._seen.get(subject, 0))
+
+
+def bus_check(bus: Any, url: str) -> Check:
+    def check() -> str | None:
+        return None if bus.healthy() else f"not connected to NATS JetStream at {url}"
+
+    return check
+
+
+def make_bus(service: str, settings: ServiceSettings, dead_letter: Callable[[Message, str], None]) -> Any:
+    from poise.nats_bus import NatsBus
+
+    return NatsBus(settings.nats_url, ack_wait_s=settings.ack_wait_s, max_deliver=settings.max_deliver,
+                   nak_delay_s=settings.nak_delay_s, dead_letter=dead_letter, name=f"poise-{service}")
+
+
+def connect(bus: Any, stop: threading.Event, url: str) -> bool:
+    """Connect, retrying with backoff until it works (True) or `stop` is set (False)."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            bus.connect()
+            return True
+        except Exception as err:  # noqa: BLE001 - NATS not up yet (compose start order); keep trying
+            log.warning("cannot connect to NATS at %s (%s: %s); retrying in %.1f s", url, type(err).__name__, err,
+                        delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 15.0)
+    return False
+
+
+def bus_loop(bus: Any, stop: threading.Event, between: Callable[[], None] | None) -> None:
+    """Fetch and handle messages until `stop`; `between` runs on this thread between fetches."""
+    if between is None:
+        bus.run_forever(stop)
+        return
+    while not stop.is_set():
+        between()
+        bus.drain_once(timeout_s=LOOP_TICK_S)
+
+
+def serve(service: str, settings: ServiceSettings, stop: threading.Event | None = None,
+          bus_factory: Callable[..., Any] = make_bus, on_ready: Callable[[HttpServer], None] | None = None) -> int:
+    """Run `service` until `stop` is set (SIGTERM/SIGINT set it when called from the main thread)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
+    runtime: Runtime | None = None
+
+    def dead_letter(message: Message, reason: str) -> None:  # the bus exists before the service it feeds
+        if runtime is None:
+            log.error("%s for %s/%s dead-lettered before the service started: %s", message.subject,
+                      message.run_id, message.node_id, reason)
+            return
+        runtime.dead_letter(message, reason)
+
+    bus = bus_factory(service, settings, dead_letter)
+    http: HttpServer | None = None
+    status = 0
+    try:
+        runtime = build_runtime(service, bus, settings)
+        counters = BusCounters(bus, runtime.counter_label)
+        checks = {"bus": bus_check(bus, settings.nats_url), **runtime.checks}
+        app = build_app(service, checks, stop, runtime.router, counters.sync)  # stop set: /healthz says so
+        http = HttpServer(app, settings.http_host, settings.http_port).start()
+        log.info("%s serving /healthz and /metrics on port %d", service, http.port)
+        if on_ready is not None:
+            on_ready(http)
+        if connect(bus, stop, settings.nats_url):
+            for subject, handler in runtime.subscriptions.items():
+                bus.subscribe(subject, handler)
+            status = _run_until_stopped(bus, stop, runtime.between, settings.shutdown_grace_s)
+    finally:
+        stop.set()
+        bus.close()
+        for close in runtime.closers if runtime is not None else ():
+            close()
+        if http is not None:
+            http.stop()
+    log.info("%s stopped", service)
+    return status
+
+
+def _run_until_stopped(bus: Any, stop: threading.Event, between: Callable[[], None] | None, grace_s: float) -> int:
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            bus_loop(bus, stop, between)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread, which exits 1
+            failure.append(err)
+            log.exception("the bus loop stopped on an error")
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=loop, name="bus", daemon=True)
+    thread.start()
+    stop.wait()
+    log.info("stopping: no new messages; waiting up to %.0f s for the current handler", grace_s)
+    thread.join(grace_s)
+    if thread.is_alive():
+        log.warning("the current handler did not finish within %.0f s; its message stays unacknowledged and "
+                    "JetStream redelivers it after the ack wait", grace_s)
+    return 1 if failure else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="poise serve", description="run one POISE service (distributed mode)")
+    parser.add_argument("service", choices=SERVICES)
+    args = parser.parse_args(argv)
+    return run_service(args.service)
+
+
+def run_service(service: str) -> int:
+    """The `poise serve` entry point: settings from the environment, clear errors, exit status."""
+    try:
+        settings = load_settings()
+    except SettingsError as err:
+        print(err, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    disable_created_metrics()
+    try:
+        return serve(service, settings)
+    except ServeError as err:
+        print(f"poise serve {service}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""What a service reads from its environment in distributed mode (`poise serve`): `POISE_*` variables.
+
+Every variable is optional; the defaults suit docker compose (service names as hosts). An empty variable
+counts as unset, so compose files can pass `POISE_MONGO_URL: ${MONGO_URL:-}`. Bad values are refused at
+start-up with one line per variable (`load_settings` raises `SettingsError`), never deep inside a handler.
+
+The archive also reads the run it owns: `POISE_RUN_ID` and, optionally, any `RunConfig` setting
+(`POISE_BUDGET`, `POISE_PARALLEL`, `POISE_SEED`, `POISE_PROTOCOL`, ...). Without `POISE_RUN_ID` it waits
+for `POST /api/runs`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from poise.contracts import Backends, RunConfig, parse_llm_spec
+
+ENV_PREFIX = "POISE_"
+SERVICES = ("archive", "proposer", "implementer", "trainer", "evaluator", "reflector")  # `poise serve SERVICE`
+# RunConfig settings the archive takes from the environment (POISE_<NAME>); run_id names the run.
+RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
+                "max_correction_attempts")
+
+
+class SettingsError(ValueError):
+    """The environment does not describe a service that can start; the message names each bad variable."""
+
+
+def _scheme(url: str, schemes: tuple[str, ...], what: str) -> str:
+    if not url.startswith(tuple(f"{s}://" for s in schemes)):
+        raise ValueError(f"{what} must start with {' or '.join(f'{s}://' for s in schemes)}, got {url!r}")
+    return url
+
+
+class ServiceSettings(BaseSettings):
+    """One service's settings; the variable of each field is POISE_<FIELD> (e.g. POISE_NATS_URL)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore")
+
+    nats_url: str = Field("nats://nats:4222", description="NATS server(s), comma-separated")
+    mongo_url: str | None = Field(None, description="the archive's MongoDB; unset: SQLite under work_dir")
+    work_dir: Path = Field(Path("/var/lib/poise"), description="shared volume: node directories, checkpoints")
+    archive_url: str = Field("http://archive:8000", description="the archive's HTTP API, for proposer/reflector")
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8000, ge=0, le=65535, description="/healthz, /metrics and (archive) /api/; 0: any free")
+    trainer_backend: Literal["testbed", "verl"] = "testbed"
+    evaluator_backend: Literal["testbed", "vllm"] = "testbed"
+    vllm_url: str | None = Field(None, description="the vLLM OpenAI-compatible server; needed with vllm")
+    llm: str | None = Field(None, description="agent LLM spec (offline, anthropic:<model>, openai:<url>#<model>)")
+    ack_wait_s: float = Field(300.0, gt=0, description="JetStream ack wait; handlers heartbeat within it")
+    max_deliver: int = Field(3, ge=1, description="deliveries of a message before it is dead-lettered")
+    nak_delay_s: float = Field(10.0, ge=0, description="delay before a failed message is redelivered")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long the current handler may finish")
+    verify_wall_s: float = Field(120.0, gt=0, description="implementer: wall limit of one sandboxed verification")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    run_id: str | None = Field(None, description="archive: the run to start or resume at start-up")
+    budget: int | None = None
+    parallel: int | None = None
+    seed: int | None = None
+    protocol: str | None = None
+    parent_selection: str | None = None
+    root_seeds: int | None = None
+    replicate_seeds: int | None = None
+    max_correction_attempts: int | None = None
+
+    @field_validator("nats_url")
+    @classmethod
+    def _check_nats_url(cls, url: str) -> str:
+        for server in url.split(","):
+            _scheme(server.strip(), ("nats", "tls", "ws", "wss"), "each NATS server")
+        return url
+
+    @field_validator("mongo_url")
+    @classmethod
+    def _check_mongo_url(cls, url: str | None) -> str | None:
+        return None if url is None else _scheme(url, ("mongodb", "mongodb+srv"), "the MongoDB URL")
+
+    @field_validator("archive_url", "vllm_url")
+    @classmethod
+    def _check_http_url(cls, url: str | None) -> str | None:
+        return None if url is None else _scheme(url, ("http", "https"), "the URL").rstrip("/")
+
+    @field_validator("llm")
+    @classmethod
+    def _check_llm(cls, llm: str | None) -> str | None:
+        if llm is not None:
+            parse_llm_spec(llm)
+        return llm
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, level: object) -> object:
+        return level.upper() if isinstance(level, str) else level
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ServiceSettings:
+        if self.evaluator_backend == "vllm" and not self.vllm_url:
+            raise ValueError("POISE_EVALUATOR_BACKEND=vllm needs POISE_VLLM_URL (e.g. http://vllm:8000)")
+        given = self.run_settings()
+        if given and self.run_id is None:
+            names = ", ".join(ENV_PREFIX + k.upper() for k in given)
+            raise ValueError(f"{names} set without POISE_RUN_ID; name the run they describe")
+        self.run_config()  # a run described by the environment must be a valid RunConfig now, not later
+        return self
+
+    def run_settings(self) -> dict[str, object]:
+        """The RunConfig settings given in the environment (not the defaults)."""
+        return {k: getattr(self, k) for k in RUN_SETTINGS if getattr(self, k) is not None}
+
+    def backends(self) -> Backends:
+        return Backends(trainer=self.trainer_backend, evaluator=self.evaluator_backend,
+                        store="mongo" if self.mongo_url else "sqlite", bus="nats", llm=self.llm or "offline")
+
+    def run_config(self) -> RunConfig | None:
+        """The run the environment describes (POISE_RUN_ID and settings), or None without POISE_RUN_ID."""
+        if self.run_id is None:
+            return None
+        try:
+            return RunConfig(run_id=self.run_id, **self.run_settings(), backends=self.backends())
+        except ValidationError as err:
+            raise ValueError("the run described by the environment is invalid: " + "; ".join(
+                f"{ENV_PREFIX}{str(e['loc'][-1]).upper()}: {e['msg']}" for e in err.errors())) from None
+
+
+def load_settings(**overrides: object) -> ServiceSettings:
+    """The settings from the environment (`overrides` win), or SettingsError naming every bad variable."""
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as err:
+        raise SettingsError("invalid service settings:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+
+
+def _describe(error: dict) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a whole-settings check: the message names its variables
+        return f"  {message}"
+    variable = ENV_PREFIX + ".".join(map(str, error["loc"])).upper()
+    return f"  {variable}={error['input']!r}: {message}"

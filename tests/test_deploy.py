@@ -1,0 +1,795 @@
+"""Offline checks of the deployment files: docker-compose.yml, the Dockerfiles and .dockerignore,
+prometheus/prometheus.yml, grafana/, and the kustomize tree under k8s/.
+
+Nothing here needs a Docker engine or a cluster. The tools: check-jsonschema with its vendored compose-spec
+schema, `kubectl kustomize` (renders offline) and kubernetes-validate (bundled OpenAPI schemas, strict mode);
+`kubectl apply --dry-run=client` is not used because it needs a cluster. A test whose tool is missing is
+skipped and says which tool; on the development machine all of them are installed (.venv, kubectl on PATH).
+Everything else (cross-references, security posture, scrape targets, dashboard queries) is checked here in
+Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from poise.settings import SERVICES, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+PROMETHEUS_FILE = ROOT / "prometheus" / "prometheus.yml"
+GRAFANA_DIR = ROOT / "grafana"
+DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "poise-loop.json"
+K8S_DIR = ROOT / "k8s"
+OVERLAYS = sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
+K8S_VERSION = "1.32"  # the cluster's minor version; kubernetes-validate bundles the schemas of each release
+
+PROFILES = ("cpu", "gpu")
+# The metric names of poise/metrics.py the dashboard may query (a contract with that module).
+METRICS = {
+    "poise_phase_duration_seconds": "histogram",
+    "poise_phase_outcomes_total": "counter",
+    "poise_candidates_in_flight": "gauge",
+    "poise_bus_redeliveries_total": "counter",
+    "poise_dead_letters_total": "counter",
+    "poise_llm_tokens_total": "counter",
+    "poise_llm_cost_usd_total": "counter",
+    "poise_trainer_tokens_per_second": "gauge",
+    "poise_evaluated_candidates_total": "counter",
+    "poise_best_utility": "gauge",
+}
+CANDIDATE_LABEL = "poise.io/runs-candidate-code"  # pods that run LLM-written code
+SECRET_NAME = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD)$")
+LLM_KEYS = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY")
+LLM_AGENTS = {"proposer", "reflector"}  # the only services given the agent LLM's API keys
+
+
+# ------------------------------------------------------------------------------------------------ tools
+
+
+def tool(name: str) -> str:
+    """The path of a command-line tool (the project's .venv first), or skip the test that needs it."""
+    for folder in (ROOT / ".venv" / "bin", Path(sys.executable).parent):
+        if (folder / name).is_file():
+            return str(folder / name)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]' for the Python tools; kubectl from the "
+                    "Kubernetes release)")
+    return found
+
+
+def run_tool(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------------------------- compose
+
+INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's variable substitution with an empty environment: each ${VAR:-default} becomes its default."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return match.group("default") or "" if match.group("op") in (":-", "-") else ""
+
+    return INTERPOLATION.sub(substitute, value)
+
+
+@cache
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())  # PyYAML resolves the << merge keys as compose does
+
+
+def services() -> dict[str, dict]:
+    return compose()["services"]
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {key: "" if value is None else str(value) for key, value in env.items()}
+
+
+def poise_role(service: dict) -> str | None:
+    """The POISE service a compose service runs (`poise serve <role>`), or None for infrastructure."""
+    command = service.get("command")
+    if isinstance(command, list) and len(command) == 2 and command[0] == "serve":
+        return command[1]
+    return None
+
+
+def active(profile: str) -> dict[str, dict]:
+    """The services `docker compose --profile <profile> up` starts."""
+    return {name: svc for name, svc in services().items()
+            if not svc.get("profiles") or profile in svc["profiles"]}
+
+
+def network_names(service: dict) -> dict[str, dict]:
+    networks = service.get("networks") or {}
+    if isinstance(networks, list):
+        return {name: {} for name in networks}
+    return {name: config or {} for name, config in networks.items()}
+
+
+def hostnames() -> dict[str, set[str]]:
+    """Each name a container can be reached by (service name or network alias) -> the services behind it."""
+    names: dict[str, set[str]] = {}
+    for name, svc in services().items():
+        names.setdefault(name, set()).add(name)
+        for config in network_names(svc).values():
+            for alias in config.get("aliases", []):
+                names.setdefault(alias, set()).add(name)
+    return names
+
+
+def test_compose_file_matches_the_compose_spec():
+    checker = tool("check-jsonschema")
+    result = run_tool(checker, "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_spec_check_rejects_a_broken_file(tmp_path):
+    # the validator must really run offline and catch errors, or the test above proves nothing
+    checker = tool("check-jsonschema")
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("condition: service_healthy", "condition: service_happy", 1))
+    result = run_tool(checker, "--builtin-schema", "vendor.compose-spec", str(broken))
+    assert result.returncode != 0 and "service_happy" in result.stdout + result.stderr
+
+
+def test_compose_references_are_declared():
+    declared = {kind: set(compose().get(kind) or {}) for kind in ("volumes", "networks", "secrets", "configs")}
+    problems = []
+    for name, svc in services().items():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume.get("source")
+            kind = "tmpfs" if isinstance(volume, dict) and volume.get("type") == "tmpfs" else None
+            if kind or source is None:
+                continue
+            if source.startswith((".", "/")):  # a bind mount: the path must exist in the repository
+                if not (ROOT / source).exists():
+                    problems.append(f"{name}: bind-mounted path {source} does not exist")
+            elif source not in declared["volumes"]:
+                problems.append(f"{name}: volume {source} is not declared under volumes:")
+        for network in network_names(svc):
+            if network not in declared["networks"]:
+                problems.append(f"{name}: network {network} is not declared under networks:")
+        for kind in ("secrets", "configs"):
+            for item in svc.get(kind, []):
+                ref = item if isinstance(item, str) else item["source"]
+                if ref not in declared[kind]:
+                    problems.append(f"{name}: {kind[:-1]} {ref} is not declared under {kind}:")
+        for dependency in svc.get("depends_on") or {}:
+            if dependency not in services():
+                problems.append(f"{name}: depends on {dependency}, which is not a service")
+    assert not problems, "\n".join(problems)
+
+
+def test_compose_dependencies_start_in_every_profile_that_needs_them():
+    # compose refuses to start a service whose dependency is disabled by the chosen profile
+    for profile in PROFILES:
+        running = active(profile)
+        for name, svc in running.items():
+            for dependency in svc.get("depends_on") or {}:
+                assert dependency in running, f"--profile {profile}: {name} depends on {dependency}, not started"
+
+
+def test_compose_waits_for_health_not_just_start():
+    for name, svc in services().items():
+        depends = svc.get("depends_on") or {}
+        assert isinstance(depends, dict), f"{name}: depends_on needs conditions (the long form)"
+        for dependency, spec in depends.items():
+            target = services()[dependency]
+            expected = ("service_completed_successfully" if target.get("restart") == "no" else
+                        "service_healthy" if "healthcheck" in target else "service_started")
+            assert spec.get("condition") == expected, f"{name} -> {dependency}: condition should be {expected}"
+
+
+def test_compose_profiles_are_cpu_or_gpu_and_each_runs_all_six_services():
+    for name, svc in services().items():
+        for profile in svc.get("profiles", []):
+            assert profile in PROFILES, f"{name}: profile {profile!r} is not one of {PROFILES}"
+    for profile in PROFILES:
+        roles = sorted(role for svc in active(profile).values() if (role := poise_role(svc)))
+        assert roles == sorted(SERVICES), f"--profile {profile} runs {roles}, expected each of {SERVICES} once"
+
+
+def test_compose_poise_services_have_healthchecks_and_their_settings(monkeypatch):
+    backends = {"cpu": ("testbed", "testbed"), "gpu": ("verl", "vllm")}
+    for name, svc in services().items():
+        role = poise_role(svc)
+        if role is None:
+            continue
+        env = {key: interpolate(value) for key, value in environment(svc).items()}
+        test = " ".join(svc.get("healthcheck", {}).get("test", []))
+        assert f"127.0.0.1:{env['POISE_HTTP_PORT']}/healthz" in test, f"{name}: no healthcheck on /healthz"
+        assert f"{env['POISE_HTTP_PORT']}" in svc.get("expose", []), f"{name}: HTTP port not exposed"
+        for variable in ("POISE_NATS_URL", "POISE_WORK_DIR", "POISE_HTTP_PORT"):
+            assert env.get(variable), f"{name}: {variable} is not set"
+        if role == "archive":
+            assert "replicaSet=rs0" in env.get("POISE_MONGO_URL", ""), f"{name}: needs POISE_MONGO_URL (rs0)"
+        else:
+            assert "POISE_MONGO_URL" not in env, f"{name}: only the archive talks to MongoDB"
+        if role in ("proposer", "implementer", "reflector"):
+            assert env.get("POISE_ARCHIVE_URL") == "http://archive:8000", f"{name}: needs POISE_ARCHIVE_URL"
+        for profile in svc.get("profiles", []):
+            trainer, evaluator = backends[profile]
+            if role == "trainer":
+                assert env.get("POISE_TRAINER_BACKEND") == trainer, f"{name}: the {profile} trainer is {trainer}"
+            if role == "evaluator":
+                assert env.get("POISE_EVALUATOR_BACKEND") == evaluator, f"{name}: the {profile} evaluator"
+        # what the service itself will make of it (poise/settings.py): an empty variable counts as unset
+        for variable in [v for v in os.environ if v.startswith("POISE_")]:
+            monkeypatch.delenv(variable)
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+        try:
+            settings = load_settings()
+        except SettingsError as err:
+            pytest.fail(f"{name}: poise/settings.py refuses its environment: {err}")
+        assert settings.http_port == int(env["POISE_HTTP_PORT"])
+
+
+def test_compose_services_without_healthcheck_are_known():
+    # the nats exporter image is FROM scratch (nothing to run a check with); one-shot jobs exit instead
+    for name, svc in services().items():
+        if name == "nats-exporter" or svc.get("restart") == "no":
+            continue
+        assert "healthcheck" in svc, f"{name}: no healthcheck"
+
+
+def test_compose_build_contexts_and_dockerfiles_exist():
+    built = {name: svc["build"] for name, svc in services().items() if "build" in svc}
+    assert built, "no service is built from this repository"
+    for name, build in built.items():
+        context = ROOT / build.get("context", ".")
+        assert context.is_dir(), f"{name}: build context {context} missing"
+        assert (context / build.get("dockerfile", "Dockerfile")).is_file(), f"{name}: Dockerfile missing"
+    gpu_images = {svc["build"].get("dockerfile") for svc in active("gpu").values()
+                  if "build" in svc and poise_role(svc) == "trainer"}
+    assert gpu_images == {"Dockerfile.gpu"}, "the gpu profile's trainer must be built from Dockerfile.gpu"
+
+
+def test_compose_gpu_services_reserve_gpus_and_shared_memory():
+    for name, svc in active("gpu").items():
+        if name not in ("trainer-verl", "vllm"):
+            continue
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert all("gpu" in device["capabilities"] for device in devices), f"{name}: GPU capabilities"
+        assert svc.get("shm_size") or svc.get("ipc") == "host", f"{name}: needs a large /dev/shm"
+        mounts = {v.split(":")[0]: v for v in svc["volumes"] if isinstance(v, str)}
+        assert "model-cache" in mounts and "poise-work" in mounts, f"{name}: model cache and checkpoint volume"
+    assert any(svc.get("image", "").startswith("vllm/") for svc in active("gpu").values()), "no vLLM server"
+
+
+def test_compose_images_are_pinned():
+    for name, svc in services().items():
+        image = svc.get("image", "")
+        if "build" in svc:
+            continue
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag ({image})"
+
+
+def test_compose_has_no_literal_secrets_and_keys_reach_only_the_agents():
+    for name, svc in services().items():
+        for variable, value in environment(svc).items():
+            if SECRET_NAME.search(variable):
+                assert re.fullmatch(r"\$\{" + variable + r"(:?-)?\}", value), \
+                    f"{name}: {variable} must come from the environment as ${{{variable}:-}}, not a value"
+        has_keys = any(key in environment(svc) for key in LLM_KEYS)
+        assert has_keys == (poise_role(svc) in LLM_AGENTS), f"{name}: API keys go to proposer and reflector only"
+
+
+def test_compose_poise_services_drop_privileges_and_candidates_stay_on_the_internal_network():
+    internal = {name for name, net in (compose().get("networks") or {}).items() if (net or {}).get("internal")}
+    for name, svc in services().items():
+        if poise_role(svc):
+            assert svc.get("cap_drop") == ["ALL"], f"{name}: drop all capabilities"
+            assert "no-new-privileges:true" in svc.get("security_opt", []), f"{name}: no-new-privileges"
+        if poise_role(svc) in ("implementer", "trainer"):
+            assert set(network_names(svc)) <= internal, f"{name} runs candidate code: internal networks only"
+
+
+# ----------------------------------------------------------------------------------- Dockerfiles, context
+
+
+def dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as a regex: `**` any folders, `*` and `?` within one name, `[...]` a class."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i:]:
+            end = pattern.index("]", i)
+            out.append(pattern[i: end + 1])
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def dockerignore_includes(path: str, patterns: list[str]) -> bool:
+    """Whether the build context keeps `path`: the last pattern matching it or one of its parents wins."""
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    included = True
+    for raw in patterns:
+        regex = dockerignore_regex(raw.removeprefix("!").strip("/"))
+        if any(regex.fullmatch(prefix) for prefix in prefixes):
+            included = raw.startswith("!")
+    return included
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfile_copies_only_what_the_context_keeps(dockerfile):
+    text = (ROOT / dockerfile).read_text()
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    copies = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ") and "--from" not in line]
+    assert copies, f"{dockerfile} copies nothing"
+    for sources in copies:
+        for source in sources:
+            assert (ROOT / source).exists(), f"{dockerfile}: COPY {source}: no such path"
+            assert dockerignore_includes(source, patterns), f"{dockerfile}: COPY {source} is excluded by .dockerignore"
+    for private in (".git/config", ".venv/bin/python", "runs/x", ".env", "poise/.env", "poise/__pycache__/a.pyc",
+                    "poise/a.pyc"):
+        assert not dockerignore_includes(private, patterns), f".dockerignore lets {private} into the image"
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfile_runs_poise_as_a_non_root_user(dockerfile):
+    lines = [line.strip() for line in (ROOT / dockerfile).read_text().splitlines()]
+    user = [line for line in lines if line.startswith("USER ")]
+    assert user and not user[-1].split()[1].startswith(("root", "0")), f"{dockerfile}: must end as a non-root USER"
+    entrypoint = next(line for line in lines if line.startswith("ENTRYPOINT "))
+    assert json.loads(entrypoint.removeprefix("ENTRYPOINT "))[-1] == "poise"
+    assert not re.search(r"(API_KEY|TOKEN|SECRET|PASSWORD)\w*\s*=", "\n".join(lines)), \
+        f"{dockerfile}: no secret belongs in an image"
+
+
+def test_cpu_image_pins_the_cpu_build_of_torch():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "python:3.11-slim" in text
+    assert "download.pytorch.org/whl/cpu" in text and "-c constraints/cpu.txt" in text
+
+
+# ------------------------------------------------------------------------------------------- Prometheus
+
+DURATION = re.compile(r"^((\d+)y)?((\d+)w)?((\d+)d)?((\d+)h)?((\d+)m)?((\d+)s)?((\d+)ms)?$")
+PROMETHEUS_TOP_KEYS = {"global", "rule_files", "scrape_config_files", "scrape_configs", "alerting", "remote_write",
+                       "remote_read", "storage", "tracing", "otlp", "runtime"}
+SCRAPE_KEYS = {"job_name", "scrape_interval", "scrape_timeout", "metrics_path", "scheme", "honor_labels",
+               "honor_timestamps", "params", "static_configs", "relabel_configs", "metric_relabel_configs",
+               "basic_auth", "authorization", "tls_config", "follow_redirects", "sample_limit", "scrape_protocols"}
+RELABEL_ACTIONS = {"replace", "keep", "drop", "keepequal", "dropequal", "hashmod", "labelmap", "labeldrop",
+                   "labelkeep", "lowercase", "uppercase"}
+
+
+def seconds(duration: str) -> float:
+    match = DURATION.match(duration)
+    assert match and duration, f"{duration!r} is not a Prometheus duration"
+    units = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+    return sum(int(match.group(2 * i + 2) or 0) * unit for i, unit in enumerate(units))
+
+
+@cache
+def prometheus() -> dict:
+    return yaml.safe_load(PROMETHEUS_FILE.read_text())
+
+
+def scrape_targets() -> Iterator[tuple[str, str, str]]:
+    for job in prometheus()["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                yield job["job_name"], host, port
+
+
+def test_prometheus_config_is_well_formed():
+    # promtool is not available here: this is the subset of `promtool check config` that matters for a
+    # static-target file (known keys, unique jobs, valid durations, timeout <= interval, valid relabelling)
+    config = prometheus()
+    assert set(config) <= PROMETHEUS_TOP_KEYS, f"unknown top-level keys: {set(config) - PROMETHEUS_TOP_KEYS}"
+    default_interval = config.get("global", {}).get("scrape_interval", "1m")
+    default_timeout = config.get("global", {}).get("scrape_timeout", "10s")
+    jobs = [job["job_name"] for job in config["scrape_configs"]]
+    assert len(jobs) == len(set(jobs)), f"duplicate job names: {jobs}"
+    for job in config["scrape_configs"]:
+        assert set(job) <= SCRAPE_KEYS, f"{job['job_name']}: unknown keys {set(job) - SCRAPE_KEYS}"
+        interval = seconds(job.get("scrape_interval", default_interval))
+        timeout = seconds(job.get("scrape_timeout", default_timeout))
+        assert 0 < timeout <= interval, f"{job['job_name']}: scrape_timeout must not exceed scrape_interval"
+        assert job.get("metrics_path", "/metrics").startswith("/")
+        for relabel in job.get("relabel_configs", []) + job.get("metric_relabel_configs", []):
+            assert relabel.get("action", "replace") in RELABEL_ACTIONS
+            re.compile(relabel.get("regex", "(.*)"))
+    for _, host, port in scrape_targets():
+        assert host and port.isdigit(), f"target {host}:{port} is not host:port"
+
+
+def test_prometheus_scrapes_every_compose_service_on_its_port():
+    names = hostnames()
+    scraped = set()
+    for job, host, port in scrape_targets():
+        if host == "localhost":
+            continue
+        assert host in names, f"job {job}: target {host} is no compose service or network alias"
+        for name in names[host]:
+            svc = services()[name]
+            assert port in [str(p) for p in svc.get("expose", [])], f"job {job}: {name} does not listen on {port}"
+            if poise_role(svc):
+                assert environment(svc)["POISE_HTTP_PORT"] == port
+                scraped.add(poise_role(svc))
+        scraped.update(names[host])
+    assert set(SERVICES) <= scraped, f"not scraped: {set(SERVICES) - scraped}"
+    assert "nats-exporter" in scraped, "the NATS exporter is not scraped"
+    assert all(job.get("metrics_path", "/metrics") in ("/metrics", "/metrics/")
+               for job in prometheus()["scrape_configs"])
+
+
+# ---------------------------------------------------------------------------------------------- Grafana
+
+PROMQL_WORDS = {
+    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group",
+    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
+    "rate", "irate", "increase", "delta", "idelta", "deriv", "resets", "changes", "histogram_quantile",
+    "clamp", "clamp_min", "clamp_max", "abs", "ceil", "floor", "round", "exp", "ln", "log2", "log10", "sqrt",
+    "scalar", "vector", "time", "timestamp", "sort", "sort_desc", "absent", "absent_over_time", "label_replace",
+    "label_join", "avg_over_time", "min_over_time", "max_over_time", "sum_over_time", "count_over_time",
+    "last_over_time", "quantile_over_time", "present_over_time", "nan", "inf",
+}
+METRIC_NAME = re.compile(r"(?<![\w.:])[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (functions, keywords, labels and variables removed)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range selectors
+    expr = re.sub(r"\$\{?\w+(?::\w+)?\}?", "", expr)  # dashboard variables ($__rate_interval, ${phase})
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)  # label lists
+    return {word for word in METRIC_NAME.findall(expr) if word.lower() not in PROMQL_WORDS}
+
+
+def base_metric(series: str) -> str:
+    """poise_phase_duration_seconds_bucket -> poise_phase_duration_seconds (a histogram's series)."""
+    for suffix in ("_bucket", "_sum", "_count"):
+        stem = series.removesuffix(suffix)
+        if stem != series and METRICS.get(stem) == "histogram":
+            return stem
+    return series
+
+
+@cache
+def dashboard() -> dict:
+    return json.loads(DASHBOARD_FILE.read_text())
+
+
+def dashboard_queries() -> Iterator[tuple[str, str]]:
+    """(where, PromQL) of every panel target and every query variable of the dashboard."""
+    def panels(items: list[dict]) -> Iterator[dict]:
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
+    for panel in panels(dashboard()["panels"]):
+        for target in panel.get("targets", []):
+            yield f"panel {panel['title']!r}", target["expr"]
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "query":
+            query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+            match = re.fullmatch(r"\s*label_values\(\s*(.+?)\s*,\s*\w+\s*\)\s*", query)
+            yield f"variable {variable['name']!r}", match.group(1) if match else query
+
+
+def test_promql_metric_extraction():
+    expr = ('histogram_quantile(0.95, sum by (le, phase) (rate(poise_phase_duration_seconds_bucket'
+            '{phase=~"$phase", outcome!="ok"}[$__rate_interval]))) / clamp_min(sum(up offset 5m), 1e-6)')
+    assert promql_metrics(expr) == {"poise_phase_duration_seconds_bucket", "up"}
+
+
+def test_dashboard_queries_only_the_poise_metrics_and_all_of_them():
+    used = set()
+    for where, expr in dashboard_queries():
+        names = {base_metric(name) for name in promql_metrics(expr)}
+        unknown = names - set(METRICS)
+        assert not unknown, f"{where} queries {unknown}, which poise/metrics.py does not export"
+        assert names, f"{where}: no metric in {expr!r}"
+        used |= names
+    assert used == set(METRICS), f"never shown: {set(METRICS) - used}"
+
+
+def test_dashboard_is_well_formed():
+    board = dashboard()
+    assert board["uid"] and board["title"] and board["schemaVersion"] >= 36
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    variables = {variable["name"] for variable in board["templating"]["list"]}
+    for panel in board["panels"]:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, f"{panel['title']}: outside the 24-column grid"
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"].strip("${}") in variables, f"{panel['title']}: unknown datasource"
+            for target in panel["targets"]:
+                for ref in re.findall(r"\$\{?(\w+)", target["expr"]):
+                    assert ref.startswith("__") or ref in variables, f"{panel['title']}: unknown variable ${ref}"
+
+
+def test_grafana_provisioning_points_at_compose():
+    datasources = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    assert "9090" in services()["prometheus"]["expose"]
+    default = next(v for v in dashboard()["templating"]["list"] if v["type"] == "datasource")
+    assert default["current"]["value"] == source["uid"], "the dashboard's default datasource is not provisioned"
+    providers = yaml.safe_load((GRAFANA_DIR / "provisioning" / "dashboards" / "poise.yml").read_text())
+    mounts = dict(v.split(":")[:2] for v in services()["grafana"]["volumes"] if v.startswith("./"))
+    for provider in providers["providers"]:
+        assert mounts.get("./grafana/dashboards") == provider["options"]["path"]
+    assert mounts.get("./grafana/provisioning") == "/etc/grafana/provisioning"
+
+
+def test_dashboard_metric_names_are_exported_by_poise_metrics():
+    from prometheus_client import CollectorRegistry
+
+    from poise.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    exported = {family.name + ("_total" if family.type == "counter" else ""): family.type
+                for family in registry.collect()}
+    assert {name: exported.get(name) for name in METRICS} == METRICS
+
+
+# ------------------------------------------------------------------------------------------- Kubernetes
+
+
+@cache
+def rendered(overlay: str) -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it renders the kustomize overlays offline)")
+    result = run_tool(kubectl, "kustomize", str(K8S_DIR / "overlays" / overlay))
+    assert result.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{result.stderr}"
+    return result.stdout
+
+
+def objects(overlay: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(rendered(overlay)) if doc]
+
+
+def workloads(overlay: str) -> Iterator[tuple[dict, dict]]:
+    """(object, pod template) of every Deployment, StatefulSet and Job."""
+    for obj in objects(overlay):
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield obj, obj["spec"]["template"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's labels."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if (operator == "In" and labels.get(key) not in values) or (operator == "NotIn" and labels.get(key) in values) \
+                or (operator == "Exists" and key not in labels) or (operator == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def test_overlays_exist():
+    assert {"workstation", "cluster"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_passes_strict_validation(overlay, tmp_path):
+    validator = tool("kubernetes-validate")
+    manifest = tmp_path / f"{overlay}.yaml"
+    manifest.write_text(rendered(overlay))
+    result = run_tool(validator, "--strict", "--quiet", "-k", K8S_VERSION, str(manifest))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_strict_validation_rejects_an_unknown_field(tmp_path):
+    # kubernetes-validate must catch a typo offline, or the test above proves nothing
+    validator = tool("kubernetes-validate")
+    manifest = tmp_path / "typo.yaml"
+    manifest.write_text(rendered(OVERLAYS[0]).replace("readOnlyRootFilesystem:", "readOnlyRootFilesystm:", 1))
+    result = run_tool(validator, "--strict", "--quiet", "-k", K8S_VERSION, str(manifest))
+    assert result.returncode != 0 and "readOnlyRootFilesystm" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_deployment_has_probes_and_scrape_annotations(overlay):
+    for obj, template in workloads(overlay):
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "Job":
+            continue
+        for container in template["spec"]["containers"]:
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert probe in container, f"{name}/{container['name']}: no {probe}"
+        if obj["kind"] == "Deployment":
+            annotations = template["metadata"].get("annotations", {})
+            assert annotations.get("prometheus.io/scrape") == "true", f"{name}: no scrape annotation"
+            assert annotations.get("prometheus.io/path") == "/metrics", f"{name}: no metrics path"
+            ports = {str(p["containerPort"]) for c in template["spec"]["containers"] for p in c.get("ports", [])}
+            assert annotations.get("prometheus.io/port") in ports, f"{name}: scrape port is not a container port"
+            for container in template["spec"]["containers"]:
+                if container.get("args", [None])[0] == "serve":
+                    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz", name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_locked_down(overlay):
+    for obj, template in workloads(overlay):
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        spec = template["spec"]
+        assert spec.get("automountServiceAccountToken") is False, f"{name}: mounts a service-account token"
+        assert spec["securityContext"].get("runAsNonRoot") is True, f"{name}: may run as root"
+        assert spec["securityContext"].get("seccompProfile") == {"type": "RuntimeDefault"}, f"{name}: no seccomp"
+        assert not any("hostPath" in volume for volume in spec.get("volumes", [])), f"{name}: a hostPath volume"
+        for container in spec["containers"]:
+            context = container.get("securityContext", {})
+            where = f"{name}/{container['name']}"
+            assert context.get("allowPrivilegeEscalation") is False, f"{where}: privilege escalation"
+            assert context.get("readOnlyRootFilesystem") is True, f"{where}: writable root filesystem"
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities not dropped"
+            resources = container.get("resources", {})
+            assert resources.get("requests") and resources.get("limits", {}).get("memory"), f"{where}: resources"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_candidate_pods_have_no_token_no_secret_and_egress_only_to_nats_and_the_archive(overlay):
+    everything = objects(overlay)
+    pods = {obj["metadata"]["name"]: template["metadata"]["labels"] for obj, template in workloads(overlay)}
+    policies = [obj for obj in everything if obj["kind"] == "NetworkPolicy"]
+    assert any(p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+               and not p["spec"].get("ingress") and not p["spec"].get("egress") for p in policies), "no default deny"
+    allowed_peers = {"nats", "archive"}
+    candidates = [(obj, template) for obj, template in workloads(overlay)
+                  if template["metadata"]["labels"].get(CANDIDATE_LABEL) == "true"]
+    assert {"implementer", "trainer"} <= {obj["metadata"]["name"] for obj, _ in candidates}
+    for obj, template in candidates:
+        name, labels, spec = obj["metadata"]["name"], template["metadata"]["labels"], template["spec"]
+        assert spec.get("automountServiceAccountToken") is False, f"{name}: service-account token"
+        text = json.dumps(spec)
+        assert "secretKeyRef" not in text and "secretRef" not in text and '"secret"' not in text, f"{name}: a Secret"
+        assert not any(key in text for key in LLM_KEYS), f"{name}: an LLM API key"
+        mine = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
+        assert any("Egress" in p["spec"]["policyTypes"] for p in mine), f"{name}: no policy restricts its egress"
+        for policy in mine:
+            for rule in policy["spec"].get("egress", []):
+                assert rule.get("to"), f"{name}: policy {policy['metadata']['name']} allows egress anywhere"
+                for peer in rule["to"]:
+                    where = f"{name}: policy {policy['metadata']['name']}"
+                    assert "ipBlock" not in peer, f"{where} allows egress to IP ranges"
+                    if "namespaceSelector" in peer:  # only DNS, only kube-dns
+                        assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name":
+                                                                             "kube-system"}}, where
+                        assert peer.get("podSelector") == {"matchLabels": {"k8s-app": "kube-dns"}}, where
+                        assert {p["port"] for p in rule["ports"]} == {53}, where
+                        continue
+                    reached = {pod for pod, pod_labels in pods.items() if selects(peer["podSelector"], pod_labels)}
+                    assert reached and reached <= allowed_peers, f"{where} reaches {reached}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_llm_keys_are_placeholders_and_reach_only_the_agents(overlay):
+    for obj in objects(overlay):
+        if obj["kind"] == "Secret":
+            assert all(value == "" for value in obj.get("stringData", {}).values()), "a Secret holds a value"
+            assert not obj.get("data"), "a Secret holds a value"
+        if obj["kind"] == "ConfigMap":
+            assert not any(SECRET_NAME.search(key) for key in obj.get("data", {})), "a secret in a ConfigMap"
+    for obj, template in workloads(overlay):
+        for container in template["spec"]["containers"]:
+            for variable in container.get("env", []):
+                if SECRET_NAME.search(variable["name"]):
+                    assert "value" not in variable, f"{obj['metadata']['name']}: literal {variable['name']}"
+            keys = {v["name"] for v in container.get("env", [])} & set(LLM_KEYS)
+            assert bool(keys) == (obj["metadata"]["name"] in LLM_AGENTS), f"{obj['metadata']['name']}: API keys"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_poise_pods_get_settings_the_services_accept(overlay, monkeypatch):
+    config = next(obj for obj in objects(overlay) if obj["kind"] == "ConfigMap"
+                  and obj["metadata"]["name"].startswith("poise-config"))["data"]
+    for obj, template in workloads(overlay):
+        for container in template["spec"]["containers"]:
+            if container.get("args", [None])[0] != "serve":
+                continue
+            env = {**config, **{v["name"]: v["value"] for v in container.get("env", []) if "value" in v}}
+            env = {variable: value for variable, value in env.items() if variable.startswith("POISE_")}
+            for variable in [v for v in os.environ if v.startswith("POISE_")]:
+                monkeypatch.delenv(variable)
+            for variable, value in env.items():
+                monkeypatch.setenv(variable, value)
+            try:
+                settings = load_settings()
+            except SettingsError as err:
+                pytest.fail(f"{obj['metadata']['name']}: poise/settings.py refuses its environment: {err}")
+            assert settings.http_port == container["ports"][0]["containerPort"]
+            if container["args"][1] == "archive":
+                assert settings.mongo_url and "replicaSet=rs0" in settings.mongo_url
+
+
+def gpus(container: dict) -> int:
+    return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def test_workstation_runs_the_cpu_trainer_with_one_replica_each():
+    config = next(obj for obj in objects("workstation") if obj["kind"] == "ConfigMap")["data"]
+    assert config["POISE_TRAINER_BACKEND"] == "testbed" and config["POISE_EVALUATOR_BACKEND"] == "testbed"
+    for obj, template in workloads("workstation"):
+        assert obj["spec"].get("replicas", 1) == 1, obj["metadata"]["name"]
+        assert not any(gpus(c) for c in template["spec"]["containers"]), f"{obj['metadata']['name']} asks for GPUs"
+    claims = [obj for obj in objects("workstation") if obj["kind"] == "PersistentVolumeClaim"]
+    claims += [claim for obj in objects("workstation") if obj["kind"] == "StatefulSet"
+               for claim in obj["spec"].get("volumeClaimTemplates", [])]
+    for claim in claims:
+        size = claim["spec"]["resources"]["requests"]["storage"]
+        assert size.endswith("Gi") and int(size[:-2]) <= 10, f"{claim['metadata']['name']}: {size} on a workstation"
+
+
+def test_cluster_runs_verl_on_gpus_and_vllm_with_a_model_cache():
+    everything = {(obj["kind"], obj["metadata"]["name"]): obj for obj in objects("cluster")}
+    config = next(obj for (kind, _), obj in everything.items() if kind == "ConfigMap")["data"]
+    assert config["POISE_TRAINER_BACKEND"] == "verl" and config["POISE_EVALUATOR_BACKEND"] == "vllm"
+    trainer = everything["Deployment", "trainer"]["spec"]["template"]["spec"]
+    assert gpus(trainer["containers"][0]) == 8
+    vllm = everything["Deployment", "vllm"]["spec"]["template"]["spec"]
+    assert gpus(vllm["containers"][0]) >= 1
+    for spec in (trainer, vllm):
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+        assert "poise-model-cache" in claims
+        assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"]), "no memory /dev/shm"
+    assert ("PersistentVolumeClaim", "poise-model-cache") in everything
+    for name in ("proposer", "implementer", "evaluator"):
+        assert everything["Deployment", name]["spec"]["replicas"] > 1, f"{name}: scale out on the cluster"
+    assert everything["Deployment", "archive"]["spec"]["replicas"] == 1, "the archive is the single writer"
+
+
+def test_cluster_verl_job_template_is_bounded_and_isolated():
+    jobs = [obj for obj in objects("cluster") if obj["kind"] == "Job" and
+            obj["spec"]["template"]["metadata"]["labels"].get(CANDIDATE_LABEL) == "true"]
+    assert len(jobs) == 1, "one VERL training Job template"
+    (job,) = jobs
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["suspend"] is True, "a template must not run when applied"
+    assert spec["backoffLimit"] == 0 and 0 < spec["activeDeadlineSeconds"] <= 86400
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    assert gpus(container) == 8 and container["resources"]["requests"]["nvidia.com/gpu"] == 8
+    shm = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"}
+    assert any(v["name"] in shm and v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])
+    # no network at all: not even DNS
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    policies = [obj for obj in objects("cluster") if obj["kind"] == "NetworkPolicy"
+                and selects(obj["spec"]["podSelector"], labels)]
+    assert policies and not any(rule for p in policies for rule in p["spec"].get("egress", [])), \
+        f"the training Job may reach: {[p['metadata']['name'] for p in policies if p['spec'].get('egress')]}"
