@@ -192,8 +192,7 @@ class ArchiveService:
                and in_flight < self.config.parallel):
             parents = [n for n in nodes if n.evaluation is not None and n.status != NodeStatus.FAILED]
             node_id = f"n{next_number:03d}"
-            parent = select_parent(parents, self.config.parent_selection, self._rng(node_id),
-                                   lambda n: utility(n.evaluation))
+            parent = select_parent(parents, self.config.parent_selection, self._rng(node_id), _seed_mean)
             work = WorkPropose(run_id=self.run_id, node_id=node_id, parent_ids=[parent.node_id],
                                attempt=1 + self.state.propose_failures)
             self.state.proposals[node_id] = work
@@ -256,3 +255,10 @@ class ArchiveService:
     def _rng(self, node_id: str) -> random.Random:
         return random.Random(f"select/{self.config.seed}/{node_id}")
 
+
+
+def _seed_mean(node: Node) -> float | None:
+    """The utility a parent is selected by: the mean over every seed it was trained with (the root's replicate
+    seeds included), so one lucky seed does not keep a node the greedy parent."""
+    summary = summarize(seed_scores(node))
+    return summary.mean if summary is not None else utility(node.evaluation)
