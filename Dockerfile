@@ -41,11 +41,10 @@ COPY implementer/ implementer/
 COPY trainer/ trainer/
 COPY evaluator/ evaluator/
 COPY reflector/ reflector/
+# The testbed's base checkpoint ships as package data (pyproject.toml [tool.setuptools.package-data]).
 RUN pip install -c constraints/cpu.txt . \
-    # The testbed's base checkpoint is data, not a module: copy it next to the installed package (where
-    # poise/testbed/checkpoints.py looks for it) and make it readable by the non-root runtime user.
     && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && cp -r poise/testbed/base "${site}/poise/testbed/" \
+    && test -f "${site}/poise/testbed/base/default/model.safetensors" \
     && chmod -R a+rX "${site}/poise/testbed/base" \
     && python -m pip check
 
