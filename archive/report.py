@@ -52,8 +52,33 @@ _esc = html.escape
 
 
 def overall_utility(node: Node) -> float | None:
-    """The default utility U: the node's weighted Overall, None until it is evaluated."""
-    return node.evaluation.overall if node.evaluation is not None else None
+    """The default utility U: the one the run's objective stamped on the evaluation (poise/objective.py), else
+    the weighted Overall; None until the node is evaluated."""
+    if node.evaluation is None:
+        return None
+    return node.evaluation.utility if node.evaluation.utility is not None else node.evaluation.overall
+
+
+def pareto_front(nodes: Sequence[Node]) -> list[Node]:
+    """The evaluated nodes no other node beats on both accuracy (higher Overall) and length (shorter mean
+    length), sorted by length: the length objective's trade-off curve."""
+    points = [n for n in nodes if n.evaluation is not None and _finite(n.evaluation.overall)
+              and _finite(n.evaluation.mean_length)]
+
+    def dominated(node: Node) -> bool:
+        a, length = node.evaluation.overall, node.evaluation.mean_length
+        return any(o.evaluation.overall >= a and o.evaluation.mean_length <= length
+                   and (o.evaluation.overall > a or o.evaluation.mean_length < length) for o in points)
+
+    return sorted((n for n in points if not dominated(n)), key=lambda n: n.evaluation.mean_length)
+
+
+def satisfies(node: Node) -> bool | None:
+    """Whether the node meets the objective's constraints on every seed it was evaluated with (None: the
+    objective has none, or the node is not evaluated)."""
+    verdicts = [e.constraints_satisfied for e in (node.evaluation, *node.replicates)
+                if e is not None and e.constraints_satisfied is not None]
+    return all(verdicts) if verdicts else None
 
 
 def _finite(value: object) -> bool:
@@ -432,8 +457,11 @@ def dynamics_svg(series: Sequence[tuple[str, str, Node]]) -> str:
     return _svg("fig-dynamics", title, width, height, parts)
 
 
-def scatter_svg(nodes: Sequence[Node]) -> str:
-    """(d) Overall against mean response length for every evaluated node, labelled by node id."""
+def scatter_svg(nodes: Sequence[Node], config: RunConfig | None = None) -> str:
+    """(d) Overall against mean response length for every evaluated node, labelled by node id, with the
+    Pareto front (higher Overall, shorter responses) drawn through its nodes. Under the length objective the
+    accuracy floor (root Overall − tolerance) is drawn and each point says whether it meets the directive's
+    constraints (filled: met, hollow: not)."""
     title = "(d) Accuracy (Overall) vs mean response length"
     evaluated = [
         n
@@ -445,12 +473,33 @@ def scatter_svg(nodes: Sequence[Node]) -> str:
     root = root_of(nodes)
     width, height = 560.0, 340.0
     x = _Scale.fit([n.evaluation.mean_length for n in evaluated], 60, width - 40)
-    y = _Scale.fit([n.evaluation.overall for n in evaluated], height - 50, 40)
+    length_objective = config is not None and config.objective.kind == "length"
+    floor_value = None
+    if length_objective:
+        from poise.objective import yardstick  # the same yardstick the archive stamps utilities with
+
+        stick = yardstick(root)
+        floor_value = stick.overall - config.objective.accuracy_tolerance if stick is not None else None
+    y = _Scale.fit([n.evaluation.overall for n in evaluated] + ([floor_value] if floor_value is not None else []),
+                   height - 50, 40)
     parts = _axes(x, y, "mean response length (tokens)", "Overall")
+    front = pareto_front(evaluated)
+    if len(front) > 1:
+        xy = [(x(n.evaluation.mean_length), y(n.evaluation.overall)) for n in front]
+        parts.append(_tag("polyline", {"class": "pareto-front", "points": _points(xy), "fill": "none",
+                                       "data-nodes": " ".join(n.node_id for n in front)}))
+    if floor_value is not None:
+        floor = y(floor_value)
+        parts.append(_line(60, floor, width - 40, floor, class_="accuracy-floor"))
+        parts.append(_text(width - 40, floor - 4, "accuracy floor (GRPO − tolerance)", class_="tick",
+                           text_anchor="end"))
+    on_front = {n.node_id for n in front}
     for node in evaluated:
         px, py = x(node.evaluation.mean_length), y(node.evaluation.overall)
+        verdict = satisfies(node) if length_objective else None
         attrs = {
-            "class": "point" + (" root" if node is root else ""),
+            "class": "point" + (" root" if node is root else "") + (" front" if node.node_id in on_front else "")
+            + {True: " satisfied", False: " violated", None: ""}[verdict],
             "cx": px,
             "cy": py,
             "r": 5.0,
@@ -481,6 +530,9 @@ svg.figure { display: block; margin: 1em 0; font-size: 11px; }
 .utility-point { fill: #bbb; } .root-level { stroke: #222; stroke-width: 1.2; }
 .curve, .legend-line { stroke-width: 1.6; }
 .point { fill: #1f77b4; stroke: #fff; } .point.root { fill: #222; }
+.point.violated { fill: #fff; stroke: #1f77b4; stroke-width: 1.5; }
+.pareto-front { stroke: #d62728; stroke-width: 1.5; stroke-dasharray: 5 3; }
+.accuracy-floor { stroke: #888; stroke-dasharray: 2 3; }
 """
 
 
@@ -521,6 +573,7 @@ def _node_row(node: Node, utility: Utility, is_root: bool) -> str:
         _ci(evaluation) if evaluation is not None else "—",
         _num(evaluation.mean_length, 1) if evaluation is not None else "—",
         _num(finite_utility(node, utility)),
+        {True: "yes", False: "no", None: "—"}[satisfies(node)],
         mechanisms,
         failure,
     ]
@@ -537,6 +590,7 @@ _TABLE_HEAD = (
     "Overall [CI]",
     "mean length",
     "utility",
+    "meets objective",
     "mechanisms",
     "failure",
 )
@@ -568,7 +622,7 @@ def render_report(
         lineage_svg(nodes),
         frontier_svg(nodes, utility),
         dynamics_svg(series),
-        scatter_svg(nodes),
+        scatter_svg(nodes, config),
         "<h2>Nodes</h2>",
         f'<table class="nodes"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>',
     ]

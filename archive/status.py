@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from archive.store import ArchiveStore
 from poise.contracts import NodeStatus
+from poise.objective import describe
 from poise.scoring import ALPHA, seed_scores, summarize, utility, welch_p
 
 ROOT_ID = "n000"
@@ -34,9 +37,15 @@ def run_status(store: ArchiveStore, run_id: str) -> dict:
             "node_id": root.node_id, "status": root.status.value, "scores": root_scores,
             **(root_summary.as_dict() if root_summary else {}),
         },
+        "objective": {**config.objective.model_dump(), "description": describe(config.objective)},
         "best": None,
         "leader": None,
     }
+    if config.objective.kind != "overall":
+        status["constraints"] = {
+            "satisfied": [n.node_id for n in evaluated if _satisfied(n) is True],
+            "violated": [n.node_id for n in evaluated if _satisfied(n) is False],
+        }
     leader = max(children, key=lambda n: utility(n.evaluation), default=None)
     if leader is not None:
         status["leader"] = {"node_id": leader.node_id, "name": leader.proposal.name,
@@ -58,8 +67,23 @@ def run_status(store: ArchiveStore, run_id: str) -> dict:
             "gain_over_root": gain,
             "p_vs_root": p,
             "verdict": _verdict(best.node_id, gain, p),
+            "overall": _mean([e.overall for e in (best.evaluation, *best.replicates)]),
+            "mean_length": _mean([e.mean_length for e in (best.evaluation, *best.replicates)]),
+            "constraints_satisfied": _satisfied(best),
         }
     return status
+
+
+def _satisfied(node) -> bool | None:
+    """Whether a node meets the objective's constraints: over every seed it was trained with when known."""
+    verdicts = [e.constraints_satisfied for e in (node.evaluation, *node.replicates)
+                if e is not None and e.constraints_satisfied is not None]
+    return all(verdicts) if verdicts else None
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def _best(evaluated: list, replicate_seeds: int):

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from pydantic import ValidationError
 
 from archive.store import ArchiveError, ArchiveStore
+from poise import objective
 from poise.contracts import (
     EVENT_STATUS,
     PIPELINE,
@@ -163,8 +164,32 @@ class ArchiveUpdater:
             except ValueError as err:  # the event's content breaks a contract invariant (pydantic or Genealogy)
                 why = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
                 result = self._reject(event, f"the result does not fit the node: {why}")
+            if result.outcome == Outcome.APPLIED and isinstance(event, EvtEvaluated) and result.node is not None:
+                result = replace(result, node=self._stamp(result.node))
         level = logging.WARNING if result.outcome == Outcome.REJECTED else logging.INFO
         log.log(level, "%s %s/%s: %s — %s", event.subject, event.run_id, event.node_id, result.outcome, result.reason)
+        return result
+
+    def _stamp(self, changed: Node) -> Node:
+        """Stamp the objective's utility on `changed` after it gained an evaluation; when `changed` is the root,
+        the yardstick moved, so every evaluated node of the run is stamped again (poise/objective.py)."""
+        config = self.store.get_run(changed.run_id)
+        if config is None or config.objective.kind == "overall":
+            return changed
+        is_root = not changed.genealogy.parent_ids
+        root = changed if is_root else next(
+            (n for n in self.store.nodes(changed.run_id) if not n.genealogy.parent_ids), None)
+        stick = objective.yardstick(root)
+        targets = [n for n in self.store.nodes(changed.run_id) if n.evaluation is not None] if is_root else [changed]
+        result = changed
+        for node in targets:
+            for _ in range(3):  # a compare-and-set lost to another writer: read the node again
+                new = objective.stamped_node(node, config.objective, stick)
+                if new is node or self.store.transition(node.run_id, node.node_id, node.status, new):
+                    break
+                node = self.store.get_node(node.run_id, node.node_id) or node
+            if node.node_id == changed.node_id:
+                result = new
         return result
 
     def accounting(self, run_id: str) -> RunAccounting:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from poise.algorithm import check_passed, describe_problems, structural_check
 from poise.algorithms import REFERENCE_ALGORITHMS
+from poise.contracts import Objective, RunConfig
 from poise.settings import SERVICES
 from poise.testbed.sft import DEFAULT_SFT_STEPS
 
@@ -45,9 +46,20 @@ def _run_id(run_dir: Path) -> str:
     return name[:64]
 
 
+def run_config(args: argparse.Namespace, stored: RunConfig | None, run_id: str) -> RunConfig:
+    """The run's config from `poise run`'s flags over the stored one (resuming) or the defaults; ValueError
+    when a setting is invalid. Whether a resumed run may change a setting is the runner's decision."""
+    given: dict[str, object] = {k: getattr(args, k) for k in RUN_SETTINGS if getattr(args, k) is not None}
+    objective = {k: v for k, v in (("kind", args.objective), ("accuracy_tolerance", args.accuracy_tolerance),
+                                   ("directive", args.directive)) if v is not None}
+    if objective:
+        given["objective"] = (stored.objective if stored else Objective()).model_copy(update=objective)
+    config = stored.model_copy(update=given) if stored else RunConfig(run_id=run_id, **given)
+    return RunConfig.model_validate(config.model_dump())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from archive.sqlite_store import SQLiteStore
-    from poise.contracts import RunConfig
     from poise.runner import RunError, run
     from poise.testbed.protocol import PROTOCOLS
 
@@ -55,15 +67,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"unknown protocol {args.protocol!r}; known: {', '.join(PROTOCOLS)}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir)
-    given = {k: getattr(args, k) for k in RUN_SETTINGS if getattr(args, k) is not None}
     stored = None
     if (run_dir / "archive.db").exists():
         with SQLiteStore.in_run_dir(run_dir) as store:
             ids = store.run_ids()
             stored = store.get_run(ids[0]) if ids else None
     try:
-        config = stored.model_copy(update=given) if stored else RunConfig(run_id=_run_id(run_dir), **given)
-        config = RunConfig.model_validate(config.model_dump())
+        config = run_config(args, stored, _run_id(run_dir))
     except ValueError as err:
         print(f"invalid run settings: {err}", file=sys.stderr)
         return 2
@@ -126,6 +136,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k} {v}" for k, v in status["counts"].items() if v)
     print(f"run {run_id}: protocol {status['protocol']}, seed {status['seed']}, depth {status['depth']}")
     print(f"evaluated {status['budget']['evaluated']}/{status['budget']['total']} ({counts or 'no nodes yet'})")
+    print(f"objective: {status['objective']['description']}")
+    if "constraints" in status:
+        met = status["constraints"]["satisfied"]
+        print(f"meet the objective's constraints: {', '.join(met) if met else 'none yet'}")
     root = status["root"]
     if root and root.get("mean") is not None:
         print(f"GRPO (root): {_interval_text(root)}")
@@ -135,6 +149,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status["best"]:
         best = status["best"]
         print(f"best: {best['node_id']} {best['name']}: {_interval_text(best)} — {best['verdict']}")
+        if best.get("constraints_satisfied") is not None:
+            print(f"  Overall {best['overall']:.4f}, mean length {best['mean_length']:.1f}, constraints "
+                  f"{'met' if best['constraints_satisfied'] else 'NOT met'}")
     return 0
 
 
@@ -281,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--root-seeds", type=int, help="seeds the root (GRPO) is trained with, for the noise (3)")
     run.add_argument("--replicate-seeds", type=int, help="fresh seeds a node is re-trained with before it is "
                                                           "reported as the best (3)")
+    run.add_argument("--objective", choices=("overall", "length"),
+                     help="utility: the weighted Overall (default), or shorter responses at Overall within "
+                          "--accuracy-tolerance of GRPO")
+    run.add_argument("--accuracy-tolerance", type=float,
+                     help="length objective: how far below GRPO's Overall a node may fall (default 0.01)")
+    run.add_argument("--directive", help="what the search should aim for, in words; stored on the run and shown "
+                                         "to the agents")
     run.set_defaults(handler=cmd_run)
     for name, handler, text in (("status", cmd_status, "where a run stands"),
                                 ("report", cmd_report, "write a self-contained HTML report of a run")):

@@ -24,6 +24,7 @@ from evaluator.service import EvaluatorService
 from implementer.service import ImplementerService
 from poise.bus import InProcBus
 from poise.contracts import Message, NodeStatus, RunConfig, TrainingStep, WorkTrain
+from poise.objective import describe as describe_objective
 from poise.timing import PhaseClock
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
@@ -211,7 +212,8 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
             progress.say(f"resuming run {config.run_id} in {run_dir}: {resumed} unfinished piece(s) of work redone")
         else:
             progress.say(f"run {config.run_id} in {run_dir}: budget {config.budget}, protocol {config.protocol}, "
-                         f"seed {config.seed}, parent selection {config.parent_selection}")
+                         f"seed {config.seed}, parent selection {config.parent_selection}; objective: "
+                         f"{describe_objective(config.objective)}")
         delivered = 0
         while bus.step():
             delivered += 1

@@ -272,8 +272,9 @@ def test_report_has_the_four_figures_and_a_row_per_node(page: str) -> None:
     cells = {r.attrs["data-node-id"]: [td.all_text() for td in r.find_all("td")] for r in rows}
     assert cells["n4"][1:5] == ["variant-n4", "2", "n1, n2", "evaluated"]
     assert cells["n4"][5:7] == ["0.5 [0.47, 0.53]", "42"]
-    assert cells["n4"][8] == "analytic_variance_scaling"
-    assert cells["n2"][4] == "failed" and cells["n2"][9].startswith("train: <img")
+    assert cells["n4"][8] == "—"  # the overall objective has no constraints
+    assert cells["n4"][9] == "analytic_variance_scaling"
+    assert cells["n2"][4] == "failed" and cells["n2"][10].startswith("train: <img")
     assert cells["n5"][5] == "—"
 
 
