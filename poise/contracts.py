@@ -383,6 +383,46 @@ class Cost(Contract):
         )
 
 
+LlmOperator = Literal["propose", "screen", "implement", "reflect"]
+MAX_LLM_ERROR_CHARS = 2000
+
+
+class CallRecord(Contract):
+    """One request to the agent LLM and what it cost, kept on the node that asked for it.
+
+    A request includes the SDK's own transport retries (429, 5xx, timeouts), counted in `retries`;
+    `attempt` numbers the answers of one structured completion: 1 is the first answer, 2 and up are the
+    repair rounds that sent a validation error back. Token counts are as billed: `input_tokens` excludes
+    the prompt-cache reads and writes. `priced` is False for a model with no price on file (a local
+    server, an unknown model), whose `cost_usd` is then 0.
+    """
+
+    provider: Literal["anthropic", "openai"]
+    model: str = Field(min_length=1)
+    operator: LlmOperator
+    mode: str = Field(description="how structure was requested: tool, output_config, json_schema, json_object, prompt")
+    attempt: int = Field(1, ge=1)
+    retries: int = Field(0, ge=0)
+    input_tokens: int = Field(0, ge=0)
+    output_tokens: int = Field(0, ge=0)
+    cache_read_tokens: int = Field(0, ge=0)
+    cache_write_tokens: int = Field(0, ge=0)
+    latency_s: NonNegative = 0.0
+    cost_usd: NonNegative = 0.0
+    priced: bool = True
+    stop_reason: str | None = None
+    ok: bool
+    error: str | None = None
+    started_at: AwareDatetime = Field(default_factory=lambda: utc_now())
+
+    @field_validator("error")
+    @classmethod
+    def _bounded(cls, error: str | None) -> str | None:
+        if error is None or len(error) <= MAX_LLM_ERROR_CHARS:
+            return error
+        return error[: MAX_LLM_ERROR_CHARS - 1] + "…"
+
+
 # ------------------------------------------------------------------------------------------- the node
 
 

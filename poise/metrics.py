@@ -2,8 +2,8 @@
 
 Conventions (research/ops.md section 3): names carry base units (`_seconds`, `_usd`), counters end in
 `_total` (prometheus-client appends it), and every label value comes from a small closed set — phases,
-outcomes, backends, bus subjects, LLM operators, token directions. Node, run and job ids never become
-labels: a label value per candidate would grow the series without bound.
+outcomes, backends, bus subjects, LLM operators, providers and the configured models, token directions.
+Node, run and job ids never become labels: a label value per candidate would grow the series without bound.
 
 A service's `handle(message)` is wrapped with `@observed(phase)`: the wrapper times the call into
 `poise_phase_duration_seconds{phase, backend}` and counts `poise_phase_outcomes_total{phase, outcome, backend}`.
@@ -37,7 +37,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from poise.contracts import TrainingTrajectory
+from poise.contracts import CallRecord, TrainingTrajectory
 
 # Outcomes of a phase (the `outcome` label): a closed set.
 OK = "ok"                # the phase did its work (the archive: the event was applied)
@@ -109,10 +109,11 @@ class Metrics:
                                         "ack timeout", ["subject"], registry=registry)
         self.dead_letters = Counter("poise_dead_letters", "Messages given up after max_deliver attempts",
                                     ["subject"], registry=registry)
-        self.llm_tokens = Counter("poise_llm_tokens", "Agent-LLM tokens, by operator and direction",
-                                  ["operator", "direction"], registry=registry)
-        self.llm_cost_usd = Counter("poise_llm_cost_usd", "Agent-LLM spend in US dollars", ["operator"],
-                                    registry=registry)
+        self.llm_tokens = Counter("poise_llm_tokens", "Agent-LLM tokens, by operator, model and direction (input, "
+                                  "output, cache_read, cache_write)", ["operator", "provider", "model", "direction"],
+                                  registry=registry)
+        self.llm_cost_usd = Counter("poise_llm_cost_usd", "Agent-LLM spend in US dollars",
+                                    ["operator", "provider", "model"], registry=registry)
         self.trainer_tokens_per_second = Gauge("poise_trainer_tokens_per_second", "Response tokens sampled per "
                                                "second of training step time, last finished run", ["backend"],
                                                registry=registry)
@@ -139,13 +140,13 @@ class Metrics:
             self._in_flight[run_id] = count
             self.candidates_in_flight.set(sum(self._in_flight.values()))
 
-    def record_llm_usage(self, operator: str, input_tokens: int, output_tokens: int, usd: float) -> None:
-        """One agent-LLM call of `operator` (propose, implement, reflect)."""
-        if operator not in PHASE_BUCKETS:
-            raise ValueError(f"unknown LLM operator {operator!r}; known: {', '.join(PHASE_BUCKETS)}")
-        self.llm_tokens.labels(operator=operator, direction="input").inc(input_tokens)
-        self.llm_tokens.labels(operator=operator, direction="output").inc(output_tokens)
-        self.llm_cost_usd.labels(operator=operator).inc(usd)
+    def record_llm_call(self, call: CallRecord) -> None:
+        """One agent-LLM request: its tokens by direction and its cost (operator checked by CallRecord)."""
+        labels = {"operator": call.operator, "provider": call.provider, "model": call.model}
+        for direction, tokens in (("input", call.input_tokens), ("output", call.output_tokens),
+                                  ("cache_read", call.cache_read_tokens), ("cache_write", call.cache_write_tokens)):
+            self.llm_tokens.labels(**labels, direction=direction).inc(tokens)
+        self.llm_cost_usd.labels(**labels).inc(call.cost_usd)
 
     def record_training(self, backend: str, trajectory: TrainingTrajectory) -> None:
         rate = tokens_per_second(trajectory)
