@@ -37,7 +37,7 @@ from poise.contracts import (
     WorkTrain,
 )
 from poise.metrics import DUPLICATE, METRICS, OK, REJECTED, backend_name, observed
-from poise.scoring import replicate_seed, seed_scores, summarize, utility
+from poise.scoring import confirmation_scores, replicate_seed, seed_scores, summarize, utility
 from proposer.baseline import root_proposal, select_parent
 
 log = logging.getLogger("poise.archive")
@@ -212,7 +212,7 @@ class ArchiveService:
                     and n.status != NodeStatus.FAILED]
         ranked = sorted(children, key=lambda n: -(utility(n.evaluation) or float("-inf")))
         confirmed = [n for n in ranked if len(n.replicates) + self._given_up(n) >= self.config.replicate_seeds]
-        best_mean = max((summarize(seed_scores(n)).mean for n in confirmed), default=float("-inf"))
+        best_mean = max((summarize(confirmation_scores(n)).mean for n in confirmed), default=float("-inf"))
         for node in ranked:
             if len(confirmed) >= MAX_CONFIRMED:
                 break

@@ -7,7 +7,7 @@ import math
 from archive.store import ArchiveStore
 from poise.contracts import NodeStatus
 from poise.objective import describe
-from poise.scoring import ALPHA, seed_scores, summarize, utility, welch_p
+from poise.scoring import ALPHA, confirmation_scores, seed_scores, summarize, utility, welch_p
 
 ROOT_ID = "n000"
 
@@ -51,9 +51,10 @@ def run_status(store: ArchiveStore, run_id: str) -> dict:
         status["leader"] = {"node_id": leader.node_id, "name": leader.proposal.name,
                             "utility": utility(leader.evaluation), "seeds": len(seed_scores(leader))}
     if best is not None:
-        scores = seed_scores(best)
+        is_root = best.node_id == ROOT_ID
+        scores = confirmation_scores(best, is_root)
         summary = summarize(scores)
-        p = welch_p(scores, root_scores) if best.node_id != ROOT_ID else None
+        p = welch_p(scores, root_scores) if not is_root else None
         gain = summary.mean - root_summary.mean if root_summary else None
         status["best"] = {
             "node_id": best.node_id,
@@ -63,7 +64,8 @@ def run_status(store: ArchiveStore, run_id: str) -> dict:
             "interval": [summary.ci_low, summary.ci_high] if summary.ci_low is not None else None,
             "seeds": len(scores),
             "scores": scores,
-            "confirmed": len(scores) > 1,
+            "selection_score": None if is_root else utility(best.evaluation),
+            "confirmed": len(best.replicates) >= 2,
             "gain_over_root": gain,
             "p_vs_root": p,
             "verdict": _verdict(best.node_id, gain, p),
@@ -87,10 +89,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _best(evaluated: list, replicate_seeds: int):
-    """The node with the highest seed mean among confirmed ones (root included); else the top single seed."""
+    """The node with the highest fresh-seed mean among confirmed ones (the root's seeds count as fresh); else
+    the top single seed."""
     confirmed = [n for n in evaluated if len(seed_scores(n)) > 1]
     if confirmed:
-        return max(confirmed, key=lambda n: summarize(seed_scores(n)).mean)
+        return max(confirmed, key=lambda n: summarize(confirmation_scores(n, n.node_id == ROOT_ID)).mean)
     scored = [n for n in evaluated if utility(n.evaluation) is not None]
     return max(scored, key=lambda n: utility(n.evaluation), default=None)
 

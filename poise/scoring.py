@@ -36,6 +36,17 @@ def seed_scores(node: Node) -> list[float]:
     return [u for u in map(utility, evaluations) if u is not None and math.isfinite(u)]
 
 
+def confirmation_scores(node: Node, is_root: bool = False) -> list[float]:
+    """The scores a node is judged on once confirmed: its fresh-seed replicates only. The seed it was first
+    evaluated with is the one it was picked on (the best of many single seeds is biased upward: the winner's
+    curse), so it is left out as soon as at least two fresh seeds exist. The root was not picked, so every one
+    of its seeds counts."""
+    fresh = [u for u in map(utility, node.replicates) if u is not None and math.isfinite(u)]
+    if is_root or len(fresh) < 2:
+        return seed_scores(node)
+    return fresh
+
+
 @dataclass(frozen=True)
 class SeedSummary:
     mean: float

@@ -205,6 +205,14 @@ def make_cost() -> Cost:
     )
 
 
+def make_call_record() -> contracts.CallRecord:
+    return contracts.CallRecord(
+        provider="anthropic", model="claude-sonnet-4-6", operator="propose", mode="tool", attempt=2, retries=1,
+        input_tokens=1200, output_tokens=640, cache_read_tokens=9000, cache_write_tokens=0, latency_s=7.5,
+        cost_usd=0.0163, stop_reason="tool_use", ok=True,
+    )  # fmt: skip
+
+
 def make_node() -> Node:
     return Node(
         genealogy=make_genealogy(),
@@ -262,6 +270,7 @@ DOCUMENT_FACTORIES: dict[str, Callable[[], BaseModel]] = {
     "reflection": make_reflection,
     "failure": make_failure,
     "cost": make_cost,
+    "call_record": make_call_record,
     "node": make_node,
     "failed_node": make_failed_node,
     "weights": SelectionWeights,
