@@ -58,8 +58,10 @@ def test_sampler_log_probs_equal_a_full_forward_over_ragged_prompts(model, promp
     if temperature > 0:  # the test only means something if rows stop at different lengths
         assert out.ended_with_eos.any() and len(set(out.response_lengths.tolist())) > 3
     log_probs, entropy = full_forward_log_probs(model, prompt_ids, prompt_mask, out, temperature)
-    torch.testing.assert_close(out.log_probs, log_probs, atol=1e-4, rtol=0)
-    torch.testing.assert_close(out.entropy, entropy, atol=1e-4, rtol=0)
+    # float32, and the cached path sums attention in another order than the full forward: a fresh-clone CI run
+    # saw 1.03e-4 on a log-prob of -1.3. A wrong position, mask or cache entry moves log-probs by >1e-2.
+    torch.testing.assert_close(out.log_probs, log_probs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.entropy, entropy, atol=1e-4, rtol=1e-4)
 
 
 def test_response_layout_eos_in_mask_then_padding(model, prompts):
