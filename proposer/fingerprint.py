@@ -1,0 +1,306 @@
+"""Behavioural fingerprints of candidate algorithms: what a candidate computes, not how its code is spelled.
+
+A fingerprint is the candidate's advantages, masked per-token losses and loss gradients on a fixed set of
+probe rollouts (fixed seeds; mixed, all-equal and unequal-size groups, every batch padded), with the loss
+evaluated at a few fixed perturbations of `log_prob` around `old_log_prob`, flattened into one vector. Two
+candidates that compute the same thing under different names, comments and variable names get the same
+vector; a renamed copy of an archived algorithm is caught before it costs a training run.
+
+The vector is laid out in blocks (one per probe and quantity, `fingerprint_blocks`); `fingerprint_distance`
+is the largest relative RMS difference over the quantities, so a change shows up wherever it acts (a new
+clip range only in the far-off-policy losses and gradients, a new baseline already in the advantages).
+
+Computing a fingerprint runs candidate code, so it only ever happens in the sandboxed child
+(proposer/fingerprint_child.py), which also runs the structural check; this module is the parent side: the
+probe definitions both sides share, the sandbox call, the distance, and an on-disk cache keyed by the
+source's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from poise.contracts import CheckResult, sha256_hex
+from poise.sandbox import SandboxLimits, run_sandboxed
+
+FINGERPRINT_MODULE = "proposer.fingerprint_child"
+SANDBOX_FAILURE = "sandbox: "  # how the failure of a run that returned no result starts
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One fixed rollout: groups of the given sizes, responses of 1..max_len tokens (the first row full)."""
+
+    name: str
+    group_sizes: tuple[int, ...]
+    max_len: int
+    scores: str  # "mixed": every group has a pass and a fail; "equal": every group all-pass or all-fail
+    seed: int
+
+    @property
+    def rows(self) -> int:
+        return sum(self.group_sizes)
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe("mixed", (4, 4, 4, 4), 8, "mixed", 101),
+    Probe("equal", (4, 4, 4), 6, "equal", 202),
+    Probe("ragged", (2, 5, 3, 6), 10, "mixed", 303),
+)
+# log_prob = old_log_prob + scale * fixed noise: on-policy (ratio 1); sequence ratios within GSPO's narrow
+# clip (3e-4); token ratios inside and beyond a 0.2 clip; ratios of 4 and more (dual clip, CISPO's bounds).
+PERTURBATION_SCALES: tuple[float, ...] = (0.0, 0.001, 0.1, 0.5, 1.5)
+
+# Calibrated on the mechanism library and the offline compiler: the other reference algorithms lie 0.18 to 1.8
+# from GRPO; a renamed copy, the compiled GRPO, or kl:penalty or entropy:bonus at coefficient 0 are at 0; eps
+# of scale:group_std moved up to 1e-4, a GSPO clip bound moved by 1e-5, or kl:penalty at kl_coef 1e-5 change
+# the fingerprint by at most 2e-4. Moves a run could notice are farther: kl:penalty at
+# 1e-4 by 5.7e-4 (at its default 1e-3 by 7e-4 to 6e-3), entropy:bonus at 1e-3 by 9e-4, clip_ratio 0.2 -> 0.21
+# by 0.12, a GSPO clip bound 3e-4 -> 4e-4 by 0.24. Of 300 random single mutations (proposer/baseline.py),
+# 25 fell below the threshold, every one an eps move.
+NEAR_DUPLICATE_DISTANCE = 5e-4
+# A quantity whose RMS is below this on both sides (no loss at all) counts as equal.
+ABSOLUTE_FLOOR = 1e-7
+DEFAULT_WALL_S = 60.0
+FINGERPRINT_MEMORY_BYTES = 4 << 30
+
+
+def fingerprint_blocks() -> list[tuple[str, int]]:
+    """The (name, length) blocks of a fingerprint vector, in order: per probe, its (B, L) advantages, then
+    per perturbation its masked (B, L) per-token loss and the (B, L) gradient of the aggregated loss."""
+    blocks = []
+    for probe in PROBES:
+        size = probe.rows * probe.max_len
+        blocks.append((f"{probe.name}:advantages", size))
+        for scale in PERTURBATION_SCALES:
+            blocks += [(f"{probe.name}:loss@{scale:g}", size), (f"{probe.name}:grad@{scale:g}", size)]
+    return blocks
+
+
+FINGERPRINT_LENGTH = sum(size for _, size in fingerprint_blocks())
+# Changes whenever the probes change, so cached fingerprints of another layout are never compared.
+FINGERPRINT_VERSION = hashlib.sha256(repr((PROBES, PERTURBATION_SCALES)).encode()).hexdigest()[:12]
+
+
+# -------------------------------------------------------------------------------------------- distance
+
+
+def fingerprint_distance(first: np.ndarray, second: np.ndarray) -> float:
+    """The largest relative RMS difference over the quantities (advantages, and the loss and its gradient at
+    each perturbation, each over all probes): 0 for the same behaviour, 1 where one side is zero and the other
+    not, up to 2 for opposite signs; inf for vectors that are not both fingerprints of this layout.
+
+    Each quantity is compared over all probes at once, so a term that only acts where the other side is
+    exactly zero (a small KL penalty on all-equal groups, which GRPO gives no loss) is weighed against the
+    quantity's whole scale, not against zero.
+    """
+    if first.shape != (FINGERPRINT_LENGTH,) or second.shape != (FINGERPRINT_LENGTH,):
+        return math.inf
+    worst = 0.0
+    for index in _QUANTITY_INDEX.values():
+        a, b = first[index], second[index]
+        scale = max(float(np.sqrt(np.mean(a * a))), float(np.sqrt(np.mean(b * b))), ABSOLUTE_FLOOR)
+        worst = max(worst, float(np.sqrt(np.mean((a - b) ** 2))) / scale)
+    return worst
+
+
+def _quantity_index() -> dict[str, np.ndarray]:
+    """Positions of each quantity ("advantages", "loss@0.5" …) in the vector, over all probes."""
+    positions: dict[str, list[np.ndarray]] = {}
+    start = 0
+    for name, size in fingerprint_blocks():
+        positions.setdefault(name.split(":", 1)[1], []).append(np.arange(start, start + size))
+        start += size
+    return {quantity: np.concatenate(parts) for quantity, parts in positions.items()}
+
+
+_QUANTITY_INDEX = _quantity_index()
+
+
+def is_near_duplicate(distance: float, threshold: float = NEAR_DUPLICATE_DISTANCE) -> bool:
+    return distance <= threshold
+
+
+# ---------------------------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class FingerprintResult:
+    """What the sandboxed child reported for one source: the structural checks, and the fingerprint when they
+    passed; or why nothing usable came back (`failure`, one line a person or an LLM can act on)."""
+
+    source_sha256: str
+    vector: np.ndarray | None
+    checks: list[CheckResult] = field(default_factory=list)
+    failure: str | None = None
+    loss_agg_mode: str | None = None
+    hparams: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    isolation: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and self.vector is not None
+
+    @property
+    def definitive(self) -> bool:
+        """False when the sandbox itself gave no answer (deadline, signal, no result): on a loaded machine that
+        may pass, so such a result is kept in memory for this process but never written to disk."""
+        return self.failure is None or not self.failure.startswith(SANDBOX_FAILURE)
+
+    def to_json(self) -> str:
+        document = {
+            "version": FINGERPRINT_VERSION,
+            "source_sha256": self.source_sha256,
+            "vector": None if self.vector is None else [float(v) for v in self.vector],
+            "checks": [c.model_dump(mode="json") for c in self.checks],
+            "failure": self.failure,
+            "loss_agg_mode": self.loss_agg_mode,
+            "hparams": self.hparams,
+            "wall_s": self.wall_s,
+            "isolation": self.isolation,
+        }
+        return json.dumps(document)
+
+    @classmethod
+    def from_json(cls, text: str) -> FingerprintResult:
+        document = json.loads(text)
+        if document.get("version") != FINGERPRINT_VERSION:
+            raise ValueError(f"fingerprint version {document.get('version')!r}, expected {FINGERPRINT_VERSION}")
+        vector = document["vector"]
+        return cls(
+            source_sha256=document["source_sha256"],
+            vector=None if vector is None else np.asarray(vector, dtype=np.float64),
+            checks=[CheckResult.model_validate(c) for c in document["checks"]],
+            failure=document["failure"],
+            loss_agg_mode=document["loss_agg_mode"],
+            hparams=document["hparams"],
+            wall_s=document["wall_s"],
+            isolation=document["isolation"],
+        )
+
+
+# ------------------------------------------------------------------------------------------------ sandbox
+
+_run_numbers = count(1)
+
+
+def fingerprint_in_sandbox(
+    source: str, workdir: Path, wall_s: float = DEFAULT_WALL_S, keep_workdir: bool = False
+) -> FingerprintResult:
+    """Run the structural check and, if it passes, the fingerprint probes on `source` in the sandbox.
+
+    Never raises for anything the candidate does: a module that does not import, breaks the interface,
+    returns non-finite values on a probe, hangs past `wall_s` or kills its interpreter comes back as a
+    result with `failure` set. Each run gets a fresh directory under `workdir`, removed afterwards unless
+    `keep_workdir`.
+    """
+    sha = sha256_hex(source)
+    run_dir = Path(workdir) / f"fingerprint-{sha[:12]}-{next(_run_numbers)}"
+    limits = SandboxLimits(wall_s=wall_s, memory_bytes=FINGERPRINT_MEMORY_BYTES)
+    try:
+        run = run_sandboxed(FINGERPRINT_MODULE, {"source": source}, run_dir, limits, threads=1)
+    finally:
+        if not keep_workdir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if not run.ok:
+        return FingerprintResult(sha, None, failure=f"{SANDBOX_FAILURE}{run.failure_reason()}", wall_s=run.wall_s)
+    try:
+        return _parse_report(sha, run.result, run.wall_s)
+    except (ValidationError, TypeError, ValueError, AttributeError) as err:
+        # The candidate shares the child's stdout, so the report may be forged: never trust its shape.
+        reason = " ".join(str(err).split())[:200]
+        return FingerprintResult(sha, None, failure=f"fingerprint: the child's report is malformed ({reason})",
+                                 wall_s=run.wall_s)
+
+
+def _parse_report(sha: str, report: dict, wall_s: float) -> FingerprintResult:
+    checks = [CheckResult.model_validate(c) for c in report.get("checks", [])]
+    failed = [c for c in checks if not c.passed]
+    failure = f"{failed[0].name}: {failed[0].message}" if failed else report.get("failure")
+    if failure is not None and not isinstance(failure, str):
+        raise TypeError(f"failure is a {type(failure).__name__}")
+    vector = report.get("fingerprint")
+    if failure is None and (not isinstance(vector, list) or len(vector) != FINGERPRINT_LENGTH):
+        failure = f"fingerprint: the child returned {type(vector).__name__} instead of {FINGERPRINT_LENGTH} values"
+    array = np.asarray(vector, dtype=np.float64) if failure is None else None
+    if array is not None and not np.isfinite(array).all():
+        array, failure = None, "fingerprint: non-finite values came back"
+    mode, hparams = report.get("loss_agg_mode"), report.get("hparams") or {}
+    if not isinstance(mode, str | None) or not isinstance(hparams, dict):
+        raise TypeError("loss_agg_mode or hparams of the wrong type")
+    return FingerprintResult(sha, array, checks=checks, failure=failure, loss_agg_mode=mode, hparams=hparams,
+                             wall_s=wall_s, isolation=[str(note) for note in report.get("isolation", [])])
+
+
+class FingerprintCache:
+    """Fingerprint results by source sha256, in memory and (given a directory) on disk, so an archived node is
+    fingerprinted once per probe version however often the archive is screened against. Failures of the
+    candidate are cached like fingerprints; a run the sandbox cut short is only remembered in memory."""
+
+    def __init__(self, directory: Path | None = None, workdir: Path | None = None,
+                 wall_s: float = DEFAULT_WALL_S) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.workdir = Path(workdir) if workdir is not None else (self.directory or Path("fingerprints")) / "work"
+        self.wall_s = wall_s
+        self._memory: dict[str, FingerprintResult] = {}
+
+    def __call__(self, source: str) -> FingerprintResult:
+        """The cached result for `source`, or a fresh sandboxed one (then cached)."""
+        sha = sha256_hex(source)
+        cached = self.get(sha)
+        if cached is not None:
+            return cached
+        result = fingerprint_in_sandbox(source, self.workdir, self.wall_s)
+        self.put(result)
+        return result
+
+    def get(self, sha: str) -> FingerprintResult | None:
+        if sha in self._memory:
+            return self._memory[sha]
+        path = self._path(sha)
+        if path is None or not path.exists():
+            return None
+        try:
+            result = FingerprintResult.from_json(path.read_text())
+        except (ValueError, KeyError, TypeError):
+            return None  # a stale or damaged entry is recomputed
+        self._memory[sha] = result
+        return result
+
+    def put(self, result: FingerprintResult) -> None:
+        self._memory[result.source_sha256] = result
+        path = self._path(result.source_sha256)
+        if path is not None and result.definitive:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(result.to_json())
+            temporary.replace(path)
+
+    def _path(self, sha: str) -> Path | None:
+        return self.directory / f"{FINGERPRINT_VERSION}-{sha}.json" if self.directory is not None else None
+
+
+__all__ = [
+    "FINGERPRINT_LENGTH",
+    "FINGERPRINT_VERSION",
+    "NEAR_DUPLICATE_DISTANCE",
+    "PERTURBATION_SCALES",
+    "PROBES",
+    "FingerprintCache",
+    "FingerprintResult",
+    "Probe",
+    "fingerprint_blocks",
+    "fingerprint_distance",
+    "fingerprint_in_sandbox",
+    "is_near_duplicate",
+]

@@ -1,0 +1,331 @@
+"""Screening (Phase I): rank a parent's population before anything is trained, and say why each one fell out.
+
+Each proposal goes through three gates, then the survivors are ranked:
+
+    consistency  the source (compiled from the description, or an LLM's) parses, passes the structural check in
+                 the sandbox (proposer/fingerprint_child.py) and declares what the proposal says: its
+                 LOSS_AGG_MODE and the values of the constants both name
+    novelty      its behavioural fingerprint is farther than NEAR_DUPLICATE_DISTANCE from every archived node's
+                 (their sources fingerprinted once, then cached) — a renamed copy of an archived algorithm is
+                 rejected with the nearest node and the distance in the reason
+    uniqueness   in rank order, one that behaves like a better-ranked proposal of the same population is dropped
+    rank         by expected improvement from the injected predictor (the GP of proposer/selection.py, or any
+                 callable features -> (mean, std)): EI or UCB against `incumbent`; ties (no predictor: all 0) go
+                 to the more novel proposal (larger distance to its nearest archived node), then to population
+                 order
+
+The result is a `ScreeningReport` (JSON-serializable) with the ranked survivors, the best, and every rejection.
+Candidate code runs only in the sandbox; parsing the source here executes nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from poise.contracts import Contract, Node, Proposal, RunConfig
+from proposer.baseline import description_key, proposal_description
+from proposer.codegen import compile_proposal
+from proposer.context import Context, build_context
+from proposer.fingerprint import NEAR_DUPLICATE_DISTANCE, FingerprintResult, fingerprint_distance
+from proposer.mechanisms import DescriptionError
+from proposer.population import generate_population
+
+Fingerprinter = Callable[[str], FingerprintResult]
+SourceOf = Callable[[Proposal], str]
+Stage = Literal["consistency", "novelty"]
+ACQUISITIONS = ("ei", "ucb")
+
+
+class Rejection(Contract):
+    """A proposal screened out before training: at which gate, why, and the node it is too close to."""
+
+    proposal_name: str
+    stage: Stage
+    reason: str
+    nearest_id: str | None = None
+    distance: float | None = None
+
+
+class ScreenedProposal(Contract):
+    """A proposal that passed every gate, with what ranked it."""
+
+    proposal: Proposal
+    source_sha256: str
+    rank: int
+    nearest_id: str | None = None  # the archived node it behaves most like
+    distance: float | None = None  # its fingerprint distance to that node
+    predicted_mean: float | None = None
+    predicted_std: float | None = None
+    expected_improvement: float = 0.0
+
+
+class ScreeningReport(Contract):
+    """The outcome of screening one parent's population."""
+
+    parent_id: str
+    acquisition: str
+    threshold: float
+    ranked: list[ScreenedProposal] = []
+    rejections: list[Rejection] = []
+    wall_s: float = 0.0
+
+    @property
+    def best(self) -> ScreenedProposal | None:
+        return self.ranked[0] if self.ranked else None
+
+    def summary(self) -> str:
+        """One line for logs: the winner and each rejection's reason."""
+        head = (f"best {self.best.proposal.name} (EI {self.best.expected_improvement:.3g})" if self.best
+                else "no proposal passed screening")
+        rejected = "; ".join(f"{r.proposal_name}: {r.stage}: {r.reason}" for r in self.rejections)
+        return f"parent {self.parent_id}: {head}, {len(self.ranked)} passed" + (f"; rejected {rejected}" if rejected
+                                                                                else "")
+
+
+# ------------------------------------------------------------------------------------------- acquisition
+
+
+def expected_improvement(mean: float, std: float, incumbent: float) -> float:
+    """E[max(Y − incumbent, 0)] for Y ~ N(mean, std²); max(mean − incumbent, 0) when std is 0."""
+    gain = mean - incumbent
+    if not std > 0:
+        return max(gain, 0.0)
+    z = gain / std
+    cdf = 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+    pdf = math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return gain * cdf + std * pdf
+
+
+def upper_confidence(mean: float, std: float, incumbent: float, kappa: float) -> float:
+    """mean + κ·std − incumbent: optimism in the face of uncertainty."""
+    return mean + kappa * std - incumbent
+
+
+def _predict(predictor: Any, features: Any) -> tuple[float, float]:
+    """(mean, std) of one feature vector from a callable or an object with `.predict` (1-element arrays ok)."""
+    predict = getattr(predictor, "predict", predictor)
+    mean, std = predict(features)
+    return float(np.asarray(mean, dtype=float).reshape(-1)[0]), float(np.asarray(std, dtype=float).reshape(-1)[0])
+
+
+# --------------------------------------------------------------------------------------------- screening
+
+
+def screen_population(
+    parent: Node,
+    proposals: Sequence[Proposal],
+    archive: Sequence[Node],
+    fingerprinter: Fingerprinter,
+    *,
+    predictor: Any = None,
+    features: Callable[[Proposal], Any] | None = None,
+    acquisition: str = "ei",
+    incumbent: float = 0.0,
+    kappa: float = 1.0,
+    threshold: float = NEAR_DUPLICATE_DISTANCE,
+    source_of: SourceOf = compile_proposal,
+) -> ScreeningReport:
+    """Screen `proposals` (children of `parent`) against `archive` (the run's nodes; the parent is added if
+    missing): module docstring.
+
+    `fingerprinter` maps a source to its sandboxed FingerprintResult (a `FingerprintCache`). `predictor` gives
+    (mean, std) for `features(proposal)`; for an object with `proposal_features(proposal, parent)` (the
+    DescendantGP) `features` defaults to that. `incumbent` is the predictor's value for "no improvement": 0 for
+    a gain predictor like the DescendantGP, the parent's utility for a predictor of utility. `source_of` turns a
+    proposal into module source (default: the offline compiler; an LLM coder plugs in here).
+    """
+    if acquisition not in ACQUISITIONS:
+        raise ValueError(f"unknown acquisition {acquisition!r}; choose one of {', '.join(ACQUISITIONS)}")
+    if predictor is not None and features is None:
+        if not hasattr(predictor, "proposal_features"):
+            raise ValueError("a predictor without proposal_features needs a `features` function")
+        features = lambda proposal: predictor.proposal_features(proposal, parent)  # noqa: E731
+    started = time.monotonic()
+    rejections: list[Rejection] = []
+    passed: list[tuple[int, Proposal, FingerprintResult]] = []
+    for index, proposal in enumerate(proposals):
+        result, problem = _consistency(proposal, fingerprinter, source_of)
+        if problem is not None:
+            rejections.append(Rejection(proposal_name=proposal.name, stage="consistency", reason=problem))
+        else:
+            passed.append((index, proposal, result))
+
+    archived = archive_fingerprints([*archive, parent], fingerprinter, source_of) if passed else {}
+    survivors: list[_Survivor] = []
+    for index, proposal, result in passed:
+        nearest_id, distance = _nearest(result.vector, archived)
+        if nearest_id is not None and distance <= threshold:
+            rejections.append(Rejection(
+                proposal_name=proposal.name, stage="novelty", nearest_id=nearest_id, distance=distance,
+                reason=(f"near-duplicate of node {nearest_id}: fingerprint distance {distance:.2g} <= {threshold:g} "
+                        "(same advantages, losses and gradients on the probe batches)")))
+            continue
+        survivor = _Survivor(index, proposal, result, nearest_id, distance)
+        if predictor is not None:
+            survivor.mean, survivor.std = _predict(predictor, features(proposal))
+            survivor.score = (expected_improvement(survivor.mean, survivor.std, incumbent) if acquisition == "ei"
+                              else upper_confidence(survivor.mean, survivor.std, incumbent, kappa))
+        survivors.append(survivor)
+
+    # Best first: expected improvement, then novelty (no archive: infinitely novel), then population order.
+    survivors.sort(key=lambda s: (-s.score, -s.distance, s.index))
+    ranked: list[ScreenedProposal] = []
+    kept: list[tuple[str, np.ndarray]] = []  # (name, fingerprint) of the ranked proposals
+    for survivor in survivors:
+        name = survivor.proposal.name
+        twin = next(((other, d) for other, vector in kept
+                     if (d := fingerprint_distance(survivor.result.vector, vector)) <= threshold), None)
+        if twin is not None:
+            rejections.append(Rejection(
+                proposal_name=name, stage="novelty", distance=twin[1],
+                reason=f"near-duplicate of {twin[0]}, ranked above it in this population: fingerprint distance "
+                       f"{twin[1]:.2g} <= {threshold:g}"))
+            continue
+        kept.append((name, survivor.result.vector))
+        ranked.append(ScreenedProposal(
+            proposal=survivor.proposal, source_sha256=survivor.result.source_sha256, rank=len(ranked) + 1,
+            nearest_id=survivor.nearest_id, distance=_finite(survivor.distance), predicted_mean=survivor.mean,
+            predicted_std=survivor.std, expected_improvement=survivor.score))
+    order = {proposal.name: index for index, proposal in enumerate(proposals)}
+    rejections.sort(key=lambda r: order.get(r.proposal_name, len(order)))
+    return ScreeningReport(parent_id=parent.node_id, acquisition=acquisition, threshold=threshold, ranked=ranked,
+                           rejections=rejections, wall_s=time.monotonic() - started)
+
+
+def propose_screened(
+    parent: Node,
+    nodes: Sequence[Node],
+    config: RunConfig,
+    rng: random.Random,
+    fingerprinter: Fingerprinter,
+    *,
+    predictor: Any = None,
+    features: Callable[[Proposal], Any] | None = None,
+    incumbent: float = 0.0,
+    rounds: int = 2,
+) -> tuple[Proposal | None, ScreeningReport, Context]:
+    """Phase I for one parent: its context, a population of `config.population_size` proposals, screening; a
+    fresh population (the rejected descriptions excluded) up to `rounds` times while none passes. Returns the
+    best proposal (None if every round was rejected), the report (every round's rejections) and the context."""
+    context = build_context(parent, nodes, config)
+    seen = {key for node in nodes if (key := _key(node.proposal)) is not None}
+    rejections: list[Rejection] = []
+    report = None
+    for _ in range(max(rounds, 1)):
+        population = generate_population(parent.proposal, context, config.population_size, rng, seen)
+        report = screen_population(parent, population, nodes, fingerprinter, predictor=predictor, features=features,
+                                   incumbent=incumbent, kappa=config.weights.kappa)
+        rejections += report.rejections
+        if report.best is not None or not population:
+            break
+        seen |= {description_key(p) for p in population}
+    report = report.model_copy(update={"rejections": rejections})
+    return (report.best.proposal if report.best else None), report, context
+
+
+def _key(proposal: Proposal) -> str | None:
+    try:
+        return description_key(proposal)
+    except DescriptionError:
+        return None
+
+
+def archive_fingerprints(nodes: Sequence[Node], fingerprinter: Fingerprinter,
+                         source_of: SourceOf = compile_proposal) -> dict[str, np.ndarray]:
+    """Fingerprint per node id for every node with a source: its implementation's, else its compiled proposal's
+    (a node still in the pipeline). Nodes whose source fails the check are left out."""
+    fingerprints: dict[str, np.ndarray] = {}
+    for node in {n.node_id: n for n in nodes}.values():
+        source = node_source(node, source_of)
+        if source is None:
+            continue
+        result = fingerprinter(source)
+        if result.ok:
+            fingerprints[node.node_id] = result.vector
+    return fingerprints
+
+
+def node_source(node: Node, source_of: SourceOf = compile_proposal) -> str | None:
+    if node.implementation is not None and node.implementation.source.strip():
+        return node.implementation.source
+    try:
+        return source_of(node.proposal)
+    except (DescriptionError, ValueError):
+        return None
+
+
+def _consistency(proposal: Proposal, fingerprinter: Fingerprinter,
+                 source_of: SourceOf) -> tuple[FingerprintResult | None, str | None]:
+    try:
+        source = source_of(proposal)
+    except (DescriptionError, ValueError) as err:
+        return None, f"no source: {' '.join(str(err).split())}"
+    try:
+        ast.parse(source)
+    except SyntaxError as err:
+        return None, f"the module does not parse: {err.msg} at line {err.lineno}"
+    result = fingerprinter(source)
+    if not result.ok:
+        return result, result.failure or "no fingerprint came back"
+    try:
+        intent = proposal_description(proposal)
+    except DescriptionError:
+        return result, None  # mechanisms outside the library (an LLM's): nothing to compare the code with
+    if result.loss_agg_mode != intent.loss_agg_mode:
+        return result, (f"the proposal aggregates with {intent.loss_agg_mode} but the code declares LOSS_AGG_MODE "
+                        f"{result.loss_agg_mode!r}")
+    differing = [key for key in intent.hparams if key in result.hparams and result.hparams[key] != intent.hparams[key]]
+    if differing:
+        key = differing[0]
+        return result, (f"the proposal sets {key}={intent.hparams[key]!r} but the code's HPARAMS has "
+                        f"{result.hparams[key]!r}")
+    return result, None
+
+
+@dataclass
+class _Survivor:
+    """A proposal past the consistency and novelty gates, while it is ranked."""
+
+    index: int
+    proposal: Proposal
+    result: FingerprintResult
+    nearest_id: str | None
+    distance: float
+    mean: float | None = None
+    std: float | None = None
+    score: float = 0.0
+
+
+def _nearest(vector: np.ndarray, archived: dict[str, np.ndarray]) -> tuple[str | None, float]:
+    best_id, best = None, math.inf
+    for node_id, other in archived.items():
+        distance = fingerprint_distance(vector, other)
+        if distance < best:
+            best_id, best = node_id, distance
+    return best_id, best
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+__all__ = [
+    "ACQUISITIONS",
+    "Rejection",
+    "ScreenedProposal",
+    "ScreeningReport",
+    "archive_fingerprints",
+    "expected_improvement",
+    "node_source",
+    "propose_screened",
+    "screen_population",
+    "upper_confidence",
+]

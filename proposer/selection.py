@@ -1,0 +1,476 @@
+"""Lineage prioritization: which archive nodes become the parents of the next round (ARCHITECTURE.md section 1).
+
+Every candidate d (an evaluated, unfailed node with a finite utility) gets the acquisition score
+
+    s(d) = w_pareto·U_pareto(d) + w_perf·U_perf(d) + w_div·U_div(d) + w_bayes·α_GP(d)
+
+with the weights and GP constants of `SelectionWeights`. The terms, each computed over the candidates alone:
+
+U_perf    the node's utility U (by default `seed_mean`, the mean over every seed it was trained with) min-max
+          normalized to [0, 1]; 0.5 for all when every utility is equal.
+U_pareto  Pareto-frontier strength over the metric vector: the node's per-suite scores (suites every candidate
+          was evaluated on, each averaged over the node's seeds), plus −mean length under the length objective;
+          a candidate set with no suite in common falls back to the one-element vector (U,). Candidates are
+          sorted into non-dominated fronts (front 0 = the Pareto frontier); the raw strength is
+          (last front index − front) + SPEA2 strength (the share of the other candidates it dominates), which
+          orders nodes by front first and by strength within a front (strength < 1, so a front is never
+          overtaken by the next), min-max normalized; 1 for all when every candidate is on the frontier.
+U_div     novelty: the mean distance to the DIV_NEIGHBOURS nearest other candidates, min-max normalized (0.5 for
+          all when equal). The distance is the mean of a structural and a behavioural distance, both in [0, 1]:
+          structural = (mechanisms in exactly one of the two + Σ over shared mechanisms of the mean gap of their
+          parameters' positions in range) / mechanisms in either — a Jaccard distance in which a shared
+          mechanism counts as partly different by how far its constants are apart; behavioural = the RMS gap of
+          the metric vectors, each coordinate min-max scaled over the candidates.
+α_GP      descendant potential, GP-UCB μ + κσ of `DescendantGP`: a Gaussian process over `node_features`
+          trained on the candidates that have evaluated descendants, with target the discounted top-K
+          descendant gain y_d = mean_{k∈topK} γ^depth(c_k, d) · tanh((U(c_k) − U(d)) / β) (`descendant_gain`).
+          y is a gain *relative to d*, so a poor node whose children undo its mistake has a high y; the term is
+          therefore put in U_perf's units (`bayes_term`: β·α, tanh's slope at 0 undone, divided by the utility
+          span U_perf is normalized by, at least β), so that U_perf + α_GP reads as the expected utility of the
+          node's best descendants rather than rewarding poor nodes for their room to recover (min-max
+          normalizing α would make w_bayes·α_GP favour exactly those nodes). With fewer than MIN_GP_POINTS
+          training nodes α is the prior PRIOR_MEAN + κ·PRIOR_STD for every node, which changes no ranking.
+
+`select_parents` takes the k highest scores, skipping a node whose set of mechanism names is already among the
+chosen parents while any node with a new set remains, so one round does not spend its parents on near-copies.
+Exact score ties are broken by draws from the rng, so the choice is deterministic for a given rng state.
+Everything here is a pure function of its arguments: the GP keeps fixed kernel hyperparameters by default, and
+with `optimize=True` starts its optimizer from fixed values without restarts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+from poise.contracts import Node, NodeStatus, Objective, Proposal, SelectionWeights
+from poise.scoring import seed_scores
+from poise.scoring import utility as evaluation_utility
+from proposer.baseline import proposal_description
+from proposer.mechanisms import MECHANISMS, AlgorithmDescription, Param
+
+Utility = Callable[[Node], float | None]
+
+DIV_NEIGHBOURS = 3  # novelty is measured against the nearest few, not the whole archive (novelty search)
+DEPTH_SCALE = 10.0  # depth enters the GP features as depth / DEPTH_SCALE, on the scale of the other features
+MIN_GP_POINTS = 2  # below this many nodes with descendants the GP is not fitted and α is the prior
+PRIOR_MEAN = 0.0  # no descendant gain expected ...
+PRIOR_STD = 0.5  # ... but it could go either way: half the range of tanh
+
+MECHANISM_NAMES: tuple[str, ...] = tuple(MECHANISMS)
+# One column per (mechanism, parameter): parameter keys are shared within a family with different ranges.
+PARAM_COLUMNS: tuple[tuple[str, str], ...] = tuple((m.name, key) for m in MECHANISMS.values() for key in m.params)
+_COLUMN_MECHANISM = np.array([MECHANISM_NAMES.index(name) for name, _ in PARAM_COLUMNS], dtype=int)
+# A shared mechanism's parameters share one unit of distance: each column weighs 1 / (its mechanism's params).
+_COLUMN_WEIGHT = np.array([1.0 / len(MECHANISMS[name].params) for name, _ in PARAM_COLUMNS])
+FEATURE_NAMES: tuple[str, ...] = (
+    *MECHANISM_NAMES, *(f"{name}.{key}" for name, key in PARAM_COLUMNS), "depth", "normalized_utility")
+
+
+def seed_mean(node: Node) -> float | None:
+    """The utility parents are selected by: the mean over every seed the node was trained with (its own
+    evaluation and its replicates), so one lucky seed does not carry a node; the raw utility when no seed has a
+    finite score."""
+    scores = seed_scores(node)
+    return sum(scores) / len(scores) if scores else evaluation_utility(node.evaluation)
+
+
+def memoized(utility: Utility) -> Utility:
+    """`utility` computed once per node id (selection asks for a node's utility many times)."""
+    values: dict[str, float | None] = {}
+
+    def cached(node: Node) -> float | None:
+        if node.node_id not in values:
+            values[node.node_id] = utility(node)
+        return values[node.node_id]
+
+    return cached
+
+
+def candidate_parents(nodes: Sequence[Node], utility: Utility = seed_mean) -> list[Node]:
+    """The nodes that may be parents: evaluated, not failed, with a finite utility; oldest first."""
+    def eligible(node: Node) -> bool:
+        if node.status == NodeStatus.FAILED or node.evaluation is None:
+            return False
+        value = utility(node)
+        return value is not None and math.isfinite(value)
+
+    return sorted(filter(eligible, nodes), key=lambda node: (node.created_at, node.node_id))
+
+
+# ------------------------------------------------------------------------------------------- genotype
+
+
+def param_position(param: Param, value: object) -> float:
+    """Where `value` lies in `param`'s range, in [0, 1]: log-scaled for log parameters, the index among choices."""
+    if param.choices:
+        return param.choices.index(value) / max(len(param.choices) - 1, 1) if value in param.choices else 0.0
+    value = float(value)
+    if param.log and param.low > 0:
+        low, high, value = math.log(param.low), math.log(param.high), math.log(max(value, param.low))
+    else:
+        low, high = param.low, param.high
+    return min(max((value - low) / (high - low), 0.0), 1.0) if high > low else 0.0
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """An algorithm description as arrays: which library mechanisms it has (0/1 per MECHANISM_NAMES) and the
+    position in range of each PARAM_COLUMNS parameter (0 where its mechanism is absent)."""
+
+    present: np.ndarray  # (M,)
+    positions: np.ndarray  # (C,)
+
+    @classmethod
+    def of(cls, description: AlgorithmDescription) -> Genotype:
+        names = set(description.names)
+        present = np.array([name in names for name in MECHANISM_NAMES], dtype=float)
+        positions = np.array([param_position(MECHANISMS[name].params[key], description.hparams[key])
+                              if name in names else 0.0 for name, key in PARAM_COLUMNS])
+        return cls(present, positions)
+
+    def centered(self) -> np.ndarray:
+        """Positions relative to each present parameter's default (0 at the default, and where absent), so that
+        adding a mechanism at its defaults moves only its one-hot entry."""
+        return (self.positions - _DEFAULT_POSITIONS) * self.present[_COLUMN_MECHANISM]
+
+
+_DEFAULT_POSITIONS = np.array([param_position(MECHANISMS[name].params[key], MECHANISMS[name].params[key].default)
+                               for name, key in PARAM_COLUMNS])
+
+
+def node_genotype(node: Node) -> Genotype:
+    return Genotype.of(proposal_description(node.proposal))
+
+
+def structural_distances(genotypes: Sequence[Genotype]) -> np.ndarray:
+    """(n, n) structural distances (module docstring): a Jaccard distance over mechanism sets in which a shared
+    mechanism adds the mean gap of its parameters' positions."""
+    present = np.stack([g.present for g in genotypes])  # (n, M)
+    positions = np.stack([g.positions for g in genotypes])  # (n, C)
+    union = np.maximum(present[:, None, :], present[None, :, :]).sum(-1)  # (n, n)
+    only_one = np.abs(present[:, None, :] - present[None, :, :]).sum(-1)
+    shared = (present[:, None, :] * present[None, :, :])[:, :, _COLUMN_MECHANISM]  # (n, n, C)
+    gaps = (np.abs(positions[:, None, :] - positions[None, :, :]) * shared * _COLUMN_WEIGHT).sum(-1)
+    return (only_one + gaps) / np.maximum(union, 1.0)
+
+
+# --------------------------------------------------------------------------------------- the four terms
+
+
+def min_max(values: np.ndarray, constant: float = 0.5) -> np.ndarray:
+    """`values` scaled to [0, 1]; `constant` for every entry when they are all equal."""
+    values = np.asarray(values, dtype=float)
+    span = values.max() - values.min() if values.size else 0.0
+    return (values - values.min()) / span if span > 0 else np.full(values.shape, constant)
+
+
+def _evaluations(node: Node) -> list:
+    return ([node.evaluation] if node.evaluation is not None else []) + list(node.replicates)
+
+
+def metric_vectors(nodes: Sequence[Node], utility: Utility = seed_mean, objective: Objective | None = None
+                   ) -> np.ndarray:
+    """(n, m) metric vectors, larger is better: the mean score per suite shared by every node, then −mean length
+    under the length objective; (U,) per node when that leaves nothing."""
+    shared = set.intersection(*(set(node.evaluation.suites) for node in nodes)) if nodes else set()
+    columns = []
+    for suite in sorted(shared):
+        columns.append([np.mean([e.suites[suite].value for e in _evaluations(node) if suite in e.suites])
+                        for node in nodes])
+    if objective is not None and objective.kind == "length":
+        columns.append([-np.mean([e.mean_length for e in _evaluations(node)]) for node in nodes])
+    if not columns:
+        columns.append([utility(node) for node in nodes])
+    return np.array(columns, dtype=float).T
+
+
+def dominance(vectors: np.ndarray) -> np.ndarray:
+    """(n, n) booleans: row i Pareto-dominates row j (at least as good everywhere, better somewhere; larger is
+    better)."""
+    at_least = (vectors[:, None, :] >= vectors[None, :, :]).all(-1)
+    better = (vectors[:, None, :] > vectors[None, :, :]).any(-1)
+    return at_least & better
+
+
+def pareto_fronts(vectors: np.ndarray) -> np.ndarray:
+    """The non-dominated front of each row (0 = the Pareto frontier, 1 = the frontier once 0 is removed, …)."""
+    beats = dominance(vectors)
+    front = np.full(len(vectors), -1)
+    remaining = np.ones(len(vectors), dtype=bool)
+    level = 0
+    while remaining.any():
+        current = remaining & ~(beats & remaining[:, None]).any(0)
+        front[current] = level
+        remaining &= ~current
+        level += 1
+    return front
+
+
+def pareto_strength(vectors: np.ndarray) -> np.ndarray:
+    """U_pareto of each row (module docstring): front first, SPEA2 strength within a front, in [0, 1]."""
+    front = pareto_fronts(vectors)
+    strength = dominance(vectors).sum(1) / max(len(vectors) - 1, 1)
+    return min_max((front.max() - front) + strength, constant=1.0)
+
+
+def novelty(distances: np.ndarray, neighbours: int = DIV_NEIGHBOURS) -> np.ndarray:
+    """U_div of each row of an (n, n) distance matrix: the mean distance to its nearest `neighbours` others,
+    min-max normalized."""
+    n = len(distances)
+    if n < 2:
+        return np.full(n, 0.5)
+    others = np.sort(np.where(np.eye(n, dtype=bool), np.inf, distances), axis=1)[:, : min(neighbours, n - 1)]
+    return min_max(others.mean(axis=1))
+
+
+def behaviour_distances(vectors: np.ndarray) -> np.ndarray:
+    """(n, n) RMS gaps of the metric vectors, each coordinate min-max scaled over the rows; in [0, 1]."""
+    scaled = np.column_stack([min_max(column, constant=0.0) for column in vectors.T])
+    return np.sqrt(((scaled[:, None, :] - scaled[None, :, :]) ** 2).mean(-1))
+
+
+# ------------------------------------------------------------------------------- descendant potential
+
+
+def descendant_gain(node: Node, descendants: Sequence[Node], utility: Utility, weights: SelectionWeights
+                    ) -> float | None:
+    """y_d = mean over the top-K descendants of γ^(generations between them) · tanh((U(c) − U(d)) / β), top-K by
+    that discounted term; None when `descendants` (evaluated descendants of `node`) is empty."""
+    if weights.beta <= 0:
+        raise ValueError(f"SelectionWeights.beta must be positive (the gain scale of tanh), got {weights.beta}")
+    own = utility(node)
+    terms = sorted((weights.gamma ** (child.genealogy.depth - node.genealogy.depth)
+                    * math.tanh((utility(child) - own) / weights.beta) for child in descendants), reverse=True)
+    top = terms[: weights.top_k]
+    return sum(top) / len(top) if top else None
+
+
+def descendant_gains(nodes: Sequence[Node], utility: Utility, weights: SelectionWeights) -> dict[str, float]:
+    """y_d of every candidate that has evaluated descendants among the candidates of `nodes`, by node id."""
+    utility = memoized(utility)
+    candidates = candidate_parents(nodes, utility)
+    gains = {}
+    for node in candidates:
+        descendants = [c for c in candidates if node.node_id in c.genealogy.ancestors]
+        gain = descendant_gain(node, descendants, utility, weights)
+        if gain is not None:
+            gains[node.node_id] = gain
+    return gains
+
+
+def node_features(node: Node, normalized_utility: float) -> np.ndarray:
+    """The GP's view of a node, FEATURE_NAMES: one-hot over the library's mechanisms, each parameter's position
+    relative to its default (`Genotype.centered`), depth / DEPTH_SCALE, and the node's utility normalized over
+    the archive (the caller's min-max, as `DescendantGP.features` does). The length is fixed by the library."""
+    return _features(node_genotype(node), node.genealogy.depth, normalized_utility)
+
+
+def _features(genotype: Genotype, depth: int, normalized_utility: float) -> np.ndarray:
+    return np.concatenate([genotype.present, genotype.centered(), [depth / DEPTH_SCALE, normalized_utility]])
+
+
+class DescendantGP:
+    """The GP of α_GP: predicts a node's discounted top-K descendant gain from its features.
+
+    `fit` learns on the candidates with evaluated descendants and remembers the archive's utility range and
+    genotypes, which `features` and `proposal_features` use. Kernel: a constant times an RBF plus a WhiteKernel
+    (seed noise makes two nodes with the same features disagree), on normalized targets. By default the kernel
+    keeps the fixed hyperparameters KERNEL_DEFAULTS: with the few dozen noisy targets of a run, maximum-likelihood
+    estimates swing between "all noise" and "no noise" from one round to the next, and fitting them costs ~50×
+    more; `optimize=True` fits them (one optimizer start from those values, so still deterministic). Unfitted
+    (fewer than MIN_GP_POINTS targets), `predict` returns the prior (PRIOR_MEAN, PRIOR_STD) for every row.
+    """
+
+    # On normalized targets: unit signal variance; a length scale of about one mutation (a swap moves two one-hot
+    # entries, distance √2); noise a quarter of the signal, the share seed noise takes of tanh-squashed gains.
+    KERNEL_DEFAULTS = {"signal": 1.0, "length_scale": 1.5, "noise": 0.25}
+
+    def __init__(self, weights: SelectionWeights | None = None, optimize: bool = False):
+        self.weights = weights or SelectionWeights()
+        self.optimize = optimize
+        self.targets: dict[str, float] = {}
+        self.fitted_ids: frozenset[str] = frozenset()
+        self._genotypes: dict[str, Genotype] = {}
+        self._utilities: dict[str, float] = {}
+        self._utility_range = (0.0, 0.0)
+        self._regressor: GaussianProcessRegressor | None = None
+
+    @property
+    def fitted(self) -> bool:
+        """True when the GP was trained (enough targets); False while `predict` returns the prior."""
+        return self._regressor is not None
+
+    def fit(self, nodes: Sequence[Node], utility: Utility = seed_mean) -> DescendantGP:
+        utility = memoized(utility)
+        candidates = candidate_parents(nodes, utility)
+        self.fitted_ids = frozenset(node.node_id for node in candidates)
+        self._genotypes = {node.node_id: node_genotype(node) for node in candidates}
+        self._utilities = {node.node_id: float(utility(node)) for node in candidates}
+        values = list(self._utilities.values())
+        self._utility_range = (min(values), max(values)) if values else (0.0, 0.0)
+        self.targets = descendant_gains(candidates, utility, self.weights)
+        self._regressor = None
+        if len(self.targets) < MIN_GP_POINTS:
+            return self
+        trained = [node for node in candidates if node.node_id in self.targets]
+        x = np.stack([self.features(node) for node in trained])
+        y = np.array([self.targets[node.node_id] for node in trained])
+        hp = self.KERNEL_DEFAULTS
+        kernel = (ConstantKernel(hp["signal"], (1e-2, 1e2)) * RBF(hp["length_scale"], (1e-1, 1e2))
+                  + WhiteKernel(hp["noise"], (1e-4, 1e1)))
+        self._regressor = GaussianProcessRegressor(kernel, normalize_y=True,
+                                                   optimizer="fmin_l_bfgs_b" if self.optimize else None)
+        with warnings.catch_warnings():  # a length scale at its bound is an answer here, not a problem
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self._regressor.fit(x, y)
+        return self
+
+    def normalized_utility(self, value: float) -> float:
+        """`value` min-max scaled by the utilities of the archive the GP was fitted on (0.5 if they are equal)."""
+        low, high = self._utility_range
+        return min(max((value - low) / (high - low), 0.0), 1.0) if high > low else 0.5
+
+    def genotype(self, node: Node) -> Genotype:
+        return self._genotypes.get(node.node_id) or node_genotype(node)
+
+    def features(self, node: Node) -> np.ndarray:
+        """`node_features` with the utility normalized over the archive the GP was fitted on."""
+        value = self._utilities.get(node.node_id)
+        return _features(self.genotype(node), node.genealogy.depth,
+                         self.normalized_utility(value) if value is not None else 0.5)
+
+    def proposal_features(self, proposal: Proposal | AlgorithmDescription, parent: Node) -> np.ndarray:
+        """Features of a not-yet-evaluated child of `parent`: the child's own mechanisms and constants, one
+        generation below the parent, and the parent's normalized utility standing in for its unknown own.
+        `predict` on them estimates the descendant gain a node like the child would show — the screening
+        stage's expected-improvement signal, not the child's own gain over its parent."""
+        description = proposal if isinstance(proposal, AlgorithmDescription) else proposal_description(proposal)
+        value = self._utilities.get(parent.node_id)
+        return _features(Genotype.of(description), parent.genealogy.depth + 1,
+                         self.normalized_utility(value) if value is not None else 0.5)
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior (mean, std) of y for each row of `features` (one row: a 1-D array)."""
+        x = np.atleast_2d(features)
+        if self._regressor is None:
+            return np.full(len(x), PRIOR_MEAN), np.full(len(x), PRIOR_STD)
+        mean, std = self._regressor.predict(x, return_std=True)
+        return np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
+
+    def ucb(self, features: np.ndarray) -> np.ndarray:
+        """α = μ + κσ for each row of `features`."""
+        mean, std = self.predict(features)
+        return mean + self.weights.kappa * std
+
+
+# ----------------------------------------------------------------------------------------- selection
+
+
+def bayes_term(alpha: np.ndarray, utilities: np.ndarray, beta: float) -> np.ndarray:
+    """α in the units of U_perf: β·α is the descendant gain in utility (tanh's slope at 0 undone), divided by the
+    span U_perf is normalized by, so that U_perf + α reads as the expected utility of the node's best
+    descendants; a span below β counts as β, so a young archive's tiny spread does not blow α up."""
+    if beta <= 0:
+        raise ValueError(f"SelectionWeights.beta must be positive (the gain scale of tanh), got {beta}")
+    span = float(utilities.max() - utilities.min()) if utilities.size else 0.0
+    return beta * alpha / max(span, beta)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One candidate's acquisition score and its terms (unweighted), for the choice and for the run's log."""
+
+    node_id: str
+    score: float
+    pareto: float
+    perf: float
+    div: float
+    bayes: float  # α_GP = gp_mean + κ·gp_std, min-max normalized over the candidates
+    gp_mean: float
+    gp_std: float
+    utility: float
+    mechanisms: tuple[str, ...]  # the node's mechanism names, library order
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_candidates(nodes: Sequence[Node], weights: SelectionWeights, utility: Utility = seed_mean,
+                     objective: Objective | None = None, gp: DescendantGP | None = None) -> list[Selection]:
+    """Every candidate parent among `nodes` with s(d) and its terms, oldest first. `gp` is reused when it was
+    fitted on exactly these candidates (e.g. to share it with screening), else a new one is fitted here."""
+    utility = memoized(utility)
+    candidates = candidate_parents(nodes, utility)
+    if not candidates:
+        return []
+    if gp is None or gp.fitted_ids != {node.node_id for node in candidates}:
+        gp = DescendantGP(weights).fit(candidates, utility)
+    genotypes = [gp.genotype(node) for node in candidates]
+    utilities = np.array([utility(node) for node in candidates], dtype=float)
+    vectors = metric_vectors(candidates, utility, objective)
+    perf = min_max(utilities)
+    pareto = pareto_strength(vectors)
+    div = novelty((structural_distances(genotypes) + behaviour_distances(vectors)) / 2)
+    mean, std = gp.predict(np.stack([gp.features(node) for node in candidates]))
+    bayes = bayes_term(mean + weights.kappa * std, utilities, weights.beta)
+    score = weights.pareto * pareto + weights.perf * perf + weights.div * div + weights.bayes * bayes
+    return [Selection(node.node_id, float(score[i]), float(pareto[i]), float(perf[i]), float(div[i]),
+                      float(bayes[i]), float(mean[i]), float(std[i]), float(utilities[i]),
+                      tuple(name for name, here in zip(MECHANISM_NAMES, genotypes[i].present, strict=True) if here))
+            for i, node in enumerate(candidates)]
+
+
+def select_parents(nodes: Sequence[Node], weights: SelectionWeights, k: int = 3, rng: random.Random | None = None,
+                   utility: Utility = seed_mean, objective: Objective | None = None) -> list[Selection]:
+    """The k parents of the next round, best score first (module docstring); fewer when fewer candidates exist.
+    Draws one number per candidate from `rng` to break exact ties (none drawn when rng is None: the oldest
+    wins)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    scored = score_candidates(nodes, weights, utility, objective)
+    if not scored:
+        raise ValueError("no candidate parents to select from; evaluate the root first")
+    tiebreak = [rng.random() for _ in scored] if rng is not None else [0.0] * len(scored)
+    order = sorted(range(len(scored)), key=lambda i: (-scored[i].score, -tiebreak[i], i))
+    chosen: list[Selection] = []
+    while order and len(chosen) < k:
+        taken = {s.mechanisms for s in chosen}
+        pick = next((i for i in order if scored[i].mechanisms not in taken), order[0])
+        order.remove(pick)
+        chosen.append(scored[pick])
+    return chosen
+
+
+__all__ = [
+    "DescendantGP",
+    "FEATURE_NAMES",
+    "Genotype",
+    "MECHANISM_NAMES",
+    "PARAM_COLUMNS",
+    "Selection",
+    "bayes_term",
+    "behaviour_distances",
+    "candidate_parents",
+    "descendant_gain",
+    "descendant_gains",
+    "dominance",
+    "metric_vectors",
+    "node_features",
+    "novelty",
+    "param_position",
+    "pareto_fronts",
+    "pareto_strength",
+    "score_candidates",
+    "seed_mean",
+    "select_parents",
+    "structural_distances",
+]
