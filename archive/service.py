@@ -192,7 +192,7 @@ class ArchiveService:
                and in_flight < self.config.parallel):
             parents = [n for n in nodes if n.evaluation is not None and n.status != NodeStatus.FAILED]
             node_id = f"n{next_number:03d}"
-            parent = select_parent(parents, self.config.parent_selection, self._rng(node_id), _seed_mean)
+            parent = self._choose_parent(parents, nodes, next_number, node_id)
             work = WorkPropose(run_id=self.run_id, node_id=node_id, parent_ids=[parent.node_id],
                                attempt=1 + self.state.propose_failures)
             self.state.proposals[node_id] = work
@@ -205,6 +205,23 @@ class ArchiveService:
         if evaluated_children >= self.config.budget or self.state.stop_reason:
             if not self._confirm_best(nodes):
                 self._finish(self.state.stop_reason or "budget reached")
+
+    def _choose_parent(self, parents: list[Node], nodes: list[Node], number: int, node_id: str) -> Node:
+        """The baseline's random or greedy choice, or Phase I acquisition: the round's `parents_per_round`
+        diverse parents by s(d) (proposer/selection.py), taken in turn by node number."""
+        if self.config.parent_selection != "poise":
+            return select_parent(parents, self.config.parent_selection, self._rng(node_id), _seed_mean)
+        from proposer.selection import select_parents  # scikit-learn: only for runs that use it
+
+        chosen = select_parents(nodes, self.config.weights, k=self.config.parents_per_round,
+                                rng=self._rng(f"round{(number - 1) // self.config.parents_per_round}"),
+                                objective=self.config.objective)
+        if not chosen:
+            return select_parent(parents, "greedy", self._rng(node_id), _seed_mean)
+        pick = chosen[(number - 1) % len(chosen)]
+        log.info("parent of %s: %s (s=%.3f: pareto %.2f, perf %.2f, div %.2f, bayes %.2f)", node_id, pick.node_id,
+                 pick.score, pick.pareto, pick.perf, pick.div, pick.bayes)
+        return next((n for n in parents if n.node_id == pick.node_id), parents[0])
 
     def _confirm_best(self, nodes: list[Node]) -> bool:
         """Re-train the best single-seed nodes with fresh seeds; True while such work is pending."""

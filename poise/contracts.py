@@ -183,6 +183,8 @@ class Proposal(Contract):
     directive: str | None = None
     generator: str = Field(min_length=1, description='"offline" or the id of the model that wrote it')
     parent_ids: list[Id] = []
+    screening: str | None = Field(None, description="Phase I screening: the winner, and every rejected proposal "
+                                                    "of its population with the stage and reason")
 
 
 # -------------------------------------------------------------------------------- ρ: implementation
@@ -552,8 +554,9 @@ class RunConfig(Contract):
     budget: int = Field(64, ge=1, description="evaluated candidates, the paper's 64")
     parallel: int = Field(3, ge=1, description="nodes in the pipeline at once")
     parents_per_round: int = Field(3, ge=1)
-    parent_selection: Literal["greedy", "random"] = Field(
-        "greedy", description="baseline proposer: the best node by utility, or a uniformly random evaluated node")
+    parent_selection: Literal["greedy", "random", "poise"] = Field(
+        "greedy", description="baseline proposer: the best node by utility, or a uniformly random evaluated node; "
+        "poise: Phase I acquisition (proposer/selection.py) with context, population and screening")
     population_size: int = Field(4, ge=1, description="proposals sampled per parent before screening")
     max_correction_attempts: int = Field(3, ge=1)
     root_seeds: int = Field(3, ge=1, description="fresh-seed evaluations of the root, the yardstick")

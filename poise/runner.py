@@ -195,7 +195,7 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
         bus.dead_letter = archive.dead_letter
         workroot = run_dir / "nodes"
         services = [
-            ProposerService(bus, store),
+            ProposerService(bus, store, fingerprint_dir=run_dir / "fingerprints"),
             ImplementerService(bus, workroot, config.protocol, config.max_correction_attempts, coder=coder,
                                verify_wall_s=verify_wall_s, clock=clock),
             TrainerService(bus, workroot, clock=clock, on_step=progress.on_step),

@@ -344,7 +344,8 @@ def build_runtime(service: str, bus: Any, settings: ServiceSettings) -> Runtime:
             from proposer.service import ProposerService as Worker
         else:
             from reflector.service import ReflectorService as Worker
-        worker = Worker(bus, client)
+        worker = (Worker(bus, client, fingerprint_dir=Path(settings.work_dir) / "fingerprints")
+                  if service == "proposer" else Worker(bus, client))
         return Runtime({worker.subject: worker.handle}, dead_letter, closers=[client.close],
                        counter_label=worker.subject)
     if service == "implementer":

@@ -93,6 +93,7 @@ def make_proposal() -> Proposal:
         directive="improve Overall",
         generator="claude-sonnet-4",
         parent_ids=["n0003"],
+        screening="parent n0003: best VM-AV-GRPO (EI 0.012), 3 passed; rejected grpo@eps=1e-07: novelty: ...",
     )
 
 

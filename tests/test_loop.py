@@ -220,3 +220,20 @@ def test_hostile_candidates_are_stopped_recorded_and_the_loop_goes_on(tmp_path, 
     everything = [(run_dir / "archive.db").read_bytes(), (run_dir / "run.log").read_bytes(), "".join(log).encode()]
     everything += [p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".db-wal", ".log")]
     assert not any(SECRET.encode() in blob for blob in everything)
+
+
+def test_phase_one_selection_runs_the_loop_with_screened_proposals(tmp_path):
+    """parent_selection "poise": parents by acquisition, each child the winner of a screened population whose
+    rejections are recorded on the proposal; the loop completes like the baseline's."""
+    run_dir = tmp_path / "poise"
+    summary = run(tiny_config("phase1", budget=3, parallel=1, replicate_seeds=1, parent_selection="poise"), run_dir)
+    with SQLiteStore.in_run_dir(run_dir) as store:
+        nodes = store.nodes("phase1")
+    assert summary.stop_reason == "budget reached" and summary.status["budget"]["evaluated"] == 3
+    assert_lineage_is_valid(nodes)
+    children = [n for n in nodes if n.node_id != ROOT]
+    assert all(n.status == NodeStatus.REFLECTED for n in children)
+    assert all(n.proposal.screening and n.proposal.screening.startswith(f"parent {n.genealogy.parent_ids[0]}")
+               for n in children)
+    assert len({description_key(n.proposal) for n in nodes}) == len(nodes)
+    assert any((run_dir / "fingerprints").iterdir()), "fingerprints are cached with the run"
