@@ -26,6 +26,8 @@ from pathlib import Path
 
 from archive.store import ArchiveError, ArchiveStore
 from poise.contracts import Evaluation, MetricKind, Node, NodeStatus, RunConfig, TrainingTrajectory
+from poise.objective import satisfies, yardstick
+from poise.scoring import utility as evaluation_utility
 
 Utility = Callable[[Node], float | None]  # None (or nan) = the node has no utility yet
 
@@ -54,9 +56,7 @@ _esc = html.escape
 def overall_utility(node: Node) -> float | None:
     """The default utility U: the one the run's objective stamped on the evaluation (poise/objective.py), else
     the weighted Overall; None until the node is evaluated."""
-    if node.evaluation is None:
-        return None
-    return node.evaluation.utility if node.evaluation.utility is not None else node.evaluation.overall
+    return evaluation_utility(node.evaluation)
 
 
 def pareto_front(nodes: Sequence[Node]) -> list[Node]:
@@ -71,14 +71,6 @@ def pareto_front(nodes: Sequence[Node]) -> list[Node]:
                    and (o.evaluation.overall > a or o.evaluation.mean_length < length) for o in points)
 
     return sorted((n for n in points if not dominated(n)), key=lambda n: n.evaluation.mean_length)
-
-
-def satisfies(node: Node) -> bool | None:
-    """Whether the node meets the objective's constraints on every seed it was evaluated with (None: the
-    objective has none, or the node is not evaluated)."""
-    verdicts = [e.constraints_satisfied for e in (node.evaluation, *node.replicates)
-                if e is not None and e.constraints_satisfied is not None]
-    return all(verdicts) if verdicts else None
 
 
 def _finite(value: object) -> bool:
@@ -476,9 +468,7 @@ def scatter_svg(nodes: Sequence[Node], config: RunConfig | None = None) -> str:
     length_objective = config is not None and config.objective.kind == "length"
     floor_value = None
     if length_objective:
-        from poise.objective import yardstick  # the same yardstick the archive stamps utilities with
-
-        stick = yardstick(root)
+        stick = yardstick(root)  # the same yardstick the archive stamps utilities with
         floor_value = stick.overall - config.objective.accuracy_tolerance if stick is not None else None
     y = _Scale.fit([n.evaluation.overall for n in evaluated] + ([floor_value] if floor_value is not None else []),
                    height - 50, 40)

@@ -37,7 +37,7 @@ from poise.contracts import (
     WorkTrain,
 )
 from poise.metrics import DUPLICATE, METRICS, OK, REJECTED, backend_name, observed
-from poise.scoring import confirmation_scores, replicate_seed, seed_scores, summarize, utility
+from poise.scoring import confirmation_scores, replicate_seed, seed_mean, summarize, utility
 from proposer.baseline import root_proposal, select_parent
 
 log = logging.getLogger("poise.archive")
@@ -210,14 +210,14 @@ class ArchiveService:
         """The baseline's random or greedy choice, or Phase I acquisition: the round's `parents_per_round`
         diverse parents by s(d) (proposer/selection.py), taken in turn by node number."""
         if self.config.parent_selection != "poise":
-            return select_parent(parents, self.config.parent_selection, self._rng(node_id), _seed_mean)
+            return select_parent(parents, self.config.parent_selection, self._rng(node_id), seed_mean)
         from proposer.selection import select_parents  # scikit-learn: only for runs that use it
 
         chosen = select_parents(nodes, self.config.weights, k=self.config.parents_per_round,
                                 rng=self._rng(f"round{(number - 1) // self.config.parents_per_round}"),
                                 objective=self.config.objective)
         if not chosen:
-            return select_parent(parents, "greedy", self._rng(node_id), _seed_mean)
+            return select_parent(parents, "greedy", self._rng(node_id), seed_mean)
         pick = chosen[(number - 1) % len(chosen)]
         log.info("parent of %s: %s (s=%.3f: pareto %.2f, perf %.2f, div %.2f, bayes %.2f)", node_id, pick.node_id,
                  pick.score, pick.pareto, pick.perf, pick.div, pick.bayes)
@@ -273,9 +273,3 @@ class ArchiveService:
         return random.Random(f"select/{self.config.seed}/{node_id}")
 
 
-
-def _seed_mean(node: Node) -> float | None:
-    """The utility a parent is selected by: the mean over every seed it was trained with (the root's replicate
-    seeds included), so one lucky seed does not keep a node the greedy parent."""
-    summary = summarize(seed_scores(node))
-    return summary.mean if summary is not None else utility(node.evaluation)

@@ -6,7 +6,7 @@ import math
 
 from archive.store import ArchiveStore
 from poise.contracts import NodeStatus
-from poise.objective import describe
+from poise.objective import describe, satisfies
 from poise.scoring import ALPHA, confirmation_scores, seed_scores, summarize, utility, welch_p
 
 ROOT_ID = "n000"
@@ -43,8 +43,8 @@ def run_status(store: ArchiveStore, run_id: str) -> dict:
     }
     if config.objective.kind != "overall":
         status["constraints"] = {
-            "satisfied": [n.node_id for n in evaluated if _satisfied(n) is True],
-            "violated": [n.node_id for n in evaluated if _satisfied(n) is False],
+            "satisfied": [n.node_id for n in evaluated if satisfies(n) is True],
+            "violated": [n.node_id for n in evaluated if satisfies(n) is False],
         }
     leader = max(children, key=lambda n: utility(n.evaluation), default=None)
     if leader is not None:
@@ -71,16 +71,9 @@ def run_status(store: ArchiveStore, run_id: str) -> dict:
             "verdict": _verdict(best.node_id, gain, p),
             "overall": _mean([e.overall for e in (best.evaluation, *best.replicates)]),
             "mean_length": _mean([e.mean_length for e in (best.evaluation, *best.replicates)]),
-            "constraints_satisfied": _satisfied(best),
+            "constraints_satisfied": satisfies(best),
         }
     return status
-
-
-def _satisfied(node) -> bool | None:
-    """Whether a node meets the objective's constraints: over every seed it was trained with when known."""
-    verdicts = [e.constraints_satisfied for e in (node.evaluation, *node.replicates)
-                if e is not None and e.constraints_satisfied is not None]
-    return all(verdicts) if verdicts else None
 
 
 def _mean(values: list[float]) -> float | None:

@@ -87,6 +87,14 @@ def stamped_node(node: Node, objective: Objective, stick: Yardstick | None) -> N
     return node.model_copy(update={"evaluation": evaluation, "replicates": replicates})
 
 
+def satisfies(node: Node) -> bool | None:
+    """Whether the node meets the objective's constraints on every seed it was evaluated with (None: the
+    objective has none, or the node is not evaluated)."""
+    verdicts = [e.constraints_satisfied for e in (node.evaluation, *node.replicates)
+                if e is not None and e.constraints_satisfied is not None]
+    return all(verdicts) if verdicts else None
+
+
 def describe(objective: Objective) -> str:
     """One line for logs, status and agents' context."""
     if objective.kind == "overall":

@@ -47,6 +47,14 @@ def confirmation_scores(node: Node, is_root: bool = False) -> list[float]:
     return fresh
 
 
+def seed_mean(node: Node) -> float | None:
+    """The utility parents are selected by: the mean over every seed the node was trained with (its own
+    evaluation and its replicates), so one lucky seed does not carry a node; the raw utility when no seed has a
+    finite score."""
+    scores = seed_scores(node)
+    return sum(scores) / len(scores) if scores else utility(node.evaluation)
+
+
 @dataclass(frozen=True)
 class SeedSummary:
     mean: float

@@ -52,8 +52,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
 from poise.contracts import Node, NodeStatus, Objective, Proposal, SelectionWeights
-from poise.scoring import seed_scores
-from poise.scoring import utility as evaluation_utility
+from poise.scoring import seed_mean
 from proposer.baseline import proposal_description
 from proposer.mechanisms import MECHANISMS, AlgorithmDescription, Param
 
@@ -73,14 +72,6 @@ _COLUMN_MECHANISM = np.array([MECHANISM_NAMES.index(name) for name, _ in PARAM_C
 _COLUMN_WEIGHT = np.array([1.0 / len(MECHANISMS[name].params) for name, _ in PARAM_COLUMNS])
 FEATURE_NAMES: tuple[str, ...] = (
     *MECHANISM_NAMES, *(f"{name}.{key}" for name, key in PARAM_COLUMNS), "depth", "normalized_utility")
-
-
-def seed_mean(node: Node) -> float | None:
-    """The utility parents are selected by: the mean over every seed the node was trained with (its own
-    evaluation and its replicates), so one lucky seed does not carry a node; the raw utility when no seed has a
-    finite score."""
-    scores = seed_scores(node)
-    return sum(scores) / len(scores) if scores else evaluation_utility(node.evaluation)
 
 
 def memoized(utility: Utility) -> Utility:
