@@ -33,6 +33,16 @@ DELIVERY_ORDER: tuple[str, ...] = (
 )
 
 
+def register_handler(handlers: dict[str, Handler], subject: str, handler: Handler) -> None:
+    """Add the one subscriber of `subject` (a bus's subscribe): ValueError for an unknown subject or a second
+    subscriber."""
+    if subject not in MESSAGE_TYPES:
+        raise ValueError(f"unknown subject {subject!r}; known: {', '.join(MESSAGE_TYPES)}")
+    if subject in handlers:
+        raise ValueError(f"{subject} already has a subscriber; one consumer per subject")
+    handlers[subject] = handler
+
+
 class Bus(Protocol):
     def publish(self, message: Message) -> None: ...
 
@@ -52,11 +62,7 @@ class InProcBus:
         self.delivered = 0
 
     def subscribe(self, subject: str, handler: Handler) -> None:
-        if subject not in MESSAGE_TYPES:
-            raise ValueError(f"unknown subject {subject!r}; known: {', '.join(MESSAGE_TYPES)}")
-        if subject in self._handlers:
-            raise ValueError(f"{subject} already has a subscriber; one consumer per subject")
-        self._handlers[subject] = handler
+        register_handler(self._handlers, subject, handler)
 
     def publish(self, message: Message) -> None:
         """Queue `message`; a message whose msg_id was already published is dropped (publish dedupe)."""

@@ -64,8 +64,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from poise.bus import Handler
-from poise.contracts import MESSAGE_TYPES, ContractError, Message, decode, encode
+from poise.bus import Handler, register_handler
+from poise.contracts import ContractError, Message, decode, encode
 
 log = logging.getLogger("poise.nats_bus")
 
@@ -204,11 +204,7 @@ class NatsBus:
 
     def subscribe(self, subject: str, handler: Handler) -> None:
         """Handle `subject` with `handler` through its durable consumer (started now, or at connect())."""
-        if subject not in MESSAGE_TYPES:
-            raise ValueError(f"unknown subject {subject!r}; known: {', '.join(MESSAGE_TYPES)}")
-        if subject in self._handlers:
-            raise ValueError(f"{subject} already has a subscriber; one consumer per subject")
-        self._handlers[subject] = handler
+        register_handler(self._handlers, subject, handler)
         stream, durable = stream_of(subject), durable_name(subject)
         consumers = [_Consumer(stream, durable, subject, subject),
                      _Consumer(ADVISORY_STREAM, f"{durable}_exhausted", f"{MAX_DELIVERIES}.{stream}.{durable}",
