@@ -138,6 +138,19 @@ def hostnames() -> dict[str, set[str]]:
     return names
 
 
+
+def settings_under(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str):
+    """What poise/settings.py makes of exactly `env` (every other POISE_* variable removed); a clear failure
+    naming the workload when it refuses it."""
+    for variable in [v for v in os.environ if v.startswith("POISE_")]:
+        monkeypatch.delenv(variable)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    try:
+        return load_settings()
+    except SettingsError as err:
+        pytest.fail(f"{name}: poise/settings.py refuses its environment: {err}")
+
 def test_compose_file_matches_the_compose_spec():
     checker = tool("check-jsonschema")
     result = run_tool(checker, "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE))
@@ -235,14 +248,7 @@ def test_compose_poise_services_have_healthchecks_and_their_settings(monkeypatch
             if role == "evaluator":
                 assert env.get("POISE_EVALUATOR_BACKEND") == evaluator, f"{name}: the {profile} evaluator"
         # what the service itself will make of it (poise/settings.py): an empty variable counts as unset
-        for variable in [v for v in os.environ if v.startswith("POISE_")]:
-            monkeypatch.delenv(variable)
-        for variable, value in env.items():
-            monkeypatch.setenv(variable, value)
-        try:
-            settings = load_settings()
-        except SettingsError as err:
-            pytest.fail(f"{name}: poise/settings.py refuses its environment: {err}")
+        settings = settings_under(env, monkeypatch, name)
         assert settings.http_port == int(env["POISE_HTTP_PORT"])
 
 
@@ -725,14 +731,7 @@ def test_poise_pods_get_settings_the_services_accept(overlay, monkeypatch):
                 continue
             env = {**config, **{v["name"]: v["value"] for v in container.get("env", []) if "value" in v}}
             env = {variable: value for variable, value in env.items() if variable.startswith("POISE_")}
-            for variable in [v for v in os.environ if v.startswith("POISE_")]:
-                monkeypatch.delenv(variable)
-            for variable, value in env.items():
-                monkeypatch.setenv(variable, value)
-            try:
-                settings = load_settings()
-            except SettingsError as err:
-                pytest.fail(f"{obj['metadata']['name']}: poise/settings.py refuses its environment: {err}")
+            settings = settings_under(env, monkeypatch, obj["metadata"]["name"])
             assert settings.http_port == container["ports"][0]["containerPort"]
             if container["args"][1] == "archive":
                 assert settings.mongo_url and "replicaSet=rs0" in settings.mongo_url
