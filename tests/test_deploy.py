@@ -138,7 +138,6 @@ def hostnames() -> dict[str, set[str]]:
     return names
 
 
-
 def settings_under(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str):
     """What poise/settings.py makes of exactly `env` (every other POISE_* variable removed); a clear failure
     naming the workload when it refuses it."""
