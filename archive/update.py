@@ -48,6 +48,7 @@ from poise.contracts import (
     can_transition,
     utc_now,
 )
+from poise.llm.cost import llm_cost
 
 log = logging.getLogger("poise.archive")
 
@@ -132,8 +133,13 @@ def _verification_detail(impl: Implementation) -> str:
     return "\n".join(lines)[-4000:]
 
 
-def _advance(node: Node, **changes: object) -> Node:
-    """A validated copy of `node` with `changes` (model_copy would skip the status/parts invariants)."""
+def _advance(node: Node, event: Message | None = None, **changes: object) -> Node:
+    """A validated copy of `node` with `changes` (model_copy would skip the status/parts invariants), and the
+    agent-LLM requests `event` made booked on it."""
+    calls = list(getattr(event, "llm_calls", None) or [])
+    if calls:
+        changes["llm_calls"] = [*node.llm_calls, *calls]
+        changes["cost"] = node.cost.add(llm_cost(calls))
     return Node(**{**dict(node), **changes, "updated_at": utc_now()})
 
 
@@ -250,9 +256,9 @@ class ArchiveUpdater:
             case EvtImplemented(implementation=impl) if not impl.verified:
                 failure = Failure(phase=Phase.IMPLEMENT, reason=_verification_failure(impl),
                                   detail=_verification_detail(impl))
-                return _advance(node, status=NodeStatus.FAILED, implementation=impl, failure=failure)
+                return _advance(node, event, status=NodeStatus.FAILED, implementation=impl, failure=failure)
             case EvtImplemented(implementation=impl):
-                return _advance(node, status=status, implementation=impl)
+                return _advance(node, event, status=status, implementation=impl)
             case EvtTrained(trajectory=trajectory) if trajectory.checkpoint_uri is None:
                 why = f" (aborted: {trajectory.abort_reason})" if trajectory.abort_reason else ""
                 failure = Failure(phase=Phase.TRAIN, reason=f"training left no checkpoint to evaluate{why}")
@@ -262,7 +268,7 @@ class ArchiveUpdater:
             case EvtEvaluated(evaluation=evaluation):
                 return _advance(node, status=status, evaluation=evaluation)
             case EvtReflected(reflection=reflection):
-                return _advance(node, status=status, reflection=reflection)
+                return _advance(node, event, status=status, reflection=reflection)
         raise AssertionError(f"unhandled event {event.subject}")  # EVENT_STATUS lists only the cases above
 
     def _proposed(self, event: EvtProposed, config: RunConfig, node: Node | None) -> UpdateResult | None:
@@ -278,7 +284,7 @@ class ArchiveUpdater:
             genealogy = Genealogy.child(event.node_id, [p.genealogy for p in parents if p is not None])
         else:
             genealogy = Genealogy(run_id=event.run_id, node_id=event.node_id)
-        new = Node(genealogy=genealogy, proposal=event.proposal)
+        new = _advance(Node(genealogy=genealogy, proposal=event.proposal), event)
         if not self.store.insert_node(new):
             return None
         return UpdateResult(Outcome.APPLIED, f"proposed at depth {genealogy.depth}", new, next_work(new, config))
@@ -295,7 +301,7 @@ class ArchiveUpdater:
         if failure.phase != pending:
             waiting = f"waits for {pending}" if pending else "is done"
             return self._reject(event, f"node is {node.status}, {waiting}; a failure in {failure.phase} is stale", node)
-        return self._write(node, _advance(node, status=NodeStatus.FAILED, failure=failure), None)
+        return self._write(node, _advance(node, event, status=NodeStatus.FAILED, failure=failure), None)
 
     def _replicate_trained(self, event: EvtTrained, node: Node, config: RunConfig) -> UpdateResult:
         """A fresh-seed re-training of an evaluated node: nothing is stored; its checkpoint goes to evaluation."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from poise.algorithm import check_passed, describe_problems, structural_check
 from poise.algorithms import REFERENCE_ALGORITHMS
-from poise.contracts import Objective, RunConfig
+from poise.contracts import Backends, Objective, RunConfig
 from poise.settings import SERVICES
 from poise.testbed.sft import DEFAULT_SFT_STEPS
 
@@ -38,7 +38,9 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 
 DEFAULT_RUN_DIR = "runs/default"
-RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds")
+RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
+                "llm_budget_usd")
+LLM_OPERATORS = ("propose", "screen", "implement", "reflect")
 
 
 def _run_id(run_dir: Path) -> str:
@@ -54,8 +56,30 @@ def run_config(args: argparse.Namespace, stored: RunConfig | None, run_id: str) 
                                    ("directive", args.directive)) if v is not None}
     if objective:
         given["objective"] = (stored.objective if stored else Objective()).model_copy(update=objective)
+    if args.llm:
+        given["backends"] = (stored.backends if stored else Backends()).model_copy(update=llm_settings(args.llm))
     config = stored.model_copy(update=given) if stored else RunConfig(run_id=run_id, **given)
     return RunConfig.model_validate(config.model_dump())
+
+
+def llm_settings(values: list[str]) -> dict[str, object]:
+    """`--llm SPEC` (every operator) and `--llm OPERATOR=SPEC` (one operator) as Backends fields; ValueError
+    for an unknown operator or a malformed spec."""
+    llm: str | None = None
+    agents: dict[str, str] = {}
+    for value in values:
+        operator, sep, spec = value.partition("=")
+        if not sep:
+            llm = value
+        elif operator in LLM_OPERATORS:
+            agents[operator] = spec
+        else:
+            raise ValueError(f"--llm {value!r}: {operator!r} is not an operator ({', '.join(LLM_OPERATORS)})")
+    settings: dict[str, object] = {"agents": agents} if agents else {}
+    if llm is not None:
+        settings["llm"] = llm
+    Backends.model_validate(settings)  # each spec is checked here, with the spec's own error message
+    return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -308,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="length objective: how far below GRPO's Overall a node may fall (default 0.01)")
     run.add_argument("--directive", help="what the search should aim for, in words; stored on the run and shown "
                                          "to the agents")
+    run.add_argument("--llm", action="append", metavar="[OPERATOR=]SPEC",
+                     help="agent LLM: offline (default), anthropic:MODEL or openai:URL#MODEL (any OpenAI-compatible "
+                          "server); OPERATOR=SPEC sets one of propose, screen, implement, reflect; repeatable, e.g. "
+                          "--llm anthropic:claude-opus-5 --llm screen=anthropic:claude-haiku-4-5")
+    run.add_argument("--llm-budget-usd", type=float,
+                     help="stop proposing once the agent LLM has cost this much (default: no cap)")
     run.set_defaults(handler=cmd_run)
     for name, handler, text in (("status", cmd_status, "where a run stands"),
                                 ("report", cmd_report, "write a self-contained HTML report of a run")):

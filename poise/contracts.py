@@ -402,6 +402,7 @@ class CallRecord(Contract):
     provider: Literal["anthropic", "openai"]
     model: str = Field(min_length=1)
     operator: LlmOperator
+    prompt: str | None = Field(None, description="the prompt file and version that asked, e.g. propose@v1")
     mode: str = Field(description="how structure was requested: tool, output_config, json_schema, json_object, prompt")
     attempt: int = Field(1, ge=1)
     retries: int = Field(0, ge=0)
@@ -458,6 +459,7 @@ class Node(Contract):
     reflection: Reflection | None = None
     failure: Failure | None = None
     cost: Cost = Field(default_factory=Cost)
+    llm_calls: list[CallRecord] = Field([], description="every agent-LLM request made for this node, in order")
     created_at: AwareDatetime = Field(default_factory=utc_now)
     updated_at: AwareDatetime = Field(default_factory=utc_now)
 
@@ -539,12 +541,30 @@ class Backends(Contract):
     store: Literal["sqlite", "mongo"] = "sqlite"
     bus: Literal["inproc", "nats"] = "inproc"
     llm: str = "offline"
+    agents: dict[LlmOperator, str] = Field({}, description="per-operator agent LLM specs that override `llm` "
+                                                           "(e.g. a strong model to propose, a cheap one to screen)")
 
     @field_validator("llm")
     @classmethod
     def _check_llm(cls, llm: str) -> str:
         parse_llm_spec(llm)
         return llm
+
+    @field_validator("agents")
+    @classmethod
+    def _check_agents(cls, agents: dict[str, str]) -> dict[str, str]:
+        for spec in agents.values():
+            parse_llm_spec(spec)
+        return agents
+
+    def llm_for(self, operator: LlmOperator) -> str:
+        """The agent LLM spec `operator` uses: its own setting, else the run's `llm`."""
+        return self.agents.get(operator, self.llm)
+
+
+# Settings a resumed run may change (a larger budget extends it, a larger cap lets it spend on); the others
+# define the run, and a resume that changes them is refused.
+RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd")
 
 
 class RunConfig(Contract):
@@ -566,6 +586,8 @@ class RunConfig(Contract):
     objective: Objective = Field(default_factory=Objective)
     weights: SelectionWeights = Field(default_factory=SelectionWeights)
     backends: Backends = Field(default_factory=Backends)
+    llm_budget_usd: NonNegative | None = Field(None, description="agent-LLM spend cap in USD; the run stops "
+                                                                 "proposing when its nodes have spent it")
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -638,14 +660,20 @@ class WorkReflect(Message):
     parent_ids: list[Id] = []
 
 
-class EvtProposed(Message):
+class _LlmMessage(Message):
+    """An event from a phase that may have asked the agent LLM: the requests it made, booked on the node."""
+
+    llm_calls: list[CallRecord] = []
+
+
+class EvtProposed(_LlmMessage):
     """The proposer's screened proposal for the pre-assigned node."""
 
     subject: ClassVar[str] = "evt.proposed"
     proposal: Proposal
 
 
-class EvtImplemented(Message):
+class EvtImplemented(_LlmMessage):
     """A verified implementation; an unverifiable one is reported with evt.failed instead."""
 
     subject: ClassVar[str] = "evt.implemented"
@@ -669,14 +697,14 @@ class EvtEvaluated(_ReplicableMessage):
     evaluation: Evaluation
 
 
-class EvtReflected(Message):
+class EvtReflected(_LlmMessage):
     """The reflection that closes the node's pass through the loop."""
 
     subject: ClassVar[str] = "evt.reflected"
     reflection: Reflection
 
 
-class EvtFailed(_ReplicableMessage):
+class EvtFailed(_ReplicableMessage, _LlmMessage):
     """A phase failed. With replicate >= 1 only that replicate evaluation failed, not the node."""
 
     subject: ClassVar[str] = "evt.failed"

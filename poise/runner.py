@@ -23,14 +23,12 @@ from archive.update import Outcome, UpdateResult
 from evaluator.service import EvaluatorService
 from implementer.service import ImplementerService
 from poise.bus import InProcBus
-from poise.contracts import Message, NodeStatus, RunConfig, TrainingStep, WorkTrain
+from poise.contracts import RESUMABLE_SETTINGS, Message, NodeStatus, RunConfig, TrainingStep, WorkTrain
 from poise.objective import describe as describe_objective
 from poise.timing import PhaseClock
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
 from trainer.service import TrainerService
-
-RESUMABLE = ("budget", "parallel")  # settings a resumed run may change; the others define the run
 
 
 class RunError(Exception):
@@ -69,14 +67,14 @@ def open_run(run_dir: Path, config: RunConfig) -> tuple[SQLiteStore, RunConfig]:
     if stored is None:
         store.put_run(config)
         return store, config
-    differ = [k for k in RunConfig.model_fields if k not in RESUMABLE and k != "run_id"
+    differ = [k for k in RunConfig.model_fields if k not in RESUMABLE_SETTINGS and k != "run_id"
               and getattr(stored, k) != getattr(config, k)]
     if differ:
         store.close()
         what = ", ".join(f"{k}={getattr(stored, k)!r} (asked {getattr(config, k)!r})" for k in differ)
         raise RunError(f"{run_dir} holds run {stored.run_id} with {what}; resume it with the same settings "
                        "or start a new run with another --run-dir")
-    updated = stored.model_copy(update={k: getattr(config, k) for k in RESUMABLE})
+    updated = stored.model_copy(update={k: getattr(config, k) for k in RESUMABLE_SETTINGS})
     if updated != stored:
         store.put_run(updated)
     return store, updated

@@ -44,14 +44,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 
 from archive.api import RunRefused, archive_router, store_unavailable
 from archive.store import ArchiveError, ArchiveStore
-from poise.contracts import MESSAGE_TYPES, Backends, Message, RunConfig
+from poise.contracts import MESSAGE_TYPES, RESUMABLE_SETTINGS, Backends, Message, RunConfig
 from poise.metrics import METRICS, REGISTRY
 from poise.settings import SERVICES, ServiceSettings, SettingsError, load_settings
 
 log = logging.getLogger("poise.serve")
 
 EVENT_SUBJECTS = tuple(subject for subject in MESSAGE_TYPES if subject.startswith("evt."))
-RESUMABLE = ("budget", "parallel")  # what a resumed run may change (as `poise run`); the rest defines the run
 LOOP_TICK_S = 1.0
 Check = Callable[[], str | None]  # a health check: None when fine, else what is wrong
 
@@ -150,12 +149,12 @@ def resolve_run(store: ArchiveStore, run_id: str, given: Mapping[str, Any], back
         store.put_run(config)
         return config
     current = stored.model_dump(mode="json")
-    differ = [k for k, v in given.items() if k not in RESUMABLE and k != "run_id" and current.get(k) != v]
+    differ = [k for k, v in given.items() if k not in RESUMABLE_SETTINGS and k != "run_id" and current.get(k) != v]
     if differ:
         what = ", ".join(f"{k}={current.get(k)!r} (asked {given[k]!r})" for k in differ)
         raise RunRefused(f"run {run_id} exists with {what}; resume it with the same settings (only "
-                         f"{' and '.join(RESUMABLE)} may change) or start a run with another run_id")
-    updated = RunConfig.model_validate({**current, **{k: given[k] for k in RESUMABLE if k in given}})
+                         f"{', '.join(RESUMABLE_SETTINGS)} may change) or start a run with another run_id")
+    updated = RunConfig.model_validate({**current, **{k: given[k] for k in RESUMABLE_SETTINGS if k in given}})
     if updated != stored:
         store.put_run(updated)
     return updated

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from poise.contracts import CallRecord
-from poise.llm.client import Completion, LLMClient, make_client
+from poise.llm.client import Completion, LLMClient, collect_calls, make_client
 from poise.llm.cost import ANTHROPIC_PRICES, CostMeter, ModelPrice, PriceTable, llm_cost
 from poise.llm.errors import BudgetExceeded, LLMAnswerError, LLMCallError, LLMError
 from poise.llm.untrusted import quote_untrusted
@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from poise.llm.openai_client import OpenAIClient
 
 __all__ = [
-    "ANTHROPIC_PRICES", "AnthropicClient", "BudgetExceeded", "CallRecord", "Completion", "CostMeter", "LLMAnswerError",
-    "LLMCallError", "LLMClient", "LLMError", "ModelPrice", "OpenAIClient", "PriceTable", "llm_cost", "make_client",
-    "quote_untrusted",
+    "ANTHROPIC_PRICES", "AnthropicClient", "BudgetExceeded", "CallRecord", "collect_calls", "Completion", "CostMeter",
+    "llm_cost", "LLMAnswerError", "LLMCallError", "LLMClient", "LLMError", "make_client", "ModelPrice",
+    "OpenAIClient", "PriceTable", "quote_untrusted",
 ]
 
 

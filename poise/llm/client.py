@@ -22,8 +22,9 @@ import json
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
@@ -43,6 +44,23 @@ DEFAULT_MAX_RETRIES = 4      # the SDK's transport retries per request (its defa
 DEFAULT_TIMEOUT_S = 600.0    # per HTTP attempt; the SDKs' default, long enough for a thinking model's answer
 DEFAULT_MAX_TOKENS = 8192
 MAX_SCHEMA_ERRORS = 20       # validation errors listed in one repair message
+
+
+_COLLECTORS: ContextVar[tuple[list[CallRecord], ...]] = ContextVar("poise_llm_collectors", default=())
+
+
+@contextmanager
+def collect_calls() -> Iterator[list[CallRecord]]:
+    """Every CallRecord booked by any client in this context (this thread), in order, failed requests included.
+
+    A service wraps the handling of one message in it, so the requests an operator made — including those of
+    a completion that ended in an error — reach the node's event however the operator exited."""
+    calls: list[CallRecord] = []
+    token = _COLLECTORS.set((*_COLLECTORS.get(), calls))
+    try:
+        yield calls
+    finally:
+        _COLLECTORS.reset(token)
 
 
 class Completion(NamedTuple, Generic[M]):
@@ -159,7 +177,7 @@ class LLMClient(ABC):
 
     def complete_json(self, system: Sequence[str], prompt: str, schema: type[M], *, operator: LlmOperator,
                       max_tokens: int = DEFAULT_MAX_TOKENS, run_id: str | None = None,
-                      node_id: str | None = None) -> Completion[M]:
+                      node_id: str | None = None, prompt_id: str | None = None) -> Completion[M]:
         """Ask for one answer matching `schema`; see the module docstring for retries, repairs and costs.
 
         Raises BudgetExceeded (the run's cap would be passed; nothing sent), LLMCallError (no answer from
@@ -178,9 +196,9 @@ class LLMClient(ABC):
                     reply = self._send(conversation, max_tokens)
                 except RequestFailed as failure:
                     self._book(calls, CallRecord(
-                        provider=self.provider, model=self.model, operator=operator, mode=mode, attempt=attempt,
-                        retries=failure.retries, latency_s=failure.latency_s, ok=False, error=str(failure),
-                        priced=self.prices.price_of(self.model) is not None), run_id, node_id)
+                        provider=self.provider, model=self.model, operator=operator, prompt=prompt_id, mode=mode,
+                        attempt=attempt, retries=failure.retries, latency_s=failure.latency_s, ok=False,
+                        error=str(failure), priced=self.prices.price_of(self.model) is not None), run_id, node_id)
                     if failure.fallback:
                         continue
                     raise LLMCallError(f"{self.name} ({operator}): {failure}", calls) from failure
@@ -188,9 +206,10 @@ class LLMClient(ABC):
             value, problem = validate_answer(schema, reply, max_tokens)
             usd, priced = self.prices.cost(self.model, reply.usage)
             self._book(calls, CallRecord(
-                provider=self.provider, model=self.model, operator=operator, mode=mode, attempt=attempt,
-                retries=reply.retries, input_tokens=reply.usage.input, output_tokens=reply.usage.output,
-                cache_read_tokens=reply.usage.cache_read, cache_write_tokens=reply.usage.cache_write,
+                provider=self.provider, model=self.model, operator=operator, prompt=prompt_id, mode=mode,
+                attempt=attempt, retries=reply.retries, input_tokens=reply.usage.input,
+                output_tokens=reply.usage.output, cache_read_tokens=reply.usage.cache_read,
+                cache_write_tokens=reply.usage.cache_write,
                 latency_s=reply.latency_s, cost_usd=usd, priced=priced, stop_reason=reply.stop_reason,
                 ok=problem is None, error=problem), run_id, node_id)
             if problem is None:
@@ -206,6 +225,8 @@ class LLMClient(ABC):
 
     def _book(self, calls: list[CallRecord], call: CallRecord, run_id: str | None, node_id: str | None) -> None:
         calls.append(call)
+        for collector in _COLLECTORS.get():
+            collector.append(call)
         if self.meter is not None:
             self.meter.record(call, run_id=run_id, node_id=node_id)
         if self.metrics is not None:

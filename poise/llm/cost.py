@@ -196,6 +196,11 @@ class CostMeter:
             with self._lock:
                 self._reserved[run_id] -= worst_case_usd
 
+    def record_spend(self, run_id: str, usd: float) -> None:
+        """Book spend this meter did not see (a resumed run's, or another process's, from the archive)."""
+        with self._lock:
+            self._run_usd[run_id] += usd
+
     def record(self, call: CallRecord, run_id: str | None = None, node_id: str | None = None) -> None:
         """Book one finished request against its run and node."""
         with self._lock:
