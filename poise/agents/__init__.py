@@ -15,13 +15,14 @@ already recorded; the archive's check over all nodes is the run-wide one.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from poise.agents.prompts import Prompt, PromptError, load_prompt
-from poise.contracts import LlmOperator, RunConfig
+from poise.contracts import LlmOperator, Node, RunConfig
 from poise.llm import CostMeter, LLMClient, make_client
 
-__all__ = ["Agents", "Prompt", "PromptError", "load_prompt"]
+__all__ = ["Agents", "Prompt", "PromptError", "archived_llm_usd", "default_agents", "load_prompt"]
 
 
 class Agents:
@@ -47,3 +48,21 @@ class Agents:
             if spec not in self._clients:
                 self._clients[spec] = make_client(spec, meter=self.meter, **self.client_options)
             return self._clients[spec]
+
+
+_DEFAULT: Agents | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_agents() -> Agents:
+    """This process's Agents: the services share it (and its meter) unless a test passes its own."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = Agents()
+        return _DEFAULT
+
+
+def archived_llm_usd(nodes: Iterable[Node]) -> float:
+    """What a run's nodes have recorded spending on the agent LLM (seeds a meter with `Agents.client`)."""
+    return sum(node.cost.llm_usd for node in nodes)
