@@ -365,7 +365,8 @@ def build_runtime(service: str, bus: Any, settings: ServiceSettings) -> Runtime:
     if service == "trainer":
         from trainer.service import TrainerService
 
-        trainers = PerRun(lambda run_id: TrainerService(bus, nodes_dir(settings, run_id)))
+        trainers = PerRun(lambda run_id: TrainerService(bus, nodes_dir(settings, run_id),
+                                                        wall_s=settings.train_wall_s))
         return Runtime({"work.train": trainers.handle}, dead_letter, counter_label="work.train")
     if service == "evaluator":
         from evaluator.service import EvaluatorService

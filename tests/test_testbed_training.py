@@ -11,9 +11,12 @@ import pytest
 from evaluator.testbed import evaluate_checkpoint
 from poise.algorithms import reference_algorithm
 from poise.bench import NAN_CANDIDATE, sign_flipped_grpo
+from poise.bus import InProcBus
+from poise.contracts import EvtTrained, WorkTrain
 from poise.sandbox import SandboxLimits
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import get_protocol, protocol_from_dict
+from trainer.service import TrainerService
 from trainer.testbed_runner import train_candidate
 
 TINY = get_protocol("tiny")
@@ -139,6 +142,21 @@ def test_runaway_candidate_is_killed_at_the_deadline(base, tmp_path):
                               limits=SandboxLimits(wall_s=20))
     assert outcome.failure == "killed after the 20 s wall-clock deadline"
     assert outcome.trajectory.aborted
+
+
+def test_the_trainer_services_wall_limit_setting_reaches_the_sandbox(tmp_path):
+    """POISE_TRAIN_WALL_S (TrainerService wall_s) replaces the step-scaled default deadline."""
+    bus = InProcBus()
+    trained: list[EvtTrained] = []
+    bus.subscribe(EvtTrained.subject, trained.append)
+    service = TrainerService(bus, tmp_path, wall_s=8)
+    service.handle(WorkTrain(run_id="r", node_id="n001", source=hostile("while True:\n    pass"), protocol="tiny",
+                             seed=0))
+    while bus.step():
+        pass
+    (event,) = trained
+    assert event.trajectory.aborted and event.trajectory.abort_reason == "killed after the 8 s wall-clock deadline"
+    assert event.trajectory.checkpoint_uri is None
 
 
 def test_huge_allocation_fails_inside_the_sandbox(base, tmp_path):

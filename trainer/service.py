@@ -12,6 +12,7 @@ from pathlib import Path
 from poise.bus import Bus
 from poise.contracts import EvtTrained, TrainingStep, WorkTrain
 from poise.metrics import ABORTED, FAILED, METRICS, OK, observed
+from poise.sandbox import SandboxLimits
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import get_protocol
 from poise.timing import PhaseClock
@@ -23,9 +24,11 @@ class TrainerService:
     backend = "testbed"
 
     def __init__(self, bus: Bus, workroot: Path, clock: PhaseClock | None = None,
-                 on_step: Callable[[WorkTrain, TrainingStep], None] | None = None) -> None:
+                 on_step: Callable[[WorkTrain, TrainingStep], None] | None = None,
+                 wall_s: float | None = None) -> None:
         self.bus = bus
         self.workroot = workroot
+        self.limits = SandboxLimits(wall_s=wall_s) if wall_s is not None else None  # None: scaled by steps
         self.clock = clock or PhaseClock()
         self.on_step = on_step
 
@@ -36,7 +39,8 @@ class TrainerService:
         on_step = (lambda step: self.on_step(work, step)) if self.on_step else None
         with self.clock.phase("train"):
             outcome = train_candidate(work.source, protocol, work.seed, base_checkpoint(protocol.base_checkpoint),
-                                      self.workroot / work.node_id / folder, on_step=on_step, name=work.node_id)
+                                      self.workroot / work.node_id / folder, limits=self.limits, on_step=on_step,
+                                      name=work.node_id)
         trajectory = outcome.trajectory
         if outcome.failure and not trajectory.abort_reason:
             trajectory = trajectory.model_copy(update={"aborted": True, "abort_reason": outcome.failure})
