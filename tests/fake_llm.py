@@ -8,12 +8,14 @@ A test scripts what the server answers, one step per request, and reads back wha
         ...
         fake.requests[1].headers["x-stainless-retry-count"] == "1"
 
-Steps: `Answer` (a JSON answer, shaped the way the request asked: a tool call, structured-output text, or
-chat content), `truncated(data)` (the same answer cut off at the token limit), `HttpError` (any status,
-with retry-after), `Stall` (no answer until after the client's timeout). A request that finds the script
-empty gets a 500 the SDKs do not retry, so a test that under-scripts fails at once instead of hanging.
-Usage is computed from the request sizes, and the Anthropic fake mimics prompt caching: the first request
-with a `cache_control` prefix writes it, later ones with the same prefix read it.
+`respond_with(fn)` answers whatever the script does not cover with `fn(request)`, for a whole run whose
+requests come in no fixed order. Steps: `Answer` (a JSON answer, shaped the way the request asked: a
+tool call, structured-output text, or chat content), `truncated(data)` (the same answer cut off at the
+token limit), `HttpError` (any status, with retry-after), `Stall` (no answer until after the client's
+timeout). A request that finds the script empty (and no responder) gets a 500 the SDKs do not retry, so
+a test that under-scripts fails at once instead of hanging. Usage is computed from the request sizes,
+and the Anthropic fake mimics prompt caching: the first request with a `cache_control` prefix writes it,
+later ones with the same prefix read it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import json
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -114,12 +117,19 @@ class FakeServer:
         self.requests: list[Request] = []
         self.stopping = threading.Event()
         self._steps: deque[Answer | HttpError | Stall] = deque()
+        self._responder: Callable[[Request], Answer | HttpError | Stall] | None = None
         self._lock = threading.Lock()
         self._server: _Server | None = None
 
     def script(self, *steps: Answer | HttpError | Stall) -> FakeServer:
         with self._lock:
             self._steps.extend(steps)
+        return self
+
+    def respond_with(self, responder: Callable[[Request], Answer | HttpError | Stall]) -> FakeServer:
+        """Answer every request the script does not cover with `responder(request)`: a replay keyed on what
+        the request asks for (its answer schema, its prompt), for runs whose request order is not fixed."""
+        self._responder = responder
         return self
 
     @property
@@ -151,10 +161,13 @@ class FakeServer:
             refusal = self.refuse(request)
             if refusal is not None:
                 return refusal
-            if not self._steps:
+            if self._steps:
+                step = self._steps.popleft()
+            elif self._responder is not None:
+                step = self._responder(request)
+            else:
                 return 500, {"x-should-retry": "false"}, self.error_body(
                     500, f"fake server: no scripted step left for request {len(self.requests)}")
-            step = self._steps.popleft()
             if isinstance(step, Stall):
                 return step
             if isinstance(step, HttpError):
