@@ -113,9 +113,7 @@ class Context(Contract):
                 lines += [f"  {line}" for line in _node_lines(reference.node, full=False)]
         if self.literature:
             lines.append("\n# Literature priors")
-            for prior in self.literature:
-                lines.append(f"- {prior.name} ({prior.reference}): {prior.description}")
-                lines.append(f"  Mechanisms: {specs_text(prior.mechanisms)}")
+            lines += literature_lines(self.literature)
         return "\n".join(lines) + "\n"
 
 
@@ -312,6 +310,15 @@ def specs_text(specs: Sequence[MechanismSpec]) -> str:
     return ", ".join(map(one, specs)) or "none"
 
 
+def literature_lines(priors: Sequence[LiteraturePrior]) -> list[str]:
+    """Each prior as prompt text: its name, reference and description, then its mechanisms."""
+    lines = []
+    for prior in priors:
+        lines.append(f"- {prior.name} ({prior.reference}): {prior.description}")
+        lines.append(f"  Mechanisms: {specs_text(prior.mechanisms)}")
+    return lines
+
+
 def _node_heading(node: NodeSummary) -> str:
     return f"{node.node_id} ({node.name}), utility {_number(node.utility)}"
 
@@ -354,6 +361,7 @@ __all__ = [
     "NodeSummary",
     "Reference",
     "build_context",
+    "literature_lines",
     "literature_priors",
     "mechanism_contrast",
     "specs_text",

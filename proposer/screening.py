@@ -40,7 +40,7 @@ from proposer.population import generate_population
 
 Fingerprinter = Callable[[str], FingerprintResult]
 SourceOf = Callable[[Proposal], str]
-Stage = Literal["consistency", "novelty"]
+Stage = Literal["consistency", "novelty", "llm_screen"]  # llm_screen: the agent's verdict (proposer/llm_agent.py)
 ACQUISITIONS = ("ei", "ucb")
 
 
@@ -55,16 +55,27 @@ class Rejection(Contract):
 
 
 class ScreenedProposal(Contract):
-    """A proposal that passed every gate, with what ranked it."""
+    """A proposal that passed every gate, with what ranked it.
+
+    An LLM proposal with mechanisms outside the library has no offline source: `source_sha256` is None and
+    `skipped` says why the consistency and novelty gates were not run (an LLM coder implements it)."""
 
     proposal: Proposal
-    source_sha256: str
+    source_sha256: str | None = None
+    skipped: str | None = None
     rank: int
     nearest_id: str | None = None  # the archived node it behaves most like
     distance: float | None = None  # its fingerprint distance to that node
     predicted_mean: float | None = None
     predicted_std: float | None = None
     expected_improvement: float = 0.0
+    llm_score: float | None = None  # the screen LLM's mean judgement in [0, 1]; None when no LLM screened
+
+    def merits(self) -> str:
+        """What ranked it, for logs: "EI 0.012", "LLM screen 0.81, EI 0.012", "LLM screen 0.70, not compiled
+        offline"."""
+        offline = f"EI {self.expected_improvement:.3g}" if self.skipped is None else "not compiled offline"
+        return offline if self.llm_score is None else f"LLM screen {self.llm_score:.2f}, {offline}"
 
 
 class ScreeningReport(Contract):
@@ -82,12 +93,16 @@ class ScreeningReport(Contract):
         return self.ranked[0] if self.ranked else None
 
     def summary(self) -> str:
-        """One line for logs: the winner and each rejection's reason."""
-        head = (f"best {self.best.proposal.name} (EI {self.best.expected_improvement:.3g})" if self.best
-                else "no proposal passed screening")
+        """One line for logs: the winner, each rejection's reason, and the proposals the offline gates skipped."""
+        head = f"best {self.best.proposal.name} ({self.best.merits()})" if self.best else "no proposal passed screening"
         rejected = "; ".join(f"{r.proposal_name}: {r.stage}: {r.reason}" for r in self.rejections)
-        return f"parent {self.parent_id}: {head}, {len(self.ranked)} passed" + (f"; rejected {rejected}" if rejected
-                                                                                else "")
+        skipped = "; ".join(f"{r.proposal.name}: {r.skipped}" for r in self.ranked if r.skipped is not None)
+        parts = [f"parent {self.parent_id}: {head}, {len(self.ranked)} passed"]
+        if rejected:
+            parts.append(f"rejected {rejected}")
+        if skipped:
+            parts.append(f"offline gates skipped for {skipped}")
+        return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------- acquisition

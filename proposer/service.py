@@ -1,11 +1,17 @@
 """The proposer bound to the bus: work.propose → evt.proposed (or evt.failed in phase propose).
 
 It reads the archive through a read-only store view (in-process here, the archive's HTTP API when
-distributed) and makes one child of the named parent: with the baseline proposer (proposer/baseline.py, one
-random mutation) for the greedy and random selections, or with Phase I (parent_selection "poise": tiered
-context, a population of `population_size` proposals, screening by consistency, fingerprint novelty and the
-descendant-gain GP; proposer/screening.py). Fingerprints run in the sandbox and are cached under
-`fingerprint_dir`.
+distributed) and makes one child of the named parent. Offline (the default): with the baseline proposer
+(proposer/baseline.py, one random mutation) for the greedy and random selections, or with Phase I
+(parent_selection "poise": tiered context, a population of `population_size` proposals, screening by
+consistency, fingerprint novelty and the descendant-gain GP; proposer/screening.py). When the run names an
+agent LLM for "propose", every selection mode goes through the LLM's Phase I instead (proposer/llm_agent.py):
+the same context, the population from the model, the offline gates, and the "screen" LLM's verdicts when
+the run has one. Fingerprints run in the sandbox and are cached under `fingerprint_dir`.
+
+Every agent-LLM request made while handling a message rides on the event (`llm_calls`), a failed one too, so
+the archive books its cost on the node. A model that gives no usable answer, an unreachable endpoint or the
+run's spend cap fails the node in phase propose with a one-line reason; nothing raises out of `handle`.
 """
 
 from __future__ import annotations
@@ -13,12 +19,18 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from archive.store import ArchiveStore
+from poise.agents import Agents, archived_llm_usd, default_agents
 from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtProposed, Failure, Node, Phase, Proposal, RunConfig, WorkPropose
+from poise.llm import LLMError, collect_calls
 from poise.metrics import FAILED, observed
 from proposer.baseline import description_key, mutate
+
+if TYPE_CHECKING:  # the offline baseline path needs neither numpy nor scikit-learn
+    from proposer.screening import Fingerprinter, ScreeningReport
 
 log = logging.getLogger("poise.proposer")
 
@@ -27,11 +39,15 @@ class ProposerService:
     subject = WorkPropose.subject
     backend = "baseline"
 
-    def __init__(self, bus: Bus, archive: ArchiveStore, fingerprint_dir: Path | None = None) -> None:
+    def __init__(self, bus: Bus, archive: ArchiveStore, fingerprint_dir: Path | None = None,
+                 agents: Agents | None = None, fingerprinter: Fingerprinter | None = None) -> None:
+        """`agents`: the LLM clients (this process's by default). `fingerprinter`: a FingerprintCache under
+        `fingerprint_dir` by default, built on first use; tests pass one without a sandbox."""
         self.bus = bus
         self.archive = archive
         self.fingerprint_dir = fingerprint_dir
-        self._fingerprints = None
+        self.agents = agents or default_agents()
+        self._fingerprints = fingerprinter
 
     @observed("propose")
     def handle(self, work: WorkPropose) -> str | None:
@@ -43,34 +59,75 @@ class ProposerService:
                                                           "is not in the archive")
             self.bus.publish(EvtFailed(**ids, failure=failure))
             return FAILED
-        try:
-            if config.parent_selection == "poise":
-                proposal = self._propose_screened(config, work, parent)
-            else:
-                proposal = propose_child(config, work, parent.proposal, self.archive)
-        except ValueError as err:
-            self.bus.publish(EvtFailed(**ids, failure=Failure(phase=Phase.PROPOSE, reason=str(err), detail=str(err))))
-            return FAILED
-        self.bus.publish(EvtProposed(**ids, proposal=proposal))
+        failure = None
+        with collect_calls() as calls:
+            try:
+                if config.backends.llm_for("propose") != "offline":
+                    proposal = self._propose_with_llm(config, work, parent)
+                elif config.parent_selection == "poise":
+                    proposal = self._propose_screened(config, work, parent)
+                else:
+                    proposal = propose_child(config, work, parent.proposal, self.archive)
+            except LLMError as err:
+                from proposer.llm_agent import failure_reason
 
+                failure = Failure(phase=Phase.PROPOSE, reason=failure_reason(err), detail=str(err))
+                log.warning("%s: %s", work.node_id, failure.reason)
+            except ValueError as err:
+                failure = Failure(phase=Phase.PROPOSE, reason=str(err), detail=str(err))
+        if failure is not None:
+            self.bus.publish(EvtFailed(**ids, failure=failure, llm_calls=calls))
+            return FAILED
+        self.bus.publish(EvtProposed(**ids, proposal=proposal, llm_calls=calls))
 
     def _propose_screened(self, config: RunConfig, work: WorkPropose, parent: Node) -> Proposal:
         """Phase I for one parent; ValueError (a failed proposal, with the rejections) when nothing passes."""
-        from proposer.fingerprint import FingerprintCache
         from proposer.screening import propose_screened
-        from proposer.selection import DescendantGP, seed_mean
+        from proposer.selection import DescendantGP
 
-        if self._fingerprints is None:
-            self._fingerprints = FingerprintCache(directory=self.fingerprint_dir)
         nodes = self.archive.nodes(work.run_id)
         gp = DescendantGP(config.weights).fit(nodes)
         rng = random.Random(f"{config.seed}/{work.node_id}/{work.attempt}")
-        proposal, report, _ = propose_screened(parent, nodes, config, rng, self._fingerprints, predictor=gp)
+        proposal, report, _ = propose_screened(parent, nodes, config, rng, self._fingerprinter(), predictor=gp)
+        return self._screened(proposal, report, config, work, parent)
+
+    def _propose_with_llm(self, config: RunConfig, work: WorkPropose, parent: Node) -> Proposal:
+        """Phase I with the run's propose LLM (and screen LLM, if any); LLMError or ValueError as above."""
+        from proposer.context import build_context
+        from proposer.llm_agent import llm_population, llm_screen
+        from proposer.selection import DescendantGP
+
+        nodes = self.archive.nodes(work.run_id)
+        spent = archived_llm_usd(nodes)
+        proposer = self.agents.client(config, "propose", spent_usd=spent)
+        screener = self.agents.client(config, "screen", spent_usd=spent)
+        context = build_context(parent, nodes, config)
+        library_only = config.backends.llm_for("implement") == "offline"
+        population = llm_population(proposer, context, config, library_only=library_only, node_id=work.node_id)
+        gp = DescendantGP(config.weights).fit(nodes)
+        report = llm_screen(parent, population, nodes, context, config, self._fingerprinter(), screener=screener,
+                            predictor=gp, node_id=work.node_id)
+        by = f"screened by {screener.name} and the offline gates" if screener else "screened by the offline gates"
+        return self._screened(report.best.proposal if report.best else None, report, config, work, parent, by)
+
+    def _fingerprinter(self) -> Fingerprinter:
+        if self._fingerprints is None:
+            from proposer.fingerprint import FingerprintCache
+
+            self._fingerprints = FingerprintCache(directory=self.fingerprint_dir)
+        return self._fingerprints
+
+    def _screened(self, proposal: Proposal | None, report: ScreeningReport, config: RunConfig, work: WorkPropose,
+                  parent: Node, by: str | None = None) -> Proposal:
+        """The winner with its screening note; ValueError naming every rejection when there is none."""
+        from proposer.selection import seed_mean
+
         if proposal is None:
             raise ValueError(f"no proposal passed screening: {report.summary()}")
         log.info("%s: %s", work.node_id, report.summary())
         incumbent = seed_mean(parent)
-        note = report.summary() + (f"; parent utility {incumbent:.4f}" if incumbent is not None else "")
+        note = "; ".join([report.summary(), *([by] if by else []),
+                          *([f"parent utility {incumbent:.4f}"] if incumbent is not None else [])])
         return proposal.model_copy(update={"parent_ids": list(work.parent_ids), "directive": config.objective.directive,
                                            "screening": note[:4000]})
 

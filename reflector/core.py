@@ -420,9 +420,7 @@ def reflect(node: Node, parent: Node | None, root: Node | None, *, noise_sd: flo
     trajectories and evaluations are named in the text and tags instead of failing. `noise_sd` overrides
     the Overall noise scale (see `overall_noise`).
     """
-    parent = parent if parent is not None and parent.node_id != node.node_id else None
-    if root is not None and root.node_id in {node.node_id, parent.node_id if parent else None}:
-        root = None  # nothing to add beyond the parent comparison, or the node itself
+    parent, root = comparison_nodes(node, parent, root)
     header = f"Node {node.node_id} ({node.proposal.name})"
     if parent is None:
         mechanisms = ", ".join(s.name for s in node.proposal.mechanisms) or "none listed"
@@ -444,6 +442,15 @@ def reflect(node: Node, parent: Node | None, root: Node | None, *, noise_sd: flo
     text += [f.sentence for f in findings if f.sentence]
     text.append(_verdict(node, parent, delta, versus_parent, tags))
     return Reflection(text=" ".join(text), effects=effects, diagnoses=tags, generator=GENERATOR)
+
+
+def comparison_nodes(node: Node, parent: Node | None, root: Node | None) -> tuple[Node | None, Node | None]:
+    """The parent and the root `node` is compared with: None where there is none or it is the node itself, and
+    a root that is the parent adds nothing beyond the parent comparison."""
+    parent = parent if parent is not None and parent.node_id != node.node_id else None
+    if root is not None and root.node_id in {node.node_id, parent.node_id if parent else None}:
+        root = None
+    return parent, root
 
 
 def _training_findings(trajectory: TrainingTrajectory | None) -> list[Finding]:
