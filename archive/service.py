@@ -58,7 +58,6 @@ class RunState:
     replicates: set[tuple[str, int]]
     replicate_tries: Counter
     propose_failures: int = 0
-    failed_proposal_usd: float = 0.0  # agent-LLM spend of proposals that made no node (this process's share)
     finished: bool = False
     stop_reason: str | None = None
 
@@ -137,7 +136,6 @@ class ArchiveService:
             if event.node_id in self.state.proposals:
                 if isinstance(event, EvtFailed) and event.failure.phase == Phase.PROPOSE:
                     self.state.propose_failures += 1
-                    self.state.failed_proposal_usd += sum(c.cost_usd for c in event.llm_calls)
                 del self.state.proposals[event.node_id]
         replicate = getattr(event, "replicate", 0)
         if replicate:
@@ -189,7 +187,7 @@ class ArchiveService:
             self.state.stop_reason = f"the proposer failed {self.state.propose_failures} times; stopped proposing"
         cap = self.config.llm_budget_usd
         if cap is not None and self.state.stop_reason is None:
-            spent = sum(n.cost.llm_usd for n in nodes) + self.state.failed_proposal_usd
+            spent = sum(n.cost.llm_usd for n in nodes)  # a failed proposal that cost requests is a node too
             if spent >= cap:
                 self.state.stop_reason = (f"the agent-LLM cost cap is reached (${spent:.4f} of ${cap:.2f}); "
                                           "stopped proposing")

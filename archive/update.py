@@ -40,6 +40,7 @@ from poise.contracts import (
     Node,
     NodeStatus,
     Phase,
+    Proposal,
     RunConfig,
     WorkEvaluate,
     WorkImplement,
@@ -231,7 +232,7 @@ class ArchiveUpdater:
             return self._proposed(event, config, node)
         if node is None:
             if isinstance(event, EvtFailed) and event.failure.phase == Phase.PROPOSE:
-                return UpdateResult(Outcome.APPLIED, f"no proposal was made: {event.failure.reason}")
+                return self._failed_proposal(event)
             return self._reject(event, f"unknown node {event.node_id!r} in run {event.run_id!r}")
         if isinstance(event, EvtFailed):
             return self._failed(event, node)
@@ -288,6 +289,24 @@ class ArchiveUpdater:
         if not self.store.insert_node(new):
             return None
         return UpdateResult(Outcome.APPLIED, f"proposed at depth {genealogy.depth}", new, next_work(new, config))
+
+    def _failed_proposal(self, event: EvtFailed) -> UpdateResult | None:
+        """A proposal that made no node. One that cost agent-LLM requests is kept as a failed node under its
+        parents, so its spend stays on the record (and counts towards the run's cap) like any node's."""
+        reason = f"no proposal was made: {event.failure.reason}"
+        parents = [self.store.get_node(event.run_id, p) for p in event.parent_ids]
+        if not event.llm_calls or not parents or any(p is None for p in parents):
+            return UpdateResult(Outcome.APPLIED, reason)
+        model = event.llm_calls[-1]
+        proposal = Proposal(name=f"failed proposal {event.node_id}", rationale=event.failure.reason,
+                            generator=f"{model.provider}:{model.model}", parent_ids=event.parent_ids)
+        genealogy = Genealogy.child(event.node_id, [p.genealogy for p in parents if p is not None])
+        new = _advance(Node(genealogy=genealogy, proposal=proposal), event, status=NodeStatus.FAILED,
+                       failure=event.failure)
+        if not self.store.insert_node(new):
+            return None
+        return UpdateResult(Outcome.APPLIED, f"{reason}; kept as a failed node with its {len(event.llm_calls)} "
+                                             "agent-LLM request(s)", new)
 
     def _failed(self, event: EvtFailed, node: Node) -> UpdateResult | None:
         failure = event.failure

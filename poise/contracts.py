@@ -705,10 +705,14 @@ class EvtReflected(_LlmMessage):
 
 
 class EvtFailed(_ReplicableMessage, _LlmMessage):
-    """A phase failed. With replicate >= 1 only that replicate evaluation failed, not the node."""
+    """A phase failed. With replicate >= 1 only that replicate evaluation failed, not the node.
+
+    A failed proposal names the parents it was for, so that one which cost agent-LLM requests becomes a failed
+    node carrying them (its spend is then counted like every other node's)."""
 
     subject: ClassVar[str] = "evt.failed"
     failure: Failure
+    parent_ids: list[Id] = []
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

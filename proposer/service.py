@@ -76,7 +76,7 @@ class ProposerService:
             except ValueError as err:
                 failure = Failure(phase=Phase.PROPOSE, reason=str(err), detail=str(err))
         if failure is not None:
-            self.bus.publish(EvtFailed(**ids, failure=failure, llm_calls=calls))
+            self.bus.publish(EvtFailed(**ids, failure=failure, llm_calls=calls, parent_ids=list(work.parent_ids)))
             return FAILED
         self.bus.publish(EvtProposed(**ids, proposal=proposal, llm_calls=calls))
 

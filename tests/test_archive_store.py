@@ -31,6 +31,7 @@ from archive.sqlite_store import DB_FILENAME, SCHEMA_VERSION, SQLiteStore
 from archive.store import ArchiveError, ArchiveStore
 from archive.update import ArchiveUpdater, Outcome, UpdateResult
 from poise.contracts import (
+    CallRecord,
     CheckResult,
     Effect,
     Evaluation,
@@ -586,6 +587,45 @@ def test_a_second_proposal_for_the_same_node_keeps_the_first(updater: ArchiveUpd
     other = EvtProposed(run_id=RUN, node_id="n0", attempt=2, proposal=proposal("another idea"))
     assert updater.apply(other).outcome == Outcome.DUPLICATE
     assert updater.store.get_node(RUN, "n0").proposal == proposal()
+
+
+def llm_call(operator: str, usd: float, ok: bool = True) -> CallRecord:
+    return CallRecord(provider="anthropic", model="claude-sonnet-4-5", operator=operator, mode="tool",
+                      input_tokens=1000, output_tokens=200, cache_read_tokens=50, cost_usd=usd, ok=ok,
+                      error=None if ok else "The answer is not valid JSON")
+
+
+def test_agent_llm_requests_are_booked_on_the_node_once_each(updater: ArchiveUpdater) -> None:
+    events = happy_events("n0")
+    events[0] = events[0].model_copy(update={"llm_calls": [llm_call("propose", 0.02), llm_call("screen", 0.001)]})
+    events[1] = events[1].model_copy(update={"llm_calls": [llm_call("implement", 0.03, ok=False),
+                                                           llm_call("implement", 0.04)]})
+    events[4] = events[4].model_copy(update={"llm_calls": [llm_call("reflect", 0.005)]})
+    for event in events:
+        assert updater.apply(event).outcome == Outcome.APPLIED
+    for event in events:  # redelivered events book nothing twice
+        assert updater.apply(event).outcome == Outcome.DUPLICATE
+    node = updater.store.get_node(RUN, "n0")
+    assert [c.operator for c in node.llm_calls] == ["propose", "screen", "implement", "implement", "reflect"]
+    assert node.cost.llm_usd == pytest.approx(0.096)
+    assert (node.cost.llm_input_tokens, node.cost.llm_output_tokens) == (5 * 1050, 5 * 200)
+
+
+def test_a_failed_proposal_that_cost_requests_is_kept_as_a_failed_node(updater: ArchiveUpdater) -> None:
+    drive(updater, "n0", 4)
+    failure = Failure(phase=Phase.PROPOSE, reason="propose LLM gave no valid ProposalSet after 3 answers")
+    paid = EvtFailed(run_id=RUN, node_id="n1", failure=failure, parent_ids=["n0"],
+                     llm_calls=[llm_call("propose", 0.01, ok=False)] * 3)
+    free = EvtFailed(run_id=RUN, node_id="n2", failure=failure, parent_ids=["n0"])
+    assert updater.apply(paid).outcome == Outcome.APPLIED
+    assert updater.apply(free).outcome == Outcome.APPLIED
+    assert updater.apply(paid).outcome == Outcome.DUPLICATE
+    node = updater.store.get_node(RUN, "n1")
+    assert node.status == NodeStatus.FAILED and node.failure == failure
+    assert node.genealogy.parent_ids == ["n0"] and node.proposal.generator == "anthropic:claude-sonnet-4-5"
+    assert len(node.llm_calls) == 3 and node.cost.llm_usd == pytest.approx(0.03)
+    assert updater.store.get_node(RUN, "n2") is None  # nothing was spent: nothing to keep
+    assert updater.accounting(RUN).failed == 1
 
 
 def test_out_of_order_and_unknown_events_are_rejected_with_a_logged_reason(
