@@ -4,8 +4,11 @@ A `Coder` writes the module for a proposal and, given the verification report, a
 coder compiles the proposal's mechanism description (proposer/codegen.py); when the description does not
 compile it repairs the description (unknown mechanisms and parameters dropped, values clamped into range,
 missing required families filled with GRPO's choice) and says what it changed; compiled code that still
-fails verification cannot be repaired offline, and the node fails with the report. The LLM coder (issue 7)
-plugs in through the same two methods.
+fails verification cannot be repaired offline, and the node fails with the report. The LLM coder
+(implementer/llm_coder.py) plugs in through the same two methods, and adds a third: a coder with
+`review(proposal, source) -> CheckResult` has every module that passes the sandbox checks reviewed for
+fidelity to the proposal, and an unfaithful one is corrected like a module that failed a check. An agent-LLM
+error (no answer, no valid answer, the run's spend cap) ends the node's implementation with that reason.
 
 Every attempt — its source, each check and its message — is kept in the `Implementation`, verified or not.
 """
@@ -21,6 +24,7 @@ from typing import Protocol as TypingProtocol
 
 from poise.algorithm import check_passed, describe_problems
 from poise.contracts import CheckResult, Implementation, MechanismSpec, Proposal, VerificationAttempt
+from poise.llm import LLMError
 from poise.sandbox import SandboxLimits, run_sandboxed
 from poise.testbed.protocol import Protocol, get_protocol
 from proposer.codegen import compile_proposal
@@ -41,6 +45,8 @@ class CodegenError(Exception):
 
 
 class Coder(TypingProtocol):
+    """Writes and corrects a proposal's module; may also have `review(proposal, source) -> CheckResult`."""
+
     name: str
 
     def write(self, proposal: Proposal) -> str: ...
@@ -140,6 +146,7 @@ def implement(proposal: Proposal, coder: Coder, verifier: Verifier, max_attempts
     attempts: list[VerificationAttempt] = []
     source: str | None = None
     report = ""
+    review = getattr(coder, "review", None)
     for number in range(1, max_attempts + 1):
         started = time.perf_counter()
         try:
@@ -149,11 +156,22 @@ def implement(proposal: Proposal, coder: Coder, verifier: Verifier, max_attempts
             attempts.append(VerificationAttempt(attempt=number, source=source or "", passed=False, error=report,
                                                 duration_s=time.perf_counter() - started))
             continue
+        except LLMError as err:
+            return _ended(attempts, VerificationAttempt(attempt=number, source=source or "", passed=False,
+                                                        error=f"{coder.name} coder: {err}",
+                                                        duration_s=time.perf_counter() - started))
         if new_source is None:
             summary = f"{coder.name} coder cannot correct the code after attempt {number - 1}: {_first_line(report)}"
             return Implementation.from_source(source or "", attempts, verified=False), summary
         source = new_source
         checks = verifier(source)
+        if review is not None and check_passed(checks):
+            try:
+                checks.append(review(proposal, source))
+            except LLMError as err:
+                return _ended(attempts, VerificationAttempt(attempt=number, source=source, passed=False, checks=checks,
+                                                            error=f"{coder.name} coder: {err}",
+                                                            duration_s=time.perf_counter() - started))
         passed = check_passed(checks)
         attempts.append(VerificationAttempt(attempt=number, source=source, passed=passed, checks=checks,
                                             duration_s=time.perf_counter() - started))
@@ -162,6 +180,14 @@ def implement(proposal: Proposal, coder: Coder, verifier: Verifier, max_attempts
         report = describe_problems(checks)
     summary = f"verification failed after {len(attempts)} attempts: {_first_line(report)}"
     return Implementation.from_source(source or "", attempts, verified=False), summary
+
+
+def _ended(attempts: list[VerificationAttempt], last: VerificationAttempt) -> tuple[Implementation, str]:
+    """The node ends at `last`, an attempt the coder could not go on with (no answer from the agent LLM, or no
+    budget left to ask for one): unverified, with the error as the summary."""
+    attempts.append(last)
+    summary = f"attempt {last.attempt}: {' '.join((last.error or '').split())}"
+    return Implementation.from_source(last.source, attempts, verified=False), summary
 
 
 def _first_line(text: str) -> str:

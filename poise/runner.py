@@ -195,7 +195,7 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
         services = [
             ProposerService(bus, store, fingerprint_dir=run_dir / "fingerprints"),
             ImplementerService(bus, workroot, config.protocol, config.max_correction_attempts, coder=coder,
-                               verify_wall_s=verify_wall_s, clock=clock),
+                               verify_wall_s=verify_wall_s, clock=clock, config=config, archive=store),
             TrainerService(bus, workroot, clock=clock, on_step=progress.on_step),
             EvaluatorService(bus, clock=clock),
             ReflectorService(bus, store),

@@ -358,7 +358,8 @@ def build_runtime(service: str, bus: Any, settings: ServiceSettings) -> Runtime:
             if config is None:
                 raise ArchiveError(f"run {run_id} is not in the archive at {settings.archive_url}")
             return ImplementerService(bus, nodes_dir(settings, run_id), config.protocol,
-                                      config.max_correction_attempts, verify_wall_s=settings.verify_wall_s)
+                                      config.max_correction_attempts, verify_wall_s=settings.verify_wall_s,
+                                      config=config, archive=client)
 
         return Runtime({"work.implement": PerRun(implementer).handle}, dead_letter, closers=[client.close],
                        counter_label="work.implement")
