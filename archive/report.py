@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archive.store import ArchiveError, ArchiveStore
+from poise.agents import describe_agents
 from poise.contracts import Evaluation, MetricKind, Node, NodeStatus, RunConfig, TrainingTrajectory
 from poise.objective import satisfies, yardstick
 from poise.scoring import utility as evaluation_utility
@@ -539,7 +540,7 @@ def _config_items(run_id: str, config: RunConfig | None) -> list[tuple[str, str]
             config.objective.kind + (f" — {config.objective.directive}" if config.objective.directive else ""),
         ),
         ("trainer / evaluator", f"{config.backends.trainer} / {config.backends.evaluator}"),
-        ("agent LLM", config.backends.llm),
+        ("agent LLM", describe_agents(config)),
     ]
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from archive.store import ArchiveStore
-from poise.contracts import NodeStatus
+from poise.agents import OPERATORS
+from poise.contracts import Node, NodeStatus, RunConfig
 from poise.objective import describe, satisfies
 from poise.scoring import ALPHA, confirmation_scores, seed_scores, summarize, utility, welch_p
 
@@ -40,6 +41,7 @@ def run_status(store: ArchiveStore, run_id: str) -> dict:
         "objective": {**config.objective.model_dump(), "description": describe(config.objective)},
         "best": None,
         "leader": None,
+        "llm": _llm_spend(nodes, config),
     }
     if config.objective.kind != "overall":
         status["constraints"] = {
@@ -99,3 +101,22 @@ def _verdict(node_id: str, gain: float | None, p: float | None) -> str:
     if p >= ALPHA:
         return f"indistinguishable from GRPO (Welch p = {p:.2f})"
     return f"{'better' if gain > 0 else 'worse'} than GRPO (Welch p = {p:.3f})"
+
+
+def _llm_spend(nodes: list[Node], config: RunConfig) -> dict:
+    """The run's agent-LLM requests and spend per operator, against its cap; the agents each operator uses."""
+    calls = [call for node in nodes for call in node.llm_calls]
+    per_operator: dict[str, dict] = {}
+    for call in calls:
+        entry = per_operator.setdefault(call.operator, {"calls": 0, "failed": 0, "usd": 0.0})
+        entry["calls"] += 1
+        entry["failed"] += not call.ok
+        entry["usd"] += call.cost_usd
+    return {
+        "agents": {op: config.backends.llm_for(op) for op in OPERATORS},
+        "calls": len(calls),
+        "usd": sum(call.cost_usd for call in calls),
+        "unpriced_calls": sum(not call.priced for call in calls),
+        "cap_usd": config.llm_budget_usd,
+        "per_operator": per_operator,
+    }

@@ -120,6 +120,9 @@ def _verification_failure(impl: Implementation) -> str:
     if not impl.attempts:
         return "the implementer reported an unverified implementation without attempts"
     last = impl.attempts[-1]
+    if last.error and last.passed is False and all(c.passed for c in last.checks):
+        # the coder could not go on (no module written, no agent-LLM answer, the spend cap): not a check failure
+        return f"implementation ended at attempt {last.attempt}: {last.error}"
     failing = next((c for c in last.checks if not c.passed), None)
     what = f"{failing.name}: {failing.message}" if failing else (last.error or "no check passed")
     return f"verification failed after {len(impl.attempts)} attempt(s): {what}"

@@ -674,7 +674,8 @@ class EvtProposed(_LlmMessage):
 
 
 class EvtImplemented(_LlmMessage):
-    """A verified implementation; an unverifiable one is reported with evt.failed instead."""
+    """The implementation, verified or not: an unverified one fails the node in phase implement, with every
+    attempt and its report kept on it."""
 
     subject: ClassVar[str] = "evt.implemented"
     implementation: Implementation

@@ -22,6 +22,7 @@ from archive.status import run_status
 from archive.update import Outcome, UpdateResult
 from evaluator.service import EvaluatorService
 from implementer.service import ImplementerService
+from poise.agents import Agents, describe_agents
 from poise.bus import InProcBus
 from poise.contracts import RESUMABLE_SETTINGS, Message, NodeStatus, RunConfig, TrainingStep, WorkTrain
 from poise.objective import describe as describe_objective
@@ -115,8 +116,8 @@ class Progress:
         match event.subject:
             case "evt.proposed":
                 parents = ",".join(node.genealogy.parent_ids) or "none (root)"
-                self.say(f"{node.node_id} proposed: {name} (parent {parents}, depth {node.genealogy.depth}) — "
-                         f"{node.proposal.rationale[:160]}")
+                self.say(f"{node.node_id} proposed: {name} (parent {parents}, depth {node.genealogy.depth}, by "
+                         f"{node.proposal.generator}) — {node.proposal.rationale[:160]}")
             case "evt.implemented" if node.implementation is not None:
                 impl = node.implementation
                 verdict = "verified" if impl.verified else "NOT verified"
@@ -134,6 +135,10 @@ class Progress:
             case "evt.reflected" if node.reflection is not None:
                 tags = ", ".join(node.reflection.diagnoses) or "no issues"
                 self.say(f"{node.node_id} reflected: {tags}")
+        calls = getattr(event, "llm_calls", [])
+        if calls:
+            self.say(f"{node.node_id} {event.subject}: {len(calls)} agent-LLM request(s), "
+                     f"${sum(c.cost_usd for c in calls):.4f}; node total ${node.cost.llm_usd:.4f}")
         if node.status == NodeStatus.FAILED and node.failure is not None:
             self.say(f"{node.node_id} FAILED in {node.failure.phase}: {node.failure.reason}")
 
@@ -166,6 +171,10 @@ class Progress:
             parts.append(f"leader {leader['node_id']} {leader['utility']:.4f}{gain} (1 seed)")
         if best and best["confirmed"]:
             parts.append(f"best {best['node_id']} {best['utility']:.4f} — {best['verdict']}")
+        llm = status["llm"]
+        if llm["calls"]:
+            cap = f" of ${llm['cap_usd']:.2f}" if llm["cap_usd"] is not None else ""
+            parts.append(f"agent LLM ${llm['usd']:.4f}{cap} ({llm['calls']} requests)")
         self.say(" · ".join(parts) + f" · elapsed {_clock(elapsed)}{eta}")
 
 
@@ -175,8 +184,9 @@ def _clock(seconds: float) -> str:
 
 
 def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_wall_s: float = 120.0,
-        coder=None, max_messages: int | None = None) -> RunSummary:
-    """Run (or resume) the search in `run_dir` until its budget is evaluated; returns the summary."""
+        coder=None, max_messages: int | None = None, agents: Agents | None = None) -> RunSummary:
+    """Run (or resume) the search in `run_dir` until its budget is evaluated; returns the summary. `agents`:
+    the agent-LLM clients of the run's operators (this process's by default)."""
     run_dir = run_dir.resolve()
     store, config = open_run(run_dir, config)
     clock = PhaseClock()
@@ -193,12 +203,12 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
         bus.dead_letter = archive.dead_letter
         workroot = run_dir / "nodes"
         services = [
-            ProposerService(bus, store, fingerprint_dir=run_dir / "fingerprints"),
+            ProposerService(bus, store, fingerprint_dir=run_dir / "fingerprints", agents=agents),
             ImplementerService(bus, workroot, config.protocol, config.max_correction_attempts, coder=coder,
-                               verify_wall_s=verify_wall_s, clock=clock, config=config, archive=store),
+                               verify_wall_s=verify_wall_s, clock=clock, config=config, archive=store, agents=agents),
             TrainerService(bus, workroot, clock=clock, on_step=progress.on_step),
             EvaluatorService(bus, clock=clock),
-            ReflectorService(bus, store),
+            ReflectorService(bus, store, agents=agents),
         ]
         for service in services:
             bus.subscribe(service.subject, service.handle)
@@ -211,7 +221,7 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
         else:
             progress.say(f"run {config.run_id} in {run_dir}: budget {config.budget}, protocol {config.protocol}, "
                          f"seed {config.seed}, parent selection {config.parent_selection}; objective: "
-                         f"{describe_objective(config.objective)}")
+                         f"{describe_objective(config.objective)}; agents: {describe_agents(config)}")
         delivered = 0
         while bus.step():
             delivered += 1

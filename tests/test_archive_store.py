@@ -611,6 +611,18 @@ def test_agent_llm_requests_are_booked_on_the_node_once_each(updater: ArchiveUpd
     assert (node.cost.llm_input_tokens, node.cost.llm_output_tokens) == (5 * 1050, 5 * 200)
 
 
+def test_an_implementation_the_coder_could_not_finish_fails_with_the_coders_reason(updater: ArchiveUpdater) -> None:
+    drive(updater, "n0", 1)
+    ended = VerificationAttempt(attempt=1, source="", passed=False,
+                                error="llm coder: anthropic:claude-sonnet-4-5 (implement): rate limited (HTTP 429)")
+    event = EvtImplemented(run_id=RUN, node_id="n0",
+                           implementation=Implementation.from_source("", [ended], verified=False))
+    node = updater.apply(event).node
+    assert node.status == NodeStatus.FAILED and node.failure.phase == Phase.IMPLEMENT
+    assert node.failure.reason == ("implementation ended at attempt 1: llm coder: anthropic:claude-sonnet-4-5 "
+                                   "(implement): rate limited (HTTP 429)")
+
+
 def test_a_failed_proposal_that_cost_requests_is_kept_as_a_failed_node(updater: ArchiveUpdater) -> None:
     drive(updater, "n0", 4)
     failure = Failure(phase=Phase.PROPOSE, reason="propose LLM gave no valid ProposalSet after 3 answers")

@@ -22,7 +22,8 @@ from poise.agents.prompts import Prompt, PromptError, load_prompt
 from poise.contracts import LlmOperator, Node, RunConfig
 from poise.llm import CostMeter, LLMClient, make_client
 
-__all__ = ["Agents", "Prompt", "PromptError", "archived_llm_usd", "default_agents", "load_prompt"]
+__all__ = ["Agents", "Prompt", "PromptError", "archived_llm_usd", "default_agents", "describe_agents", "load_prompt"]
+OPERATORS: tuple[LlmOperator, ...] = ("propose", "screen", "implement", "reflect")
 
 
 class Agents:
@@ -66,3 +67,12 @@ def default_agents() -> Agents:
 def archived_llm_usd(nodes: Iterable[Node]) -> float:
     """What a run's nodes have recorded spending on the agent LLM (seeds a meter with `Agents.client`)."""
     return sum(node.cost.llm_usd for node in nodes)
+
+
+def describe_agents(config: RunConfig) -> str:
+    """The operators' agent LLMs in a few words: "offline", or each operator's spec, and the cap."""
+    specs = {op: config.backends.llm_for(op) for op in OPERATORS}
+    if set(specs.values()) == {"offline"}:
+        return "offline"
+    text = ", ".join(f"{op} {spec}" for op, spec in specs.items())
+    return text + (f", cap ${config.llm_budget_usd:.2f}" if config.llm_budget_usd is not None else ", no cost cap")
