@@ -797,4 +797,23 @@ def render_node_text(node: Node, parent: Node | None = None) -> str:
                 f"    - {e.mechanism}: {e.effect.value} (confidence {_num(e.confidence, 2)}) — {e.evidence}"
                 for e in reflection.effects
             ]
+    lines += ["", "--- agent LLM ---", *_llm_lines(node)]
     return _plain("\n".join(lines) + "\n")
+
+
+def _llm_lines(node: Node) -> list[str]:
+    """One line per agent-LLM request of the node, then its total."""
+    if not node.llm_calls:
+        return ["  no agent-LLM requests (offline operators)"]
+    lines = []
+    for call in node.llm_calls:
+        cache = f", cache read {call.cache_read_tokens}" if call.cache_read_tokens else ""
+        price = f"${call.cost_usd:.4f}" if call.priced else "unpriced"
+        outcome = "ok" if call.ok else f"FAILED: {(call.error or '').splitlines()[0][:100]}"
+        lines.append(f"  {call.operator} ({call.prompt or 'no prompt id'}, answer {call.attempt}) "
+                     f"{call.provider}:{call.model}: {call.input_tokens} in / {call.output_tokens} out{cache}, "
+                     f"{_num(call.latency_s, 2)} s, {price} — {outcome}")
+    cost = node.cost
+    lines.append(f"  total: {len(node.llm_calls)} requests, {cost.llm_input_tokens} input and "
+                 f"{cost.llm_output_tokens} output tokens, ${cost.llm_usd:.4f}")
+    return lines

@@ -176,6 +176,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         if best.get("constraints_satisfied") is not None:
             print(f"  Overall {best['overall']:.4f}, mean length {best['mean_length']:.1f}, constraints "
                   f"{'met' if best['constraints_satisfied'] else 'NOT met'}")
+    llm = status["llm"]
+    if llm["calls"]:
+        cap = f" of the ${llm['cap_usd']:.2f} cap" if llm["cap_usd"] is not None else ""
+        per = ", ".join(f"{op} ${v['usd']:.4f} ({v['calls']} requests, {v['failed']} failed)"
+                        for op, v in llm["per_operator"].items())
+        print(f"agent LLM: ${llm['usd']:.4f}{cap} in {llm['calls']} requests — {per}")
     return 0
 
 

@@ -30,6 +30,7 @@ from archive.report import (
 from archive.sqlite_store import SQLiteStore
 from archive.store import ArchiveError
 from poise.contracts import (
+    CallRecord,
     CheckResult,
     Effect,
     Evaluation,
@@ -50,6 +51,7 @@ from poise.contracts import (
     TrainingTrajectory,
     VerificationAttempt,
 )
+from poise.llm.cost import llm_cost
 
 RUN = "run-report"
 HOSTILE = "<script>alert(1)</script>"
@@ -459,6 +461,26 @@ def test_node_text_of_a_failed_and_a_pending_node() -> None:
     assert "not implemented yet" in section(pending, "code")
     assert "no verification attempts recorded" in section(pending, "verification")
     assert "not evaluated yet" in section(pending, "metrics") and "not reflected yet" in section(pending, "reflection")
+
+
+def test_node_text_lists_each_agent_llm_request_and_the_nodes_total() -> None:
+    node = archive_nodes()["n5"]
+    assert "no agent-LLM requests (offline operators)" in section(render_node_text(node), "agent LLM")
+    calls = [
+        CallRecord(provider="anthropic", model="claude-opus-5", operator="propose", prompt="propose@v1",
+                   mode="tool", input_tokens=900, output_tokens=400, cache_read_tokens=3000, latency_s=4.2,
+                   cost_usd=0.0165, ok=True),
+        CallRecord(provider="openai", model="qwen2.5-32b", operator="implement", prompt="implement@v1", attempt=2,
+                   mode="json_schema", input_tokens=2000, output_tokens=10, priced=False, ok=False,
+                   error="The answer is not valid JSON: Expecting value\nmore detail"),
+    ]
+    spent = node.model_copy(update={"llm_calls": calls, "cost": llm_cost(calls)})
+    text = section(render_node_text(spent), "agent LLM")
+    assert ("propose (propose@v1, answer 1) anthropic:claude-opus-5: 900 in / 400 out, cache read 3000, 4.2 s, "
+            "$0.0165 — ok") in text
+    assert ("implement (implement@v1, answer 2) openai:qwen2.5-32b: 2000 in / 10 out, 0 s, unpriced — FAILED: "
+            "The answer is not valid JSON: Expecting value\n") in text
+    assert "total: 2 requests, 5900 input and 410 output tokens, $0.0165" in text
 
 
 def test_node_text_neutralizes_terminal_control_characters() -> None:
