@@ -226,10 +226,11 @@ def test_phase_one_selection_runs_the_loop_with_screened_proposals(tmp_path):
     """parent_selection "poise": parents by acquisition, each child the winner of a screened population whose
     rejections are recorded on the proposal; the loop completes like the baseline's."""
     run_dir = tmp_path / "poise"
-    summary = run(tiny_config("phase1", budget=3, parallel=1, replicate_seeds=1, parent_selection="poise"), run_dir)
+    summary = run(tiny_config("phase1", budget=2, parallel=1, root_seeds=1, replicate_seeds=1,
+                              parent_selection="poise"), run_dir)
     with SQLiteStore.in_run_dir(run_dir) as store:
         nodes = store.nodes("phase1")
-    assert summary.stop_reason == "budget reached" and summary.status["budget"]["evaluated"] == 3
+    assert summary.stop_reason == "budget reached" and summary.status["budget"]["evaluated"] == 2
     assert_lineage_is_valid(nodes)
     children = [n for n in nodes if n.node_id != ROOT]
     assert all(n.status == NodeStatus.REFLECTED for n in children)
