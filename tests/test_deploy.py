@@ -1,5 +1,7 @@
 """Offline checks of the deployment files: docker-compose.yml, the Dockerfiles and .dockerignore,
-prometheus/prometheus.yml, grafana/, and the kustomize tree under k8s/.
+prometheus/prometheus.yml, grafana/, and the kustomize tree under k8s/; and of the one opt-in that loosens
+the security posture, an implementer that calls the agent LLM (docker-compose.llm-implementer.yml,
+k8s/components/llm-implementer): checked both merged/rendered and left out.
 
 Nothing here needs a Docker engine or a cluster. The tools: check-jsonschema with its vendored compose-spec
 schema, `kubectl kustomize` (renders offline) and kubernetes-validate (bundled OpenAPI schemas, strict mode);
@@ -11,12 +13,14 @@ Python.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -52,7 +56,18 @@ METRICS = {
 CANDIDATE_LABEL = "poise.io/runs-candidate-code"  # pods that run LLM-written code
 SECRET_NAME = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD)$")
 LLM_KEYS = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY")
-LLM_AGENTS = {"proposer", "reflector"}  # the only services given the agent LLM's API keys
+LLM_AGENTS = {"proposer", "reflector"}  # the only services given the agent LLM's API keys by default
+# The opt-in that gives the implementer the keys and a route to the LLM API (its LLM coder), for compose and k8s.
+LLM_IMPLEMENTER = "llm-implementer"
+COMPOSE_LLM_IMPLEMENTER = ROOT / "docker-compose.llm-implementer.yml"
+# compose reads these next to docker-compose.yml without being asked: the opt-in must not be one of them
+COMPOSE_AUTO_OVERRIDES = ("docker-compose.override.yml", "docker-compose.override.yaml", "compose.override.yml",
+                          "compose.override.yaml")
+
+
+def llm_pods(opt_ins: tuple[str, ...] = ()) -> set[str]:
+    """The POISE services that may hold the agent LLM's API keys, with the given opt-ins."""
+    return LLM_AGENTS | ({"implementer"} if LLM_IMPLEMENTER in opt_ins else set())
 
 
 # ------------------------------------------------------------------------------------------------ tools
@@ -309,6 +324,75 @@ def test_compose_poise_services_drop_privileges_and_candidates_stay_on_the_inter
             assert "no-new-privileges:true" in svc.get("security_opt", []), f"{name}: no-new-privileges"
         if poise_role(svc) in ("implementer", "trainer"):
             assert set(network_names(svc)) <= internal, f"{name} runs candidate code: internal networks only"
+
+
+# ------------------------------------------------------------- compose opt-in: the implementer calls the LLM
+
+MERGED_BY_NAME = ("environment", "networks")  # list or mapping in a file, merged by name
+
+
+def by_name(value: list | dict | None) -> dict:
+    """`environment` or a service's `networks` in the expanded (mapping) form that compose merges."""
+    if isinstance(value, list):
+        return dict(item.split("=", 1) if "=" in item else (item, None) for item in value)
+    return dict(value or {})
+
+
+def merge_compose(base: object, override: object, key: str | None = None) -> object:
+    """`docker compose -f base -f override` (compose spec, merge rules) for what the override files here use:
+    mappings merge by key, `environment` and `networks` by name, scalars are replaced. Other sequences
+    (appended, or unique by target) are not modelled: a test fails rather than guess."""
+    if key in MERGED_BY_NAME:
+        base, override = by_name(base), by_name(override)
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: merge_compose(base[k], v, k) if k in base else v for k, v in override.items()}}
+    if isinstance(base, list) or isinstance(override, list):
+        pytest.fail(f"merging the sequence {key!r} is not modelled here; extend merge_compose (compose merge rules)")
+    return override
+
+
+@cache
+def compose_with_llm_implementer() -> dict:
+    return merge_compose(compose(), yaml.safe_load(COMPOSE_LLM_IMPLEMENTER.read_text()))
+
+
+def test_compose_llm_implementer_override_and_the_merged_file_match_the_compose_spec(tmp_path):
+    checker = tool("check-jsonschema")
+    merged = tmp_path / "docker-compose.merged.yml"
+    merged.write_text(yaml.safe_dump(compose_with_llm_implementer(), sort_keys=False))
+    for path in (COMPOSE_LLM_IMPLEMENTER, merged):
+        result = run_tool(checker, "--builtin-schema", "vendor.compose-spec", str(path))
+        assert result.returncode == 0, f"{path.name}: " + result.stdout + result.stderr
+
+
+def test_compose_llm_implementer_override_gives_keys_and_edge_to_the_implementer_only():
+    default, merged = compose(), compose_with_llm_implementer()
+    assert {k: v for k, v in merged.items() if k != "services"} == {k: v for k, v in default.items() if k != "services"}
+    assert merged["services"].keys() == default["services"].keys(), "the override adds or removes services"
+    changed = {name for name, svc in merged["services"].items() if svc != default["services"][name]}
+    assert changed == {"implementer"}, f"the override changes {changed}, not the implementer alone"
+    before, after = default["services"]["implementer"], merged["services"]["implementer"]
+    assert {key for key in after if after.get(key) != before.get(key)} == {"environment", "networks"}
+    added = dict(environment(after).items() - environment(before).items())
+    assert added == {key: f"${{{key}:-}}" for key in LLM_KEYS}, "only the LLM keys, from the environment"
+    networks = default.get("networks") or {}
+    assert set(network_names(after)) == {"internal", "edge"} and not (networks["edge"] or {}).get("internal")
+    internal = {name for name, net in networks.items() if (net or {}).get("internal")}
+    for name, svc in merged["services"].items():
+        has_keys = any(key in environment(svc) for key in LLM_KEYS)
+        assert has_keys == (poise_role(svc) in llm_pods((LLM_IMPLEMENTER,))), f"{name}: API keys"
+        if poise_role(svc) == "trainer":
+            assert set(network_names(svc)) <= internal, f"{name} runs candidate code: internal networks only"
+
+
+def test_compose_llm_implementer_is_off_unless_its_file_is_named():
+    # `docker compose up` reads docker-compose.yml and an override file of a fixed name, nothing else
+    assert COMPOSE_LLM_IMPLEMENTER.name not in COMPOSE_AUTO_OVERRIDES
+    for name in COMPOSE_AUTO_OVERRIDES:
+        assert not (ROOT / name).exists(), f"{name} is merged into every `docker compose up`"
+    implementer = services()["implementer"]
+    assert not any(key in environment(implementer) for key in LLM_KEYS), "the implementer has API keys by default"
+    assert set(network_names(implementer)) == {"internal"}, "the implementer has a route off the host by default"
 
 
 # ----------------------------------------------------------------------------------- Dockerfiles, context
@@ -574,22 +658,34 @@ def test_dashboard_metric_names_are_exported_by_poise_metrics():
 
 
 @cache
-def rendered(overlay: str) -> str:
+def rendered(overlay: str, components: tuple[str, ...] = ()) -> str:
+    """`kubectl kustomize` of an overlay; with `components` (k8s/components/<name>), of a copy of k8s/ whose
+    overlay lists them under `components:`, the way an operator enables them."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (it renders the kustomize overlays offline)")
-    result = run_tool(kubectl, "kustomize", str(K8S_DIR / "overlays" / overlay))
-    assert result.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{result.stderr}"
+    with tempfile.TemporaryDirectory() as scratch:
+        k8s = K8S_DIR
+        if components:
+            k8s = Path(scratch) / "k8s"
+            shutil.copytree(K8S_DIR, k8s)
+            kustomization = k8s / "overlays" / overlay / "kustomization.yaml"
+            config = yaml.safe_load(kustomization.read_text())
+            config["components"] = config.get("components", []) + [f"../../components/{c}" for c in components]
+            kustomization.write_text(yaml.safe_dump(config, sort_keys=False))
+        result = run_tool(kubectl, "kustomize", str(k8s / "overlays" / overlay))
+    what = " with ".join((f"k8s/overlays/{overlay}", *components))
+    assert result.returncode == 0, f"kubectl kustomize {what} failed:\n{result.stderr}"
     return result.stdout
 
 
-def objects(overlay: str) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(rendered(overlay)) if doc]
+def objects(overlay: str, components: tuple[str, ...] = ()) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(rendered(overlay, components)) if doc]
 
 
-def workloads(overlay: str) -> Iterator[tuple[dict, dict]]:
+def workloads(overlay: str, components: tuple[str, ...] = ()) -> Iterator[tuple[dict, dict]]:
     """(object, pod template) of every Deployment, StatefulSet and Job."""
-    for obj in objects(overlay):
+    for obj in objects(overlay, components):
         if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
             yield obj, obj["spec"]["template"]
 
@@ -607,15 +703,20 @@ def selects(selector: dict, labels: dict) -> bool:
     return True
 
 
+# Every overlay as shipped, and with the opt-in component (the security tests below cover both).
+VARIANTS = [pytest.param(overlay, opt_ins, id="+".join((overlay, *opt_ins)))
+            for overlay in OVERLAYS for opt_ins in ((), (LLM_IMPLEMENTER,))]
+
+
 def test_overlays_exist():
     assert {"workstation", "cluster"} <= set(OVERLAYS)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_renders_and_passes_strict_validation(overlay, tmp_path):
+@pytest.mark.parametrize(("overlay", "components"), VARIANTS)
+def test_overlay_renders_and_passes_strict_validation(overlay, components, tmp_path):
     validator = tool("kubernetes-validate")
     manifest = tmp_path / f"{overlay}.yaml"
-    manifest.write_text(rendered(overlay))
+    manifest.write_text(rendered(overlay, components))
     result = run_tool(validator, "--strict", "--quiet", "-k", K8S_VERSION, str(manifest))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -649,9 +750,19 @@ def test_every_deployment_has_probes_and_scrape_annotations(overlay):
                     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz", name
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_pod_is_locked_down(overlay):
-    for obj, template in workloads(overlay):
+@pytest.mark.parametrize(("overlay", "components"), VARIANTS)
+def test_every_object_lands_in_the_poise_namespace(overlay, components):
+    # an overlay's or component's own resources miss the base's namespace transformer; outside the namespace a
+    # pod escapes its default-deny NetworkPolicy, and a NetworkPolicy selects nothing it is meant to
+    (namespace,) = [obj["metadata"]["name"] for obj in objects(overlay, components) if obj["kind"] == "Namespace"]
+    elsewhere = [f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects(overlay, components)
+                 if obj["kind"] != "Namespace" and obj["metadata"].get("namespace") != namespace]
+    assert not elsewhere, f"not in the namespace {namespace}: {elsewhere}"
+
+
+@pytest.mark.parametrize(("overlay", "components"), VARIANTS)
+def test_every_pod_is_locked_down(overlay, components):
+    for obj, template in workloads(overlay, components):
         name = f"{obj['kind']}/{obj['metadata']['name']}"
         spec = template["spec"]
         assert spec.get("automountServiceAccountToken") is False, f"{name}: mounts a service-account token"
@@ -668,20 +779,47 @@ def test_every_pod_is_locked_down(overlay):
             assert resources.get("requests") and resources.get("limits", {}).get("memory"), f"{where}: resources"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_candidate_pods_have_no_token_no_secret_and_egress_only_to_nats_and_the_archive(overlay):
-    everything = objects(overlay)
-    pods = {obj["metadata"]["name"]: template["metadata"]["labels"] for obj, template in workloads(overlay)}
+def llm_key_env(variable: dict) -> bool:
+    """An env entry that is an agent LLM API key taken from the LLM Secret, as the agents get it."""
+    ref = variable.get("valueFrom", {}).get("secretKeyRef", {})
+    return variable["name"] in LLM_KEYS and ref == {"name": "poise-llm-api", "key": variable["name"], "optional": True}
+
+
+def without_llm_keys(spec: dict) -> tuple[dict, set[str]]:
+    """A pod spec with its agent-LLM key env entries removed, and the names of those removed."""
+    spec, removed = copy.deepcopy(spec), set()
+    for container in spec["containers"]:
+        removed |= {v["name"] for v in container.get("env", []) if llm_key_env(v)}
+        container["env"] = [v for v in container.get("env", []) if not llm_key_env(v)]
+    return spec, removed
+
+
+def llm_api_egress(policies: list[dict]) -> dict:
+    """The agents' rule to the LLM API (TCP 443 outside the cluster's ranges) of the base's llm-agents policy."""
+    (agents,) = [p for p in policies if p["metadata"]["name"] == "llm-agents"]
+    (rule,) = [r for r in agents["spec"]["egress"] if any("ipBlock" in peer for peer in r["to"])]
+    return rule
+
+
+@pytest.mark.parametrize(("overlay", "components"), VARIANTS)
+def test_candidate_pods_have_no_token_no_secret_and_egress_only_to_nats_and_the_archive(overlay, components):
+    everything = objects(overlay, components)
+    pods = {obj["metadata"]["name"]: template["metadata"]["labels"]
+            for obj, template in workloads(overlay, components)}
     policies = [obj for obj in everything if obj["kind"] == "NetworkPolicy"]
     assert any(p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
                and not p["spec"].get("ingress") and not p["spec"].get("egress") for p in policies), "no default deny"
     allowed_peers = {"nats", "archive"}
-    candidates = [(obj, template) for obj, template in workloads(overlay)
+    opted_in = llm_pods(components) - LLM_AGENTS  # candidate pods that may also call the LLM API: keys and 443
+    candidates = [(obj, template) for obj, template in workloads(overlay, components)
                   if template["metadata"]["labels"].get(CANDIDATE_LABEL) == "true"]
     assert {"implementer", "trainer"} <= {obj["metadata"]["name"] for obj, _ in candidates}
     for obj, template in candidates:
         name, labels, spec = obj["metadata"]["name"], template["metadata"]["labels"], template["spec"]
         assert spec.get("automountServiceAccountToken") is False, f"{name}: service-account token"
+        if name in opted_in:  # exactly the agents' optional key references; the rest must pass as for any other
+            spec, removed = without_llm_keys(spec)
+            assert removed == set(LLM_KEYS), f"{name}: opted in, but gets {removed} of the LLM keys"
         text = json.dumps(spec)
         assert "secretKeyRef" not in text and "secretRef" not in text and '"secret"' not in text, f"{name}: a Secret"
         assert not any(key in text for key in LLM_KEYS), f"{name}: an LLM API key"
@@ -689,6 +827,8 @@ def test_candidate_pods_have_no_token_no_secret_and_egress_only_to_nats_and_the_
         assert any("Egress" in p["spec"]["policyTypes"] for p in mine), f"{name}: no policy restricts its egress"
         for policy in mine:
             for rule in policy["spec"].get("egress", []):
+                if name in opted_in and rule == llm_api_egress(policies):
+                    continue  # the opt-in: the agents' own route to the LLM API, no wider
                 assert rule.get("to"), f"{name}: policy {policy['metadata']['name']} allows egress anywhere"
                 for peer in rule["to"]:
                     where = f"{name}: policy {policy['metadata']['name']}"
@@ -703,21 +843,76 @@ def test_candidate_pods_have_no_token_no_secret_and_egress_only_to_nats_and_the_
                     assert reached and reached <= allowed_peers, f"{where} reaches {reached}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_llm_keys_are_placeholders_and_reach_only_the_agents(overlay):
-    for obj in objects(overlay):
+@pytest.mark.parametrize(("overlay", "components"), VARIANTS)
+def test_llm_keys_are_placeholders_and_reach_only_the_agents(overlay, components):
+    for obj in objects(overlay, components):
         if obj["kind"] == "Secret":
             assert all(value == "" for value in obj.get("stringData", {}).values()), "a Secret holds a value"
             assert not obj.get("data"), "a Secret holds a value"
         if obj["kind"] == "ConfigMap":
             assert not any(SECRET_NAME.search(key) for key in obj.get("data", {})), "a secret in a ConfigMap"
-    for obj, template in workloads(overlay):
+    for obj, template in workloads(overlay, components):
         for container in template["spec"]["containers"]:
             for variable in container.get("env", []):
                 if SECRET_NAME.search(variable["name"]):
                     assert "value" not in variable, f"{obj['metadata']['name']}: literal {variable['name']}"
             keys = {v["name"] for v in container.get("env", [])} & set(LLM_KEYS)
-            assert bool(keys) == (obj["metadata"]["name"] in LLM_AGENTS), f"{obj['metadata']['name']}: API keys"
+            assert bool(keys) == (obj["metadata"]["name"] in llm_pods(components)), \
+                f"{obj['metadata']['name']}: API keys"
+
+
+LLM_IMPLEMENTER_POLICY = ("NetworkPolicy", "implementer-llm-api")
+
+
+def by_kind_and_name(overlay: str, components: tuple[str, ...] = ()) -> dict[tuple[str, str], dict]:
+    return {(obj["kind"], obj["metadata"]["name"]): obj for obj in objects(overlay, components)}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_llm_implementer_component_changes_the_implementer_alone(overlay):
+    default, opted = by_kind_and_name(overlay), by_kind_and_name(overlay, (LLM_IMPLEMENTER,))
+    assert default.keys() <= opted.keys(), f"the component removes {default.keys() - opted.keys()}"
+    assert opted.keys() - default.keys() == {LLM_IMPLEMENTER_POLICY}
+    changed = {key for key, obj in default.items() if opted[key] != obj}
+    assert changed == {("Deployment", "implementer")}, f"the component changes {changed}, not the implementer alone"
+    # the implementer: its pod's agent-LLM key references and the annotation that says so, nothing else
+    before, after = default["Deployment", "implementer"], copy.deepcopy(opted["Deployment", "implementer"])
+    template = after["spec"]["template"]
+    template["spec"], removed = without_llm_keys(template["spec"])
+    assert removed == set(LLM_KEYS)
+    for container in template["spec"]["containers"]:
+        if not container["env"]:
+            del container["env"]
+    annotation = template["metadata"]["annotations"].pop("poise.io/llm-api-access")
+    assert "llm-implementer" in annotation, "the pod should say which opt-in gave it the keys"
+    assert after == before
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_llm_implementer_policy_opens_the_agents_llm_route_to_the_implementer_only(overlay):
+    everything = by_kind_and_name(overlay, (LLM_IMPLEMENTER,))
+    policy = everything[LLM_IMPLEMENTER_POLICY]
+    pods = {obj["metadata"]["name"]: template["metadata"]["labels"]
+            for obj, template in workloads(overlay, (LLM_IMPLEMENTER,))}
+    selected = {pod for pod, labels in pods.items() if selects(policy["spec"]["podSelector"], labels)}
+    assert selected == {"implementer"}, f"{LLM_IMPLEMENTER_POLICY[1]} selects {selected}"
+    assert policy["spec"]["policyTypes"] == ["Egress"] and "ingress" not in policy["spec"]
+    policies = [obj for (kind, _), obj in everything.items() if kind == "NetworkPolicy"]
+    assert policy["spec"]["egress"] == [llm_api_egress(policies)], "not the agents' rule (TCP 443, public ranges)"
+    (rule,) = policy["spec"]["egress"]
+    assert [port["port"] for port in rule["ports"]] == [443]
+    assert "169.254.0.0/16" in rule["to"][0]["ipBlock"]["except"], "cloud metadata must stay unreachable"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_llm_implementer_component_is_off_in_the_shipped_overlays(overlay):
+    config = yaml.safe_load((K8S_DIR / "overlays" / overlay / "kustomization.yaml").read_text())
+    assert not any(LLM_IMPLEMENTER in component for component in config.get("components", [])), \
+        f"{overlay} enables the opt-in {LLM_IMPLEMENTER}"
+    everything = by_kind_and_name(overlay)
+    assert LLM_IMPLEMENTER_POLICY not in everything
+    implementer = everything["Deployment", "implementer"]["spec"]["template"]["spec"]
+    assert not any(key in json.dumps(implementer) for key in LLM_KEYS), "the implementer has API keys by default"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
