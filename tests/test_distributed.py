@@ -191,7 +191,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 
 
 def run_settings(run_id: str, **changes) -> dict:
-    settings = {"run_id": run_id, "protocol": "tiny", "budget": 2, "parallel": 1, "root_seeds": 1,
+    settings = {"run_id": run_id, "protocol": "tiny", "budget": 1, "parallel": 1, "root_seeds": 1,
                 "replicate_seeds": 1, "seed": 3}
     return {**settings, **changes}
 
@@ -223,14 +223,14 @@ def test_a_distributed_run_documents_every_node_like_the_embedded_run(cluster: C
     wall = (finished - started).total_seconds()
     work = cluster.phase_seconds() - phase_before
     nodes = cluster.nodes(run_id)
-    assert_fully_documented(nodes, budget=2)
+    assert_fully_documented(nodes, budget=1)
     status = cluster.status(run_id)
-    assert status["budget"]["evaluated"] == 2 and status["best"] is not None
+    assert status["budget"]["evaluated"] == 1 and status["best"] is not None
 
     # The same run embedded (one process, in-process bus), for the overhead and the proposals.
     embedded = run(RunConfig(**run_settings("embedded")), tmp_path / "embedded")
     overhead = max(0.0, wall - work) / wall
-    print(f"\noverhead (non-phase wall time / wall time), tiny protocol, budget 2, parallel 1, seed 3:\n"
+    print(f"\noverhead (non-phase wall time / wall time), tiny protocol, budget 1, parallel 1, seed 3:\n"
           f"  distributed: wall {wall:.1f} s, implement+train+evaluate {work:.1f} s, overhead {overhead:.1%}\n"
           f"  embedded:    wall {embedded.wall_s:.1f} s, implement+train+evaluate {embedded.work_s:.1f} s, "
           f"overhead {embedded.overhead_fraction:.1%}")
