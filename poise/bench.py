@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -239,3 +240,125 @@ def _arm_report(runs: list[dict]) -> dict:
         "eval_s": [r["eval_s"] for r in runs],
         "runs": runs,
     }
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+SEARCH_PAIRS = (("poise", "random"), ("poise", "greedy"), ("greedy", "random"))
+
+
+def bench_search(seeds: Sequence[int], budget: int = 45, selectors: Sequence[str] | None = None,
+                 json_path: Path | None = None, log=print) -> dict:
+    """Parent selectors compared on the simulated landscape (proposer/landscape.py): every selector in the same
+    worlds with the same budget; per selector the best-found and the reported true utility (mean ± SD over
+    worlds), and the paired difference of each pair in SEARCH_PAIRS (mean, standard error, and their ratio)."""
+    from proposer.landscape import SELECTORS, compare, paired_difference
+
+    selectors = tuple(selectors or SELECTORS)
+    started = time.perf_counter()
+    results = compare(seeds, budget, selectors)
+    report: dict = {"command": " ".join(["poise", *sys.argv[1:]]), "seeds": list(seeds), "budget": budget,
+                    "selectors": {}, "pairs": []}
+    for metric in ("best_true", "reported_true"):
+        values = {name: [getattr(run, metric) for run in runs] for name, runs in results.items()}
+        for name, runs in values.items():
+            report["selectors"].setdefault(name, {})[metric] = {
+                "mean": statistics.fmean(runs), "sd": statistics.stdev(runs) if len(runs) > 1 else None,
+                "per_seed": runs}
+        for a, b in SEARCH_PAIRS:
+            if a in values and b in values and len(seeds) > 1:
+                mean, se = paired_difference(values[a], values[b])
+                report["pairs"].append({"metric": metric, "a": a, "b": b, "mean": mean, "se": se,
+                                        "z": mean / se if se > 0 else None})
+    report["wall_s"] = time.perf_counter() - started
+    log(search_markdown(report))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def search_markdown(report: dict) -> str:
+    """The selectors and their paired differences as markdown tables."""
+    seeds = report["seeds"]
+    lines = [f"budget {report['budget']} children, {len(seeds)} worlds (seeds {seeds[0]}-{seeds[-1]}), "
+             f"{report['wall_s']:.0f} s", "",
+             "| selector | best-found true Overall, mean ± SD | reported node's true Overall |", "|---|---|---|"]
+    for name, metrics in report["selectors"].items():
+        cells = [f"{m['mean']:.4f} ± {m['sd']:.4f}" if m["sd"] is not None else f"{m['mean']:.4f}"
+                 for m in (metrics["best_true"], metrics["reported_true"])]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    lines += ["", "| paired difference | metric | mean | SE | mean / SE |", "|---|---|---|---|---|"]
+    for pair in report["pairs"]:
+        z = f"{pair['z']:+.1f}" if pair["z"] is not None else "-"
+        lines.append(f"| {pair['a']} − {pair['b']} | {pair['metric']} | {pair['mean']:+.4f} | {pair['se']:.4f} | {z} |")
+    return "\n".join(lines)
+
+
+def search_curve(utilities: Sequence[float | None]) -> list[float | None]:
+    """The best-found utility after the root (index 0) and after each evaluated child, in evaluation order."""
+    curve, best = [], None
+    for value in utilities:
+        if value is not None and (best is None or value > best):
+            best = value
+        curve.append(best)
+    return curve
+
+
+def selector_search(selector: str, budget: int, search_seeds: int, first_seed: int = 0,
+                    landscape: str = "simulated", protocol: str = "default", run_root: Path | None = None,
+                    log=print) -> dict:
+    """`poise bench search`: `search_seeds` whole searches with `selector` and `budget` children each, seeds
+    first_seed.. first_seed + search_seeds - 1, on the simulated landscape (the true utility of every child, in
+    seconds) or on the testbed (real runs of the embedded loop under `protocol`, in `run_root/<selector>-s<seed>`,
+    resumable: hours each on 2 cores). Per seed: the best-found utility (the root included) and its curve, whose
+    entry b is the best after b children."""
+    seeds = list(range(first_seed, first_seed + search_seeds))
+    per_seed: list[dict] = []
+    started = time.perf_counter()
+    for seed in seeds:
+        if landscape == "simulated":
+            from proposer.baseline import proposal_description
+            from proposer.landscape import Landscape, search
+
+            result = search(selector, seed, budget)
+            world = replace(Landscape(), seed=seed)
+            values = [world.true_utility(proposal_description(n.proposal)) for n in result.nodes]
+            best = result.nodes[values.index(max(values))]
+            entry = {"seed": seed, "best_utility": result.best_true, "reported_utility": result.reported_true,
+                     "root_utility": result.root_true, "best_depth": best.genealogy.depth}
+        else:
+            from archive.sqlite_store import SQLiteStore
+            from poise.contracts import RunConfig
+            from poise.runner import run
+            from poise.scoring import utility
+
+            run_dir = (run_root or Path("runs/bench-search")) / f"{selector}-s{seed}"
+            config = RunConfig(run_id=f"search-{selector}-s{seed}", budget=budget, seed=seed, protocol=protocol,
+                               parent_selection=selector)
+            summary = run(config, run_dir, stream=sys.stdout)
+            with SQLiteStore.in_run_dir(run_dir) as store:
+                evaluated = [n for n in store.nodes(config.run_id) if n.evaluation is not None]
+            evaluated.sort(key=lambda n: n.node_id)  # the root n000 first, then children in proposal order
+            values = [utility(n.evaluation) for n in evaluated]
+            best = max(evaluated, key=lambda n: utility(n.evaluation))
+            status_best = summary.status["best"] or {}
+            entry = {"seed": seed, "best_utility": utility(best.evaluation), "best_node": best.node_id,
+                     "best_depth": best.genealogy.depth, "reported_utility": status_best.get("utility"),
+                     "reported_node": status_best.get("node_id"), "root_utility": (summary.status["root"] or {})
+                     .get("mean"), "run_dir": str(run_dir)}
+        entry["curve"] = search_curve(values)
+        per_seed.append(entry)
+        log(f"{selector} seed {seed}: best-found utility {entry['best_utility']:.4f} at depth {entry['best_depth']}")
+    curves = [e["curve"] for e in per_seed]
+    mean_curve = [statistics.fmean(c[i] for c in curves if i < len(c) and c[i] is not None)
+                  if any(i < len(c) and c[i] is not None for c in curves) else None
+                  for i in range(max(map(len, curves), default=0))]
+    best = [e["best_utility"] for e in per_seed]
+    return {"command": " ".join(["poise", *sys.argv[1:]]), "selector": selector, "budget": budget,
+            "search_seeds": search_seeds, "seeds": seeds, "landscape": landscape,
+            "protocol": protocol if landscape == "testbed" else None,
+            "best_utility": best, "best_utility_mean": statistics.fmean(best),
+            "best_utility_sd": statistics.stdev(best) if len(best) > 1 else None,
+            "curve": mean_curve, "per_seed": per_seed, "wall_s": time.perf_counter() - started}

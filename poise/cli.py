@@ -309,6 +309,23 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_search(args: argparse.Namespace) -> int:
+    from poise.bench import selector_search
+
+    report = selector_search(args.selector, args.budget, args.search_seeds, args.first_seed, args.landscape,
+                             args.protocol, Path(args.run_root))
+    curve = report["curve"]
+    print(f"{args.selector}, {args.landscape} landscape, budget {args.budget}, {args.search_seeds} searches: "
+          f"best-found utility {report['best_utility_mean']:.4f}"
+          + (f" ± {report['best_utility_sd']:.4f} (SD over searches)" if report["best_utility_sd"] else "")
+          + (f"; mean best-found after 0/{len(curve) // 2}/{len(curve) - 1} children: "
+             + " / ".join(f"{curve[i]:.4f}" for i in (0, len(curve) // 2, len(curve) - 1)) if curve else ""))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from poise.serve import run_service
 
@@ -391,6 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sampler.add_argument("--repeats", type=int, default=5)
     bench_sampler.add_argument("--json", help="write the report here")
     bench_sampler.set_defaults(handler=cmd_bench_sampler)
+    bench_search = bench.add_parser("search", help="whole searches with one parent selector: best-found utility "
+                                                   "per budget")
+    bench_search.add_argument("--selector", choices=("poise", "greedy", "random"), default="poise")
+    bench_search.add_argument("--budget", type=int, default=16, help="children per search (default 16)")
+    bench_search.add_argument("--search-seeds", type=int, default=10, help="searches, one per seed (default 10)")
+    bench_search.add_argument("--first-seed", type=int, default=0)
+    bench_search.add_argument("--landscape", choices=("simulated", "testbed"), default="testbed",
+                              help="testbed: real runs of the embedded loop (hours per search on 2 cores); "
+                                   "simulated: proposer/landscape.py, seconds")
+    bench_search.add_argument("--protocol", default="default", help="testbed protocol (default: default)")
+    bench_search.add_argument("--run-root", default="runs/bench-search",
+                              help="testbed: where each search's run directory goes (resumable)")
+    bench_search.add_argument("--json", help="write the report here")
+    bench_search.set_defaults(handler=cmd_bench_search)
     bench_loop = bench.add_parser("loop", help="orchestration overhead of the embedded loop on a fresh run")
     bench_loop.add_argument("--budget", type=int, default=4)
     bench_loop.add_argument("--protocol", default="tiny")

@@ -385,7 +385,7 @@ class Selection:
     pareto: float
     perf: float
     div: float
-    bayes: float  # α_GP = gp_mean + κ·gp_std, min-max normalized over the candidates
+    bayes: float  # α_GP = gp_mean + κ·gp_std in U_perf's units (`bayes_term`)
     gp_mean: float
     gp_std: float
     utility: float

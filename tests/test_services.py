@@ -357,11 +357,12 @@ def test_poise_serve_with_bad_settings_exits_2_with_the_message(monkeypatch, cap
     assert "POISE_HTTP_PORT='not-a-port'" in capsys.readouterr().err
 
 
-def test_resumed_runs_may_change_what_poise_run_lets_change():
-    from poise.runner import RESUMABLE
-    from poise.serve import RESUMABLE as SERVE_RESUMABLE
-
-    assert SERVE_RESUMABLE == RESUMABLE
+def test_a_resumed_run_may_raise_its_budget_and_llm_cap_like_poise_run(store: SQLiteStore):
+    resolve_run(store, "run-cap", {"budget": 3, "llm_budget_usd": 1.0}, Backends())
+    resumed = resolve_run(store, "run-cap", {"budget": 5, "parallel": 2, "llm_budget_usd": 4.0}, Backends())
+    assert (resumed.budget, resumed.parallel, resumed.llm_budget_usd) == (5, 2, 4.0)
+    with pytest.raises(RunRefused, match="budget, parallel, llm_budget_usd may change"):
+        resolve_run(store, "run-cap", {"seed": 9}, Backends())
 
 
 def test_resolve_run_starts_resumes_and_refuses(store: SQLiteStore):
