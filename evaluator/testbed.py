@@ -17,6 +17,7 @@ import torch
 
 from evaluator.metrics import bootstrap_intervals, pass_at_k, weighted_overall
 from poise.contracts import Evaluation, MetricKind, SuiteResult
+from poise.sandbox import thread_cap
 from poise.testbed.model import load_model
 from poise.testbed.protocol import Protocol
 from poise.testbed.sampler import sample
@@ -35,7 +36,7 @@ class EvalStats:
 
 def evaluate_checkpoint(checkpoint: Path, protocol: Protocol, seed: int) -> tuple[Evaluation, EvalStats]:
     started = time.perf_counter()
-    torch.set_num_threads(protocol.threads)
+    torch.set_num_threads(thread_cap(protocol.threads))
     model, _ = load_model(checkpoint)
     model.eval()
     stats = EvalStats()

@@ -113,6 +113,14 @@ class SandboxResult:
         return f"child exited with status {self.returncode}: {last[0]}"
 
 
+def thread_cap(threads: int) -> int:
+    """`threads`, capped by POISE_MAX_THREADS when it is set: processes that share the cores (parallel test
+    workers, several services on one host) each get fewer threads instead of OpenMP threads spinning against
+    each other, which slows every one of them several-fold."""
+    cap = os.environ.get("POISE_MAX_THREADS", "").strip()
+    return max(1, min(threads, int(cap))) if cap.isdigit() and int(cap) > 0 else threads
+
+
 def scrubbed_env(workdir: Path, threads: int) -> dict[str, str]:
     """Only what an interpreter needs: no inherited variable (API keys, tokens, proxies) survives."""
     return {
@@ -143,7 +151,7 @@ def run_sandboxed(
     child = subprocess.Popen(
         [sys.executable, "-I", "-m", module],
         cwd=workdir,
-        env=scrubbed_env(workdir, threads),
+        env=scrubbed_env(workdir, thread_cap(threads)),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

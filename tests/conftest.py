@@ -1,4 +1,6 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the order and threads of the test run."""
+
+import os
 
 import pytest
 import torch
@@ -14,8 +16,20 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+# The longest modules, longest first. `bin/test` runs two xdist workers with `--dist loadfile
+# --no-loadscope-reorder`, which hands out whole files in collection order: these go first, one per worker, and
+# the short files fill in behind them.
+LONGEST_FIRST = ("test_loop.py", "test_distributed.py", "test_llm_loop.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The slow end-to-end modules first (in their collected order), so that with `-n 2 --dist loadfile` the two
-    workers start on the long files and the short ones fill in the gaps at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_configure(config):
+    # Under xdist every worker shares the two cores with the other: one thread each for torch here and in the
+    # sandboxed children (poise.sandbox.thread_cap), instead of two spinning against two.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("POISE_MAX_THREADS", "1")
+        torch.set_num_threads(1)

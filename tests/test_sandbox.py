@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import poise
-from poise.sandbox import WATCHDOG_GRACE_S, SandboxLimits, run_sandboxed
+from poise.sandbox import WATCHDOG_GRACE_S, SandboxLimits, run_sandboxed, thread_cap
 
 PROBE = "poise.sandbox_probe"
 LIMITS = SandboxLimits(wall_s=60.0, memory_bytes=2 << 30)
@@ -310,3 +310,12 @@ def test_threads_and_subprocesses_still_work(workdir):
         """, workdir)
     assert report["raised"] is None, report["message"]
     assert report["result"] == ["thread", "child"]
+
+
+def test_poise_max_threads_caps_the_childs_threads(monkeypatch):
+    monkeypatch.delenv("POISE_MAX_THREADS", raising=False)
+    assert thread_cap(2) == 2
+    monkeypatch.setenv("POISE_MAX_THREADS", "1")
+    assert thread_cap(2) == 1 and thread_cap(1) == 1
+    monkeypatch.setenv("POISE_MAX_THREADS", "not-a-number")
+    assert thread_cap(2) == 2
