@@ -22,7 +22,7 @@ from archive.status import run_status
 from archive.update import Outcome, UpdateResult
 from evaluator.service import EvaluatorService
 from implementer.service import ImplementerService
-from poise.agents import Agents, describe_agents
+from poise.agents import OPERATORS, Agents, default_agents, describe_agents
 from poise.bus import InProcBus
 from poise.contracts import RESUMABLE_SETTINGS, Message, NodeStatus, RunConfig, TrainingStep, WorkTrain
 from poise.objective import describe as describe_objective
@@ -178,6 +178,16 @@ class Progress:
         self.say(" · ".join(parts) + f" · elapsed {_clock(elapsed)}{eta}")
 
 
+def check_agents(config: RunConfig, agents: Agents) -> None:
+    """Build every operator's agent-LLM client before anything starts: RunError (and nothing written) for a
+    spec the process cannot serve, such as a missing API key."""
+    for operator in OPERATORS:
+        try:
+            agents.client(config, operator)
+        except ValueError as err:
+            raise RunError(f"the {operator} agent ({config.backends.llm_for(operator)}) cannot start: {err}") from err
+
+
 def _clock(seconds: float) -> str:
     seconds = int(seconds) if math.isfinite(seconds) else 0
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -188,6 +198,8 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
     """Run (or resume) the search in `run_dir` until its budget is evaluated; returns the summary. `agents`:
     the agent-LLM clients of the run's operators (this process's by default)."""
     run_dir = run_dir.resolve()
+    agents = agents or default_agents()
+    check_agents(config, agents)
     store, config = open_run(run_dir, config)
     clock = PhaseClock()
     started = time.monotonic()

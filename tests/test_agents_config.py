@@ -173,3 +173,16 @@ def test_the_meter_books_spend_it_did_not_see():
     meter = CostMeter({"r": 1.0})
     meter.record_spend("r", 0.4)
     assert meter.remaining_usd("r") == pytest.approx(0.6)
+
+
+def test_a_run_whose_agent_cannot_start_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from poise.runner import run
+
+    for variable in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    config = RunConfig(run_id="r", protocol="tiny", budget=1,
+                       backends=Backends(agents={"reflect": "anthropic:claude-haiku-4-5"}))
+    with pytest.raises(RunError, match=r"the reflect agent \(anthropic:claude-haiku-4-5\) cannot start: .*no "
+                                       r"credentials; set ANTHROPIC_API_KEY"):
+        run(config, tmp_path / "run", agents=Agents())
+    assert not (tmp_path / "run").exists()
