@@ -123,7 +123,7 @@ def node_rows(run_dir: Path) -> dict[str, str]:
 
 def test_a_run_killed_with_sigkill_resumes_with_no_node_lost_or_duplicated(tmp_path):
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "poise.cli", "run", "--protocol", "tiny", "--budget", "2", "--parallel", "2",
+    command = [sys.executable, "-m", "poise.cli", "run", "--protocol", "tiny", "--budget", "1", "--parallel", "2",
                "--root-seeds", "1", "--replicate-seeds", "1", "--seed", "3", "--run-dir", str(run_dir)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 400
@@ -150,7 +150,7 @@ def test_a_run_killed_with_sigkill_resumes_with_no_node_lost_or_duplicated(tmp_p
     assert_lineage_is_valid(nodes)
     assert len({description_key(n.proposal) for n in nodes}) == len(nodes)
     children = [n for n in nodes if n.node_id != ROOT]
-    assert status["budget"]["evaluated"] == 2 and len(children) == 2, [n.status for n in children]
+    assert status["budget"]["evaluated"] == 1 and len(children) == 1, [n.status for n in children]
     assert all(n.status == NodeStatus.REFLECTED for n in nodes)
 
 
@@ -226,11 +226,11 @@ def test_phase_one_selection_runs_the_loop_with_screened_proposals(tmp_path):
     """parent_selection "poise": parents by acquisition, each child the winner of a screened population whose
     rejections are recorded on the proposal; the loop completes like the baseline's."""
     run_dir = tmp_path / "poise"
-    summary = run(tiny_config("phase1", budget=2, parallel=1, root_seeds=1, replicate_seeds=1,
+    summary = run(tiny_config("phase1", budget=1, parallel=1, root_seeds=1, replicate_seeds=1,
                               parent_selection="poise"), run_dir)
     with SQLiteStore.in_run_dir(run_dir) as store:
         nodes = store.nodes("phase1")
-    assert summary.stop_reason == "budget reached" and summary.status["budget"]["evaluated"] == 2
+    assert summary.stop_reason == "budget reached" and summary.status["budget"]["evaluated"] == 1
     assert_lineage_is_valid(nodes)
     children = [n for n in nodes if n.node_id != ROOT]
     assert all(n.status == NodeStatus.REFLECTED for n in children)
