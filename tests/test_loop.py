@@ -201,7 +201,7 @@ def test_hostile_candidates_are_stopped_recorded_and_the_loop_goes_on(tmp_path, 
             pass
 
     config = tiny_config("hostile", budget=1, parallel=1, root_seeds=1, replicate_seeds=1)
-    summary = run(config, run_dir, stream=Stream(), verify_wall_s=25, coder=HostileCoder(snippets))
+    summary = run(config, run_dir, stream=Stream(), verify_wall_s=60, coder=HostileCoder(snippets))
     listener.close()
     with SQLiteStore.in_run_dir(run_dir) as store:
         nodes = store.nodes("hostile")
