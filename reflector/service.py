@@ -71,7 +71,9 @@ class ReflectorService:
     def _client(self, config: RunConfig) -> LLMClient | None:
         """The run's reflect client, its meter seeded with what the run's nodes have spent; None when offline.
 
-        The archive's nodes are read only for an LLM run: the offline default costs no extra listing."""
+        The archive's nodes are read only for an LLM run with a cap (as the implementer does): without one the
+        seed is never needed, and listing every node per reflection is an HTTP call when distributed."""
         if self.agents.spec(config, "reflect") == "offline":
             return None
-        return self.agents.client(config, "reflect", spent_usd=archived_llm_usd(self.archive.nodes(config.run_id)))
+        spent = archived_llm_usd(self.archive.nodes(config.run_id)) if config.llm_budget_usd is not None else None
+        return self.agents.client(config, "reflect", spent_usd=spent)
