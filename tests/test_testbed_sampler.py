@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poise.testbed.model import ModelSpec, build_model, load_model, position_ids_from_mask, save_model
+from poise.testbed.model import (
+    ModelSpec,
+    build_model,
+    load_model,
+    position_ids_from_mask,
+    response_log_probs,
+    response_log_probs_by_length,
+    save_model,
+)
 from poise.testbed.sampler import hf_generate_baseline, sample
 from poise.testbed.tasks import make_problem
 from poise.testbed.tokenizer import EOS_ID, PAD_ID, encode_prompts
@@ -62,6 +70,34 @@ def test_sampler_log_probs_equal_a_full_forward_over_ragged_prompts(model, promp
     # saw 1.03e-4 on a log-prob of -1.3. A wrong position, mask or cache entry moves log-probs by >1e-2.
     torch.testing.assert_close(out.log_probs, log_probs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.entropy, entropy, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 5, 8, 24])
+def test_log_probs_by_length_equal_one_padded_forward_in_values_and_gradients(model, prompts, rows_per_chunk):
+    prompt_ids, prompt_mask = prompts
+    out = sample(model, prompt_ids, prompt_mask, max_new_tokens=48, temperature=1.0, seed=5)
+    lengths = out.response_lengths
+    assert lengths.min() < lengths.max() // 2  # chunks really are cut shorter than the batch
+    gradients = []
+    for score in (response_log_probs, response_log_probs_by_length):
+        kwargs = {"rows_per_chunk": rows_per_chunk} if score is response_log_probs_by_length else {}
+        model.zero_grad()
+        log_probs, entropy = score(model, prompt_ids, prompt_mask, out.response_ids, out.response_mask, **kwargs)
+        # A loss that weighs rows differently, so a row landing in another row's place would show.
+        weights = torch.arange(1, len(log_probs) + 1, dtype=torch.float32)[:, None]
+        ((log_probs + 0.1 * entropy) * weights).sum().backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+        if score is response_log_probs:
+            expected = (log_probs.detach(), entropy.detach())
+        else:
+            torch.testing.assert_close(log_probs.detach(), expected[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(entropy.detach(), expected[1], atol=1e-5, rtol=1e-5)
+            assert (log_probs[out.response_mask == 0] == 0).all()
+    model.zero_grad()
+    for plain, chunked in zip(*gradients, strict=True):
+        # Summation order differs (gradients here reach ~1e3): float32 rounding is ~1e-6 of the largest entry;
+        # a row's gradient lost or counted twice moves entries by a whole row's share.
+        torch.testing.assert_close(chunked, plain, atol=1e-5 * float(plain.abs().max()), rtol=1e-4)
 
 
 def test_response_layout_eos_in_mask_then_padding(model, prompts):

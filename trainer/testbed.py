@@ -31,7 +31,7 @@ from poise.algorithm import (
 )
 from poise.algorithms.common import kl_penalty, masked_mean
 from poise.contracts import TrainingStep, TrainingTrajectory
-from poise.testbed.model import load_model, response_log_probs, save_model
+from poise.testbed.model import load_model, response_log_probs_by_length, save_model
 from poise.testbed.protocol import Protocol
 from poise.testbed.sampler import sample
 from poise.testbed.tasks import grade, training_batch
@@ -88,8 +88,8 @@ def train(
             ref_log_prob = None
             if keep_reference_in_batch or log_kl:
                 with torch.no_grad():
-                    ref_log_prob, _ = response_log_probs(reference, prompt_ids, prompt_mask, response_ids,
-                                                         response_mask, protocol.temperature)
+                    ref_log_prob, _ = response_log_probs_by_length(reference, prompt_ids, prompt_mask, response_ids,
+                                                                   response_mask, protocol.temperature)
             group_index = torch.arange(protocol.prompts_per_step).repeat_interleave(protocol.group_size)
             batch = build_batch(scores, mask, group_index, format_valid=format_valid, entropy=rollout.entropy,
                                 ref_log_prob=ref_log_prob if keep_reference_in_batch else None, hparams=hparams)
@@ -141,8 +141,8 @@ def _update(policy, optimizer, schedule, candidate, protocol: Protocol, batch, p
         order = torch.randperm(rows, generator=shuffle)
         for index in order.chunk(protocol.minibatches):
             mask = batch["response_mask"][index]
-            log_prob, _ = response_log_probs(policy, prompt_ids[index], prompt_mask[index], response_ids[index],
-                                             mask.long(), protocol.temperature)
+            log_prob, _ = response_log_probs_by_length(policy, prompt_ids[index], prompt_mask[index],
+                                                       response_ids[index], mask.long(), protocol.temperature)
             loss_mat, metrics = run_policy_loss(candidate, log_prob, old_log_prob[index], advantages[index], mask,
                                                 slice_batch(batch, index))
             loss = aggregate_loss(loss_mat, mask, mode, loss_scale_factor=protocol.max_new_tokens)
