@@ -170,3 +170,27 @@ def test_protocol_round_trips_through_json():
     for name in ("default", "tiny"):
         protocol = get_protocol(name)
         assert protocol_from_dict(json.loads(json.dumps(protocol.as_dict()))) == protocol
+
+
+def test_policy_ema_averages_the_weights_without_changing_training(base, tmp_path):
+    import safetensors.torch
+    import torch
+
+    one_step = TINY.replace(steps=1)
+    plain = train_candidate(GRPO, one_step, 5, base, tmp_path / "plain")
+    averaged = train_candidate(GRPO, one_step.replace(policy_ema=0.75), 5, base, tmp_path / "ema")
+    assert plain.failure is None and averaged.failure is None, (plain.detail, averaged.detail)
+    assert without_timings(averaged.trajectory) == without_timings(plain.trajectory)  # training runs on the iterate
+    weights = {name: safetensors.torch.load_file(str(path / "model.safetensors"))
+               for name, path in (("base", base), ("plain", plain.checkpoint), ("ema", averaged.checkpoint))}
+    moved = 0
+    for key, base_weight in weights["base"].items():
+        expected = 0.75 * base_weight + 0.25 * weights["plain"][key]
+        torch.testing.assert_close(weights["ema"][key], expected, atol=1e-7, rtol=1e-6)
+        moved += int(not torch.equal(weights["plain"][key], base_weight))
+    assert moved > 0  # the step changed the weights, so the average is not trivially the base
+
+
+def test_policy_ema_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match="policy_ema"):
+        TINY.replace(policy_ema=1.0)

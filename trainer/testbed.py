@@ -66,6 +66,7 @@ def train(
     keep_reference_in_batch = float(hparams.get("kl_coef", 0.0)) > 0
     shuffle = torch.Generator().manual_seed(seed)
     trajectory = TrainingTrajectory(protocol=protocol.name, seed=seed)
+    average = _WeightAverage(policy, protocol.policy_ema) if protocol.policy_ema > 0 else None
     low_format_streak = 0
     try:
         for step in range(protocol.steps):
@@ -98,6 +99,8 @@ def train(
             update_metrics = _update(policy, optimizer, schedule, candidate, protocol, batch, prompt_ids,
                                      prompt_mask, response_ids, rollout.log_probs, advantages, shuffle)
             update_s = time.perf_counter() - update_started
+            if average:
+                average.update(policy)
             kl = masked_mean(kl_penalty(rollout.log_probs, ref_log_prob, "k3"), mask).item() if log_kl else None
             record = TrainingStep(
                 step=step,
@@ -124,9 +127,29 @@ def train(
             _check_abort(record, protocol, low_format_streak)
     except TrainingAborted as abort:
         trajectory.aborted, trajectory.abort_reason = True, str(abort)
+    if average:
+        average.copy_to(policy)
     trajectory.checkpoint_uri = str(save_model(policy, spec, out_dir / CHECKPOINT_NAME))
     trajectory.wall_s = time.perf_counter() - started
     return trajectory
+
+
+class _WeightAverage:
+    """Exponential moving average of the policy's weights, started from the base weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.weights = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for average, current in zip(self.weights, model.parameters(), strict=True):
+            average.mul_(self.decay).add_(current, alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for average, current in zip(self.weights, model.parameters(), strict=True):
+            current.copy_(average)
 
 
 def _update(policy, optimizer, schedule, candidate, protocol: Protocol, batch, prompt_ids, prompt_mask,

@@ -30,6 +30,9 @@ class Protocol:
     max_new_tokens: int = 96
     train_chain_lengths: tuple[int, ...] = TRAIN_CHAIN_LENGTHS   # the SFT distribution, 1-10 operations
     kl_log_every: int = 5              # KL to the base model is logged on steps 0-2 and every k-th step
+    # The trained policy handed to evaluation is an exponential moving average of the weights after each
+    # step, with this decay (0: the last iterate). Training itself always runs on the iterate.
+    policy_ema: float = 0.0
     # --- early abort: a clearly broken run should cost seconds
     abort_kl: float = 2.0              # k3 KL to the base, per token
     abort_format_valid: float = 0.25   # format-valid rate of the rollouts ...
@@ -48,6 +51,8 @@ class Protocol:
         if too_big:
             raise ValueError(f"protocol {self.name}: pass@k suites {too_big} need eval_samples >= k "
                              f"(eval_samples={self.eval_samples})")
+        if not 0.0 <= self.policy_ema < 1.0:
+            raise ValueError(f"protocol {self.name}: policy_ema must be in [0, 1), got {self.policy_ema}")
         if self.minibatches < 1 or self.prompts_per_step * self.group_size < self.minibatches:
             raise ValueError(f"protocol {self.name}: {self.minibatches} minibatches do not fit in a rollout batch")
 
@@ -66,7 +71,8 @@ def _tiny_suites() -> tuple[SuiteSpec, ...]:
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "default": Protocol(name="default"),
+    # policy_ema 0.95: the last iterate of a run swings by several seed SDs from step to step (README).
+    "default": Protocol(name="default", policy_ema=0.95),
     # For tests and CI: a few steps of the same loop and a small evaluation, seconds per candidate.
     "tiny": Protocol(
         name="tiny", steps=3, prompts_per_step=4, group_size=4, minibatches=2, max_new_tokens=48,
