@@ -565,6 +565,8 @@ class Backends(Contract):
 # Settings a resumed run may change (a larger budget extends it, a larger cap lets it spend on); the others
 # define the run, and a resume that changes them is refused.
 RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd")
+# Recorded by the archive when a run is created, never given by a caller: left out of the resume comparison.
+RECORDED_SETTINGS = ("protocol_sha256",)
 
 
 class RunConfig(Contract):
@@ -583,6 +585,9 @@ class RunConfig(Contract):
     replicate_seeds: int = Field(3, ge=1, description="fresh-seed re-evaluations of a promising node")
     seed: int = 0
     protocol: str = "default"
+    protocol_sha256: str | None = Field(
+        None, description="sha256 of the protocol's settings, recorded when the run is created; resuming under "
+        "changed settings is refused (None: a run stored before this was recorded)")
     objective: Objective = Field(default_factory=Objective)
     weights: SelectionWeights = Field(default_factory=SelectionWeights)
     backends: Backends = Field(default_factory=Backends)

@@ -24,8 +24,17 @@ from evaluator.service import EvaluatorService
 from implementer.service import ImplementerService
 from poise.agents import OPERATORS, Agents, default_agents, describe_agents
 from poise.bus import InProcBus
-from poise.contracts import RESUMABLE_SETTINGS, Message, NodeStatus, RunConfig, TrainingStep, WorkTrain
+from poise.contracts import (
+    RECORDED_SETTINGS,
+    RESUMABLE_SETTINGS,
+    Message,
+    NodeStatus,
+    RunConfig,
+    TrainingStep,
+    WorkTrain,
+)
 from poise.objective import describe as describe_objective
+from poise.testbed.protocol import protocol_drift, protocol_sha256
 from poise.timing import PhaseClock
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
@@ -66,15 +75,24 @@ def open_run(run_dir: Path, config: RunConfig) -> tuple[SQLiteStore, RunConfig]:
     runs = store.run_ids()
     stored = store.get_run(config.run_id) or (store.get_run(runs[0]) if runs else None)
     if stored is None:
+        try:
+            config = config.model_copy(update={"protocol_sha256": protocol_sha256(config.protocol)})
+        except KeyError as err:
+            store.close()
+            raise RunError(err.args[0]) from err
         store.put_run(config)
         return store, config
-    differ = [k for k in RunConfig.model_fields if k not in RESUMABLE_SETTINGS and k != "run_id"
+    differ = [k for k in RunConfig.model_fields if k not in (*RESUMABLE_SETTINGS, *RECORDED_SETTINGS, "run_id")
               and getattr(stored, k) != getattr(config, k)]
     if differ:
         store.close()
         what = ", ".join(f"{k}={getattr(stored, k)!r} (asked {getattr(config, k)!r})" for k in differ)
         raise RunError(f"{run_dir} holds run {stored.run_id} with {what}; resume it with the same settings "
                        "or start a new run with another --run-dir")
+    drift = protocol_drift(stored.protocol, stored.protocol_sha256)
+    if drift:
+        store.close()
+        raise RunError(f"{run_dir} holds run {stored.run_id}, but {drift} (another --run-dir)")
     updated = stored.model_copy(update={k: getattr(config, k) for k in RESUMABLE_SETTINGS})
     if updated != stored:
         store.put_run(updated)

@@ -44,9 +44,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 
 from archive.api import RunRefused, archive_router, store_unavailable
 from archive.store import ArchiveError, ArchiveStore
-from poise.contracts import MESSAGE_TYPES, RESUMABLE_SETTINGS, Backends, Message, RunConfig
+from poise.contracts import MESSAGE_TYPES, RECORDED_SETTINGS, RESUMABLE_SETTINGS, Backends, Message, RunConfig
 from poise.metrics import METRICS, REGISTRY
 from poise.settings import SERVICES, ServiceSettings, SettingsError, load_settings
+from poise.testbed.protocol import protocol_drift, protocol_sha256
 
 log = logging.getLogger("poise.serve")
 
@@ -144,16 +145,21 @@ def resolve_run(store: ArchiveStore, run_id: str, given: Mapping[str, Any], back
     if stored is None:
         try:
             config = RunConfig.model_validate({"backends": backends.model_dump(), **given, "run_id": run_id})
-        except ValueError as err:
-            raise RunRefused(f"invalid run {run_id}: {err}") from err
+            config = config.model_copy(update={"protocol_sha256": protocol_sha256(config.protocol)})
+        except (ValueError, KeyError) as err:
+            raise RunRefused(f"invalid run {run_id}: {err.args[0] if isinstance(err, KeyError) else err}") from err
         store.put_run(config)
         return config
     current = stored.model_dump(mode="json")
-    differ = [k for k, v in given.items() if k not in RESUMABLE_SETTINGS and k != "run_id" and current.get(k) != v]
+    differ = [k for k, v in given.items()
+              if k not in (*RESUMABLE_SETTINGS, *RECORDED_SETTINGS, "run_id") and current.get(k) != v]
     if differ:
         what = ", ".join(f"{k}={current.get(k)!r} (asked {given[k]!r})" for k in differ)
         raise RunRefused(f"run {run_id} exists with {what}; resume it with the same settings (only "
                          f"{', '.join(RESUMABLE_SETTINGS)} may change) or start a run with another run_id")
+    drift = protocol_drift(stored.protocol, stored.protocol_sha256)
+    if drift:
+        raise RunRefused(f"run {run_id} exists, but {drift} (another run_id)")
     updated = RunConfig.model_validate({**current, **{k: given[k] for k in RESUMABLE_SETTINGS if k in given}})
     if updated != stored:
         store.put_run(updated)

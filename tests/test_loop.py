@@ -111,6 +111,23 @@ def test_resuming_a_finished_run_does_nothing_and_a_changed_protocol_is_refused(
         run(tiny_config("e2e", protocol="default"), run_dir)
 
 
+def test_a_run_records_its_protocol_and_refuses_to_resume_after_the_protocol_changed(tmp_path, monkeypatch):
+    from poise.runner import open_run
+    from poise.testbed.protocol import PROTOCOLS, protocol_sha256
+
+    store, config = open_run(tmp_path, tiny_config("drift"))
+    store.close()
+    assert config.protocol_sha256 == protocol_sha256("tiny")
+    store, resumed = open_run(tmp_path, tiny_config("drift", budget=8))  # same protocol: resumes, budget grows
+    store.close()
+    assert (resumed.budget, resumed.protocol_sha256) == (8, config.protocol_sha256)
+    monkeypatch.setitem(PROTOCOLS, "tiny", PROTOCOLS["tiny"].replace(steps=4))
+    with pytest.raises(RunError, match="settings of protocol 'tiny' changed since the run started"):
+        open_run(tmp_path, tiny_config("drift"))
+    with pytest.raises(RunError, match="unknown protocol 'nope'"):
+        open_run(tmp_path / "other", tiny_config("other", protocol="nope"))
+
+
 def node_rows(run_dir: Path) -> dict[str, str]:
     db = sqlite3.connect(f"file:{run_dir / 'archive.db'}?mode=ro", uri=True, timeout=30)
     try:

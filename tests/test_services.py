@@ -374,6 +374,19 @@ def test_resolve_run_starts_resumes_and_refuses(store: SQLiteStore):
         resolve_run(store, "run-env", {"protocol": "tiny"}, Backends())
 
 
+def test_resolve_run_records_the_protocol_and_refuses_a_resume_after_its_settings_changed(store, monkeypatch):
+    from poise.testbed.protocol import PROTOCOLS, protocol_sha256
+
+    new = resolve_run(store, "run-drift", {"budget": 3, "protocol": "tiny"}, Backends())
+    assert new.protocol_sha256 == protocol_sha256("tiny") == store.get_run("run-drift").protocol_sha256
+    assert resolve_run(store, "run-drift", {"budget": 4}, Backends()).budget == 4  # unchanged protocol resumes
+    monkeypatch.setitem(PROTOCOLS, "tiny", PROTOCOLS["tiny"].replace(policy_ema=0.5))
+    with pytest.raises(RunRefused, match="settings of protocol 'tiny' changed since the run started"):
+        resolve_run(store, "run-drift", {"budget": 5}, Backends())
+    with pytest.raises(RunRefused, match="unknown protocol 'nope'"):
+        resolve_run(store, "run-unknown", {"protocol": "nope"}, Backends())
+
+
 # --------------------------------------------------------------------------------------------- health
 
 

@@ -8,6 +8,8 @@ machine's load varies, the protocol must not. See poise/testbed/README.md for wh
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 from poise.testbed.tasks import DEFAULT_SUITES, TRAIN_CHAIN_LENGTHS, SuiteSpec
@@ -103,3 +105,20 @@ def protocol_from_dict(data: dict) -> Protocol:
             SuiteSpec(**{**suite, "chain_lengths": tuple(suite["chain_lengths"])}) for suite in values["suites"]
         )
     return Protocol(**values)
+
+
+def protocol_sha256(name: str) -> str:
+    """sha256 of the named protocol's settings as this code defines them (KeyError for an unknown name)."""
+    return hashlib.sha256(json.dumps(get_protocol(name).as_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def protocol_drift(name: str, recorded: str | None) -> str | None:
+    """Why a run that recorded `recorded` for protocol `name` cannot go on under this code, or None."""
+    if recorded is None:
+        return None
+    current = protocol_sha256(name)
+    if current == recorded:
+        return None
+    return (f"the settings of protocol {name!r} changed since the run started (sha256 {recorded[:12]} then, "
+            f"{current[:12]} now): new nodes would not be comparable with its archive; finish it with the code "
+            "it started with, or start a new run")
