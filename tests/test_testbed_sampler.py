@@ -144,6 +144,27 @@ def test_sampling_is_deterministic_for_a_seed(model, prompts):
     assert not torch.equal(a.response_ids, c.response_ids)
 
 
+def test_a_rows_tokens_depend_only_on_its_own_distribution_and_uniforms(model, prompts):
+    # Rows 0-5 keep their prompts; the others change, so other rows finish (and are dropped from the
+    # batch) at other steps. With one uniform per (step, row) the kept rows sample exactly the same.
+    prompt_ids, prompt_mask = prompts
+    others = encode_prompts(PROMPTS[:6] + [make_problem(s, [("-", 2)] * n).prompt
+                                           for s, n in [(9, 3), (40, 8), (1, 1)] * 6])
+    a = sample(model, prompt_ids, prompt_mask, max_new_tokens=40, temperature=1.0, seed=3)
+    b = sample(model, *others, max_new_tokens=40, temperature=1.0, seed=3)
+    assert a.response_lengths[6:].tolist() != b.response_lengths[6:].tolist()
+    for row in range(6):
+        n = int(a.response_lengths[row])
+        assert torch.equal(a.response_ids[row, :n], b.response_ids[row, :n])
+
+
+def test_tokens_with_zero_probability_are_never_sampled(model, prompts):
+    # At T = 0.05 most of the softmax underflows to exactly 0; inverse CDF must land on a positive mass.
+    out = sample(model, *prompts, max_new_tokens=24, temperature=0.05, seed=1)
+    assert torch.isfinite(out.log_probs).all()
+    assert (out.log_probs[out.response_mask.bool()] > -50).all()
+
+
 def test_sampled_first_tokens_follow_the_tempered_distribution():
     # Many rows of one prompt: a tiny model keeps this cheap; the sampling math is the same.
     model = build_model(ModelSpec(d_model=32, n_layers=1, n_heads=2, d_ff=64, init_std=0.5), seed=1).eval()

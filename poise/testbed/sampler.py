@@ -72,8 +72,9 @@ def _keep_rows(cache: torch.Tensor, keep: torch.Tensor, end: int) -> torch.Tenso
 
 def sample(model: LlamaForCausalLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
            max_new_tokens: int, temperature: float = 1.0, seed: int = 0) -> SampleOutput:
-    """Sample up to `max_new_tokens` per row; T > 0 samples from softmax(logits / T) with a
-    generator seeded by `seed`, T = 0 is greedy. Rows stop at EOS; the loop stops when all have.
+    """Sample up to `max_new_tokens` per row; T > 0 samples from softmax(logits / T) by inverse CDF
+    with uniforms drawn from a generator seeded by `seed`, T = 0 is greedy. Rows stop at EOS; the loop
+    stops when all have.
 
     Prompts: (B, P) left-padded ids and mask from `tokenizer.encode_prompts`.
     """
@@ -103,7 +104,12 @@ def _decode(model: LlamaForCausalLM, prompt_ids: torch.Tensor, prompt_mask: torc
     if T > config.max_position_embeddings:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"{config.max_position_embeddings} positions")
-    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    # One uniform per (step, original row), drawn up front: a row's token at step t depends only on its own
+    # distribution and uniforms[t, row], not on which other rows share the batch or are still running
+    # (with torch.multinomial over the rows still decoded, every later row's draw shifted when one ended).
+    uniforms = None
+    if temperature > 0:
+        uniforms = torch.rand(max_new_tokens, B, generator=torch.Generator().manual_seed(seed))
     weights = _layer_weights(model)
     embed = model.model.embed_tokens.weight
     final_norm = model.model.norm.weight
@@ -155,10 +161,12 @@ def _decode(model: LlamaForCausalLM, prompt_ids: torch.Tensor, prompt_mask: torc
     for t in range(max_new_tokens):
         log_dist = F.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)  # (A, V)
         probs = log_dist.exp()
-        if generator is None:
+        if uniforms is None:
             token = logits.argmax(-1)
-        else:
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:  # inverse CDF with the row's own uniform for this step
+            cdf = probs.cumsum(-1)
+            u = uniforms[t].index_select(0, rows) * cdf[:, -1]
+            token = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
         token.masked_fill_(finished, PAD_ID)
         out_ids[t].index_copy_(0, rows, token)
         out_mask[t].index_copy_(0, rows, (~finished).long())
