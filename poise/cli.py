@@ -340,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parallel", type=int, help="candidates in the pipeline at once (default 3)")
     run.add_argument("--seed", type=int, help="the run's seed: proposals, training and evaluation (default 0)")
     run.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"where the archive lives (default {DEFAULT_RUN_DIR})")
-    run.add_argument("--protocol", help="testbed protocol: default, ema (the evaluated weights averaged), or tiny "
-                     "for tests (default: default)")
+    run.add_argument("--protocol", help="testbed protocol: default; ema or iterate (the earlier defaults, 45 steps "
+                     "of 16 prompts, evaluating the averaged weights or the last iterate); tiny for tests "
+                     "(default: default)")
     run.add_argument("--parent-selection", choices=("greedy", "random", "poise"),
                      help="greedy or random: the baseline proposer (default greedy); poise: Phase I acquisition "
                           "over Pareto strength, utility, diversity and a descendant-gain GP, with a screened "

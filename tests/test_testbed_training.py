@@ -167,7 +167,7 @@ def test_huge_allocation_fails_inside_the_sandbox(base, tmp_path):
 def test_protocol_round_trips_through_json():
     import json
 
-    for name in ("default", "ema", "tiny"):
+    for name in ("default", "ema", "iterate", "tiny"):
         protocol = get_protocol(name)
         assert protocol_from_dict(json.loads(json.dumps(protocol.as_dict()))) == protocol
 
