@@ -14,6 +14,9 @@ from pathlib import Path
 
 from poise.sandbox import emit_result, enter_sandbox
 
+# Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
+PRELOAD = ("poise.algorithm", "poise.contracts", "poise.testbed.protocol", "trainer.testbed")
+
 
 def main() -> None:
     payload, isolation_notes = enter_sandbox()

@@ -60,9 +60,12 @@ import re
 import resource
 import selectors
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +75,13 @@ from typing import Any, NoReturn
 RESULT_KEY = "result"
 MAX_OUTPUT_BYTES = 8 << 20
 STDERR_TAIL_BYTES = 16 << 10
+FORK_SERVER_ENV = "POISE_SANDBOX_FORK_SERVER"  # "0": a fresh interpreter for every child
+FORK_SERVER_DIR_PREFIX = "poise-forkserver-"
 WATCHDOG_GRACE_S = 5.0  # how long the parent waits for the watchdog to kill the sandbox before killing the group
+
+
+_fork_servers: dict[tuple[int, str, int], _ForkServer] = {}
+_fork_servers_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -148,20 +157,15 @@ def run_sandboxed(
     workdir.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "_limits": limits.__dict__}
     started = time.monotonic()
-    child = subprocess.Popen(
-        [sys.executable, "-I", "-m", module],
-        cwd=workdir,
-        env=scrubbed_env(workdir, thread_cap(threads)),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        close_fds=True,
-        start_new_session=True,  # its own process group, so the deadline kills every fork too
-    )
+    result = SandboxResult(returncode=None, wall_s=0.0, result=None)
+    try:
+        child = _start_child(module, workdir, thread_cap(threads), limits.wall_s)
+    except TimeoutError:  # the fork server was still importing at the deadline
+        result.timed_out, result.wall_s = True, time.monotonic() - started
+        return result
     assert child.stdin and child.stdout and child.stderr
     child.stdin.write(json.dumps(payload).encode())
     child.stdin.close()
-    result = SandboxResult(returncode=None, wall_s=0.0, result=None)
     stdout_buffer, stderr_tail, total = b"", b"", 0
     selector = selectors.DefaultSelector()
     selector.register(child.stdout, selectors.EVENT_READ, "out")
@@ -194,11 +198,125 @@ def run_sandboxed(
         _stop(child)
     result.returncode = child.wait()
     _kill_group(child.pid)  # forks left behind by a child that exited still die
+    child.stdout.close()
+    child.stderr.close()
     if stdout_buffer and not result.output_overflow:
         _take_line(stdout_buffer, result, on_event)
     result.stderr_tail = stderr_tail.decode("utf-8", "replace")
     result.wall_s = time.monotonic() - started
     return result
+
+
+def _start_child(module: str, workdir: Path, threads: int, timeout: float) -> subprocess.Popen | _ForkedChild:
+    """A child running `module` in `workdir` with the scrubbed environment, in its own session (so the
+    deadline kills every fork too): forked by the module's fork server, or a fresh interpreter when the
+    server is switched off (POISE_SANDBOX_FORK_SERVER=0) or has died."""
+    env = scrubbed_env(workdir, threads)
+    if os.environ.get(FORK_SERVER_ENV, "1") != "0":
+        key = (os.getpid(), module, threads)
+        with _fork_servers_lock:
+            server = _fork_servers.get(key)
+            if server is None or not server.alive():
+                server = _fork_servers[key] = _ForkServer(module, threads)
+        child = server.spawn(workdir, env, timeout)
+        if child is not None:
+            return child
+    return subprocess.Popen(
+        [sys.executable, "-I", "-m", module],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        close_fds=True,
+        start_new_session=True,
+    )
+
+
+class _ForkServer:
+    """Parent side of poise.forkserver: one server process per (parent, module, threads), started on first
+    use, with the environment its children get (so libraries that read it at import see the same values)."""
+
+    def __init__(self, module: str, threads: int) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix=FORK_SERVER_DIR_PREFIX))
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.lock = threading.Lock()
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-m", "poise.forkserver", str(theirs.fileno()), module],
+                cwd=self.workdir, env=scrubbed_env(self.workdir, threads), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def spawn(self, workdir: Path, env: dict[str, str], timeout: float) -> _ForkedChild | None:
+        """Fork a child; None when the server is gone. TimeoutError when it did not fork within `timeout`
+        (the server then kills the child it forks later, since nobody listens for it any more)."""
+        stdin_read, stdin_write = os.pipe()
+        stdout_read, stdout_write = os.pipe()
+        stderr_read, stderr_write = os.pipe()
+        report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours = (stdin_write, stdout_read, stderr_read)
+        request = json.dumps({"cwd": str(workdir), "env": env}).encode()
+        try:
+            with self.lock:
+                socket.send_fds(self.control, [request], [stdin_read, stdout_write, stderr_write, theirs.fileno()])
+            report.settimeout(timeout)
+            message = report.recv(4096)
+        except OSError as err:
+            for fd in ours:
+                os.close(fd)
+            report.close()
+            if isinstance(err, TimeoutError):
+                raise
+            return None
+        finally:
+            for fd in (stdin_read, stdout_write, stderr_write):
+                os.close(fd)
+            theirs.close()
+        if not message:  # the server died before forking
+            for fd in ours:
+                os.close(fd)
+            report.close()
+            return None
+        return _ForkedChild(json.loads(message)["pid"], report, *ours)
+
+
+class _ForkedChild:
+    """What run_sandboxed uses of a subprocess.Popen, for a child of the fork server: the server reports
+    the exit status on `report` (the child is the server's, not ours, so we cannot wait for it)."""
+
+    def __init__(self, pid: int, report: socket.socket, stdin: int, stdout: int, stderr: int) -> None:
+        self.pid, self.returncode, self._report = pid, None, report
+        self.stdin, self.stdout, self.stderr = os.fdopen(stdin, "wb"), os.fdopen(stdout, "rb"), os.fdopen(stderr, "rb")
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._receive(0.0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self._receive(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(f"sandboxed child {self.pid}", timeout or 0.0)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def _receive(self, timeout: float | None) -> None:
+        self._report.settimeout(timeout)
+        try:
+            message = self._report.recv(4096)
+        except (TimeoutError, BlockingIOError):
+            return
+        self._report.close()
+        # An empty message: the server died, and its children's watchdogs with it (parent-death signal).
+        self.returncode = json.loads(message)["returncode"] if message else -signal.SIGKILL
 
 
 def _take_line(line: bytes, result: SandboxResult, on_event: Callable[[dict[str, Any]], None] | None) -> None:

@@ -11,6 +11,9 @@ import traceback
 
 from poise.sandbox import emit_result, enter_sandbox
 
+# Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
+PRELOAD = ("torch", "poise.algorithm", "proposer.fingerprint")
+
 
 def main() -> None:
     payload, isolation_notes = enter_sandbox()

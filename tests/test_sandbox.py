@@ -6,6 +6,8 @@ import errno
 import os
 import socket
 import stat
+import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -319,3 +321,79 @@ def test_poise_max_threads_caps_the_childs_threads(monkeypatch):
     assert thread_cap(2) == 1 and thread_cap(1) == 1
     monkeypatch.setenv("POISE_MAX_THREADS", "not-a-number")
     assert thread_cap(2) == 2
+
+
+# ------------------------------------------------------------------------------ the fork server
+
+def _fork_server(module: str = PROBE, threads: int = 1):
+    from poise.sandbox import _fork_servers
+
+    return _fork_servers[(os.getpid(), module, threads)]
+
+
+FRESH_STATE = """
+    import os, random
+    result = {"fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")), "env": dict(os.environ),
+              "cwd": os.getcwd(), "random": random.random()}
+    """
+
+
+def test_children_of_the_fork_server_start_like_fresh_interpreters(workdir, tmp_path, monkeypatch):
+    monkeypatch.delenv("POISE_SANDBOX_FORK_SERVER", raising=False)
+    first = probe(FRESH_STATE, workdir)["result"]
+    server = _fork_server()
+    second = probe(FRESH_STATE, tmp_path / "second")["result"]
+    assert _fork_server() is server and server.alive()  # one server forked both
+    for report, directory in ((first, workdir), (second, tmp_path / "second")):
+        assert report["cwd"] == str(directory)
+        assert report["env"]["HOME"] == str(directory) and report["env"]["TMPDIR"] == str(directory)
+    assert first["random"] != second["random"]  # reseeded after the fork, as a new interpreter would be
+    monkeypatch.setenv("POISE_SANDBOX_FORK_SERVER", "0")
+    fresh = probe(FRESH_STATE, tmp_path / "fresh")["result"]
+    assert first["fds"] == fresh["fds"]  # no descriptor of the server (its control socket) reaches the child
+    assert {key: value for key, value in first["env"].items() if key not in ("HOME", "TMPDIR")} == \
+        {key: value for key, value in fresh["env"].items() if key not in ("HOME", "TMPDIR")}
+
+
+def test_a_dead_fork_server_is_replaced(workdir, tmp_path, monkeypatch):
+    monkeypatch.delenv("POISE_SANDBOX_FORK_SERVER", raising=False)
+    probe("result = 1", workdir)
+    server = _fork_server()
+    server.process.kill()
+    server.process.wait()
+    assert probe("result = 2", tmp_path / "again")["result"] == 2
+    assert _fork_server() is not server and _fork_server().alive()
+
+
+def test_the_exit_status_and_errors_come_back_through_the_fork_server(workdir, tmp_path):
+    run = run_sandboxed("poise.no_such_harness", {}, workdir, LIMITS, threads=1)
+    assert run.returncode == 1 and "No module named" in run.stderr_tail
+    run = run_sandboxed(PROBE, {"code": "import os\nos._exit(3)"}, tmp_path / "exit", LIMITS, threads=1)
+    assert run.returncode == 3 and "status 3" in run.failure_reason()
+
+
+def test_when_the_parent_dies_the_fork_server_and_its_children_go_too(tmp_path):
+    """A service killed outright must not leave a candidate running: the server sees its control socket close,
+    kills every child's process group and removes its directory."""
+    script = textwrap.dedent(f"""
+        import sys, textwrap
+        from pathlib import Path
+        from poise.sandbox import SandboxLimits, run_sandboxed
+        code = "import time\\nwhile True:\\n    open('beat', 'a').write('.')\\n    time.sleep(0.05)\\n"
+        run_sandboxed({PROBE!r}, {{"code": code}}, Path(sys.argv[1]), SandboxLimits(wall_s=120), threads=1)
+        """)
+    work, temp = tmp_path / "work", tmp_path / "temp"
+    temp.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", script, str(work)], env={**os.environ, "TMPDIR": str(temp)})
+    deadline = time.monotonic() + 60
+    while not (work / "beat").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (work / "beat").exists(), "the sandboxed child never started"
+    assert [p.name for p in temp.iterdir()][0].startswith("poise-forkserver-")
+    parent.kill()
+    parent.wait()
+    time.sleep(2.0)
+    beats = (work / "beat").read_text()
+    time.sleep(0.5)
+    assert (work / "beat").read_text() == beats  # the child is gone
+    assert list(temp.iterdir()) == []  # and the server exited cleanly

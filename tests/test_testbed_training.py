@@ -83,6 +83,17 @@ def test_same_candidate_protocol_and_seed_give_identical_results(grpo_run, base,
     assert first == second
 
 
+def test_a_fresh_interpreter_and_the_fork_server_train_identically(grpo_run, base, tmp_path, monkeypatch):
+    """The fork server (poise.forkserver) only saves start-up time: a child started the old way, as a fresh
+    `python -I -m`, trains the same candidate to the same trajectory and weights."""
+    outcome, _ = grpo_run
+    monkeypatch.setenv("POISE_SANDBOX_FORK_SERVER", "0")
+    fresh = train_candidate(GRPO, TINY, 7, base, tmp_path / "fresh")
+    assert without_timings(fresh.trajectory) == without_timings(outcome.trajectory)
+    assert (fresh.checkpoint / "model.safetensors").read_bytes() == \
+        (outcome.checkpoint / "model.safetensors").read_bytes()
+
+
 def test_another_seed_gives_another_trajectory(grpo_run, base, tmp_path):
     outcome, _ = grpo_run
     other = train_candidate(GRPO, TINY, 8, base, tmp_path / "other")

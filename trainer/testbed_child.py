@@ -12,6 +12,9 @@ from pathlib import Path
 
 from poise.sandbox import emit, emit_result, enter_sandbox
 
+# Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
+PRELOAD = ("poise.algorithm", "poise.testbed.protocol", "trainer.testbed")
+
 
 def main() -> None:
     payload, isolation_notes = enter_sandbox()
