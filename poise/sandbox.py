@@ -1,9 +1,13 @@
 """Running untrusted candidate code in a child process (ARCHITECTURE.md section 5).
 
-Parent side (`run_sandboxed`): the child is a fresh interpreter (`python -I -m <module>`) in its own
-session, with a scrubbed environment (no API keys or tokens reach it), its own working directory, and a
+Parent side (`run_sandboxed`): the child runs the harness module as `python -I -m <module>` would, in its
+own session, with a scrubbed environment (no API keys or tokens reach it), its own working directory, and a
 wall-clock deadline enforced from outside. Input goes in as JSON on stdin; output comes back as JSON lines
-on stdout, size-capped and parsed by the parent, never unpickled.
+on stdout, size-capped and parsed by the parent, never unpickled. The child is forked by a fork server
+(poise.forkserver: one per parent process, harness module and thread count) that imported the harness and
+its trusted dependencies once, so a child does not spend 10-15 s importing torch and transformers; it has
+never run candidate code, and each child gets the same environment, descriptors and layers below as a fresh
+interpreter would (POISE_SANDBOX_FORK_SERVER=0 starts a fresh interpreter per child instead).
 
 Child side (`enter_sandbox`): the trusted harness calls it before any candidate code is loaded. Layers,
 in the order they are applied, and what each one does not do:
