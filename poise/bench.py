@@ -99,11 +99,15 @@ def run_arm(name: str, source: str, protocol: Protocol, seed: int, base: Path, w
     return record
 
 
-def sampler_speedup(base: Path, protocol: Protocol, repeats: int = 5) -> dict:
-    """Own KV-cache sampler vs HF generate: same model, same prompts (one rollout batch), best of `repeats`.
+def sampler_speedup(base: Path, protocol: Protocol, repeats: int = 9) -> dict:
+    """Own KV-cache sampler vs HF generate: same model, same prompts (one rollout batch), `repeats` pairs.
 
     Measured at the RL workload's temperature (the headline `speedup`) and greedy, where both produce
-    identical tokens and so do exactly the same work.
+    identical tokens and so do exactly the same work. Each repeat runs the two back to back, and the
+    speedup is the median over repeats of generate's time / the sampler's: the host's speed drifts (one
+    function's times spread by +-20% within a minute on the 2-core VM), and a pair shares the drift where
+    the best of one block against the best of another does not. Every time is kept, with the best-of
+    ratio and the ratio of medians beside it.
     """
     torch.set_num_threads(protocol.threads)
     model, _ = load_model(base)
@@ -112,16 +116,21 @@ def sampler_speedup(base: Path, protocol: Protocol, repeats: int = 5) -> dict:
     problems = [p for p in problems for _ in range(protocol.group_size)]
     prompt_ids, prompt_mask = encode_prompts([p.prompt for p in problems])
     report: dict = {"rows": prompt_ids.shape[0], "max_new_tokens": protocol.max_new_tokens, "repeats": repeats}
+    functions = (("sampler", sample), ("hf_generate", hf_generate_baseline))
     for label, temperature in (("sampled", protocol.temperature), ("greedy", 0.0)):
-        timings = {}
-        for name, fn in (("sampler", sample), ("hf_generate", hf_generate_baseline)):
-            best = float("inf")
-            for repeat in range(repeats):
+        times: dict[str, list[float]] = {name: [] for name, _ in functions}
+        for repeat in range(repeats):
+            for name, fn in functions:
                 started = time.perf_counter()
                 fn(model, prompt_ids, prompt_mask, protocol.max_new_tokens, temperature, seed=repeat)
-                best = min(best, time.perf_counter() - started)
-            timings[name] = best
-        report[label] = {**timings, "speedup": timings["hf_generate"] / timings["sampler"]}
+                times[name].append(time.perf_counter() - started)
+        best = {name: min(values) for name, values in times.items()}
+        pair_ratios = [g / s for g, s in zip(times["hf_generate"], times["sampler"], strict=True)]
+        report[label] = {**best, "speedup": statistics.median(pair_ratios),
+                         "speedup_best_of": best["hf_generate"] / best["sampler"],
+                         "speedup_of_medians": statistics.median(times["hf_generate"])
+                         / statistics.median(times["sampler"]),
+                         "pair_ratios": pair_ratios, "times": times}
     report["speedup"] = report["sampled"]["speedup"]
     return report
 
@@ -174,8 +183,8 @@ def bench_testbed(protocol: Protocol, seeds: int, algorithms: Sequence[str], jso
     report["sampler_speedup_vs_generate"] = report["sampler"]["speedup"]
     for label in ("sampled", "greedy"):
         timing = report["sampler"][label]
-        log(f"  {label}: sampler {timing['sampler']:.2f} s, generate {timing['hf_generate']:.2f} s, "
-            f"speedup {timing['speedup']:.2f}x")
+        log(f"  {label}: sampler {timing['sampler']:.2f} s, generate {timing['hf_generate']:.2f} s (best of "
+            f"{report['sampler']['repeats']}), speedup {timing['speedup']:.2f}x (median of the paired ratios)")
     base_evals = [evaluate_checkpoint(base, protocol, seed)[0] for seed in range(seeds)]
     report["base"] = {"overall": statistics.fmean(e.overall for e in base_evals),
                       "overall_per_eval_seed": [e.overall for e in base_evals],

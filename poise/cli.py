@@ -283,7 +283,9 @@ def cmd_bench_sampler(args: argparse.Namespace) -> int:
     for label in ("sampled", "greedy"):
         timing = report[label]
         print(f"{label}: sampler {timing['sampler']:.3f} s, HF generate {timing['hf_generate']:.3f} s, "
-              f"speedup {timing['speedup']:.2f}x ({report['rows']} rows, up to {report['max_new_tokens']} tokens)")
+              f"(best of {report['repeats']}), speedup {timing['speedup']:.2f}x (median of the paired ratios; "
+              f"best-of {timing['speedup_best_of']:.2f}x, of medians {timing['speedup_of_medians']:.2f}x; "
+              f"{report['rows']} rows, up to {report['max_new_tokens']} tokens)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
@@ -407,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_summarize.set_defaults(handler=cmd_bench_summarize)
     bench_sampler = bench.add_parser("sampler", help="the KV-cache sampler vs HF generate on one rollout batch")
     bench_sampler.add_argument("--protocol", default="default")
-    bench_sampler.add_argument("--repeats", type=int, default=5)
+    bench_sampler.add_argument("--repeats", type=int, default=9)
     bench_sampler.add_argument("--json", help="write the report here")
     bench_sampler.set_defaults(handler=cmd_bench_sampler)
     bench_search = bench.add_parser("search", help="whole searches with one parent selector: best-found utility "

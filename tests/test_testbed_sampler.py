@@ -197,3 +197,21 @@ def test_model_save_load_round_trip(model, prompts, tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_benchmark_times_both_decoders_alternately_and_keeps_every_repeat():
+    from poise.bench import sampler_speedup
+    from poise.testbed.checkpoints import base_checkpoint
+    from poise.testbed.protocol import get_protocol
+
+    report = sampler_speedup(base_checkpoint(), get_protocol("tiny"), repeats=3)
+    for label in ("sampled", "greedy"):
+        timing = report[label]
+        assert set(timing["times"]) == {"sampler", "hf_generate"}
+        assert all(len(values) == 3 and min(values) > 0 for values in timing["times"].values())
+        assert timing["sampler"] == min(timing["times"]["sampler"])
+        ratios = [g / s for g, s in zip(timing["times"]["hf_generate"], timing["times"]["sampler"], strict=True)]
+        assert timing["pair_ratios"] == pytest.approx(ratios)
+        assert timing["speedup"] == pytest.approx(sorted(ratios)[1])  # the median of three pairs
+        assert timing["speedup_best_of"] == pytest.approx(timing["hf_generate"] / timing["sampler"])
+    assert report["speedup"] == report["sampled"]["speedup"] and report["repeats"] == 3
