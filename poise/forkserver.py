@@ -19,6 +19,7 @@ Nothing here runs torch operations: OpenMP thread pools started before a fork wo
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -31,12 +32,16 @@ import sys
 import traceback
 
 MAX_MESSAGE = 1 << 20
+_PR_SET_DUMPABLE = 4
 
 
 def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     module = sys.argv[2]
     _preload(module)
+    # Not dumpable: a candidate without namespaces runs as the server's uid and could otherwise open
+    # /proc/<server>/mem and tamper with every later child. Children set it back (a fresh interpreter's).
+    _set_dumpable(0)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -93,6 +98,7 @@ def _run_child(module: str, request: dict, stdio: list[int], report: socket.sock
     code = 1
     try:
         report.close()
+        _set_dumpable(1)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
@@ -124,6 +130,11 @@ def _run_child(module: str, request: dict, stdio: list[int], report: socket.sock
             except Exception:  # noqa: BLE001 - a closed or broken pipe: nothing left to tell
                 pass
         os._exit(code)
+
+
+def _set_dumpable(value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_DUMPABLE, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
 
 
 def _reap(children: dict[int, socket.socket | None]) -> None:

@@ -332,9 +332,9 @@ def _fork_server(module: str = PROBE, threads: int = 1):
 
 
 FRESH_STATE = """
-    import os, random
+    import ctypes, os, random
     result = {"fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")), "env": dict(os.environ),
-              "cwd": os.getcwd(), "random": random.random()}
+              "cwd": os.getcwd(), "random": random.random(), "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)}
     """
 
 
@@ -350,6 +350,7 @@ def test_children_of_the_fork_server_start_like_fresh_interpreters(workdir, tmp_
     assert first["random"] != second["random"]  # reseeded after the fork, as a new interpreter would be
     monkeypatch.setenv("POISE_SANDBOX_FORK_SERVER", "0")
     fresh = probe(FRESH_STATE, tmp_path / "fresh")["result"]
+    assert first["dumpable"] == fresh["dumpable"] == 1  # the server itself is not dumpable; its children are
     assert first["fds"] == fresh["fds"]  # no descriptor of the server (its control socket) reaches the child
     assert {key: value for key, value in first["env"].items() if key not in ("HOME", "TMPDIR")} == \
         {key: value for key, value in fresh["env"].items() if key not in ("HOME", "TMPDIR")}
