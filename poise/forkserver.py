@@ -19,7 +19,6 @@ Nothing here runs torch operations: OpenMP thread pools started before a fork wo
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import json
 import os
@@ -30,6 +29,8 @@ import signal
 import socket
 import sys
 import traceback
+
+from poise.sandbox import FORK_SERVER_DIR_PREFIX, _kill_group, _libc, _prctl
 
 MAX_MESSAGE = 1 << 20
 _PR_SET_DUMPABLE = 4
@@ -133,8 +134,7 @@ def _run_child(module: str, request: dict, stdio: list[int], report: socket.sock
 
 
 def _set_dumpable(value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_DUMPABLE, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    _prctl(_libc(), _PR_SET_DUMPABLE, value)
 
 
 def _reap(children: dict[int, socket.socket | None]) -> None:
@@ -155,22 +155,15 @@ def _reap(children: dict[int, socket.socket | None]) -> None:
 
 
 def _remove_own_directory() -> None:
-    """The parent made the working directory for this server alone (poise.sandbox.FORK_SERVER_DIR_PREFIX)."""
+    """The parent made the working directory for this server alone."""
     here = os.getcwd()
-    if os.path.basename(here).startswith("poise-forkserver-"):
+    if os.path.basename(here).startswith(FORK_SERVER_DIR_PREFIX):
         shutil.rmtree(here, ignore_errors=True)
 
 
 def _kill_all(children: dict[int, socket.socket | None]) -> None:
     for pid in children:
         _kill_group(pid)
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 if __name__ == "__main__":
