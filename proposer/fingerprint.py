@@ -103,13 +103,22 @@ def fingerprint_distance(first: np.ndarray, second: np.ndarray) -> float:
     exactly zero (a small KL penalty on all-equal groups, which GRPO gives no loss) is weighed against the
     quantity's whole scale, not against zero.
     """
-    if first.shape != (FINGERPRINT_LENGTH,) or second.shape != (FINGERPRINT_LENGTH,):
+    if second.shape != (FINGERPRINT_LENGTH,):
         return math.inf
-    worst = 0.0
+    return float(fingerprint_distances(first, second[None, :])[0])
+
+
+def fingerprint_distances(vector: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """`fingerprint_distance` from `vector` to each row of `others` (n, FINGERPRINT_LENGTH) at once; all inf when
+    `vector` is not a fingerprint of this layout."""
+    others = np.atleast_2d(others)
+    if vector.shape != (FINGERPRINT_LENGTH,) or others.shape[1:] != (FINGERPRINT_LENGTH,):
+        return np.full(len(others), math.inf)
+    worst = np.zeros(len(others))
     for index in _QUANTITY_INDEX.values():
-        a, b = first[index], second[index]
-        scale = max(float(np.sqrt(np.mean(a * a))), float(np.sqrt(np.mean(b * b))), ABSOLUTE_FLOOR)
-        worst = max(worst, float(np.sqrt(np.mean((a - b) ** 2))) / scale)
+        a, b = vector[index], others[:, index]
+        scale = np.maximum(np.maximum(np.sqrt(np.mean(a * a)), np.sqrt(np.mean(b * b, axis=1))), ABSOLUTE_FLOOR)
+        worst = np.maximum(worst, np.sqrt(np.mean((b - a) ** 2, axis=1)) / scale)
     return worst
 
 
@@ -301,6 +310,7 @@ __all__ = [
     "Probe",
     "fingerprint_blocks",
     "fingerprint_distance",
+    "fingerprint_distances",
     "fingerprint_in_sandbox",
     "is_near_duplicate",
 ]

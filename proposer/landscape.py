@@ -1,14 +1,17 @@
-"""A simulated landscape: parent selection tested in seconds, without training anything.
+"""A simulated landscape: the search machinery tested in seconds, without training anything.
 
 The real loop costs minutes per node, so whether a selector finds better algorithms than another with the same
 budget cannot be checked in CI. Here the evaluation is replaced by a deterministic synthetic utility over
 algorithm descriptions (the mechanism library's names and constants), and everything else is the real code
-path: GRPO's description as the root (`root_proposal`), the baseline's mutation operator (`mutate`), contract
-`Node`s in an in-memory archive, and the parent selection the proposer uses (`select_parent` for random and
-greedy, `select_parents` for POISE).
+path: GRPO's description as the root (`root_proposal`), contract `Node`s in an in-memory archive, the parent
+selection the proposer uses (`select_parent` for random and greedy, `select_parents` for POISE), and the child
+each selector's proposer makes: the baseline's one random mutation (`mutate`) for random and greedy, the
+offline Phase I (`phase_one`: context, a population, screening ranked by the UtilityGP) for POISE, exactly as
+`poise run --parent-selection …` does. Screening's sandboxed fingerprints are replaced by
+`description_fingerprint`, which reads the description back from its stand-in source (`landscape_source`).
 
 How the landscape is built. Two suites play the benchmarks: "easy" (greedy acc@1, like MATH-500) and "hard"
-(pass@8, like AIME), Overall = their mean, and GRPO scores 0.40 / 0.14 (Overall 0.27, the CPU testbed's GRPO).
+(pass@8, like AIME), Overall = their mean, and GRPO scores 0.40 / 0.14 (Overall 0.27, the CPU testbed probe's).
 A description's true suite scores are
 
     root + Σ main effect of each mechanism + Σ interaction of each pair present − Σ hyperparameter mistuning
@@ -27,8 +30,8 @@ A description's true suite scores are
 - Mistuning (PARAM_OPTIMA) is quadratic in a parameter's position in its range (log-scaled where the library
   says so) away from an optimum; a few optima sit away from the library defaults (entropy_coef, clip_high,
   kl_coef, fail_advantage), the other parameters are flat.
-- Seed noise: each suite score gets Gaussian noise of SD NOISE_SD (Overall SD ≈ 0.0057, a third of the CPU
-  testbed's 0.017 and about the paper's noise relative to its steps), a deterministic function of the world
+- Seed noise: each suite score gets Gaussian noise of SD NOISE_SD, so that Overall's seed SD is the CPU
+  testbed's measured one (TESTBED_SEED_SD, bench/results/testbed.json), a deterministic function of the world
   seed, the description and the training seed. Every child is trained with the run's seed (RUN_SEED) and the
   k-th mutation of a description draws from its own stream, so the same description in the same world gets the
   same score under every selector, and two selectors that expand a node equally often get the same children
@@ -64,6 +67,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 
+import numpy as np
+
 from poise.contracts import (
     Evaluation,
     Genealogy,
@@ -72,22 +77,30 @@ from poise.contracts import (
     Node,
     NodeStatus,
     Proposal,
+    RunConfig,
     SelectionWeights,
     SuiteResult,
     TrainingTrajectory,
+    sha256_hex,
 )
 from poise.scoring import replicate_seed
 from proposer.baseline import MutationError, description_key, mutate, proposal_description, root_proposal, select_parent
+from proposer.fingerprint import FINGERPRINT_LENGTH, FingerprintResult
 from proposer.mechanisms import MECHANISMS, AlgorithmDescription
-from proposer.selection import candidate_parents, param_position, seed_mean, select_parents
+from proposer.screening import phase_one
+from proposer.selection import candidate_parents, genotype_features, param_position, seed_mean, select_parents
 
 SUITES = ("easy", "hard")
 ROOT_SCORES = {"easy": 0.40, "hard": 0.14}
-NOISE_SD = 0.008  # per suite and seed
+# The CPU testbed's measured seed SD of Overall: pooled_seed_sd of bench/results/testbed.json (the default
+# protocol, 4 seeds of 9 algorithms); a test keeps the two equal.
+TESTBED_SEED_SD = 0.0073
+NOISE_SD = TESTBED_SEED_SD * math.sqrt(len(SUITES))  # per suite and seed, so that Overall's SD is the testbed's
 ROOT_LENGTH = 300.0
 PROTOCOL = "landscape"
 RUN_SEED = 0  # the training seed of every node (the root's replicates add replicate_seed strides), as in a run
 SELECTORS = ("random", "greedy", "poise")
+PROPOSERS = ("mutation", "phase_one")  # how a parent gets its child: the baseline's mutation or Phase I
 
 # (easy, hard) change of each mechanism against GRPO's own, which are 0.
 MAIN_EFFECTS: dict[str, tuple[float, float]] = {
@@ -212,6 +225,32 @@ _T0 = datetime(2025, 1, 1, tzinfo=UTC)
 _RUN_ID = "landscape"
 
 
+_DESCRIPTIONS: dict[str, AlgorithmDescription] = {}  # landscape_source -> the description it stands for
+
+
+def landscape_source(proposal: Proposal) -> str:
+    """A landscape node's stand-in for its module source: its description key as a constant (a node here is its
+    description; nothing is compiled or run). `DescriptionFingerprints` reads the description back."""
+    text = f"DESCRIPTION_KEY = {description_key(proposal)!r}\n"
+    _DESCRIPTIONS.setdefault(text, proposal_description(proposal))
+    return text
+
+
+def description_fingerprint(source: str) -> FingerprintResult:
+    """The landscape's stand-in for screening's sandboxed fingerprinter, on a `landscape_source`: the description
+    comes back with its declared aggregation and constants (so the consistency gate passes, as for the offline
+    compiler's code) and its genotype (`genotype_features`) as the behaviour vector, in the fingerprint's layout.
+    Two different descriptions are therefore never near-duplicates here: the landscape has no behaviour beyond
+    the description, so the real fingerprint's rejections (e.g. a moved eps that changes nothing) are not
+    simulated, and the archive's exclusion of repeated descriptions is the only novelty gate."""
+    description = _DESCRIPTIONS[source]
+    vector = np.zeros(FINGERPRINT_LENGTH)
+    features = genotype_features(description)
+    vector[: len(features)] = features
+    return FingerprintResult(source_sha256=sha256_hex(source), vector=vector, loss_agg_mode=description.loss_agg_mode,
+                             hparams=dict(description.hparams))
+
+
 def _node(number: int, proposal: Proposal, parents: list[Node], evaluations: list[Evaluation]) -> Node:
     node_id = f"n{number:03d}"
     genealogy = (Genealogy.child(node_id, [p.genealogy for p in parents]) if parents
@@ -219,7 +258,7 @@ def _node(number: int, proposal: Proposal, parents: list[Node], evaluations: lis
     created = _T0 + timedelta(minutes=number)  # creation order is the order select_parent breaks ties by
     return Node(genealogy=genealogy, status=NodeStatus.EVALUATED,
                 proposal=proposal.model_copy(update={"parent_ids": [p.node_id for p in parents]}),
-                implementation=Implementation.from_source(f"# {proposal.name}\n", verified=True),
+                implementation=Implementation.from_source(landscape_source(proposal), verified=True),
                 trajectory=TrainingTrajectory(protocol=PROTOCOL, seed=evaluations[0].seed),
                 evaluation=evaluations[0], replicates=evaluations[1:], created_at=created, updated_at=created)
 
@@ -258,11 +297,20 @@ class SearchResult:
 
 
 def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 3, root_seeds: int = 3,
-           weights: SelectionWeights | None = None, landscape: Landscape | None = None) -> SearchResult:
+           weights: SelectionWeights | None = None, landscape: Landscape | None = None,
+           population_size: int | None = None, proposer: str | None = None) -> SearchResult:
     """One simulated run in world `seed` of `landscape`: the root evaluated with `root_seeds` seeds, then rounds
-    of `parents_per_round` parents, each given one mutated child, until `budget` children are evaluated."""
+    of `parents_per_round` parents, each given one child, until `budget` children are evaluated. Random and
+    greedy give each parent one mutation (the baseline proposer); POISE gives it the winner of Phase I
+    (`phase_one`: a population of `population_size` proposals, RunConfig's default when None, screened).
+    `proposer` ("mutation" or "phase_one") overrides the selector's own, for ablations."""
+    proposer = proposer or ("phase_one" if selector == "poise" else "mutation")
+    if proposer not in PROPOSERS:
+        raise ValueError(f"unknown proposer {proposer!r}; choose one of {', '.join(PROPOSERS)}")
     landscape = replace(landscape or Landscape(), seed=seed)
     pick = parent_picker(selector, weights)
+    config = RunConfig(run_id=_RUN_ID, weights=weights or SelectionWeights(),
+                       **({"population_size": population_size} if population_size is not None else {}))
     selection_rng = random.Random(f"select|{seed}")
     root = _root()
     nodes = [_node(0, root, [], [landscape.evaluate(root, replicate_seed(RUN_SEED, r)) for r in range(root_seeds)])]
@@ -282,10 +330,17 @@ def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 
             # more precisely; each selector's own distribution of outcomes is unchanged).
             parent_key = description_key(parent.proposal)
             k = children_of[parent_key] = children_of.get(parent_key, 0) + 1
-            try:
-                child = mutate(parent.proposal, random.Random(f"mutate|{seed}|{parent_key}|{k}"), seen)
-            except MutationError:
-                continue
+            rng = random.Random(f"mutate|{seed}|{parent_key}|{k}")
+            if proposer == "phase_one":
+                child, _, _ = phase_one(parent, nodes, config, rng, description_fingerprint,
+                                        source_of=landscape_source)
+                if child is None:
+                    continue
+            else:
+                try:
+                    child = mutate(parent.proposal, rng, seen)
+                except MutationError:
+                    continue
             seen.add(description_key(child))
             children.append(_node(len(nodes), child, [parent], [landscape.evaluate(child, RUN_SEED)]))
             nodes.append(children[-1])
@@ -323,6 +378,8 @@ __all__ = [
     "SELECTORS",
     "SearchResult",
     "compare",
+    "description_fingerprint",
+    "landscape_source",
     "paired_difference",
     "parent_picker",
     "search",

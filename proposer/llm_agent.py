@@ -3,7 +3,9 @@ offline gates.
 
     population = llm_population(client, context, config, library_only=True, node_id=work.node_id)
     report = llm_screen(parent, population, nodes, context, config, fingerprints, screener=screen_client,
-                        predictor=gp, node_id=work.node_id)
+                        predictor=gp, incumbent=gp.incumbent(parent), node_id=work.node_id)
+
+(gp: the UtilityGP of proposer/selection.py, fitted on the run's nodes.)
 
 Population. One request (prompts/propose.md, after the cached system block of `agent_system_blocks`) asks for
 `config.population_size` proposals across the directions of proposer/population.py. The answer is a

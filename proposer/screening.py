@@ -9,8 +9,9 @@ Each proposal goes through three gates, then the survivors are ranked:
                  (their sources fingerprinted once, then cached) — a renamed copy of an archived algorithm is
                  rejected with the nearest node and the distance in the reason
     uniqueness   in rank order, one that behaves like a better-ranked proposal of the same population is dropped
-    rank         by expected improvement from the injected predictor (the GP of proposer/selection.py, or any
-                 callable features -> (mean, std)): EI or UCB against `incumbent`; ties (no predictor: all 0) go
+    rank         by expected improvement from the injected predictor (the UtilityGP of proposer/selection.py in a
+                 run, `phase_one`, or any callable features -> (mean, std)): EI or UCB against `incumbent` (the
+                 parent's utility for the UtilityGP); ties (no predictor: all 0) go
                  to the more novel proposal (larger distance to its nearest archived node), then to population
                  order
 
@@ -34,9 +35,15 @@ from poise.contracts import Contract, Node, Proposal, RunConfig
 from proposer.baseline import description_key, proposal_description
 from proposer.codegen import compile_proposal
 from proposer.context import Context, build_context
-from proposer.fingerprint import NEAR_DUPLICATE_DISTANCE, FingerprintResult, fingerprint_distance
+from proposer.fingerprint import (
+    NEAR_DUPLICATE_DISTANCE,
+    FingerprintResult,
+    fingerprint_distance,
+    fingerprint_distances,
+)
 from proposer.mechanisms import DescriptionError
 from proposer.population import generate_population
+from proposer.selection import UtilityGP
 
 Fingerprinter = Callable[[str], FingerprintResult]
 SourceOf = Callable[[Proposal], str]
@@ -226,10 +233,12 @@ def propose_screened(
     features: Callable[[Proposal], Any] | None = None,
     incumbent: float = 0.0,
     rounds: int = 2,
+    source_of: SourceOf = compile_proposal,
 ) -> tuple[Proposal | None, ScreeningReport, Context]:
     """Phase I for one parent: its context, a population of `config.population_size` proposals, screening; a
     fresh population (the rejected descriptions excluded) up to `rounds` times while none passes. Returns the
-    best proposal (None if every round was rejected), the report (every round's rejections) and the context."""
+    best proposal (None if every round was rejected), the report (every round's rejections) and the context.
+    `predictor`, `features`, `incumbent` and `source_of` are screen_population's."""
     context = build_context(parent, nodes, config)
     seen = {key for node in nodes if (key := _key(node.proposal)) is not None}
     rejections: list[Rejection] = []
@@ -237,13 +246,30 @@ def propose_screened(
     for _ in range(max(rounds, 1)):
         population = generate_population(parent.proposal, context, config.population_size, rng, seen)
         report = screen_population(parent, population, nodes, fingerprinter, predictor=predictor, features=features,
-                                   incumbent=incumbent, kappa=config.weights.kappa)
+                                   incumbent=incumbent, kappa=config.weights.kappa, source_of=source_of)
         rejections += report.rejections
         if report.best is not None or not population:
             break
         seen |= {description_key(p) for p in population}
     report = report.model_copy(update={"rejections": rejections})
     return (report.best.proposal if report.best else None), report, context
+
+
+def phase_one(
+    parent: Node,
+    nodes: Sequence[Node],
+    config: RunConfig,
+    rng: random.Random,
+    fingerprinter: Fingerprinter,
+    *,
+    source_of: SourceOf = compile_proposal,
+) -> tuple[Proposal | None, ScreeningReport, Context]:
+    """The offline proposer's Phase I for one parent, as the proposer service runs it (and the simulated
+    landscape replays it): `propose_screened` ranked by the expected improvement of the UtilityGP's prediction
+    (fitted on `nodes`) over the parent's utility."""
+    gp = UtilityGP().fit(nodes)
+    return propose_screened(parent, nodes, config, rng, fingerprinter, predictor=gp, incumbent=gp.incumbent(parent),
+                            source_of=source_of)
 
 
 def _key(proposal: Proposal) -> str | None:
@@ -320,12 +346,14 @@ class _Survivor:
 
 
 def _nearest(vector: np.ndarray, archived: dict[str, np.ndarray]) -> tuple[str | None, float]:
-    best_id, best = None, math.inf
-    for node_id, other in archived.items():
-        distance = fingerprint_distance(vector, other)
-        if distance < best:
-            best_id, best = node_id, distance
-    return best_id, best
+    """The archived node nearest to `vector` and its distance (the first of equals); (None, inf) when none is
+    comparable."""
+    usable = {node_id: other for node_id, other in archived.items() if other.shape == vector.shape}
+    if not usable:
+        return None, math.inf
+    distances = fingerprint_distances(vector, np.stack(list(usable.values())))
+    best = int(np.argmin(distances))
+    return (list(usable)[best], float(distances[best])) if math.isfinite(distances[best]) else (None, math.inf)
 
 
 def _finite(value: float | None) -> float | None:
@@ -340,6 +368,7 @@ __all__ = [
     "archive_fingerprints",
     "expected_improvement",
     "node_source",
+    "phase_one",
     "propose_screened",
     "screen_population",
     "upper_confidence",

@@ -82,20 +82,18 @@ class ProposerService:
 
     def _propose_screened(self, config: RunConfig, work: WorkPropose, parent: Node) -> Proposal:
         """Phase I for one parent; ValueError (a failed proposal, with the rejections) when nothing passes."""
-        from proposer.screening import propose_screened
-        from proposer.selection import DescendantGP
+        from proposer.screening import phase_one
 
         nodes = self.archive.nodes(work.run_id)
-        gp = DescendantGP(config.weights).fit(nodes)
         rng = random.Random(f"{config.seed}/{work.node_id}/{work.attempt}")
-        proposal, report, _ = propose_screened(parent, nodes, config, rng, self._fingerprinter(), predictor=gp)
+        proposal, report, _ = phase_one(parent, nodes, config, rng, self._fingerprinter())
         return self._screened(proposal, report, config, work, parent)
 
     def _propose_with_llm(self, config: RunConfig, work: WorkPropose, parent: Node) -> Proposal:
         """Phase I with the run's propose LLM (and screen LLM, if any); LLMError or ValueError as above."""
         from proposer.context import build_context
         from proposer.llm_agent import llm_population, llm_screen
-        from proposer.selection import DescendantGP
+        from proposer.selection import UtilityGP
 
         nodes = self.archive.nodes(work.run_id)
         spent = archived_llm_usd(nodes)
@@ -104,9 +102,9 @@ class ProposerService:
         context = build_context(parent, nodes, config)
         library_only = config.backends.llm_for("implement") == "offline"
         population = llm_population(proposer, context, config, library_only=library_only, node_id=work.node_id)
-        gp = DescendantGP(config.weights).fit(nodes)
+        gp = UtilityGP().fit(nodes)
         report = llm_screen(parent, population, nodes, context, config, self._fingerprinter(), screener=screener,
-                            predictor=gp, node_id=work.node_id)
+                            predictor=gp, incumbent=gp.incumbent(parent), node_id=work.node_id)
         by = f"screened by {screener.name} and the offline gates" if screener else "screened by the offline gates"
         return self._screened(report.best.proposal if report.best else None, report, config, work, parent, by)
 

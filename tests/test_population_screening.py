@@ -43,6 +43,7 @@ from proposer.fingerprint import (
     FingerprintCache,
     FingerprintResult,
     fingerprint_distance,
+    fingerprint_distances,
     fingerprint_in_sandbox,
 )
 from proposer.mechanisms import MECHANISMS
@@ -50,10 +51,12 @@ from proposer.population import DIRECTIONS, REMEDIES, generate_population
 from proposer.screening import (
     ScreeningReport,
     expected_improvement,
+    phase_one,
     propose_screened,
     screen_population,
     upper_confidence,
 )
+from proposer.selection import UtilityGP
 
 ROOT = root_proposal()
 RUN = "run1"
@@ -386,6 +389,16 @@ def test_fingerprint_distance_is_relative_per_quantity():
     assert fingerprint_distance(vector, vector[:-1]) == math.inf
 
 
+
+def test_distances_to_many_fingerprints_at_once_are_the_pairwise_distances():
+    rng = np.random.default_rng(1)
+    vector = rng.normal(size=FINGERPRINT_LENGTH)
+    others = np.stack([vector, 2 * vector, -vector, np.zeros(FINGERPRINT_LENGTH), rng.normal(size=FINGERPRINT_LENGTH)])
+    assert fingerprint_distances(vector, others).tolist() == pytest.approx(
+        [fingerprint_distance(vector, other) for other in others])
+    assert fingerprint_distances(vector[:-1], others).tolist() == [math.inf] * 5
+
+
 # ------------------------------------------------------------------------------------------------- screening
 
 
@@ -505,6 +518,24 @@ def test_propose_screened_returns_the_best_screened_child_of_the_parent():
     assert len(report.ranked) + len(report.rejections) == 5 and report.best.proposal == best
     assert best.parent_ids == ["n001"] and best.name == max((r.proposal.name for r in report.ranked), key=len)
     assert report.summary().startswith(f"parent n001: best {best.name}")
+
+
+def test_phase_one_ranks_the_population_by_the_utility_gps_improvement_over_the_parent():
+    root = node("n000", ROOT, {"a": 0.40, "b": 0.40}, source=GRPO_SOURCE)
+    children = [node("n001", proposal("x", "clip:cispo"), {"a": 0.30, "b": 0.32}, [root]),
+                node("n002", proposal("y", "kl:penalty"), {"a": 0.46, "b": 0.44}, [root]),
+                node("n003", proposal("z", "scale:none"), {"a": 0.41, "b": 0.40}, [root])]
+    nodes = [root, *children]
+    parent = children[1]
+    best, report, _ = phase_one(parent, nodes, config(size=6), random.Random(3), literal_fingerprints)
+    gp = UtilityGP().fit(nodes)
+    assert len(report.ranked) >= 2 and best == report.best.proposal and best.parent_ids == ["n002"]
+    for screened in report.ranked:
+        mean, std = gp.predict(gp.proposal_features(screened.proposal, parent))
+        assert screened.predicted_mean == pytest.approx(mean[0]) and screened.predicted_std == pytest.approx(std[0])
+        assert screened.expected_improvement == pytest.approx(expected_improvement(mean[0], std[0], 0.45))
+    scores = [r.expected_improvement for r in report.ranked]
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
 
 
 def test_expected_improvement_matches_the_normal_formula():

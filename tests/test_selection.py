@@ -31,6 +31,7 @@ from proposer.selection import (
     PRIOR_STD,
     DescendantGP,
     Genotype,
+    UtilityGP,
     bayes_term,
     candidate_parents,
     descendant_gain,
@@ -305,6 +306,47 @@ def test_proposal_features_sit_one_generation_below_the_parent_at_its_utility() 
     assert features["depth"] == pytest.approx(0.2)  # a is at depth 1
     assert features["normalized_utility"] == pytest.approx((0.55 - 0.45) / (0.60 - 0.45))
     assert features["kl:penalty"] == 1.0
+
+
+# ---------------------------------------------------------------------------------- screening's surrogate
+
+
+def harmful_cispo_archive() -> Archive:
+    """GRPO and four children: the two with CISPO scored far below GRPO, the two with a KL penalty above it."""
+    archive = Archive()
+    archive.add("root", 0.50)
+    archive.add("cispo1", 0.40, parent="root", names=("baseline:group_mean", "scale:group_std", "clip:cispo",
+                                                      "agg:token-mean"))
+    archive.add("cispo2", 0.41, parent="root", names=("baseline:leave_one_out", "scale:group_std", "clip:cispo",
+                                                      "agg:token-mean"))
+    archive.add("kl1", 0.56, parent="root", names=(*GRPO, "kl:penalty"))
+    archive.add("kl2", 0.57, parent="root", names=(*GRPO, "kl:penalty"), kl_coef=3e-3)
+    return archive
+
+
+def test_the_utility_gp_predicts_a_child_from_what_its_mechanisms_scored_elsewhere() -> None:
+    archive = harmful_cispo_archive()
+    gp = UtilityGP().fit(archive.list())
+    root = archive.nodes["root"]
+    assert gp.fitted and gp.incumbent(root) == 0.50 and gp.incumbent(archive.nodes["kl1"]) == 0.56
+    # Children of the root not yet tried anywhere: one with CISPO, one with a KL penalty at a new constant.
+    cispo = gp.proposal_features(proposal("baseline:group_mean", "scale:none", "clip:cispo", "agg:token-mean"), root)
+    kl = gp.proposal_features(proposal(*GRPO, "kl:penalty", kl_coef=2e-3), root)
+    mean, std = gp.predict(np.stack([cispo, kl]))
+    assert mean[0] < 0.50 < mean[1] and np.all(std > 0)
+    # An archived description is predicted near its own score (the noise kernel keeps it from being exact).
+    own, _ = gp.predict(gp.proposal_features(archive.nodes["cispo1"].proposal, root))
+    assert own[0] == pytest.approx(0.40, abs=0.04)
+
+
+def test_an_unfitted_utility_gp_ranks_nothing() -> None:
+    archive = Archive()
+    archive.add("root", 0.5)
+    gp = UtilityGP().fit(archive.list())
+    assert not gp.fitted
+    mean, std = gp.predict(np.stack([gp.proposal_features(proposal(*GRPO, "kl:penalty"), archive.nodes["root"]),
+                                     gp.proposal_features(proposal(*GRPO), archive.nodes["root"])]))
+    assert mean.tolist() == [0.5, 0.5] and std.tolist() == [PRIOR_STD, PRIOR_STD]
 
 
 # -------------------------------------------------------------------------------------------- selection
