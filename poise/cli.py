@@ -347,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: default)")
     run.add_argument("--parent-selection", choices=("greedy", "random", "poise"),
                      help="greedy or random: the baseline proposer (default greedy); poise: Phase I acquisition "
-                          "over Pareto strength, utility, diversity and a descendant-gain GP, with a screened "
-                          "population per parent")
+                          "over Pareto strength, utility, diversity and a descendant-gain GP, and per parent a "
+                          "population screened by fingerprint novelty and a utility GP's expected improvement")
     run.add_argument("--root-seeds", type=int, help="seeds the root (GRPO) is trained with, for the noise (3)")
     run.add_argument("--replicate-seeds", type=int, help="fresh seeds a node is re-trained with before it is "
                                                           "reported as the best (3)")

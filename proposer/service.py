@@ -4,7 +4,8 @@ It reads the archive through a read-only store view (in-process here, the archiv
 distributed) and makes one child of the named parent. Offline (the default): with the baseline proposer
 (proposer/baseline.py, one random mutation) for the greedy and random selections, or with Phase I
 (parent_selection "poise": tiered context, a population of `population_size` proposals, screening by
-consistency, fingerprint novelty and the descendant-gain GP; proposer/screening.py). When the run names an
+consistency, fingerprint novelty and the UtilityGP's expected improvement over the parent;
+proposer/screening.py `phase_one`). When the run names an
 agent LLM for "propose", every selection mode goes through the LLM's Phase I instead (proposer/llm_agent.py):
 the same context, the population from the model, the offline gates, and the "screen" LLM's verdicts when
 the run has one. Fingerprints run in the sandbox and are cached under `fingerprint_dir`.
