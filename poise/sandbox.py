@@ -2,12 +2,14 @@
 
 Parent side (`run_sandboxed`): the child runs the harness module as `python -I -m <module>` would, in its
 own session, with a scrubbed environment (no API keys or tokens reach it), its own working directory, and a
-wall-clock deadline enforced from outside. Input goes in as JSON on stdin; output comes back as JSON lines
-on stdout, size-capped and parsed by the parent, never unpickled. The child is forked by a fork server
-(poise.forkserver: one per parent process, harness module and thread count) that imported the harness and
-its trusted dependencies once, so a child does not spend 10-15 s importing torch and transformers; it has
-never run candidate code, and each child gets the same environment, descriptors and layers below as a fresh
-interpreter would (POISE_SANDBOX_FORK_SERVER=0 starts a fresh interpreter per child instead).
+wall-clock deadline enforced from outside (optionally also a stall deadline, `SandboxLimits.stall_s`: killed
+when no event line came for that long, so the hard deadline can be generous for a child that keeps reporting
+progress on a loaded machine while a hung one still dies quickly). Input goes in as JSON on stdin; output
+comes back as JSON lines on stdout, size-capped and parsed by the parent, never unpickled. The child is forked
+by a fork server (poise.forkserver: one per parent process, harness module and thread count) that imported the
+harness and its trusted dependencies once, so a child does not spend 10-15 s importing torch and
+transformers; it has never run candidate code, and each child gets the same environment, descriptors and
+layers below as a fresh interpreter would (POISE_SANDBOX_FORK_SERVER=0 starts a fresh interpreter per child instead).
 
 Child side (`enter_sandbox`): the trusted harness calls it before any candidate code is loaded. Layers,
 in the order they are applied, and what each one does not do:
@@ -90,7 +92,8 @@ _fork_servers_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    wall_s: float = 600.0
+    wall_s: float = 600.0           # the hard wall-clock deadline, whatever the child reports
+    stall_s: float | None = None    # also killed when no event or result line came for this long (None: never)
     cpu_s: int = 3600               # CPU seconds over all threads; the wall deadline is the real bound
     memory_bytes: int = 8 << 30     # address space: torch reserves a lot of virtual memory
     file_bytes: int = 256 << 20     # largest file the child may write (a checkpoint is ~4 MB)
@@ -105,6 +108,8 @@ class SandboxResult:
     events: list[dict[str, Any]] = field(default_factory=list)  # every other JSON line, in order
     stderr_tail: str = ""
     timed_out: bool = False
+    stalled: bool = False  # timed out by `stall_s` (no progress), not by the wall deadline
+    stall_s: float | None = None
     output_overflow: bool = False
 
     @property
@@ -112,6 +117,9 @@ class SandboxResult:
         return self.returncode == 0 and self.result is not None and not self.timed_out
 
     def failure_reason(self) -> str:
+        if self.stalled:
+            return (f"killed after {self.stall_s:.0f} s without progress (no event from the child; "
+                    f"{self.wall_s:.0f} s in all)")
         if self.timed_out:
             return f"killed after the {self.wall_s:.0f} s wall-clock deadline"
         if self.output_overflow:
@@ -175,10 +183,16 @@ def run_sandboxed(
     selector.register(child.stdout, selectors.EVENT_READ, "out")
     selector.register(child.stderr, selectors.EVENT_READ, "err")
     open_streams = 2
+    progress = time.monotonic()  # the last event or result line (the child's start counts as one)
     while open_streams:
-        remaining = limits.wall_s - (time.monotonic() - started)
+        now = time.monotonic()
+        remaining = limits.wall_s - (now - started)
         if remaining <= 0:
             result.timed_out = True
+            break
+        if limits.stall_s is not None and now - progress > limits.stall_s:
+            result.timed_out = result.stalled = True
+            result.stall_s = limits.stall_s
             break
         for key, _ in selector.select(timeout=min(remaining, 1.0)):
             chunk = os.read(key.fileobj.fileno(), 65536)
@@ -197,7 +211,8 @@ def run_sandboxed(
             stdout_buffer += chunk
             *lines, stdout_buffer = stdout_buffer.split(b"\n")
             for line in lines:
-                _take_line(line, result, on_event)
+                if _take_line(line, result, on_event):
+                    progress = time.monotonic()
     if result.timed_out or result.output_overflow:
         _stop(child)
     result.returncode = child.wait()
@@ -323,19 +338,21 @@ class _ForkedChild:
         self.returncode = json.loads(message)["returncode"] if message else -signal.SIGKILL
 
 
-def _take_line(line: bytes, result: SandboxResult, on_event: Callable[[dict[str, Any]], None] | None) -> None:
+def _take_line(line: bytes, result: SandboxResult, on_event: Callable[[dict[str, Any]], None] | None) -> bool:
+    """Record one stdout line; True when it was protocol (an event or the result), i.e. progress."""
     try:
         message = json.loads(line)
     except ValueError:
-        return  # stray prints of the candidate are not protocol
+        return False  # stray prints of the candidate are not protocol
     if not isinstance(message, dict):
-        return
+        return False
     if RESULT_KEY in message and isinstance(message[RESULT_KEY], dict):
         result.result = message[RESULT_KEY]
-        return
+        return True
     result.events.append(message)
     if on_event:
         on_event(message)
+    return True
 
 
 def _stop(child: subprocess.Popen) -> None:

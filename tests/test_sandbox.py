@@ -267,6 +267,22 @@ def test_an_infinite_loop_is_killed_at_the_wall_deadline(workdir):
     assert "deadline" in run.failure_reason()
 
 
+
+def test_the_stall_deadline_spares_a_child_that_reports_progress_and_kills_a_silent_one(workdir, tmp_path):
+    limits = SandboxLimits(wall_s=60.0, stall_s=2.0)
+    ticking = "import time\nfrom poise.sandbox import emit\nfor i in range(6):\n    emit({'tick': i})\n" \
+              "    time.sleep(0.8)\nresult = 'done'\n"
+    run = run_sandboxed(PROBE, {"code": ticking}, workdir, limits, threads=1)
+    assert run.ok and run.result["result"] == "done" and [e["tick"] for e in run.events] == list(range(6))
+    assert run.wall_s > 4.0 and not run.stalled  # longer than the stall deadline, in steps shorter than it
+    silent = "import sys, time\nprint('a stray line is not progress', file=sys.__stdout__, flush=True)\n" \
+             "time.sleep(50)\n"
+    run = run_sandboxed(PROBE, {"code": silent}, tmp_path / "silent", limits, threads=1)
+    assert run.timed_out and run.stalled and not run.ok and run.result is None
+    assert run.wall_s < 2.0 + 30.0  # not the 60 s wall deadline (the rest: starting the child, the grace)
+    assert run.failure_reason().startswith("killed after 2 s without progress")
+
+
 @isolated
 @pytest.mark.parametrize("ending", ["exit", "deadline"])
 def test_forks_that_leave_the_process_group_do_not_outlive_the_sandbox(workdir, ending):

@@ -17,7 +17,7 @@ from poise.sandbox import SandboxLimits
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import get_protocol, protocol_from_dict
 from trainer.service import TrainerService
-from trainer.testbed_runner import train_candidate
+from trainer.testbed_runner import STALL_S, START_WALL_S, STEP_WALL_S, train_candidate, training_limits
 
 TINY = get_protocol("tiny")
 GRPO = reference_algorithm("grpo").source()
@@ -153,6 +153,20 @@ def test_runaway_candidate_is_killed_at_the_deadline(base, tmp_path):
                               limits=SandboxLimits(wall_s=20))
     assert outcome.failure == "killed after the 20 s wall-clock deadline"
     assert outcome.trajectory.aborted
+
+
+
+def test_a_hung_candidate_is_killed_by_the_stall_deadline_long_before_the_wall_deadline(base, tmp_path):
+    outcome = train_candidate(hostile("while True:\n    pass"), TINY, 0, base, tmp_path,
+                              limits=SandboxLimits(wall_s=300, stall_s=6))
+    assert outcome.failure.startswith("killed after 6 s without progress") and outcome.trajectory.aborted
+    assert outcome.wall_s < 60
+
+
+def test_default_training_limits_scale_with_steps_and_stop_a_stall():
+    limits = training_limits(get_protocol("default"))
+    assert limits.wall_s == STEP_WALL_S * get_protocol("default").steps + START_WALL_S and limits.stall_s == STALL_S
+    assert limits.wall_s > 10 * limits.stall_s  # a slow run is spared, a hung one dies in minutes
 
 
 def test_the_trainer_services_wall_limit_setting_reaches_the_sandbox(tmp_path):

@@ -28,6 +28,19 @@ class TrainOutcome:
         return Path(uri) if uri and self.failure is None else None
 
 
+STEP_WALL_S = 30.0  # hard deadline per step: ~14x the default protocol's 2.2 s on 2 idle cores
+START_WALL_S = 300.0  # plus this for start-up and saving
+STALL_S = 180.0  # killed sooner when no step was reported for this long (a hung candidate)
+
+
+def training_limits(protocol: Protocol) -> SandboxLimits:
+    """The sandbox limits of a training run. Budgets are steps, so the wall deadline is generous (STEP_WALL_S
+    per step + START_WALL_S): on a loaded machine two OpenMP threads sharing one core ran the default protocol at
+    ~24 s per step, and the former deadline of 10 s per step + 120 s killed healthy runs. A hung or stuck
+    candidate is caught by the stall deadline instead: no step event for STALL_S."""
+    return SandboxLimits(wall_s=STEP_WALL_S * protocol.steps + START_WALL_S, stall_s=STALL_S)
+
+
 def train_candidate(
     source: str,
     protocol: Protocol,
@@ -38,8 +51,9 @@ def train_candidate(
     on_step: Callable[[TrainingStep], None] | None = None,
     name: str = "candidate",
 ) -> TrainOutcome:
-    """Train `source` under `protocol` in the sandbox; the checkpoint lands in workdir/policy."""
-    limits = limits or SandboxLimits(wall_s=max(120.0, 10.0 * protocol.steps + 120.0))
+    """Train `source` under `protocol` in the sandbox; the checkpoint lands in workdir/policy. Default limits:
+    `training_limits`."""
+    limits = limits or training_limits(protocol)
     payload = {"protocol": protocol.as_dict(), "seed": seed, "source": source, "name": name,
                "base_path": str(base_path.resolve()), "out_dir": str(workdir.resolve())}
 
