@@ -40,21 +40,19 @@ A description's true suite scores are
 
 So the best descendant often does not come from the best parent (in ~55-60% of the rounds with several
 parents, against the paper's 11 of 21): the big gains hide behind steps down, and noise makes the greedy parent
-a lucky node as often as a good one. Nothing in the landscape knows about the GP or the acquisition terms.
+a lucky node as often as a good one. Nothing in the landscape knows about the GPs, the acquisition terms or
+screening.
 
 What it shows (bench/results/search_simulated.md has the numbers, commands and the checks behind this). With
 the budget of 45 children in rounds of 3, over 100 worlds (seeds 200-299), best-found true Overall is random
-0.2797, greedy 0.2847, POISE 0.2842: POISE beats random (paired +0.0045, SE 0.0006) and ties greedy (-0.0005,
-SE 0.0007). No parent selection can beat greedy by much here, because the descendant potential that POISE
-estimates barely varies where a search is: among the nodes near the top, what their children can gain differs by
-an SD of ~0.003, half the seed noise, so the one thing a selector can exploit is the noise of the nodes' own
-scores (greedy on the true utility: +0.0028 over greedy; POISE's acquisition with a perfect predictor of the GP
-target: +0.0022, SE 0.0010). The deceptive local optima are real but deep: a hill climber reaches them after
-~50 children (noise-free greedy 0.2876 / 0.2889 / 0.2897 with 45 / 63 / 90 children, at strict local optima such
-as leave-one-out + seq-mean-token-sum-norm + entropy bonus, where clip-higher and the untuned all-fail penalty no
-longer pay; POISE 0.2862 / 0.2904 / 0.2941), and the VM-AV valley takes two rare mutations (~5% and ~2% per
-child) through a node 3.5 seed SDs below GRPO, so it is found by chance (random most often). With 90 children
-POISE pulls ahead of greedy: +0.0023 (SE 0.0012) best-found, +0.0044 (SE 0.0014) for the node a run reports.
+0.2797, greedy 0.2827, POISE 0.2875: POISE beats greedy by +0.0048 (SE 0.0006) and random by +0.0078 (SE
+0.0006), and the node a run would report by +0.0063 (SE 0.0010) over greedy. The gain most likely comes from
+Phase I's screening (an ablation on these worlds is still to be run): most single changes hurt, and the
+UtilityGP learns from the archive which ones, so the best of 4 proposals by expected improvement skips most of
+them. Parent selection alone (`select_parents` with greedy's one mutation per child) tied greedy in the previous
+version of this landscape (−0.0005, SE 0.0007, at seed noise 0.0057): near the top of a search, what children
+can gain differs between nodes by less than the seed noise, and the deceptive local optima are deep (a hill
+climber reaches them after ~50 children), so there is little for descendant potential to find at this budget.
 """
 
 from __future__ import annotations
