@@ -228,7 +228,7 @@ _DESCRIPTIONS: dict[str, AlgorithmDescription] = {}  # landscape_source -> the d
 
 def landscape_source(proposal: Proposal) -> str:
     """A landscape node's stand-in for its module source: its description key as a constant (a node here is its
-    description; nothing is compiled or run). `DescriptionFingerprints` reads the description back."""
+    description; nothing is compiled or run). `description_fingerprint` reads the description back."""
     text = f"DESCRIPTION_KEY = {description_key(proposal)!r}\n"
     _DESCRIPTIONS.setdefault(text, proposal_description(proposal))
     return text
