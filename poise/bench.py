@@ -288,6 +288,74 @@ def bench_search(seeds: Sequence[int], budget: int = 45, selectors: Sequence[str
     return report
 
 
+# Arms of the ablation: (parent selector, how a parent gets its child), and the paired differences reported.
+ABLATION_ARMS = (("greedy", "mutation"), ("greedy", "phase_one"), ("poise", "mutation"), ("poise", "phase_one"))
+ABLATION_PAIRS = (
+    (("poise", "phase_one"), ("greedy", "mutation"), "whole of POISE"),
+    (("greedy", "phase_one"), ("greedy", "mutation"), "Phase I, greedy parents"),
+    (("poise", "phase_one"), ("poise", "mutation"), "Phase I, POISE parents"),
+    (("poise", "mutation"), ("greedy", "mutation"), "POISE parents, one mutation each"),
+    (("poise", "phase_one"), ("greedy", "phase_one"), "POISE parents, Phase I children"),
+)
+
+
+def bench_search_ablation(seeds: Sequence[int], budget: int = 45, json_path: Path | None = None, log=print) -> dict:
+    """Which half of POISE makes its gain on the simulated landscape: parent selection (POISE's acquisition vs
+    greedy's best seed mean) crossed with how a parent gets its child (the baseline's one random mutation vs
+    Phase I's screened population), each arm in the same worlds with the same budget. Reports each arm's
+    best-found and reported true utility (mean ± SD over worlds) and the paired differences of ABLATION_PAIRS."""
+    from proposer.landscape import paired_difference, search
+
+    started = time.perf_counter()
+    arms: dict[str, dict] = {}
+    for selector, proposer in ABLATION_ARMS:
+        runs = [search(selector, seed, budget, proposer=proposer) for seed in seeds]
+        log(f"{selector} + {proposer}: {len(runs)} worlds, {time.perf_counter() - started:.0f} s so far")
+        arms[f"{selector}+{proposer}"] = {metric: [getattr(run, metric) for run in runs]
+                                          for metric in ("best_true", "reported_true")}
+    report: dict = {"command": " ".join(["poise", *sys.argv[1:]]), "seeds": list(seeds), "budget": budget,
+                    "arms": {}, "pairs": []}
+    for name, metrics in arms.items():
+        report["arms"][name] = {metric: {"mean": statistics.fmean(values),
+                                         "sd": statistics.stdev(values) if len(values) > 1 else None,
+                                         "per_seed": values} for metric, values in metrics.items()}
+    if len(seeds) > 1:
+        for a, b, meaning in ABLATION_PAIRS:
+            for metric in ("best_true", "reported_true"):
+                mean, se = paired_difference(arms["+".join(a)][metric], arms["+".join(b)][metric])
+                report["pairs"].append({"a": "+".join(a), "b": "+".join(b), "meaning": meaning, "metric": metric,
+                                        "mean": mean, "se": se, "z": mean / se if se > 0 else None})
+    report["wall_s"] = time.perf_counter() - started
+    log(ablation_markdown(report))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def ablation_markdown(report: dict) -> str:
+    """The ablation's arms and paired differences as markdown tables."""
+    seeds = report["seeds"]
+    lines = [f"budget {report['budget']} children, {len(seeds)} worlds (seeds {seeds[0]}-{seeds[-1]}), "
+             f"{report['wall_s']:.0f} s", "",
+             "| parents + children | best-found true Overall, mean ± SD | reported node's true Overall |",
+             "|---|---|---|"]
+    for name, metrics in report["arms"].items():
+        cells = [_mean_sd(metrics["best_true"]), _mean_sd(metrics["reported_true"])]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    lines += ["", "| paired difference | what it isolates | metric | mean | SE | mean / SE |",
+              "|---|---|---|---|---|---|"]
+    for pair in report["pairs"]:
+        z = f"{pair['z']:+.1f}" if pair["z"] is not None else "-"
+        lines.append(f"| {pair['a']} − {pair['b']} | {pair['meaning']} | {pair['metric']} | {pair['mean']:+.4f} | "
+                     f"{pair['se']:.4f} | {z} |")
+    return "\n".join(lines)
+
+
+def _mean_sd(metric: dict) -> str:
+    return f"{metric['mean']:.4f} ± {metric['sd']:.4f}" if metric["sd"] is not None else f"{metric['mean']:.4f}"
+
+
 def search_markdown(report: dict) -> str:
     """The selectors and their paired differences as markdown tables."""
     seeds = report["seeds"]
@@ -295,8 +363,7 @@ def search_markdown(report: dict) -> str:
              f"{report['wall_s']:.0f} s", "",
              "| selector | best-found true Overall, mean ± SD | reported node's true Overall |", "|---|---|---|"]
     for name, metrics in report["selectors"].items():
-        cells = [f"{m['mean']:.4f} ± {m['sd']:.4f}" if m["sd"] is not None else f"{m['mean']:.4f}"
-                 for m in (metrics["best_true"], metrics["reported_true"])]
+        cells = [_mean_sd(metrics["best_true"]), _mean_sd(metrics["reported_true"])]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     lines += ["", "| paired difference | metric | mean | SE | mean / SE |", "|---|---|---|---|---|"]
     for pair in report["pairs"]:

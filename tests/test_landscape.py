@@ -142,3 +142,21 @@ def test_bench_search_writes_the_best_found_utility_and_its_curve_per_search(tmp
         assert curve[0] == entry["root_utility"]
         assert best == search("random", entry["seed"], 10).best_true
     assert report["curve"][-1] == pytest.approx(sum(report["best_utility"]) / 2)
+
+
+def test_the_ablation_crosses_parent_selection_with_phase_one_in_the_same_worlds(tmp_path) -> None:
+    from poise.bench import ABLATION_ARMS, bench_search_ablation
+
+    out = tmp_path / "ablation.json"
+    report = bench_search_ablation([5, 6], budget=6, json_path=out, log=lambda _: None)
+    assert json.loads(out.read_text()) == report
+    assert set(report["arms"]) == {f"{s}+{p}" for s, p in ABLATION_ARMS}
+    # The arms that match a selector's own proposer are that selector's searches.
+    for arm, selector in (("greedy+mutation", "greedy"), ("poise+phase_one", "poise")):
+        assert report["arms"][arm]["best_true"]["per_seed"] == [search(selector, seed, 6).best_true for seed in (5, 6)]
+    assert report["arms"]["poise+mutation"]["best_true"]["per_seed"] == [
+        search("poise", seed, 6, proposer="mutation").best_true for seed in (5, 6)]
+    whole = next(p for p in report["pairs"] if p["meaning"] == "whole of POISE" and p["metric"] == "best_true")
+    expected = paired_difference(report["arms"]["poise+phase_one"]["best_true"]["per_seed"],
+                                 report["arms"]["greedy+mutation"]["best_true"]["per_seed"])
+    assert (whole["mean"], whole["se"]) == pytest.approx(expected)
