@@ -46,13 +46,14 @@ screening.
 What it shows (bench/results/search_simulated.md has the numbers, commands and the checks behind this). With
 the budget of 45 children in rounds of 3, over 100 worlds (seeds 200-299), best-found true Overall is random
 0.2797, greedy 0.2827, POISE 0.2875: POISE beats greedy by +0.0048 (SE 0.0006) and random by +0.0078 (SE
-0.0006), and the node a run would report by +0.0063 (SE 0.0010) over greedy. The gain most likely comes from
-Phase I's screening (an ablation on these worlds is still to be run): most single changes hurt, and the
-UtilityGP learns from the archive which ones, so the best of 4 proposals by expected improvement skips most of
-them. Parent selection alone (`select_parents` with greedy's one mutation per child) tied greedy in the previous
-version of this landscape (−0.0005, SE 0.0007, at seed noise 0.0057): near the top of a search, what children
-can gain differs between nodes by less than the seed noise, and the deceptive local optima are deep (a hill
-climber reaches them after ~50 children), so there is little for descendant potential to find at this budget.
+0.0006), and the node a run would report by +0.0063 (SE 0.0010) over greedy. An ablation on the same worlds
+(`poise.bench.bench_search_ablation`) splits the gain: Phase I's screening makes about two thirds of the
+best-found gain (+0.0033, SE 0.0007, with greedy's parents), POISE's parent selection the rest (+0.0015, SE
+0.0006, with Phase I's children; +0.0033 on the reported node). Most single changes hurt, and the UtilityGP
+learns from the archive which ones, so the best of 4 proposals by expected improvement skips most of them.
+Parent selection has less to find: near the top of a search, what children can gain differs between nodes by
+less than the seed noise, and the deceptive local optima are deep (a hill climber reaches them after ~50
+children).
 """
 
 from __future__ import annotations
