@@ -19,13 +19,14 @@ agg mechanism in the list and a matching `loss_agg_mode`, so `compile_proposal` 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from poise.contracts import MechanismSpec, Node, Proposal
+from poise.contracts import LossAggMode, MechanismSpec, Node, Proposal
 from poise.contracts import Scalar as HParamValue
 from proposer.mechanisms import (
     FAMILIES,
@@ -95,11 +96,29 @@ def root_proposal() -> Proposal:
 
 def proposal_description(proposal: Proposal) -> AlgorithmDescription:
     """The validated description of a proposal, its loss_agg_mode filling the agg slot when no agg mechanism is
-    listed (as compile_proposal does); DescriptionError if it is not valid."""
-    specs = list(proposal.mechanisms)
+    listed (as compile_proposal does); DescriptionError if it is not valid.
+
+    Resolved once per distinct (mechanisms, hparams, loss_agg_mode): a search asks for the same few dozen
+    descriptions thousands of times (screening, the GPs' features, duplicate keys). Each call gets its own
+    hparams dict, so a caller that edits it changes nothing cached."""
+    described = _described(tuple((spec.name, _typed(spec.params)) for spec in proposal.mechanisms),
+                           _typed(proposal.hparams), proposal.loss_agg_mode)
+    return replace(described, hparams=dict(described.hparams))
+
+
+def _typed(items: dict[str, HParamValue]) -> tuple:
+    """A hashable key of a dict: its items in order (the order reaches the description's hparams), each value
+    tagged with its type (1, 1.0 and True hash alike, but a description built from one must not be handed out
+    for another)."""
+    return tuple((key, type(value).__name__, value) for key, value in items.items())
+
+
+@functools.lru_cache(maxsize=4096)
+def _described(mechanisms: tuple, hparams: tuple, loss_agg_mode: LossAggMode) -> AlgorithmDescription:
+    specs = [MechanismSpec(name=name, params={key: value for key, _, value in params}) for name, params in mechanisms]
     if not any(spec.name.startswith("agg:") for spec in specs):
-        specs.append(MechanismSpec(name=f"agg:{proposal.loss_agg_mode}"))
-    return AlgorithmDescription.from_specs(specs, proposal.hparams)
+        specs.append(MechanismSpec(name=f"agg:{loss_agg_mode}"))
+    return AlgorithmDescription.from_specs(specs, {key: value for key, _, value in hparams})
 
 
 def description_key(proposal: Proposal) -> str:

@@ -114,11 +114,14 @@ def fingerprint_distances(vector: np.ndarray, others: np.ndarray) -> np.ndarray:
     others = np.atleast_2d(others)
     if vector.shape != (FINGERPRINT_LENGTH,) or others.shape[1:] != (FINGERPRINT_LENGTH,):
         return np.full(len(others), math.inf)
+    # Mean squares as np.add.reduce / n: what np.mean computes, the same sums bit for bit, without its Python
+    # wrapper, which cost more than the arithmetic here. One quantity at a time keeps the temporaries small.
     worst = np.zeros(len(others))
     for index in _QUANTITY_INDEX.values():
         a, b = vector[index], others[:, index]
-        scale = np.maximum(np.maximum(np.sqrt(np.mean(a * a)), np.sqrt(np.mean(b * b, axis=1))), ABSOLUTE_FLOOR)
-        worst = np.maximum(worst, np.sqrt(np.mean((b - a) ** 2, axis=1)) / scale)
+        mean_square = np.add.reduce(np.square(b - a), axis=1) / len(index)
+        scale = np.sqrt(np.maximum(np.add.reduce(a * a) / len(index), np.add.reduce(b * b, axis=1) / len(index)))
+        worst = np.maximum(worst, np.sqrt(mean_square) / np.maximum(scale, ABSOLUTE_FLOOR))
     return worst
 
 

@@ -553,8 +553,8 @@ def _family_problems(chosen: Sequence[Mechanism]) -> list[str]:
     problems = []
     for family in FAMILIES.values():
         members = [m.name for m in chosen if m.family == family.name]
-        options = ", ".join(m.name for m in mechanisms_in(family.name))
         if family.required and not members:
+            options = ", ".join(m.name for m in mechanisms_in(family.name))
             problems.append(f"no {family.name} mechanism ({family.role}): choose exactly one of {options}")
         elif len(members) > 1:
             how_many = "exactly" if family.required else "at most"

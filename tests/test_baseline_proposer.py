@@ -314,3 +314,16 @@ def test_selection_refuses_an_unknown_mode_and_no_candidates():
         select_parent([node], "best", random.Random(0), node_utility)
     with pytest.raises(ValueError, match="no candidate parents"):
         select_parent([], "greedy", random.Random(0), node_utility)
+
+
+def test_proposal_description_is_resolved_per_spelling_and_hands_out_its_own_hparams():
+    root = root_proposal()
+    as_int = root.model_copy(update={"hparams": {"dual_clip": 3}})
+    as_float = root.model_copy(update={"hparams": {"dual_clip": 3.0}})
+    # 3 and 3.0 hash alike; a cached description of one must not be handed out for the other.
+    assert type(proposal_description(as_int).hparams["dual_clip"]) is int
+    assert type(proposal_description(as_float).hparams["dual_clip"]) is float
+    edited = proposal_description(root)
+    edited.hparams["eps"] = 0.5
+    assert proposal_description(root).hparams["eps"] == 1e-06
+    assert proposal_description(root) == AlgorithmDescription.from_specs(root.mechanisms, root.hparams)
