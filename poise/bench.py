@@ -262,7 +262,7 @@ def bench_search(seeds: Sequence[int], budget: int = 45, selectors: Sequence[str
     """Parent selectors compared on the simulated landscape (proposer/landscape.py): every selector in the same
     worlds with the same budget; per selector the best-found and the reported true utility (mean ± SD over
     worlds), and the paired difference of each pair in SEARCH_PAIRS (mean, standard error, and their ratio)."""
-    from proposer.landscape import SELECTORS, compare, paired_difference
+    from proposer.landscape import SELECTORS, compare
 
     selectors = tuple(selectors or SELECTORS)
     started = time.perf_counter()
@@ -277,11 +277,22 @@ def bench_search(seeds: Sequence[int], budget: int = 45, selectors: Sequence[str
                 "per_seed": runs}
         for a, b in SEARCH_PAIRS:
             if a in values and b in values and len(seeds) > 1:
-                mean, se = paired_difference(values[a], values[b])
-                report["pairs"].append({"metric": metric, "a": a, "b": b, "mean": mean, "se": se,
-                                        "z": mean / se if se > 0 else None})
+                report["pairs"].append({"metric": metric, "a": a, "b": b, **_paired(values[a], values[b])})
+    return _finish(report, started, search_markdown, json_path, log)
+
+
+def _paired(a: Sequence[float], b: Sequence[float]) -> dict:
+    """The paired difference a − b over worlds: mean, standard error and their ratio."""
+    from proposer.landscape import paired_difference
+
+    mean, se = paired_difference(a, b)
+    return {"mean": mean, "se": se, "z": mean / se if se > 0 else None}
+
+
+def _finish(report: dict, started: float, markdown, json_path: Path | None, log) -> dict:
+    """Stamp the wall time, log the report as markdown and write it as JSON when asked."""
     report["wall_s"] = time.perf_counter() - started
-    log(search_markdown(report))
+    log(markdown(report))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=1))
@@ -304,7 +315,7 @@ def bench_search_ablation(seeds: Sequence[int], budget: int = 45, json_path: Pat
     greedy's best seed mean) crossed with how a parent gets its child (the baseline's one random mutation vs
     Phase I's screened population), each arm in the same worlds with the same budget. Reports each arm's
     best-found and reported true utility (mean ± SD over worlds) and the paired differences of ABLATION_PAIRS."""
-    from proposer.landscape import paired_difference, search
+    from proposer.landscape import search
 
     started = time.perf_counter()
     arms: dict[str, dict] = {}
@@ -322,15 +333,9 @@ def bench_search_ablation(seeds: Sequence[int], budget: int = 45, json_path: Pat
     if len(seeds) > 1:
         for a, b, meaning in ABLATION_PAIRS:
             for metric in ("best_true", "reported_true"):
-                mean, se = paired_difference(arms["+".join(a)][metric], arms["+".join(b)][metric])
                 report["pairs"].append({"a": "+".join(a), "b": "+".join(b), "meaning": meaning, "metric": metric,
-                                        "mean": mean, "se": se, "z": mean / se if se > 0 else None})
-    report["wall_s"] = time.perf_counter() - started
-    log(ablation_markdown(report))
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=1))
-    return report
+                                        **_paired(arms["+".join(a)][metric], arms["+".join(b)][metric])})
+    return _finish(report, started, ablation_markdown, json_path, log)
 
 
 def ablation_markdown(report: dict) -> str:
