@@ -2,7 +2,7 @@
 
 The comparison runs every selector in the same SEEDS worlds (common random numbers) and judges paired
 differences of the best-found true (noise-free) utility: a claim holds when the mean paired difference is more
-than MARGIN_SE standard errors of that mean (a one-sided paired t-test at about the 97.5% level for 12 worlds).
+than MARGIN_SE standard errors of that mean (a one-sided paired t-test at about the 97.5% level for the 40 worlds).
 """
 
 from __future__ import annotations

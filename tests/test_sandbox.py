@@ -267,7 +267,6 @@ def test_an_infinite_loop_is_killed_at_the_wall_deadline(workdir):
     assert "deadline" in run.failure_reason()
 
 
-
 def test_the_stall_deadline_spares_a_child_that_reports_progress_and_kills_a_silent_one(workdir, tmp_path):
     limits = SandboxLimits(wall_s=60.0, stall_s=2.0)
     ticking = "import time\nfrom poise.sandbox import emit\nfor i in range(6):\n    emit({'tick': i})\n" \

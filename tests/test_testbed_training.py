@@ -157,7 +157,6 @@ def test_runaway_candidate_is_killed_at_the_deadline(base, tmp_path):
     assert outcome.trajectory.aborted
 
 
-
 def test_a_hung_candidate_is_killed_by_the_stall_deadline_long_before_the_wall_deadline(base, tmp_path):
     outcome = train_candidate(hostile("while True:\n    pass"), TINY, 0, base, tmp_path,
                               limits=SandboxLimits(wall_s=300, stall_s=6))
@@ -172,7 +171,9 @@ def test_default_training_limits_scale_with_steps_and_stop_a_stall():
 
 
 def test_the_trainer_services_wall_limit_setting_reaches_the_sandbox(tmp_path):
-    """POISE_TRAIN_WALL_S (TrainerService wall_s) replaces the step-scaled default deadline."""
+    """POISE_TRAIN_WALL_S (TrainerService wall_s) replaces the step-scaled default deadline, not the stall one."""
+    assert TrainerService(InProcBus(), tmp_path).limits(TINY) == training_limits(TINY)
+    assert TrainerService(InProcBus(), tmp_path, wall_s=8).limits(TINY) == SandboxLimits(wall_s=8, stall_s=STALL_S)
     bus = InProcBus()
     trained: list[EvtTrained] = []
     bus.subscribe(EvtTrained.subject, trained.append)

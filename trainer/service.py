@@ -7,6 +7,7 @@ fresh-seed replicate); the checkpoint URI in the trajectory points there.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from poise.bus import Bus
@@ -14,9 +15,9 @@ from poise.contracts import EvtTrained, TrainingStep, WorkTrain
 from poise.metrics import ABORTED, FAILED, METRICS, OK, observed
 from poise.sandbox import SandboxLimits
 from poise.testbed.checkpoints import base_checkpoint
-from poise.testbed.protocol import get_protocol
+from poise.testbed.protocol import Protocol, get_protocol
 from poise.timing import PhaseClock
-from trainer.testbed_runner import train_candidate
+from trainer.testbed_runner import train_candidate, training_limits
 
 
 class TrainerService:
@@ -28,9 +29,15 @@ class TrainerService:
                  wall_s: float | None = None) -> None:
         self.bus = bus
         self.workroot = workroot
-        self.limits = SandboxLimits(wall_s=wall_s) if wall_s is not None else None  # None: scaled by steps
+        self.wall_s = wall_s  # None: the step-scaled deadline of training_limits
         self.clock = clock or PhaseClock()
         self.on_step = on_step
+
+    def limits(self, protocol: Protocol) -> SandboxLimits:
+        """`training_limits(protocol)`, its hard wall deadline replaced by the service's `wall_s` when set (the
+        stall deadline stays: a hung candidate still dies without waiting for the wall)."""
+        limits = training_limits(protocol)
+        return limits if self.wall_s is None else replace(limits, wall_s=self.wall_s)
 
     @observed("train")
     def handle(self, work: WorkTrain) -> str:
@@ -39,8 +46,8 @@ class TrainerService:
         on_step = (lambda step: self.on_step(work, step)) if self.on_step else None
         with self.clock.phase("train"):
             outcome = train_candidate(work.source, protocol, work.seed, base_checkpoint(protocol.base_checkpoint),
-                                      self.workroot / work.node_id / folder, limits=self.limits, on_step=on_step,
-                                      name=work.node_id)
+                                      self.workroot / work.node_id / folder, limits=self.limits(protocol),
+                                      on_step=on_step, name=work.node_id)
         trajectory = outcome.trajectory
         if outcome.failure and not trajectory.abort_reason:
             trajectory = trajectory.model_copy(update={"aborted": True, "abort_reason": outcome.failure})
