@@ -35,6 +35,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" -c constraints/cpu.txt torch
 # never swaps in a CUDA build from PyPI.
 COPY pyproject.toml README.md ./
 COPY poise/ poise/
+COPY app/ app/
 COPY archive/ archive/
 COPY proposer/ proposer/
 COPY implementer/ implementer/

@@ -30,8 +30,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from archive.status import run_status
-from archive.store import ArchiveError, ArchiveStore
 from poise.contracts import Node, NodeStatus, RunConfig
+from poise.store import ArchiveError, ArchiveStore
 
 NOT_FOUND_HEADER = "X-Poise-Not-Found"
 Nonfinite = Annotated[Literal["null", "constants"], Query(

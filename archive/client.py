@@ -21,8 +21,8 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 
 from archive.api import NOT_FOUND_HEADER
-from archive.store import ArchiveError, ArchiveStore
 from poise.contracts import Node, NodeStatus, RunConfig
+from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive.client")
 

@@ -33,8 +33,8 @@ from pydantic import BaseModel, ValidationError
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
-from archive.store import ArchiveError, ArchiveStore, check_same_node
 from poise.contracts import Node, NodeStatus, RunConfig
+from poise.store import ArchiveError, ArchiveStore, check_same_node
 
 DEFAULT_DATABASE = "poise"
 DEFAULT_TIMEOUT_MS = 10_000  # server selection; a URL's own serverSelectionTimeoutMS wins

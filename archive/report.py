@@ -24,11 +24,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from archive.store import ArchiveError, ArchiveStore
 from poise.agents import describe_agents
 from poise.contracts import Evaluation, MetricKind, Node, NodeStatus, RunConfig, TrainingTrajectory
 from poise.objective import satisfies, yardstick
 from poise.scoring import utility as evaluation_utility
+from poise.store import ArchiveError, ArchiveStore
 
 Utility = Callable[[Node], float | None]  # None (or nan) = the node has no utility yet
 

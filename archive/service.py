@@ -15,16 +15,15 @@ deterministic proposer turns into the same proposal.
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from archive.status import run_status
-from archive.store import ArchiveError, ArchiveStore
 from archive.update import ArchiveUpdater, Outcome, UpdateResult, next_work
 from poise.bus import Bus
 from poise.contracts import (
+    ROOT_ID,
     EvtFailed,
     EvtProposed,
     Failure,
@@ -35,14 +34,15 @@ from poise.contracts import (
     RunConfig,
     WorkPropose,
     WorkTrain,
+    node_number,
 )
+from poise.description.proposals import root_proposal
 from poise.metrics import DUPLICATE, METRICS, OK, REJECTED, backend_name, observed
-from poise.scoring import confirmation_scores, replicate_seed, seed_mean, summarize, utility
-from proposer.baseline import root_proposal, select_parent
+from poise.scoring import confirmation_scores, replicate_seed, summarize, utility
+from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive")
 
-ROOT_ID = "n000"
 MAX_CONFIRMED = 2          # nodes re-trained with fresh seeds at the end of a run, best single-seed first
 MAX_REPLICATE_TRIES = 2    # a replicate that fails this often is given up (the node keeps fewer seeds)
 PHASE_OF_WORK = {"work.propose": Phase.PROPOSE, "work.implement": Phase.IMPLEMENT, "work.train": Phase.TRAIN,
@@ -70,10 +70,6 @@ def dead_letter_failure(message: Message, reason: str) -> EvtFailed | None:
     failure = Failure(phase=phase, reason=f"{phase} service error: {reason}", detail=reason)
     return EvtFailed(run_id=message.run_id, node_id=message.node_id, attempt=message.attempt,
                      replicate=getattr(message, "replicate", 0), failure=failure)
-
-
-def node_number(node_id: str) -> int:
-    return int(node_id[1:]) if node_id[:1] == "n" and node_id[1:].isdigit() else -1
 
 
 class ArchiveService:
@@ -196,11 +192,9 @@ class ArchiveService:
         next_number = 1 + max([node_number(n) for n in (*by_id, *self.state.proposals)], default=0)
         while (self.state.stop_reason is None and evaluated_children + in_flight < self.config.budget
                and in_flight < self.config.parallel):
-            parents = [n for n in nodes if n.evaluation is not None and n.status != NodeStatus.FAILED]
             node_id = f"n{next_number:03d}"
-            parent = self._choose_parent(parents, nodes, next_number, node_id)
-            work = WorkPropose(run_id=self.run_id, node_id=node_id, parent_ids=[parent.node_id],
-                               attempt=1 + self.state.propose_failures)
+            # The proposer chooses the parent (lineage prioritization is part of the proposal operator).
+            work = WorkPropose(run_id=self.run_id, node_id=node_id, attempt=1 + self.state.propose_failures)
             self.state.proposals[node_id] = work
             self.bus.publish(work)
             next_number += 1
@@ -211,23 +205,6 @@ class ArchiveService:
         if evaluated_children >= self.config.budget or self.state.stop_reason:
             if not self._confirm_best(nodes):
                 self._finish(self.state.stop_reason or "budget reached")
-
-    def _choose_parent(self, parents: list[Node], nodes: list[Node], number: int, node_id: str) -> Node:
-        """The baseline's random or greedy choice, or Phase I acquisition: the round's `parents_per_round`
-        diverse parents by s(d) (proposer/selection.py), taken in turn by node number."""
-        if self.config.parent_selection != "poise":
-            return select_parent(parents, self.config.parent_selection, self._rng(node_id), seed_mean)
-        from proposer.selection import select_parents  # scikit-learn: only for runs that use it
-
-        chosen = select_parents(nodes, self.config.weights, k=self.config.parents_per_round,
-                                rng=self._rng(f"round{(number - 1) // self.config.parents_per_round}"),
-                                objective=self.config.objective)
-        if not chosen:
-            return select_parent(parents, "greedy", self._rng(node_id), seed_mean)
-        pick = chosen[(number - 1) % len(chosen)]
-        log.info("parent of %s: %s (s=%.3f: pareto %.2f, perf %.2f, div %.2f, bayes %.2f)", node_id, pick.node_id,
-                 pick.score, pick.pareto, pick.perf, pick.div, pick.bayes)
-        return next((n for n in parents if n.node_id == pick.node_id), parents[0])
 
     def _confirm_best(self, nodes: list[Node]) -> bool:
         """Re-train the best single-seed nodes with fresh seeds; True while such work is pending."""
@@ -274,8 +251,3 @@ class ArchiveService:
         self.state.finished = True
         self.state.stop_reason = reason
         log.info("run %s finished: %s", self.run_id, reason)
-
-    def _rng(self, node_id: str) -> random.Random:
-        return random.Random(f"select/{self.config.seed}/{node_id}")
-
-

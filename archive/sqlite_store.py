@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from archive.store import ArchiveError, ArchiveStore, check_same_node
 from poise.contracts import Node, NodeStatus, RunConfig
+from poise.store import ArchiveError, ArchiveStore, check_same_node
 
 DB_FILENAME = "archive.db"
 SCHEMA_VERSION = 1

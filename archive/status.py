@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 
-from archive.store import ArchiveStore
 from poise.agents import OPERATORS
-from poise.contracts import Node, NodeStatus, RunConfig
+from poise.contracts import ROOT_ID, Node, NodeStatus, RunConfig
 from poise.objective import describe, satisfies
 from poise.scoring import ALPHA, confirmation_scores, seed_scores, summarize, utility, welch_p
-
-ROOT_ID = "n000"
+from poise.store import ArchiveStore
 
 
 def run_status(store: ArchiveStore, run_id: str) -> dict:

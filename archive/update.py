@@ -22,7 +22,6 @@ from enum import StrEnum
 
 from pydantic import ValidationError
 
-from archive.store import ArchiveError, ArchiveStore
 from poise import objective
 from poise.contracts import (
     EVENT_STATUS,
@@ -50,6 +49,7 @@ from poise.contracts import (
     utc_now,
 )
 from poise.llm.cost import llm_cost
+from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive")
 

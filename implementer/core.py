@@ -1,7 +1,7 @@
 """The implementer's core: proposal → candidate source → verification in the sandbox, with bounded correction.
 
 A `Coder` writes the module for a proposal and, given the verification report, a corrected one. The offline
-coder compiles the proposal's mechanism description (proposer/codegen.py); when the description does not
+coder compiles the proposal's mechanism description (poise/description/codegen.py); when the description does not
 compile it repairs the description (unknown mechanisms and parameters dropped, values clamped into range,
 missing required families filled with GRPO's choice) and says what it changed; compiled code that still
 fails verification cannot be repaired offline, and the node fails with the report. The LLM coder
@@ -24,11 +24,11 @@ from typing import Protocol as TypingProtocol
 
 from poise.algorithm import check_passed, describe_problems
 from poise.contracts import CheckResult, Implementation, MechanismSpec, Proposal, VerificationAttempt
+from poise.description.codegen import compile_proposal
+from poise.description.mechanisms import FAMILIES, MECHANISMS, DescriptionError, mechanisms_in
 from poise.llm import LLMError
 from poise.sandbox import SandboxLimits, run_sandboxed
 from poise.testbed.protocol import Protocol, get_protocol
-from proposer.codegen import compile_proposal
-from proposer.mechanisms import FAMILIES, MECHANISMS, DescriptionError, mechanisms_in
 
 log = logging.getLogger("poise.implementer")
 

@@ -39,10 +39,10 @@ from poise.agents import Prompt, load_prompt
 from poise.algorithm import REQUIRED_FUNCTIONS
 from poise.algorithms import common
 from poise.contracts import CheckResult, Proposal
+from poise.description.codegen import compile_proposal
+from poise.description.mechanisms import MECHANISMS, library_text
+from poise.description.proposals import root_proposal
 from poise.llm import LLMClient, quote_untrusted
-from proposer.baseline import root_proposal
-from proposer.codegen import compile_proposal
-from proposer.mechanisms import MECHANISMS, library_text
 
 log = logging.getLogger("poise.implementer")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from archive.store import ArchiveStore
 from implementer.core import Coder, OfflineCoder, implement, sandbox_verifier
 from implementer.llm_coder import LLMCoder
 from poise.agents import Agents, archived_llm_usd, default_agents
@@ -22,6 +21,7 @@ from poise.bus import Bus
 from poise.contracts import EvtImplemented, RunConfig, WorkImplement
 from poise.llm import collect_calls
 from poise.metrics import OK, REJECTED, observed
+from poise.store import ArchiveStore
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import get_protocol
 from poise.timing import PhaseClock

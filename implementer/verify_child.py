@@ -15,7 +15,7 @@ from pathlib import Path
 from poise.sandbox import emit_result, enter_sandbox
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
-PRELOAD = ("poise.algorithm", "poise.contracts", "poise.testbed.protocol", "trainer.testbed")
+PRELOAD = ("poise.algorithm", "poise.contracts", "poise.testbed.protocol", "poise.testbed.training")
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def smoke_run(payload: dict):
     from poise.algorithm import CandidateError, load_candidate
     from poise.contracts import CheckResult
     from poise.testbed.protocol import protocol_from_dict
-    from trainer.testbed import TrainingAborted, train
+    from poise.testbed.training import TrainingAborted, train
 
     protocol = protocol_from_dict(payload["smoke_protocol"])
     out_dir = Path.cwd() / "smoke"

@@ -121,6 +121,13 @@ class Effect(StrEnum):
 
 # ------------------------------------------------------------------------------------------ genealogy
 
+ROOT_ID = "n000"  # the node id of every run's root (GRPO); children are numbered n001, n002, ...
+
+
+def node_number(node_id: str) -> int:
+    """The number of a node id "n012" (12); -1 for an id not of that form."""
+    return int(node_id[1:]) if node_id[:1] == "n" and node_id[1:].isdigit() else -1
+
 
 class Genealogy(Contract):
     """A node's place in the run's lineage. `ancestors` holds every node on a path to a root."""
@@ -626,10 +633,12 @@ class _ReplicableMessage(Message):
 
 
 class WorkPropose(Message):
-    """Ask the proposer for one screened child of `parent_ids`; `node_id` is the child's pre-assigned id."""
+    """Ask the proposer for one screened child; `node_id` is the child's pre-assigned id. The proposer chooses
+    the parent by the run's parent selection (lineage prioritization is part of the proposal operator) unless
+    `parent_ids` names it."""
 
     subject: ClassVar[str] = "work.propose"
-    parent_ids: list[Id] = Field(min_length=1)
+    parent_ids: list[Id] = Field(default_factory=list, description="empty: the proposer chooses the parent")
     round: int = Field(0, ge=0)
 
 

@@ -30,7 +30,7 @@ import socket
 import sys
 import traceback
 
-from poise.sandbox import FORK_SERVER_DIR_PREFIX, _kill_group, _libc, _prctl
+from poise.sandbox import FORK_SERVER_DIR_PREFIX, kill_group, load_libc, prctl
 
 MAX_MESSAGE = 1 << 20
 _PR_SET_DUMPABLE = 4
@@ -77,7 +77,7 @@ def main() -> None:
                 report.send(json.dumps({"pid": pid}).encode())
                 children[pid] = report
             except OSError:  # the parent gave up waiting: nobody would ever stop this child
-                _kill_group(pid)
+                kill_group(pid)
                 report.close()
                 children[pid] = None  # still reaped below
             _reap(children)
@@ -134,7 +134,7 @@ def _run_child(module: str, request: dict, stdio: list[int], report: socket.sock
 
 
 def _set_dumpable(value: int) -> None:
-    _prctl(_libc(), _PR_SET_DUMPABLE, value)
+    prctl(load_libc(), _PR_SET_DUMPABLE, value)
 
 
 def _reap(children: dict[int, socket.socket | None]) -> None:
@@ -163,7 +163,7 @@ def _remove_own_directory() -> None:
 
 def _kill_all(children: dict[int, socket.socket | None]) -> None:
     for pid in children:
-        _kill_group(pid)
+        kill_group(pid)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ class NatsBus:
         self.publish_timeout_s = publish_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.heartbeat_s = ack_wait_s / 3
-        # Counters (read by poise.serve.BusCounters and the tests); changed only on the caller's thread.
+        # Counters (read by app.serve.BusCounters and the tests); changed only on the caller's thread.
         self.published = 0
         self.delivered = 0
         self.redelivered = 0

@@ -216,7 +216,7 @@ def run_sandboxed(
     if result.timed_out or result.output_overflow:
         _stop(child)
     result.returncode = child.wait()
-    _kill_group(child.pid)  # forks left behind by a child that exited still die
+    kill_group(child.pid)  # forks left behind by a child that exited still die
     child.stdout.close()
     child.stderr.close()
     if stdout_buffer and not result.output_overflow:
@@ -364,10 +364,10 @@ def _stop(child: subprocess.Popen) -> None:
             child.wait(timeout=WATCHDOG_GRACE_S)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
-    _kill_group(child.pid)
+    kill_group(child.pid)
 
 
-def _kill_group(pid: int) -> None:
+def kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -438,7 +438,7 @@ def enter_sandbox() -> tuple[dict[str, Any], list[str]]:
     payload = json.loads(sys.stdin.buffer.read())
     limits = payload.get("_limits", {})
     notes: list[str] = []
-    libc = _libc()
+    libc = load_libc()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the watchdog too
     workdir = os.getcwd()
     if _has_capability(_CAP_SYS_ADMIN):
@@ -461,7 +461,7 @@ def enter_sandbox() -> tuple[dict[str, Any], list[str]]:
     ):
         if value is not None:
             resource.setrlimit(limit, (int(value), int(value)))
-    if _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1) != 0:
+    if prctl(libc, _PR_SET_NO_NEW_PRIVS, 1) != 0:
         notes.append(f"no-new-privileges not set ({_errno()})")
     _drop_capabilities(libc, notes)
     _install_seccomp_filter(libc, notes)
@@ -473,7 +473,7 @@ def enter_sandbox() -> tuple[dict[str, Any], list[str]]:
     return payload, notes
 
 
-def _libc() -> ctypes.CDLL:
+def load_libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.unshare.argtypes = [ctypes.c_int]
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
@@ -482,7 +482,7 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-def _prctl(libc: ctypes.CDLL, option: int, arg2: int = 0, arg3: int = 0) -> int:
+def prctl(libc: ctypes.CDLL, option: int, arg2: int = 0, arg3: int = 0) -> int:
     return libc.prctl(option, arg2, arg3, 0, 0)
 
 
@@ -516,7 +516,7 @@ def _fork_behind_watchdog(libc: ctypes.CDLL, notes: list[str]) -> bool:
         notes.append(f"no PID namespace (fork failed: {err})")
         return False
     if child == 0:
-        _prctl(libc, _PR_SET_PDEATHSIG, signal.SIGKILL)  # a backstop only: the candidate could undo it
+        prctl(libc, _PR_SET_PDEATHSIG, signal.SIGKILL)  # a backstop only: the candidate could undo it
         return True
     _watch(libc, child, parent)
 
@@ -536,7 +536,7 @@ def _watch(libc: ctypes.CDLL, child: int, parent: int) -> NoReturn:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
-    _prctl(libc, _PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl(libc, _PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the death signal was armed
         stop()
     os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # not reaped yet: `child` cannot name another process
@@ -615,7 +615,7 @@ def _mount_table() -> list[tuple[str, set[str]]]:
 
 def _drop_capabilities(libc: ctypes.CDLL, notes: list[str]) -> None:
     """Securebits, bounding set, ambient set, then effective/permitted/inheritable: all empty."""
-    if _prctl(libc, _PR_SET_SECUREBITS, _SECUREBITS) != 0 and os.geteuid() == 0:
+    if prctl(libc, _PR_SET_SECUREBITS, _SECUREBITS) != 0 and os.geteuid() == 0:
         notes.append(f"securebits not locked ({_errno()})")
     try:
         with open("/proc/sys/kernel/cap_last_cap") as last:
@@ -623,8 +623,8 @@ def _drop_capabilities(libc: ctypes.CDLL, notes: list[str]) -> None:
     except (OSError, ValueError):
         last_cap = 63
     for cap in range(last_cap + 1):
-        _prctl(libc, _PR_CAPBSET_DROP, cap)
-    _prctl(libc, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+        prctl(libc, _PR_CAPBSET_DROP, cap)
+    prctl(libc, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
     header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
     if libc.capset(header, data) != 0:
@@ -683,7 +683,7 @@ def _install_seccomp_filter(libc: ctypes.CDLL, notes: list[str]) -> None:
     program = seccomp_program()
     filters = (_SockFilter * len(program))(*(_SockFilter(*instruction) for instruction in program))
     fprog = _SockFprog(len(program), filters)
-    if _prctl(libc, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog)) != 0:
+    if prctl(libc, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog)) != 0:
         notes.append(f"no seccomp filter ({_errno()})")
 
 

@@ -19,16 +19,15 @@ agg mechanism in the list and a matching `loss_agg_mode`, so `compile_proposal` 
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from poise.contracts import LossAggMode, MechanismSpec, Node, Proposal
+from poise.contracts import MechanismSpec, Node, Proposal
 from poise.contracts import Scalar as HParamValue
-from proposer.mechanisms import (
+from poise.description.mechanisms import (
     FAMILIES,
     MECHANISMS,
     AlgorithmDescription,
@@ -36,15 +35,19 @@ from proposer.mechanisms import (
     Param,
     mechanisms_in,
 )
+from poise.description.proposals import (
+    MAX_NAME_CHARS,
+    description_key,
+    key_value,
+    make_proposal,
+    proposal_description,
+)
 
 SELECTION_MODES = ("random", "greedy")
 # How often each kind of mutation is drawn (renormalized over the kinds the parent allows).
 MUTATION_WEIGHTS: dict[str, float] = {"add": 0.25, "remove": 0.15, "swap": 0.3, "hparam": 0.3}
 LOG_STEP_FACTORS = (1.5, 3.0)  # a log-scale parameter is multiplied or divided by a factor in this range
 LINEAR_STEP_FRACTIONS = (0.1, 0.25)  # any other numeric parameter moves by this fraction of its range
-KEY_SIGNIFICANT_DIGITS = 4  # descriptions whose values agree to this many digits are the same description
-MAX_NAME_CHARS = 60
-ROOT_NAME = "grpo"
 
 
 class MutationError(RuntimeError):
@@ -77,65 +80,6 @@ def select_parent(
     return ordered[max(range(len(ordered)), key=rank)]
 
 
-# -------------------------------------------------------------------------------------- descriptions
-
-
-def root_proposal() -> Proposal:
-    """GRPO as the root proposal of a run, the baseline every candidate is measured against."""
-    from proposer.codegen import describe_reference  # imports torch: only when a root is asked for
-
-    description = AlgorithmDescription.from_specs(*describe_reference(ROOT_NAME))
-    return _proposal(
-        description,
-        name=ROOT_NAME,
-        rationale="The root of the search and the baseline every candidate is compared against: GRPO "
-        f"({', '.join(description.names)}).",
-        generator="reference",
-    )
-
-
-def proposal_description(proposal: Proposal) -> AlgorithmDescription:
-    """The validated description of a proposal, its loss_agg_mode filling the agg slot when no agg mechanism is
-    listed (as compile_proposal does); DescriptionError if it is not valid.
-
-    Resolved once per distinct (mechanisms, hparams, loss_agg_mode): a search asks for the same few dozen
-    descriptions thousands of times (screening, the GPs' features, duplicate keys). Each call gets its own
-    hparams dict, so a caller that edits it changes nothing cached."""
-    described = _described(tuple((spec.name, _typed(spec.params)) for spec in proposal.mechanisms),
-                           _typed(proposal.hparams), proposal.loss_agg_mode)
-    return replace(described, hparams=dict(described.hparams))
-
-
-def _typed(items: dict[str, HParamValue]) -> tuple:
-    """A hashable key of a dict: its items in order (the order reaches the description's hparams), each value
-    tagged with its type (1, 1.0 and True hash alike, but a description built from one must not be handed out
-    for another)."""
-    return tuple((key, type(value).__name__, value) for key, value in items.items())
-
-
-@functools.lru_cache(maxsize=4096)
-def _described(mechanisms: tuple, hparams: tuple, loss_agg_mode: LossAggMode) -> AlgorithmDescription:
-    specs = [MechanismSpec(name=name, params={key: value for key, _, value in params}) for name, params in mechanisms]
-    if not any(spec.name.startswith("agg:") for spec in specs):
-        specs.append(MechanismSpec(name=f"agg:{loss_agg_mode}"))
-    return AlgorithmDescription.from_specs(specs, {key: value for key, _, value in hparams})
-
-
-def description_key(proposal: Proposal) -> str:
-    """A canonical key of the algorithm a proposal describes, whatever its name, rationale or spelling (params
-    on specs or in hparams, agg mechanism or loss_agg_mode): sorted mechanism names, the merged hyperparameters
-    rounded to KEY_SIGNIFICANT_DIGITS, and the agg mode."""
-    description = proposal_description(proposal)
-    hparams = ",".join(f"{key}={_key_value(description.hparams[key])}" for key in sorted(description.hparams))
-    return f"{'+'.join(sorted(description.names))}|{hparams}|agg={description.loss_agg_mode}"
-
-
-def _key_value(value: HParamValue) -> str:
-    if isinstance(value, bool) or isinstance(value, str):
-        return repr(value)
-    return f"{float(value) + 0.0:.{KEY_SIGNIFICANT_DIGITS}g}"  # + 0.0 turns -0.0 into 0.0
-
-
 # ------------------------------------------------------------------------------------------ mutation
 
 
@@ -156,19 +100,19 @@ def mutate(parent: Proposal, rng: random.Random, seen: set[str] | None = None, m
         raise ValueError(f"max_tries must be at least 1, got {max_tries}")
     description = proposal_description(parent)
     excluded = {description_key(parent), *(seen or ())}
-    available = {kind: options for kind, (list_options, _) in _KINDS.items() if (options := list_options(description))}
+    available = {kind: options for kind, (list_options, _) in KINDS.items() if (options := list_options(description))}
     if not available:
         raise MutationError(f"{parent.name}: no mutation applies to its description")
     kinds = list(available)
     weights = [MUTATION_WEIGHTS[kind] for kind in kinds]
     for _ in range(max_tries):
         kind = rng.choices(kinds, weights)[0]
-        change = _KINDS[kind][1](description, rng.choice(available[kind]), rng)
+        change = KINDS[kind][1](description, rng.choice(available[kind]), rng)
         if change is None:
             continue
-        child = _proposal(
+        child = make_proposal(
             change.description,
-            name=_child_name(parent.name, change.tag),
+            name=child_name(parent.name, change.tag),
             rationale=f"{change.text} Baseline proposer: one random mutation of {parent.name}.",
             generator="offline",
             directive=parent.directive,
@@ -179,13 +123,6 @@ def mutate(parent: Proposal, rng: random.Random, seen: set[str] | None = None, m
         f"{parent.name}: no new description in {max_tries} mutations (each was the parent or already in the "
         "archive); raise max_tries or select another parent"
     )
-
-
-def _proposal(
-    description: AlgorithmDescription, name: str, rationale: str, generator: str, directive: str | None = None
-) -> Proposal:
-    return Proposal(name=name, rationale=rationale, mechanisms=description.specs(), hparams={},
-                    loss_agg_mode=description.loss_agg_mode, directive=directive, generator=generator)
 
 
 # Options are what a kind can change in a description; a family is drawn before a mechanism so that the clip
@@ -203,7 +140,7 @@ def _add(description: AlgorithmDescription, family: str, rng: random.Random) -> 
     names = set(description.names)
     new = rng.choice([m for m in mechanisms_in(family) if _supported(m, names)])
     child = AlgorithmDescription.from_specs([*description.specs(), MechanismSpec(name=new.name)])
-    return _Change(child, f"+{_slug(new.name)}", f"Adds {new.name}{_params_text(new, child)}: {new.description}")
+    return _Change(child, f"+{slug(new.name)}", f"Adds {new.name}{_params_text(new, child)}: {new.description}")
 
 
 def _removable(description: AlgorithmDescription) -> list[str]:
@@ -212,11 +149,11 @@ def _removable(description: AlgorithmDescription) -> list[str]:
 
 def _remove(description: AlgorithmDescription, name: str, rng: random.Random) -> _Change:
     old = MECHANISMS[name]
-    kept, dropped = _without_unsupported([s for s in description.specs() if s.name != name])
+    kept, dropped = without_unsupported([s for s in description.specs() if s.name != name])
     family = FAMILIES[old.family]
     text = (f"Removes {name}{_params_text(old, description)}, leaving the {family.name} slot ({family.role}) "
             f"empty; it did this: {old.description}{_dropped_text(dropped)}")
-    return _Change(AlgorithmDescription.from_specs(kept), f"-{_slug(name)}", text)
+    return _Change(AlgorithmDescription.from_specs(kept), f"-{slug(name)}", text)
 
 
 def _swappable(description: AlgorithmDescription) -> list[str]:
@@ -227,10 +164,10 @@ def _swap(description: AlgorithmDescription, family: str, rng: random.Random) ->
     old = description.mechanism(family)
     new = rng.choice(_alternatives(description, old))
     specs = [MechanismSpec(name=new.name) if s.name == old.name else s for s in description.specs()]
-    kept, dropped = _without_unsupported(specs)
+    kept, dropped = without_unsupported(specs)
     child = AlgorithmDescription.from_specs(kept)
     text = f"Swaps {old.name} for {new.name}{_params_text(new, child)}: {new.description}{_dropped_text(dropped)}"
-    return _Change(child, f"~{_slug(new.name)}", text)
+    return _Change(child, f"~{slug(new.name)}", text)
 
 
 def _alternatives(description: AlgorithmDescription, mechanism: Mechanism) -> list[Mechanism]:
@@ -255,14 +192,14 @@ def _move(description: AlgorithmDescription, target: tuple[str, str], rng: rando
     return _Change(AlgorithmDescription.from_specs(specs), f"@{key}={_value_text(new)}", text)
 
 
-_KINDS: dict[str, tuple[Callable[[AlgorithmDescription], list], Callable[..., _Change | None]]] = {
+KINDS: dict[str, tuple[Callable[[AlgorithmDescription], list], Callable[..., _Change | None]]] = {
     "add": (_addable, _add),
     "remove": (_removable, _remove),
     "swap": (_swappable, _swap),
     "hparam": (_tunable, _move),
 }
-if set(_KINDS) != set(MUTATION_WEIGHTS):
-    raise RuntimeError(f"MUTATION_WEIGHTS names {sorted(MUTATION_WEIGHTS)} but the mutation kinds are {sorted(_KINDS)}")
+if set(KINDS) != set(MUTATION_WEIGHTS):
+    raise RuntimeError(f"MUTATION_WEIGHTS names {sorted(MUTATION_WEIGHTS)} but the mutation kinds are {sorted(KINDS)}")
 
 
 def moved_value(param: Param, value: HParamValue, rng: random.Random) -> HParamValue | None:
@@ -284,7 +221,7 @@ def moved_value(param: Param, value: HParamValue, rng: random.Random) -> HParamV
     for candidate in steps:
         if param.low <= candidate <= param.high:
             rounded = min(max(_rounded(candidate, param, log_scale), param.low), param.high)
-            if _key_value(rounded) != _key_value(value):
+            if key_value(rounded) != key_value(value):
                 return rounded
     return None
 
@@ -301,7 +238,7 @@ def _supported(mechanism: Mechanism, names: set[str]) -> bool:
     return not mechanism.works_with or bool(names & set(mechanism.works_with))
 
 
-def _without_unsupported(specs: list[MechanismSpec]) -> tuple[list[MechanismSpec], list[Mechanism]]:
+def without_unsupported(specs: list[MechanismSpec]) -> tuple[list[MechanismSpec], list[Mechanism]]:
     """`specs` without the mechanisms that work only with one no longer present, and those dropped."""
     names = {s.name for s in specs}
     dropped = [MECHANISMS[s.name] for s in specs if not _supported(MECHANISMS[s.name], names)]
@@ -311,7 +248,7 @@ def _without_unsupported(specs: list[MechanismSpec]) -> tuple[list[MechanismSpec
 # -------------------------------------------------------------------------------------------- wording
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower())
 
 
@@ -339,7 +276,7 @@ def _dropped_text(dropped: list[Mechanism]) -> str:
 _TAG_START = re.compile(r"[+~@]|-(?=[a-z])")
 
 
-def _child_name(parent_name: str, tag: str) -> str:
+def child_name(parent_name: str, tag: str) -> str:
     """The parent's name followed by the change tag ("grpo+kl_penalty@kl_coef=0.003"); past MAX_NAME_CHARS the
     root of the name, "..", and the latest whole tags that fit ("grpo..~clip_cispo@clip_high=0.5")."""
     full = parent_name + tag
@@ -355,10 +292,11 @@ __all__ = [
     "MUTATION_WEIGHTS",
     "SELECTION_MODES",
     "MutationError",
-    "description_key",
+    "KINDS",
+    "child_name",
     "moved_value",
     "mutate",
-    "proposal_description",
-    "root_proposal",
     "select_parent",
+    "slug",
+    "without_unsupported",
 ]

@@ -26,8 +26,8 @@ from typing import Literal
 import numpy as np
 
 from poise.contracts import Contract, MechanismEffect, MechanismSpec, Node, RunConfig
-from proposer.baseline import proposal_description
-from proposer.mechanisms import AlgorithmDescription, DescriptionError
+from poise.description.mechanisms import AlgorithmDescription, DescriptionError
+from poise.description.proposals import proposal_description
 from proposer.selection import candidate_parents, metric_vectors, pareto_fronts, seed_mean
 
 Tier = Literal["pareto", "complementary", "exploratory"]
@@ -183,7 +183,7 @@ def mechanism_contrast(first: Sequence[str], second: Sequence[str]) -> float:
 @functools.cache
 def _literature() -> tuple[LiteraturePrior, ...]:
     from poise.algorithms import REFERENCE_ALGORITHMS  # imports torch: only when priors are asked for
-    from proposer.codegen import describe_reference
+    from poise.description.codegen import describe_reference
 
     priors = []
     for name, algorithm in REFERENCE_ALGORITHMS.items():

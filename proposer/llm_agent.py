@@ -11,7 +11,7 @@ Population. One request (prompts/propose.md, after the cached system block of `a
 `config.population_size` proposals across the directions of proposer/population.py. The answer is a
 `ProposalSet`; constants travel as lists of `{name, value}` pairs rather than maps, because Anthropic's
 structured-output mode closes every object and could not write free keys. With the offline implementer
-(`library_only`) each proposal must be a valid description of the mechanism library (proposer/mechanisms.py)
+(`library_only`) each proposal must be a valid description of the mechanism library (poise/description/mechanisms.py)
 and the schema checks it, so an unknown mechanism or a constant out of range goes back to the model as a
 repair round that names the problem. With an LLM implementer new mechanism names are allowed: the coder writes
 them from the rationale.
@@ -39,10 +39,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from poise.agents import load_prompt
 from poise.contracts import LossAggMode, MechanismSpec, Node, Proposal, RunConfig, Scalar
+from poise.description.mechanisms import (
+    MECHANISMS,
+    AlgorithmDescription,
+    DescriptionError,
+    library_text,
+    validate_description,
+)
+from poise.description.proposals import MAX_NAME_CHARS, proposal_description
 from poise.llm import LLMAnswerError, LLMClient, LLMError
-from proposer.baseline import MAX_NAME_CHARS, proposal_description
 from proposer.context import Context, literature_lines, specs_text
-from proposer.mechanisms import MECHANISMS, AlgorithmDescription, DescriptionError, library_text, validate_description
 from proposer.population import DIRECTIONS
 from proposer.screening import Fingerprinter, Rejection, ScreenedProposal, ScreeningReport, screen_population
 

@@ -26,20 +26,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from poise.contracts import MechanismSpec, Proposal
-from proposer.baseline import (
-    _KINDS,
-    MutationError,
-    _child_name,
-    _proposal,
-    _slug,
-    _without_unsupported,
-    description_key,
-    moved_value,
-    mutate,
-    proposal_description,
-)
+from poise.description.mechanisms import FAMILIES, MECHANISMS, AlgorithmDescription, DescriptionError
+from poise.description.proposals import description_key, make_proposal, proposal_description
+from proposer.baseline import KINDS, MutationError, child_name, moved_value, mutate, slug, without_unsupported
 from proposer.context import Context, specs_text
-from proposer.mechanisms import FAMILIES, MECHANISMS, AlgorithmDescription, DescriptionError
 
 DIRECTIONS = ("remedy", "repair", "crossover", "mutation", "hparam")
 HARM_BOOST = 4.0  # a harmful mechanism judged with confidence c is drawn 1 + 4c times as often as no verdict
@@ -185,7 +175,7 @@ def _attempt(direction: str, parent: Proposal, description: AlgorithmDescription
         change = make(description, context, rng)
         if change is None:
             continue
-        child = _proposal(change.description, _child_name(parent.name, change.tag),
+        child = make_proposal(change.description, child_name(parent.name, change.tag),
                           f"Direction: {direction}. {change.text}", "offline", context.directive)
         if description_key(child) not in excluded:
             return child.model_copy(update=common)
@@ -227,7 +217,7 @@ def _remedy(description: AlgorithmDescription, context: Context, rng: random.Ran
 
 
 def _repairable(description: AlgorithmDescription, context: Context) -> list:
-    removable, swappable = set(_KINDS["remove"][0](description)), set(_KINDS["swap"][0](description))
+    removable, swappable = set(KINDS["remove"][0](description)), set(KINDS["swap"][0](description))
     return [e for e in context.parent.harmful() if e.mechanism in removable
             or MECHANISMS[e.mechanism].family in swappable]
 
@@ -237,9 +227,9 @@ def _repair(description: AlgorithmDescription, context: Context, rng: random.Ran
     effect = rng.choices(harmful, [1.0 + HARM_BOOST * e.confidence for e in harmful])[0]
     family = MECHANISMS[effect.mechanism].family
     kinds = [(kind, option) for kind, option in (("remove", effect.mechanism), ("swap", family))
-             if option in _KINDS[kind][0](description)]
+             if option in KINDS[kind][0](description)]
     kind, option = rng.choice(kinds)
-    change = _KINDS[kind][1](description, option, rng)
+    change = KINDS[kind][1](description, option, rng)
     why = (f"Repair: the parent's reflection judged {effect.mechanism} harmful (confidence {effect.confidence:.2f}: "
            f"{effect.evidence.rstrip('.')}).")
     return Change(change.description, change.tag, f"{why} {change.text}")
@@ -294,11 +284,11 @@ def _crossover(description: AlgorithmDescription, context: Context, rng: random.
 
 
 def _hparam(description: AlgorithmDescription, context: Context, rng: random.Random) -> Change | None:
-    options = _KINDS["hparam"][0](description)
+    options = KINDS["hparam"][0](description)
     verdicts = {e.mechanism: e.effect for e in context.parent.effects}
     weight = {"helped": HELPED_WEIGHT, "hurt": HURT_WEIGHT}
     target = rng.choices(options, [weight.get(str(verdicts.get(name)), 1.0) for name, _ in options])[0]
-    change = _KINDS["hparam"][1](description, target, rng)
+    change = KINDS["hparam"][1](description, target, rng)
     return None if change is None else Change(change.description, change.tag, change.text)
 
 
@@ -307,7 +297,7 @@ _MAKERS: dict[str, tuple[Callable[[AlgorithmDescription, Context], object],
     "remedy": (_remedy_options, _remedy),
     "repair": (_repairable, _repair),
     "crossover": (_crossover_options, _crossover),
-    "hparam": (lambda description, context: _KINDS["hparam"][0](description), _hparam),
+    "hparam": (lambda description, context: KINDS["hparam"][0](description), _hparam),
 }
 
 
@@ -321,7 +311,7 @@ def set_slot(description: AlgorithmDescription, spec: MechanismSpec) -> Change |
     mechanism = MECHANISMS[spec.name]
     old = description.mechanism(mechanism.family)
     specs = [s for s in description.specs() if MECHANISMS[s.name].family != mechanism.family] + [spec]
-    kept, dropped = _without_unsupported(specs)
+    kept, dropped = without_unsupported(specs)
     if spec.name not in {s.name for s in kept}:
         return None
     try:
@@ -332,7 +322,7 @@ def set_slot(description: AlgorithmDescription, spec: MechanismSpec) -> Change |
     replaced = f"replacing {old.name}" if old else f"filling the empty {family.name} slot ({family.role})"
     text = f"Sets {specs_text([spec])}, {replaced}: {mechanism.description}"
     text += "".join(f" Also drops {m.name}, which works only with {', '.join(m.works_with)}." for m in dropped)
-    return Change(child, f"{'~' if old else '+'}{_slug(spec.name)}", text)
+    return Change(child, f"{'~' if old else '+'}{slug(spec.name)}", text)
 
 
 __all__ = ["DIRECTIONS", "REMEDIES", "Change", "Remedy", "generate_population", "set_slot"]

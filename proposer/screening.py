@@ -32,8 +32,9 @@ from typing import Any, Literal
 import numpy as np
 
 from poise.contracts import Contract, Node, Proposal, RunConfig
-from proposer.baseline import description_key, proposal_description
-from proposer.codegen import compile_proposal
+from poise.description.codegen import compile_proposal
+from poise.description.mechanisms import DescriptionError
+from poise.description.proposals import description_key, proposal_description
 from proposer.context import Context, build_context
 from proposer.fingerprint import (
     NEAR_DUPLICATE_DISTANCE,
@@ -41,7 +42,6 @@ from proposer.fingerprint import (
     fingerprint_distance,
     fingerprint_distances,
 )
-from proposer.mechanisms import DescriptionError
 from proposer.population import generate_population
 from proposer.selection import UtilityGP
 

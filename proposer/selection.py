@@ -53,9 +53,9 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
 from poise.contracts import Node, NodeStatus, Objective, Proposal, SelectionWeights
+from poise.description.mechanisms import MECHANISMS, AlgorithmDescription, Param
+from poise.description.proposals import proposal_description
 from poise.scoring import seed_mean
-from proposer.baseline import proposal_description
-from proposer.mechanisms import MECHANISMS, AlgorithmDescription, Param
 
 Utility = Callable[[Node], float | None]
 
@@ -388,7 +388,7 @@ class UtilityGP:
     elsewhere) is tried last, and an untried direction keeps the GP's prior uncertainty. This is a surrogate of
     the utility itself, unlike `DescendantGP`, whose target (the gain a node's descendants show over it) says how
     promising a node is as a parent, not how good a new child will be. On the simulated landscape
-    (proposer/landscape.py, 100 worlds) POISE with this screening found +0.0048 (SE 0.0006) more true Overall
+    (app/landscape.py, 100 worlds) POISE with this screening found +0.0048 (SE 0.0006) more true Overall
     than the greedy baseline; in a scratch check at the landscape's earlier noise, screening with the
     DescendantGP gained only +0.0017 (SE 0.0010, 40 worlds), this GP +0.0037 (SE 0.0012)
     (bench/results/search_simulated.md).

@@ -22,13 +22,15 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from archive.store import ArchiveStore
 from poise.agents import Agents, archived_llm_usd, default_agents
 from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtProposed, Failure, Node, Phase, Proposal, RunConfig, WorkPropose
+from poise.description.proposals import description_key
 from poise.llm import LLMError, collect_calls
 from poise.metrics import FAILED, observed
-from proposer.baseline import description_key, mutate
+from poise.store import ArchiveStore
+from proposer.baseline import mutate
+from proposer.parents import choose_parent
 
 if TYPE_CHECKING:  # the offline baseline path needs neither numpy nor scikit-learn
     from proposer.screening import Fingerprinter, ScreeningReport
@@ -54,12 +56,13 @@ class ProposerService:
     def handle(self, work: WorkPropose) -> str | None:
         ids = {"run_id": work.run_id, "node_id": work.node_id, "attempt": work.attempt}
         config = self.archive.get_run(work.run_id)
-        parent = self.archive.get_node(work.run_id, work.parent_ids[0])
-        if config is None or parent is None:
-            failure = Failure(phase=Phase.PROPOSE, reason=f"parent {work.parent_ids[0]} of run {work.run_id} "
-                                                          "is not in the archive")
+        parent = self._parent(config, work) if config is not None else None
+        if parent is None:
+            named = f"parent {work.parent_ids[0]}" if work.parent_ids else "an evaluated parent"
+            failure = Failure(phase=Phase.PROPOSE, reason=f"{named} of run {work.run_id} is not in the archive")
             self.bus.publish(EvtFailed(**ids, failure=failure))
             return FAILED
+        work = work.model_copy(update={"parent_ids": [parent.node_id]})
         failure = None
         with collect_calls() as calls:
             try:
@@ -80,6 +83,16 @@ class ProposerService:
             self.bus.publish(EvtFailed(**ids, failure=failure, llm_calls=calls, parent_ids=list(work.parent_ids)))
             return FAILED
         self.bus.publish(EvtProposed(**ids, proposal=proposal, llm_calls=calls))
+
+    def _parent(self, config: RunConfig, work: WorkPropose) -> Node | None:
+        """The parent `work` names, or the one lineage prioritization chooses (proposer/parents.py)."""
+        if work.parent_ids:
+            return self.archive.get_node(work.run_id, work.parent_ids[0])
+        try:
+            return choose_parent(self.archive.nodes(work.run_id), config, work.node_id)
+        except ValueError as err:
+            log.warning("%s: no parent: %s", work.node_id, err)
+            return None
 
     def _propose_screened(self, config: RunConfig, work: WorkPropose, parent: Node) -> Proposal:
         """Phase I for one parent; ValueError (a failed proposal, with the rejections) when nothing passes."""

@@ -28,7 +28,7 @@ from poise.contracts import (
     Scalar,
     TrainingTrajectory,
 )
-from proposer.mechanisms import MECHANISMS
+from poise.description.mechanisms import MECHANISMS
 
 GENERATOR = "offline"
 

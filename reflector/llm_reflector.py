@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from poise.agents import load_prompt
 from poise.contracts import Effect, MechanismEffect, Node, Reflection, RunConfig
+from poise.description.mechanisms import MECHANISMS
 from poise.llm import LLMClient, LLMError, quote_untrusted
 from poise.objective import describe as describe_objective
-from proposer.mechanisms import MECHANISMS
 from reflector.core import (
     MAIN_CURVES,
     MechanismDelta,

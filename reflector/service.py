@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 
-from archive.store import ArchiveStore
 from poise.agents import Agents, archived_llm_usd, default_agents
 from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtReflected, Failure, Node, Phase, Reflection, RunConfig, WorkReflect
 from poise.llm import LLMClient, LLMError, collect_calls
 from poise.metrics import FAILED, observed
 from poise.scoring import seed_scores, summarize
+from poise.store import ArchiveStore
 from reflector.core import reflect
 from reflector.llm_reflector import fallback_reflection, llm_reflect
 

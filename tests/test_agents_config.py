@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from app.cli import build_parser, run_config
+from app.runner import RunError, open_run
 from archive.service import ROOT_ID, ArchiveService
 from archive.sqlite_store import SQLiteStore
 from poise.agents import Agents, archived_llm_usd
 from poise.agents.prompts import Prompt, PromptError, load_prompt
 from poise.algorithms import reference_algorithm
 from poise.bus import InProcBus
-from poise.cli import build_parser, run_config
 from poise.contracts import (
     Backends,
     CallRecord,
@@ -35,7 +36,6 @@ from poise.contracts import (
     WorkPropose,
 )
 from poise.llm import BudgetExceeded, CostMeter
-from poise.runner import RunError, open_run
 
 GRPO_SOURCE = reference_algorithm("grpo").source()
 PROMPTS = Path(__file__).resolve().parents[1] / "poise" / "agents" / "prompts"
@@ -176,7 +176,7 @@ def test_the_meter_books_spend_it_did_not_see():
 
 
 def test_a_run_whose_agent_cannot_start_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    from poise.runner import run
+    from app.runner import run
 
     for variable in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"):
         monkeypatch.delenv(variable, raising=False)

@@ -28,7 +28,6 @@ from pydantic import BaseModel
 
 from archive.mongo_store import MongoStore
 from archive.sqlite_store import DB_FILENAME, SCHEMA_VERSION, SQLiteStore
-from archive.store import ArchiveError, ArchiveStore
 from archive.update import ArchiveUpdater, Outcome, UpdateResult
 from poise.contracts import (
     CallRecord,
@@ -62,6 +61,7 @@ from poise.contracts import (
     WorkReflect,
     WorkTrain,
 )
+from poise.store import ArchiveError, ArchiveStore
 
 RUN = "run-vm-av"
 SOURCE = """LOSS_AGG_MODE = "token-mean"

@@ -21,19 +21,10 @@ from poise.contracts import (
     Proposal,
     TrainingTrajectory,
 )
-from proposer.baseline import (
-    MAX_NAME_CHARS,
-    MUTATION_WEIGHTS,
-    MutationError,
-    description_key,
-    moved_value,
-    mutate,
-    proposal_description,
-    root_proposal,
-    select_parent,
-)
-from proposer.codegen import compile_proposal, describe_reference
-from proposer.mechanisms import FAMILIES, MECHANISMS, AlgorithmDescription
+from poise.description.codegen import compile_proposal, describe_reference
+from poise.description.mechanisms import FAMILIES, MECHANISMS, AlgorithmDescription
+from poise.description.proposals import MAX_NAME_CHARS, description_key, proposal_description, root_proposal
+from proposer.baseline import MUTATION_WEIGHTS, MutationError, moved_value, mutate, select_parent
 
 ROOT = root_proposal()
 PARAMS = sorted((name, key) for name, m in MECHANISMS.items() for key in m.params)

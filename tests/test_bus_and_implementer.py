@@ -19,10 +19,10 @@ from poise.contracts import (
     WorkPropose,
     WorkTrain,
 )
+from poise.description.codegen import compile_proposal
+from poise.description.proposals import root_proposal
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import get_protocol
-from proposer.baseline import root_proposal
-from proposer.codegen import compile_proposal
 
 IDS = {"run_id": "r", "node_id": "n001"}
 

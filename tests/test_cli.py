@@ -4,7 +4,7 @@ import shutil
 import subprocess
 import sys
 
-from poise.cli import main
+from app.cli import main
 
 
 def test_selfcheck_checks_every_reference_algorithm(capsys):

@@ -1,4 +1,4 @@
-"""Distributed mode end to end: nats-server and each service as its own OS process (`python -m poise.serve`).
+"""Distributed mode end to end: nats-server and each service as its own OS process (`python -m app.serve`).
 
 The services share a work directory (node directories, checkpoints) and the archive's SQLite store, and talk
 only over JetStream and the archive's HTTP API, as in docker compose. A tiny-protocol run must come out like
@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_loop import ROOT, assert_lineage_is_valid
 from test_nats_bus import NatsServer, dead_letter_of, free_port
 
+from app.runner import run
 from archive.sqlite_store import SQLiteStore
 from poise.contracts import Node, NodeStatus, Phase, RunConfig
 from poise.nats_bus import REASON_HEADER
-from poise.runner import run
 from proposer.baseline import description_key
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
@@ -56,7 +56,7 @@ class Service:
 
     def start(self) -> Service:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "poise.serve", self.name], env=self.env,
+            self.process = subprocess.Popen([sys.executable, "-m", "app.serve", self.name], env=self.env,
                                             stdout=log, stderr=subprocess.STDOUT)
         return self
 

@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from poise.contracts import NodeStatus
-from proposer.baseline import description_key, mutate, proposal_description, root_proposal
-from proposer.fingerprint import NEAR_DUPLICATE_DISTANCE, fingerprint_distance
-from proposer.landscape import (
+from app.landscape import (
     NOISE_SD,
     SELECTORS,
     TESTBED_SEED_SD,
@@ -28,7 +25,11 @@ from proposer.landscape import (
     paired_difference,
     search,
 )
-from proposer.mechanisms import AlgorithmDescription
+from poise.contracts import NodeStatus
+from poise.description.mechanisms import AlgorithmDescription
+from poise.description.proposals import description_key, proposal_description, root_proposal
+from proposer.baseline import mutate
+from proposer.fingerprint import NEAR_DUPLICATE_DISTANCE, fingerprint_distance
 from proposer.screening import screen_population
 
 # 40 worlds: over 100 other worlds (200-299) POISE − greedy was +0.0048 with a per-world SD of 0.006, and on the
@@ -128,7 +129,7 @@ def test_poise_selection_finds_better_algorithms_than_greedy_selection(runs) -> 
 
 
 def test_bench_search_writes_the_best_found_utility_and_its_curve_per_search(tmp_path) -> None:
-    from poise.cli import main
+    from app.cli import main
 
     out = tmp_path / "search.json"
     assert main(["bench", "search", "--landscape", "simulated", "--selector", "random", "--budget", "10",
@@ -145,7 +146,7 @@ def test_bench_search_writes_the_best_found_utility_and_its_curve_per_search(tmp
 
 
 def test_the_ablation_crosses_parent_selection_with_phase_one_in_the_same_worlds(tmp_path) -> None:
-    from poise.bench import ABLATION_ARMS, bench_search_ablation
+    from app.bench import ABLATION_ARMS, bench_search_ablation
 
     out = tmp_path / "ablation.json"
     report = bench_search_ablation([5, 6], budget=6, json_path=out, log=lambda _: None)

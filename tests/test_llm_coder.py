@@ -1,6 +1,6 @@
 """The LLM coder end to end: the real SDK clients against local fake API servers, the real sandbox verifier.
 
-Each test scripts the model's answers (tests/fake_llm.py) with modules that proposer/codegen.py compiles from
+Each test scripts the model's answers (tests/fake_llm.py) with modules that poise/description/codegen.py compiles from
 real proposals, some of them broken on purpose, and runs `implement` with the sandboxed verifier of the tiny
 protocol: the modules are imported, checked and (once) smoke-trained in the sandbox child, as in a run.
 Only the smoke run is left out where a test is about the correction loop, to keep the file at a few
@@ -30,11 +30,11 @@ from poise.contracts import (
     RunConfig,
     WorkImplement,
 )
+from poise.description.codegen import compile_proposal
+from poise.description.proposals import root_proposal
 from poise.llm import AnthropicClient, OpenAIClient, collect_calls
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import get_protocol
-from proposer.baseline import root_proposal
-from proposer.codegen import compile_proposal
 
 pytestmark = pytest.mark.llm
 

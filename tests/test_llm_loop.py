@@ -15,11 +15,11 @@ import threading
 import pytest
 from fake_llm import Answer, FakeAnthropic, Request
 
+from app.runner import run
 from archive.sqlite_store import SQLiteStore
 from poise.agents import Agents
 from poise.contracts import Backends, MechanismSpec, NodeStatus, Proposal, RunConfig
-from poise.runner import run
-from proposer.codegen import compile_proposal
+from poise.description.codegen import compile_proposal
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 

@@ -17,8 +17,8 @@ from test_population_screening import GRPO_SOURCE, ROOT, RUN, literal_fingerprin
 from archive.sqlite_store import SQLiteStore
 from poise.agents import Agents
 from poise.contracts import Backends, EvtFailed, EvtProposed, Message, Objective, Phase, RunConfig, WorkPropose
+from poise.description.codegen import compile_proposal
 from proposer.baseline import proposal_description
-from proposer.codegen import compile_proposal
 from proposer.llm_agent import ScreenSet
 from proposer.service import ProposerService
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from app.cli import main
+from app.runner import RunError, run
 from archive.sqlite_store import SQLiteStore
 from archive.status import run_status
 from implementer.core import OfflineCoder
-from poise.cli import main
 from poise.contracts import NodeStatus, RunConfig
-from poise.runner import RunError, run
 from poise.scoring import replicate_seed
 from proposer.baseline import description_key
 
@@ -112,7 +112,7 @@ def test_resuming_a_finished_run_does_nothing_and_a_changed_protocol_is_refused(
 
 
 def test_a_run_records_its_protocol_and_refuses_to_resume_after_the_protocol_changed(tmp_path, monkeypatch):
-    from poise.runner import open_run
+    from app.runner import open_run
     from poise.testbed.protocol import PROTOCOLS, protocol_sha256
 
     store, config = open_run(tmp_path, tiny_config("drift"))
@@ -140,7 +140,7 @@ def node_rows(run_dir: Path) -> dict[str, str]:
 
 def test_a_run_killed_with_sigkill_resumes_with_no_node_lost_or_duplicated(tmp_path):
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "poise.cli", "run", "--protocol", "tiny", "--budget", "1", "--parallel", "2",
+    command = [sys.executable, "-m", "app.cli", "run", "--protocol", "tiny", "--budget", "1", "--parallel", "2",
                "--root-seeds", "1", "--replicate-seeds", "1", "--seed", "3", "--run-dir", str(run_dir)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 400

@@ -23,8 +23,8 @@ from poise.algorithm import (
 )
 from poise.algorithms import REFERENCE_ALGORITHMS
 from poise.contracts import MechanismSpec, Proposal
-from proposer.codegen import compile_candidate, compile_proposal, describe_reference
-from proposer.mechanisms import (
+from poise.description.codegen import compile_candidate, compile_proposal, describe_reference
+from poise.description.mechanisms import (
     FAMILIES,
     MECHANISMS,
     AlgorithmDescription,

@@ -324,7 +324,7 @@ def test_a_message_whose_worker_died_on_its_last_delivery_is_dead_lettered_throu
 
 def test_a_dead_lettered_work_message_becomes_the_nodes_evt_failed(make_bus):
     """What `poise serve` wires up: the worker's dead_letter publishes evt.failed, and the archive gets it."""
-    from poise.serve import forward_dead_letter
+    from app.serve import forward_dead_letter
 
     worker = make_bus(max_deliver=1)
     worker.dead_letter = forward_dead_letter(worker)

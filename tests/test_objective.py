@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from app.cli import build_parser, run_config
 from archive.report import pareto_front, write_report
 from archive.sqlite_store import SQLiteStore
 from archive.status import run_status
 from archive.update import ArchiveUpdater, Outcome
-from poise.cli import build_parser, run_config
 from poise.contracts import (
     Evaluation,
     EvtEvaluated,

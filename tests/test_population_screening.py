@@ -33,9 +33,10 @@ from poise.contracts import (
     TrainingTrajectory,
     sha256_hex,
 )
+from poise.description.codegen import compile_proposal, describe_reference
+from poise.description.mechanisms import MECHANISMS
+from poise.description.proposals import description_key, proposal_description, root_proposal
 from poise.sandbox import SandboxResult
-from proposer.baseline import description_key, proposal_description, root_proposal
-from proposer.codegen import compile_proposal, describe_reference
 from proposer.context import Context, build_context, mechanism_contrast
 from proposer.fingerprint import (
     FINGERPRINT_LENGTH,
@@ -46,7 +47,6 @@ from proposer.fingerprint import (
     fingerprint_distances,
     fingerprint_in_sandbox,
 )
-from proposer.mechanisms import MECHANISMS
 from proposer.population import DIRECTIONS, REMEDIES, generate_population
 from proposer.screening import (
     ScreeningReport,

@@ -28,7 +28,6 @@ from archive.report import (
     write_report,
 )
 from archive.sqlite_store import SQLiteStore
-from archive.store import ArchiveError
 from poise.contracts import (
     CallRecord,
     CheckResult,
@@ -52,6 +51,7 @@ from poise.contracts import (
     VerificationAttempt,
 )
 from poise.llm.cost import llm_cost
+from poise.store import ArchiveError
 
 RUN = "run-report"
 HOSTILE = "<script>alert(1)</script>"

@@ -24,7 +24,7 @@ from poise.contracts import (
     SuiteResult,
     TrainingTrajectory,
 )
-from proposer.mechanisms import MECHANISMS, AlgorithmDescription
+from poise.description.mechanisms import MECHANISMS, AlgorithmDescription
 from proposer.selection import (
     FEATURE_NAMES,
     PRIOR_MEAN,

@@ -21,11 +21,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from app.serve import HttpServer, build_app, bus_check, resolve_run, serve, store_check
 from archive.api import NOT_FOUND_HEADER, RunRefused, archive_router, store_unavailable
 from archive.client import ArchiveClient, ReadOnlyArchive
 from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
-from archive.store import ArchiveError, ArchiveStore
 from poise.bus import InProcBus
 from poise.contracts import (
     Backends,
@@ -47,8 +47,8 @@ from poise.contracts import (
     TrainingTrajectory,
 )
 from poise.metrics import FAILED, METRICS, OK, PHASE_BUCKETS, REGISTRY, observed, tokens_per_second
-from poise.serve import HttpServer, build_app, bus_check, resolve_run, serve, store_check
 from poise.settings import ServiceSettings, SettingsError, load_settings
+from poise.store import ArchiveError, ArchiveStore
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
 
@@ -350,7 +350,7 @@ def test_the_run_described_by_the_environment_is_validated_up_front(monkeypatch)
 
 
 def test_poise_serve_with_bad_settings_exits_2_with_the_message(monkeypatch, capsys):
-    from poise.cli import main
+    from app.cli import main
 
     monkeypatch.setenv("POISE_HTTP_PORT", "not-a-port")
     assert main(["serve", "trainer"]) == 2
@@ -633,7 +633,7 @@ def test_serve_gives_a_stuck_handler_only_the_grace_period(tmp_path: Path):
 
 
 def test_serve_refuses_backends_this_build_lacks(tmp_path: Path):
-    from poise.serve import ServeError
+    from app.serve import ServeError
 
     settings = ServiceSettings(work_dir=tmp_path, http_port=0, trainer_backend="verl")
     bus = FakeBus()

@@ -200,7 +200,7 @@ def test_model_save_load_round_trip(model, prompts, tmp_path):
 
 
 def test_the_benchmark_times_both_decoders_alternately_and_keeps_every_repeat():
-    from poise.bench import sampler_speedup
+    from app.bench import sampler_speedup
     from poise.testbed.checkpoints import base_checkpoint
     from poise.testbed.protocol import get_protocol
 

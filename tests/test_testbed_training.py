@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from app.bench import NAN_CANDIDATE, sign_flipped_grpo
 from evaluator.testbed import evaluate_checkpoint
 from poise.algorithms import reference_algorithm
-from poise.bench import NAN_CANDIDATE, sign_flipped_grpo
 from poise.bus import InProcBus
 from poise.contracts import EvtTrained, WorkTrain
 from poise.sandbox import SandboxLimits

@@ -13,7 +13,7 @@ from pathlib import Path
 from poise.sandbox import emit, emit_result, enter_sandbox
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
-PRELOAD = ("poise.algorithm", "poise.testbed.protocol", "trainer.testbed")
+PRELOAD = ("poise.algorithm", "poise.testbed.protocol", "poise.testbed.training")
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     # Trusted imports first: the candidate is loaded only after the harness is fully in place.
     from poise.algorithm import CandidateError, load_candidate
     from poise.testbed.protocol import protocol_from_dict
-    from trainer.testbed import train
+    from poise.testbed.training import train
 
     protocol = protocol_from_dict(payload["protocol"])
     steps: list[dict] = []

@@ -9,7 +9,7 @@ from pathlib import Path
 from poise.contracts import TrainingStep, TrainingTrajectory
 from poise.sandbox import SandboxLimits, run_sandboxed
 from poise.testbed.protocol import Protocol
-from trainer.testbed import CHECKPOINT_NAME
+from poise.testbed.training import CHECKPOINT_NAME
 
 CHILD_MODULE = "trainer.testbed_child"
 

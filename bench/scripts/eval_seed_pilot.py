@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from app.bench import summarize
 from evaluator.testbed import evaluate_checkpoint
-from poise.bench import summarize
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import protocol_from_dict
 

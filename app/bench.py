@@ -259,10 +259,10 @@ SEARCH_PAIRS = (("poise", "random"), ("poise", "greedy"), ("greedy", "random"))
 
 def bench_search(seeds: Sequence[int], budget: int = 45, selectors: Sequence[str] | None = None,
                  json_path: Path | None = None, log=print) -> dict:
-    """Parent selectors compared on the simulated landscape (proposer/landscape.py): every selector in the same
+    """Parent selectors compared on the simulated landscape (app/landscape.py): every selector in the same
     worlds with the same budget; per selector the best-found and the reported true utility (mean ± SD over
     worlds), and the paired difference of each pair in SEARCH_PAIRS (mean, standard error, and their ratio)."""
-    from proposer.landscape import SELECTORS, compare
+    from app.landscape import SELECTORS, compare
 
     selectors = tuple(selectors or SELECTORS)
     started = time.perf_counter()
@@ -283,7 +283,7 @@ def bench_search(seeds: Sequence[int], budget: int = 45, selectors: Sequence[str
 
 def _paired(a: Sequence[float], b: Sequence[float]) -> dict:
     """The paired difference a − b over worlds: mean, standard error and their ratio."""
-    from proposer.landscape import paired_difference
+    from app.landscape import paired_difference
 
     mean, se = paired_difference(a, b)
     return {"mean": mean, "se": se, "z": mean / se if se > 0 else None}
@@ -315,7 +315,7 @@ def bench_search_ablation(seeds: Sequence[int], budget: int = 45, json_path: Pat
     greedy's best seed mean) crossed with how a parent gets its child (the baseline's one random mutation vs
     Phase I's screened population), each arm in the same worlds with the same budget. Reports each arm's
     best-found and reported true utility (mean ± SD over worlds) and the paired differences of ABLATION_PAIRS."""
-    from proposer.landscape import search
+    from app.landscape import search
 
     started = time.perf_counter()
     arms: dict[str, dict] = {}
@@ -400,8 +400,8 @@ def selector_search(selector: str, budget: int, search_seeds: int, first_seed: i
     started = time.perf_counter()
     for seed in seeds:
         if landscape == "simulated":
+            from app.landscape import Landscape, search
             from proposer.baseline import proposal_description
-            from proposer.landscape import Landscape, search
 
             result = search(selector, seed, budget)
             world = replace(Landscape(), seed=seed)
@@ -410,9 +410,9 @@ def selector_search(selector: str, budget: int, search_seeds: int, first_seed: i
             entry = {"seed": seed, "best_utility": result.best_true, "reported_utility": result.reported_true,
                      "root_utility": result.root_true, "best_depth": best.genealogy.depth}
         else:
+            from app.runner import run
             from archive.sqlite_store import SQLiteStore
             from poise.contracts import RunConfig
-            from poise.runner import run
             from poise.scoring import utility
 
             run_dir = (run_root or Path("runs/bench-search")) / f"{selector}-s{seed}"

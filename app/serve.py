@@ -1,4 +1,4 @@
-"""`poise serve SERVICE` (or `python -m poise.serve SERVICE`): one service of the distributed mode.
+"""`poise serve SERVICE` (or `python -m app.serve SERVICE`): one service of the distributed mode.
 
 One process per container (research/ops.md section 3.3): it reads its settings from `POISE_*` variables
 (poise/settings.py), connects to NATS JetStream (`NatsBus`), builds its service and serves HTTP on
@@ -43,13 +43,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from archive.api import RunRefused, archive_router, store_unavailable
-from archive.store import ArchiveError, ArchiveStore
 from poise.contracts import MESSAGE_TYPES, RECORDED_SETTINGS, RESUMABLE_SETTINGS, Backends, Message, RunConfig
 from poise.metrics import METRICS, REGISTRY
 from poise.settings import SERVICES, ServiceSettings, SettingsError, load_settings
+from poise.store import ArchiveError, ArchiveStore
 from poise.testbed.protocol import protocol_drift, protocol_sha256
 
-log = logging.getLogger("poise.serve")
+log = logging.getLogger("app.serve")
 
 EVENT_SUBJECTS = tuple(subject for subject in MESSAGE_TYPES if subject.startswith("evt."))
 LOOP_TICK_S = 1.0

@@ -83,8 +83,8 @@ def llm_settings(values: list[str]) -> dict[str, object]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from app.runner import RunError, run
     from archive.sqlite_store import SQLiteStore
-    from poise.runner import RunError, run
     from poise.testbed.protocol import PROTOCOLS
 
     if args.protocol is not None and args.protocol not in PROTOCOLS:
@@ -244,7 +244,7 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_testbed(args: argparse.Namespace) -> int:
-    from poise.bench import CONTROL, bench_testbed
+    from app.bench import CONTROL, bench_testbed
     from poise.testbed.protocol import get_protocol
 
     algorithms = args.algorithms or [*REFERENCE_ALGORITHMS, CONTROL]
@@ -261,7 +261,7 @@ def cmd_bench_testbed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_summarize(args: argparse.Namespace) -> int:
-    from poise.bench import markdown_table, resummarize
+    from app.bench import markdown_table, resummarize
 
     path = Path(args.json)
     report = resummarize(json.loads(path.read_text()))
@@ -273,7 +273,7 @@ def cmd_bench_summarize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sampler(args: argparse.Namespace) -> int:
-    from poise.bench import sampler_speedup
+    from app.bench import sampler_speedup
     from poise.testbed.checkpoints import base_checkpoint
     from poise.testbed.protocol import get_protocol
 
@@ -295,8 +295,8 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     """A fresh run in a temporary directory: how much of the wall time is orchestration, not phase work."""
     import tempfile
 
+    from app.runner import run
     from poise.contracts import RunConfig
-    from poise.runner import run
 
     with tempfile.TemporaryDirectory(prefix="poise-bench-loop-") as tmp:
         config = RunConfig(run_id="bench-loop", budget=args.budget, protocol=args.protocol, seed=args.seed,
@@ -312,7 +312,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_search(args: argparse.Namespace) -> int:
-    from poise.bench import selector_search
+    from app.bench import selector_search
 
     report = selector_search(args.selector, args.budget, args.search_seeds, args.first_seed, args.landscape,
                              args.protocol, Path(args.run_root))
@@ -329,7 +329,7 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from poise.serve import run_service
+    from app.serve import run_service
 
     return run_service(args.service)
 
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_show)
     serve = commands.add_parser("serve", help="run one service of the distributed mode (settings: POISE_* "
-                                              "variables; see poise/serve.py)")
+                                              "variables; see app/serve.py)")
     serve.add_argument("service", choices=SERVICES)
     serve.set_defaults(handler=cmd_serve)
     check = commands.add_parser("selfcheck", help="structural check of the reference algorithms")
@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_search.add_argument("--first-seed", type=int, default=0)
     bench_search.add_argument("--landscape", choices=("simulated", "testbed"), default="testbed",
                               help="testbed: real runs of the embedded loop (hours per search on 2 cores); "
-                                   "simulated: proposer/landscape.py, seconds")
+                                   "simulated: app/landscape.py, seconds")
     bench_search.add_argument("--protocol", default="default", help="testbed protocol (default: default)")
     bench_search.add_argument("--run-root", default="runs/bench-search",
                               help="testbed: where each search's run directory goes (resumable)")

@@ -1,7 +1,7 @@
 """The mechanism library: named building blocks of RL algorithms, shared by the proposer and the implementer.
 
 An algorithm description is a list of `MechanismSpec`s (poise.contracts) plus hyperparameters. Each mechanism
-belongs to one family, and each family fills one slot of the compiled candidate module (proposer/codegen.py):
+belongs to one family, and each family fills one slot of the compiled candidate module (poise/description/codegen.py):
 
     advantages  baseline -> scale -> [validity] -> [failure_shaping] -> [length_shaping] -> [entropy]
     loss        clip -> [dual_clip] -> [kl], reduced by the caller with the agg mode (LOSS_AGG_MODE)

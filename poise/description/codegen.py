@@ -2,7 +2,7 @@
 
 The module follows the shared interface (poise/algorithm.py) and imports only torch and poise.algorithms.common.
 It holds one small function per mechanism slot (each commented with the mechanism it implements), then
-`compute_advantages` and `policy_loss` composing them in pipeline order (proposer/mechanisms.py), so an LLM or
+`compute_advantages` and `policy_loss` composing them in pipeline order (poise/description/mechanisms.py), so an LLM or
 a person can read it top to bottom and change one mechanism in one place. The reference algorithms are
 expressible as descriptions (`describe_reference`) and compile to modules that match them numerically.
 """
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from poise.contracts import MechanismSpec, Proposal
 from poise.contracts import Scalar as HParamValue
-from proposer.mechanisms import FAMILIES, MECHANISMS, AlgorithmDescription, Mechanism
+from poise.description.mechanisms import FAMILIES, MECHANISMS, AlgorithmDescription, Mechanism
 
 # Where a description has no validity mechanism, every response enters the group statistics.
 _ALL_COUNTED = '''
@@ -110,7 +110,7 @@ def render(description: AlgorithmDescription, name: str, rationale: str = "") ->
 
 
 def _docstring(description: AlgorithmDescription, name: str, rationale: str) -> str:
-    title = f"{' '.join(name.split())}: compiled from a mechanism description by proposer/codegen.py."
+    title = f"{' '.join(name.split())}: compiled from a mechanism description by poise/description/codegen.py."
     lines = [*textwrap.wrap(title, _WIDTH - 4, break_on_hyphens=False), ""]
     for paragraph in (p for p in rationale.split("\n\n") if p.strip()):
         lines += [*textwrap.wrap(" ".join(paragraph.split()), _WIDTH - 4, break_on_hyphens=False), ""]

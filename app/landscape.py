@@ -47,7 +47,7 @@ What it shows (bench/results/search_simulated.md has the numbers, commands and t
 the budget of 45 children in rounds of 3, over 100 worlds (seeds 200-299), best-found true Overall is random
 0.2797, greedy 0.2827, POISE 0.2875: POISE beats greedy by +0.0048 (SE 0.0006) and random by +0.0078 (SE
 0.0006), and the node a run would report by +0.0063 (SE 0.0010) over greedy. An ablation on the same worlds
-(`poise.bench.bench_search_ablation`) splits the gain: Phase I's screening makes about two thirds of the
+(`app.bench.bench_search_ablation`) splits the gain: Phase I's screening makes about two thirds of the
 best-found gain (+0.0033, SE 0.0007, with greedy's parents), POISE's parent selection the rest (+0.0015, SE
 0.0006, with Phase I's children; +0.0033 on the reported node). Most single changes hurt, and the UtilityGP
 learns from the archive which ones, so the best of 4 proposals by expected improvement skips most of them.
@@ -82,10 +82,11 @@ from poise.contracts import (
     TrainingTrajectory,
     sha256_hex,
 )
+from poise.description.mechanisms import MECHANISMS, AlgorithmDescription
+from poise.description.proposals import description_key, proposal_description, root_proposal
 from poise.scoring import replicate_seed
-from proposer.baseline import MutationError, description_key, mutate, proposal_description, root_proposal, select_parent
+from proposer.baseline import MutationError, mutate, select_parent
 from proposer.fingerprint import FINGERPRINT_LENGTH, FingerprintResult
-from proposer.mechanisms import MECHANISMS, AlgorithmDescription
 from proposer.screening import phase_one
 from proposer.selection import candidate_parents, genotype_features, param_position, seed_mean, select_parents
 
