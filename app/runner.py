@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from archive.runs import RunRefused, resolve_run
 from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
 from archive.status import run_status
@@ -26,7 +27,6 @@ from poise.agents import OPERATORS, Agents, default_agents, describe_agents
 from poise.bus import InProcBus
 from poise.contracts import (
     RECORDED_SETTINGS,
-    RESUMABLE_SETTINGS,
     Message,
     NodeStatus,
     RunConfig,
@@ -34,7 +34,6 @@ from poise.contracts import (
     WorkTrain,
 )
 from poise.objective import describe as describe_objective
-from poise.testbed.protocol import protocol_drift, protocol_sha256
 from poise.timing import PhaseClock
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
@@ -69,34 +68,22 @@ class RunSummary:
 
 
 def open_run(run_dir: Path, config: RunConfig) -> tuple[SQLiteStore, RunConfig]:
-    """The run's store and its config: the stored one when resuming (checked against `config`)."""
+    """The run's store and its config: new, or the stored one resumed (archive/runs.py, the rule both modes
+    share). A run directory holds one run; `config.run_id` names it only when the directory is new."""
     run_dir.mkdir(parents=True, exist_ok=True)
     store = SQLiteStore.in_run_dir(run_dir)
-    runs = store.run_ids()
-    stored = store.get_run(config.run_id) or (store.get_run(runs[0]) if runs else None)
-    if stored is None:
-        try:
-            config = config.model_copy(update={"protocol_sha256": protocol_sha256(config.protocol)})
-        except KeyError as err:
-            store.close()
-            raise RunError(err.args[0]) from err
-        store.put_run(config)
-        return store, config
-    differ = [k for k in RunConfig.model_fields if k not in (*RESUMABLE_SETTINGS, *RECORDED_SETTINGS, "run_id")
-              and getattr(stored, k) != getattr(config, k)]
-    if differ:
+    try:
+        stored = store.run_ids()
+        run_id = config.run_id if not stored or config.run_id in stored else stored[0]
+        given = config.model_dump(mode="json", exclude={"run_id", *RECORDED_SETTINGS})
+        return store, resolve_run(store, run_id, given, config.backends, where=str(run_dir),
+                                  elsewhere="another --run-dir")
+    except RunRefused as err:
         store.close()
-        what = ", ".join(f"{k}={getattr(stored, k)!r} (asked {getattr(config, k)!r})" for k in differ)
-        raise RunError(f"{run_dir} holds run {stored.run_id} with {what}; resume it with the same settings "
-                       "or start a new run with another --run-dir")
-    drift = protocol_drift(stored.protocol, stored.protocol_sha256)
-    if drift:
+        raise RunError(str(err)) from err
+    except BaseException:
         store.close()
-        raise RunError(f"{run_dir} holds run {stored.run_id}, but {drift} (another --run-dir)")
-    updated = stored.model_copy(update={k: getattr(config, k) for k in RESUMABLE_SETTINGS})
-    if updated != stored:
-        store.put_run(updated)
-    return store, updated
+        raise
 
 
 class Progress:

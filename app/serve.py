@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import queue
 import signal
 import socket
 import sys
@@ -42,12 +41,13 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
-from archive.api import RunRefused, archive_router, store_unavailable
-from poise.contracts import MESSAGE_TYPES, RECORDED_SETTINGS, RESUMABLE_SETTINGS, Backends, Message, RunConfig
+from archive.api import archive_router, store_unavailable
+from archive.host import ArchiveHost
+from archive.runs import RunRefused
+from poise.contracts import MESSAGE_TYPES, Message
 from poise.metrics import METRICS, REGISTRY
 from poise.settings import SERVICES, ServiceSettings, SettingsError, load_settings
 from poise.store import ArchiveError, ArchiveStore
-from poise.testbed.protocol import protocol_drift, protocol_sha256
 
 log = logging.getLogger("app.serve")
 
@@ -135,116 +135,6 @@ class HttpServer:
 # ------------------------------------------------------------------------------------------ the archive
 
 
-def resolve_run(store: ArchiveStore, run_id: str, given: Mapping[str, Any], backends: Backends) -> RunConfig:
-    """Store and return the run `run_id` with the settings `given`: a new run, or the stored one resumed.
-
-    A stored run keeps its settings; `given` may change only budget and parallel (RunRefused otherwise).
-    A new run takes `backends` unless `given` names them.
-    """
-    stored = store.get_run(run_id)
-    if stored is None:
-        try:
-            config = RunConfig.model_validate({"backends": backends.model_dump(), **given, "run_id": run_id})
-            config = config.model_copy(update={"protocol_sha256": protocol_sha256(config.protocol)})
-        except (ValueError, KeyError) as err:
-            raise RunRefused(f"invalid run {run_id}: {err.args[0] if isinstance(err, KeyError) else err}") from err
-        store.put_run(config)
-        return config
-    current = stored.model_dump(mode="json")
-    differ = [k for k, v in given.items()
-              if k not in (*RESUMABLE_SETTINGS, *RECORDED_SETTINGS, "run_id") and current.get(k) != v]
-    if differ:
-        what = ", ".join(f"{k}={current.get(k)!r} (asked {given[k]!r})" for k in differ)
-        raise RunRefused(f"run {run_id} exists with {what}; resume it with the same settings (only "
-                         f"{', '.join(RESUMABLE_SETTINGS)} may change) or start a run with another run_id")
-    drift = protocol_drift(stored.protocol, stored.protocol_sha256)
-    if drift:
-        raise RunRefused(f"run {run_id} exists, but {drift} (another run_id)")
-    updated = RunConfig.model_validate({**current, **{k: given[k] for k in RESUMABLE_SETTINGS if k in given}})
-    if updated != stored:
-        store.put_run(updated)
-    return updated
-
-
-class ArchiveHost:
-    """The archive service of every active run behind one set of subscriptions (one per evt.* subject).
-
-    Events, start-ups and HTTP requests for new runs all run on the bus loop's thread (`run_pending` between
-    fetches), so each `ArchiveService` stays single-threaded, as in embedded mode.
-    """
-
-    def __init__(self, bus: Any, store: ArchiveStore, backends: Backends) -> None:
-        from archive.service import ArchiveService
-
-        self._service_class = ArchiveService
-        self.bus = bus
-        self.store = store
-        self.backends = backends
-        self.runs: dict[str, Any] = {}
-        self._pending: queue.SimpleQueue[RunConfig] = queue.SimpleQueue()
-
-    def request(self, config: RunConfig) -> RunConfig:
-        """POST /api/runs: store the run now (refusing conflicts), start it on the loop thread soon."""
-        given = config.model_dump(mode="json", include=config.model_fields_set)
-        resolved = resolve_run(self.store, config.run_id, given, self.backends)
-        self._pending.put(resolved)
-        return resolved
-
-    def resume_all(self, run_id: str | None = None, given: Mapping[str, Any] | None = None) -> None:
-        """At start-up: the run the environment describes starts (or resumes), and every stored run resumes."""
-        if run_id is not None:
-            resolve_run(self.store, run_id, given or {}, self.backends)
-        for stored_id in self.store.run_ids():
-            config = self.store.get_run(stored_id)
-            if config is not None:
-                self._pending.put(config)
-
-    def run_pending(self) -> None:
-        while True:
-            try:
-                config = self._pending.get_nowait()
-            except queue.Empty:
-                return
-            self._activate(config)
-
-    def _activate(self, config: RunConfig) -> None:
-        service = self.runs.get(config.run_id)
-        if service is not None:  # a running run whose budget or parallelism changed
-            service.config = config
-            service.pump()
-            return
-        service = self._service_class(self.bus, self.store, config)
-        self.runs[config.run_id] = service
-        resumed = service.start()
-        log.info("run %s %s (budget %d, protocol %s, seed %d)", config.run_id,
-                 f"resumed: {resumed} piece(s) of work redone" if resumed else "started", config.budget,
-                 config.protocol, config.seed)
-
-    def _service_of(self, message: Message) -> Any | None:
-        service = self.runs.get(message.run_id)
-        if service is None:
-            config = self.store.get_run(message.run_id)
-            if config is None:
-                log.warning("%s for %s/%s: no such run in the archive; dropped", message.subject, message.run_id,
-                            message.node_id)
-                return None
-            self._activate(config)
-            service = self.runs[message.run_id]
-        return service
-
-    def handle(self, event: Message) -> None:
-        service = self._service_of(event)
-        if service is not None:
-            service.handle(event)
-
-    def dead_letter(self, message: Message, reason: str) -> None:
-        service = self._service_of(message)
-        if service is not None:
-            service.dead_letter(message, reason)
-        else:
-            METRICS.dead_letters.labels(subject=message.subject).inc()
-
-
 def open_store(settings: ServiceSettings) -> ArchiveStore:
     """MongoDB when POISE_MONGO_URL is set, else SQLite at POISE_WORK_DIR/archive.db."""
     if settings.mongo_url:
@@ -320,67 +210,96 @@ class Runtime:
     counter_label: str = ""
 
 
-def build_runtime(service: str, bus: Any, settings: ServiceSettings) -> Runtime:
-    """The service `service` on `bus`, with its health checks, HTTP routes and what to close at the end."""
-    if service == "archive":
-        store = open_store(settings)
-        try:
-            host = ArchiveHost(bus, store, settings.backends())
-            host.resume_all(settings.run_id, settings.run_settings())
-        except (RunRefused, ArchiveError) as err:
-            store.close()
-            raise ServeError(str(err)) from err
-        return Runtime(subscriptions={subject: host.handle for subject in EVENT_SUBJECTS},
-                       dead_letter=host.dead_letter, checks={"store": store_check(store)},
-                       router=archive_router(store, start_run=host.request), between=host.run_pending,
-                       closers=[store.close], counter_label="evt.*")
-    if settings.trainer_backend != "testbed" and service == "trainer":
+def archive_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    store = open_store(settings)
+    try:
+        host = ArchiveHost(bus, store, settings.backends())
+        host.resume_all(settings.run_id, settings.run_settings())
+    except (RunRefused, ArchiveError) as err:
+        store.close()
+        raise ServeError(str(err)) from err
+    return Runtime(subscriptions={subject: host.handle for subject in EVENT_SUBJECTS},
+                   dead_letter=host.dead_letter, checks={"store": store_check(store)},
+                   router=archive_router(store, start_run=host.request), between=host.run_pending,
+                   closers=[store.close], counter_label="evt.*")
+
+
+def proposer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    from archive.client import ArchiveClient
+    from proposer.service import ProposerService
+
+    client = ArchiveClient(settings.archive_url)
+    worker = ProposerService(bus, client, fingerprint_dir=Path(settings.work_dir) / "fingerprints")
+    return Runtime({worker.subject: worker.handle}, forward_dead_letter(bus), closers=[client.close],
+                   counter_label=worker.subject)
+
+
+def reflector_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    from archive.client import ArchiveClient
+    from reflector.service import ReflectorService
+
+    client = ArchiveClient(settings.archive_url)
+    worker = ReflectorService(bus, client)
+    return Runtime({worker.subject: worker.handle}, forward_dead_letter(bus), closers=[client.close],
+                   counter_label=worker.subject)
+
+
+def implementer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    from archive.client import ArchiveClient
+    from implementer.service import ImplementerService
+
+    client = ArchiveClient(settings.archive_url)
+
+    def implementer(run_id: str) -> ImplementerService:
+        config = client.get_run(run_id)
+        if config is None:
+            raise ArchiveError(f"run {run_id} is not in the archive at {settings.archive_url}")
+        return ImplementerService(bus, nodes_dir(settings, run_id), config.protocol,
+                                  config.max_correction_attempts, verify_wall_s=settings.verify_wall_s,
+                                  config=config, archive=client)
+
+    return Runtime({"work.implement": PerRun(implementer).handle}, forward_dead_letter(bus),
+                   closers=[client.close], counter_label="work.implement")
+
+
+def trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    if settings.trainer_backend != "testbed":
         raise ServeError(f"POISE_TRAINER_BACKEND={settings.trainer_backend}: no trainer service for it in this "
                          "build (trainer/service.py runs the CPU testbed); use testbed")
-    if settings.evaluator_backend != "testbed" and service == "evaluator":
+    from trainer.service import TrainerService
+
+    trainers = PerRun(lambda run_id: TrainerService(bus, nodes_dir(settings, run_id), wall_s=settings.train_wall_s))
+    return Runtime({"work.train": trainers.handle}, forward_dead_letter(bus), counter_label="work.train")
+
+
+def evaluator_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    if settings.evaluator_backend != "testbed":
         raise ServeError(f"POISE_EVALUATOR_BACKEND={settings.evaluator_backend}: no evaluator service for it in "
                          "this build (evaluator/service.py runs the CPU testbed); use testbed")
-    dead_letter = forward_dead_letter(bus)
-    if service in ("proposer", "reflector"):
-        from archive.client import ArchiveClient
+    from evaluator.service import EvaluatorService
 
-        client = ArchiveClient(settings.archive_url)
-        if service == "proposer":
-            from proposer.service import ProposerService as Worker
-        else:
-            from reflector.service import ReflectorService as Worker
-        worker = (Worker(bus, client, fingerprint_dir=Path(settings.work_dir) / "fingerprints")
-                  if service == "proposer" else Worker(bus, client))
-        return Runtime({worker.subject: worker.handle}, dead_letter, closers=[client.close],
-                       counter_label=worker.subject)
-    if service == "implementer":
-        from archive.client import ArchiveClient
-        from implementer.service import ImplementerService
+    evaluator = EvaluatorService(bus)
+    return Runtime({evaluator.subject: evaluator.handle}, forward_dead_letter(bus), counter_label=evaluator.subject)
 
-        client = ArchiveClient(settings.archive_url)
 
-        def implementer(run_id: str) -> ImplementerService:
-            config = client.get_run(run_id)
-            if config is None:
-                raise ArchiveError(f"run {run_id} is not in the archive at {settings.archive_url}")
-            return ImplementerService(bus, nodes_dir(settings, run_id), config.protocol,
-                                      config.max_correction_attempts, verify_wall_s=settings.verify_wall_s,
-                                      config=config, archive=client)
+# One builder per service of poise/settings.py SERVICES: adding a service is a builder and a line here
+# (docs/extending.md). Services are imported inside their builder, so a container loads only its own.
+RUNTIMES: dict[str, Callable[[Any, ServiceSettings], Runtime]] = {
+    "archive": archive_runtime,
+    "proposer": proposer_runtime,
+    "implementer": implementer_runtime,
+    "trainer": trainer_runtime,
+    "evaluator": evaluator_runtime,
+    "reflector": reflector_runtime,
+}
 
-        return Runtime({"work.implement": PerRun(implementer).handle}, dead_letter, closers=[client.close],
-                       counter_label="work.implement")
-    if service == "trainer":
-        from trainer.service import TrainerService
 
-        trainers = PerRun(lambda run_id: TrainerService(bus, nodes_dir(settings, run_id),
-                                                        wall_s=settings.train_wall_s))
-        return Runtime({"work.train": trainers.handle}, dead_letter, counter_label="work.train")
-    if service == "evaluator":
-        from evaluator.service import EvaluatorService
-
-        evaluator = EvaluatorService(bus)
-        return Runtime({evaluator.subject: evaluator.handle}, dead_letter, counter_label=evaluator.subject)
-    raise ServeError(f"unknown service {service!r}; one of: {', '.join(SERVICES)}")
+def build_runtime(service: str, bus: Any, settings: ServiceSettings) -> Runtime:
+    """The service `service` on `bus`, with its health checks, HTTP routes and what to close at the end."""
+    builder = RUNTIMES.get(service)
+    if builder is None:
+        raise ServeError(f"unknown service {service!r}; one of: {', '.join(SERVICES)}")
+    return builder(bus, settings)
 
 
 class BusCounters:

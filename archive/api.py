@@ -29,6 +29,7 @@ from fastapi import APIRouter, Body, HTTPException, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from archive.runs import RunRefused
 from archive.status import run_status
 from poise.contracts import Node, NodeStatus, RunConfig
 from poise.store import ArchiveError, ArchiveStore
@@ -44,10 +45,6 @@ class RunView(BaseModel):
 
     config: RunConfig
     status: dict[str, Any]
-
-
-class RunRefused(Exception):
-    """POST /api/runs cannot start the run as asked (e.g. it exists with other settings); a 409."""
 
 
 def finite(value: Any) -> Any:

@@ -21,8 +21,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.serve import HttpServer, build_app, bus_check, resolve_run, serve, store_check
-from archive.api import NOT_FOUND_HEADER, RunRefused, archive_router, store_unavailable
+from app.serve import HttpServer, build_app, bus_check, serve, store_check
+from archive.api import NOT_FOUND_HEADER, archive_router, store_unavailable
+from archive.runs import RunRefused, resolve_run
 from archive.client import ArchiveClient, ReadOnlyArchive
 from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
@@ -645,3 +646,10 @@ def test_serve_refuses_backends_this_build_lacks(tmp_path: Path):
 def test_store_unavailable_handler_is_wired_into_the_app(store: SQLiteStore):
     app = api_app(store)
     assert app.exception_handlers[ArchiveError] is store_unavailable
+
+
+def test_every_service_has_one_runtime_builder():
+    from app.serve import RUNTIMES
+    from poise.settings import SERVICES
+
+    assert tuple(RUNTIMES) == SERVICES
