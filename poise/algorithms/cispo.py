@@ -1,7 +1,5 @@
 """CISPO: clipped importance-sampling weights instead of clipped updates."""
 
-import torch
-
 from poise.algorithms import common
 
 NAME = "cispo"
@@ -24,13 +22,6 @@ def compute_advantages(batch):
 
 
 def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
-    hp = batch["hparams"]
-    log_ratio = (log_prob - old_log_prob).clamp(-common.LOG_RATIO_CLAMP, common.LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    weight = ratio.clamp(1.0 - hp["clip_low"], 1.0 + hp["clip_high"]).detach()
-    loss, kl_metrics = common.add_kl_penalty(-weight * advantages * log_prob, log_prob, batch)
-    metrics = {
-        "clip_frac": common.masked_mean((ratio != weight).to(response_mask.dtype), response_mask).item(),
-        "ppo_kl": common.masked_mean(-log_ratio, response_mask).item(),
-    }
-    return loss, {**metrics, **kl_metrics}
+    return common.surrogate_policy_loss(
+        common.cispo_loss, log_prob, old_log_prob, advantages, response_mask, batch
+    )

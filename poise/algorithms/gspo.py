@@ -1,7 +1,5 @@
 """GSPO: sequence-level importance ratio and clipping."""
 
-import torch
-
 from poise.algorithms import common
 
 NAME = "gspo"
@@ -25,17 +23,6 @@ def compute_advantages(batch):
 
 
 def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
-    hp = batch["hparams"]
-    log_ratio = log_prob - old_log_prob
-    seq_log_ratio = (log_ratio * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)
-    # Value of the sequence ratio s_i, gradient of the token's own log-prob: log s_it = sg(log s_i) + lp - sg(lp).
-    token_log_ratio = (log_prob - log_prob.detach() + seq_log_ratio.detach().unsqueeze(-1)).clamp(max=10.0)
-    ratio = torch.exp(token_log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - hp["clip_low"], 1.0 + hp["clip_high"])
-    loss, kl_metrics = common.add_kl_penalty(torch.maximum(unclipped, clipped), log_prob, batch)
-    metrics = {
-        "clip_frac": common.masked_mean((clipped > unclipped).to(response_mask.dtype), response_mask).item(),
-        "ppo_kl": common.masked_mean(-log_ratio, response_mask).item(),
-    }
-    return loss, {**metrics, **kl_metrics}
+    return common.surrogate_policy_loss(
+        common.sequence_ratio_loss, log_prob, old_log_prob, advantages, response_mask, batch
+    )

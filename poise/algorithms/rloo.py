@@ -17,12 +17,8 @@ HPARAMS = {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl_coef": 0.0, 
 
 
 def compute_advantages(batch):
-    scores, index = batch["scores"], batch["group_index"]
-    mean, _ = common.group_mean_std(scores, index)
-    count = common.group_count(index, scores)
-    # G/(G-1) (s_i - mean_g) is s_i minus the mean of the others. A lone response has mean 0 and factor 1,
-    # so it keeps its raw score (VERL's convention).
-    leave_one_out = count / (count - 1).clamp(min=1) * (scores - mean)
+    # G/(G-1) (s_i - mean_g) is s_i minus the mean of the others; a lone response keeps its raw score.
+    leave_one_out = common.leave_one_out_centered(batch["scores"], batch["group_index"])
     return common.token_level(leave_one_out, batch["response_mask"])
 
 

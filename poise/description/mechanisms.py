@@ -137,9 +137,7 @@ _LEAVE_ONE_OUT = '''
 def center_scores(scores, counted, batch):
     # baseline:leave_one_out — subtract the mean score of the *other* counted responses of the group (RLOO):
     # s_i - mean_{j != i} s_j = n/(n-1) (s_i - mean_g). A group with one counted response keeps its raw score.
-    mean, _ = common.counted_group_mean_std(scores, batch["group_index"], counted)
-    count = common.group_sum(counted, batch["group_index"])[batch["group_index"]]
-    return count / (count - 1).clamp(min=1) * (scores - mean)
+    return common.leave_one_out_centered(scores, batch["group_index"], counted)
 '''
 
 _GROUP_STD = '''
@@ -213,12 +211,11 @@ def shape_length(advantages, batch):
     # length:correct_shorter — among a group's correct responses (score > 0), a shorter one gets a bonus and a
     # longer one a malus, length_coef * (mean correct length - length) / mean correct length; wrong responses
     # are untouched, so brevity is never rewarded at the cost of correctness.
-    hp, index, mask = batch["hparams"], batch["group_index"], batch["response_mask"]
+    mask = batch["response_mask"]
     correct = (batch["scores"] > 0).to(mask.dtype)
-    length = batch["response_length"]
-    n_correct = common.group_sum(correct, index)[index]
-    mean_correct = common.group_sum(length * correct, index)[index] / n_correct.clamp(min=1.0)
-    bonus = hp["length_coef"] * correct * (mean_correct - length) / mean_correct.clamp(min=1.0)
+    bonus = common.correct_length_bonus(
+        batch["hparams"]["length_coef"], correct, batch["response_length"], batch["group_index"]
+    )
     return advantages + common.token_level(bonus, mask)
 '''
 
@@ -230,12 +227,9 @@ def shape_length(advantages, batch):
     hp, index, mask = batch["hparams"], batch["group_index"], batch["response_mask"]
     correct = (batch["scores"] > 0).to(mask.dtype)
     length = batch["response_length"]
-    n_correct = common.group_sum(correct, index)[index]
-    pass_rate = n_correct / common.group_count(index, length)
-    mean_correct = common.group_sum(length * correct, index)[index] / n_correct.clamp(min=1.0)
+    pass_rate = common.group_sum(correct, index)[index] / common.group_count(index, length)
     weight = hp["length_coef"] * pass_rate * (pass_rate >= hp["min_pass_rate"]).to(mask.dtype)
-    bonus = weight * correct * (mean_correct - length) / mean_correct.clamp(min=1.0)
-    return advantages + common.token_level(bonus, mask)
+    return advantages + common.token_level(common.correct_length_bonus(weight, correct, length, index), mask)
 '''
 
 _ENTROPY_BONUS = '''
@@ -248,43 +242,27 @@ def entropy_bonus(advantages, batch):
     return advantages + batch["hparams"]["entropy_coef"] * batch["entropy"] * batch["response_mask"]
 '''
 
-_PPO_CLIP = '''
+_SYMMETRIC = '''
 def surrogate_loss(log_prob, old_log_prob, advantages, response_mask, batch):
-    # {name} — {summary}
-    hp = batch["hparams"]
-    log_ratio = (log_prob - old_log_prob).clamp(-common.LOG_RATIO_CLAMP, common.LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp({bounds})
-    metrics = {{
-        "clip_frac": common.masked_mean((clipped > unclipped).to(response_mask.dtype), response_mask).item(),
-        "ppo_kl": common.masked_mean(-log_ratio, response_mask).item(),
-    }}
-    return torch.maximum(unclipped, clipped), metrics
+    # clip:symmetric — PPO's token-level clipped surrogate max(-A r, -A clip(r, 1 - clip_ratio, 1 + clip_ratio)),
+    # r = pi / pi_old: the pessimistic bound stops a token's update once r leaves the trust region.
+    clip_ratio = batch["hparams"]["clip_ratio"]
+    return common.ppo_clip_surrogate(log_prob, old_log_prob, advantages, response_mask, clip_ratio, clip_ratio)
 '''
 
-_SYMMETRIC = _PPO_CLIP.format(
-    name="clip:symmetric",
-    summary="PPO's token-level clipped surrogate max(-A r, -A clip(r, 1 - clip_ratio, 1 + clip_ratio)),\n"
-            "    # r = pi / pi_old: the pessimistic bound stops a token's update once r leaves the trust region.",
-    bounds='1.0 - hp["clip_ratio"], 1.0 + hp["clip_ratio"]',
-)
-
-_CLIP_HIGHER = _PPO_CLIP.format(
-    name="clip:clip_higher",
-    summary="PPO's clipped surrogate with decoupled bounds [1 - clip_low, 1 + clip_high] (DAPO): a wider\n"
-            "    # upper bound lets unlikely tokens with positive advantage gain mass, countering entropy collapse.",
-    bounds='1.0 - hp["clip_low"], 1.0 + hp["clip_high"]',
-)
+_CLIP_HIGHER = '''
+def surrogate_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    # clip:clip_higher — PPO's clipped surrogate with decoupled bounds [1 - clip_low, 1 + clip_high] (DAPO): a wider
+    # upper bound lets unlikely tokens with positive advantage gain mass, countering entropy collapse.
+    hp = batch["hparams"]
+    return common.ppo_clip_surrogate(log_prob, old_log_prob, advantages, response_mask, hp["clip_low"], hp["clip_high"])
+'''
 
 _DUAL_CLIP = '''
 def dual_clip(loss, advantages, response_mask, batch):
     # clip:dual — for negative advantages cap the loss at -A * dual_clip, so a token whose ratio exploded
     # cannot dominate the batch (dual-clip PPO, Ye et al. 2020).
-    cap = -advantages * batch["hparams"]["dual_clip"]
-    lower = ((loss > cap) & (advantages < 0)).to(response_mask.dtype)
-    capped = torch.where(advantages < 0, torch.minimum(loss, cap), loss)
-    return capped, {"clip_frac_lower": common.masked_mean(lower, response_mask).item()}
+    return common.dual_clip_loss(loss, advantages, response_mask, batch["hparams"]["dual_clip"])
 '''
 
 _SEQUENCE_RATIO = '''
@@ -292,18 +270,9 @@ def surrogate_loss(log_prob, old_log_prob, advantages, response_mask, batch):
     # clip:sequence_ratio — GSPO: the ratio is per response, s = exp(mean_t log(pi / pi_old)), clipped to
     # [1 - clip_low, 1 + clip_high]; each token carries s in its value and its own log-prob in its gradient.
     hp = batch["hparams"]
-    log_ratio = log_prob - old_log_prob
-    seq_log_ratio = (log_ratio * response_mask).sum(-1) / response_mask.sum(-1).clamp(min=1)
-    # log s_it = sg(log s_i) + lp - sg(lp): the value of the sequence ratio, the gradient of the token.
-    token_log_ratio = (log_prob - log_prob.detach() + seq_log_ratio.detach().unsqueeze(-1)).clamp(max=10.0)
-    ratio = torch.exp(token_log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - hp["clip_low"], 1.0 + hp["clip_high"])
-    metrics = {
-        "clip_frac": common.masked_mean((clipped > unclipped).to(response_mask.dtype), response_mask).item(),
-        "ppo_kl": common.masked_mean(-log_ratio, response_mask).item(),
-    }
-    return torch.maximum(unclipped, clipped), metrics
+    return common.sequence_ratio_loss(
+        log_prob, old_log_prob, advantages, response_mask, hp["clip_low"], hp["clip_high"]
+    )
 '''
 
 _GEOMETRIC_MEAN = '''
@@ -312,21 +281,9 @@ def surrogate_loss(log_prob, old_log_prob, advantages, response_mask, batch):
     # advantage, with a sign-aware token clip in log space to [-clip_low, clip_high] (only the side that would
     # over-optimise is clipped); one value per response, spread over its tokens.
     hp = batch["hparams"]
-    log_ratio = log_prob - old_log_prob
-    clamped = log_ratio.clamp(-hp["clip_low"], hp["clip_high"])
-    sign = torch.sign(advantages)
-    clipped_log_ratio = sign * torch.minimum(sign * log_ratio, sign * clamped)
-    tokens = response_mask.sum(-1) + 1e-8
-    seq_ratio = torch.exp((clipped_log_ratio * response_mask).sum(-1) / tokens)
-    seq_advantage = (advantages * response_mask).sum(-1) / tokens
-    loss = (-seq_advantage * seq_ratio).unsqueeze(-1).expand_as(log_prob)
-    was_clipped = (log_ratio != clamped).to(response_mask.dtype)
-    metrics = {
-        "clip_frac": common.masked_mean(was_clipped * (advantages > 0), response_mask).item(),
-        "clip_frac_lower": common.masked_mean(was_clipped * (advantages < 0), response_mask).item(),
-        "ppo_kl": common.masked_mean(-log_ratio, response_mask).item(),
-    }
-    return loss, metrics
+    return common.geometric_mean_loss(
+        log_prob, old_log_prob, advantages, response_mask, hp["clip_low"], hp["clip_high"]
+    )
 '''
 
 _CISPO = '''
@@ -334,14 +291,7 @@ def surrogate_loss(log_prob, old_log_prob, advantages, response_mask, batch):
     # clip:cispo — CISPO: keep every token's REINFORCE gradient and clip only the detached importance weight,
     # loss = -sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * log pi, so clipped tokens still learn.
     hp = batch["hparams"]
-    log_ratio = (log_prob - old_log_prob).clamp(-common.LOG_RATIO_CLAMP, common.LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    weight = ratio.clamp(1.0 - hp["clip_low"], 1.0 + hp["clip_high"]).detach()
-    metrics = {
-        "clip_frac": common.masked_mean((ratio != weight).to(response_mask.dtype), response_mask).item(),
-        "ppo_kl": common.masked_mean(-log_ratio, response_mask).item(),
-    }
-    return -weight * advantages * log_prob, metrics
+    return common.cispo_loss(log_prob, old_log_prob, advantages, response_mask, hp["clip_low"], hp["clip_high"])
 '''
 
 _KL_PENALTY = '''
