@@ -17,7 +17,7 @@ A description's true suite scores are
     root + Σ main effect of each mechanism + Σ interaction of each pair present − Σ hyperparameter mistuning
 
 - Main effects (MAIN_EFFECTS), ±0.002–0.025 per suite, are the size of one good step in the paper (about a
-  point of Overall) and agree in sign with the testbed probe (research/testbed_probe.md: validity masking
+  point of Overall) and agree in sign with the testbed probe (docs/testbed.md, "The feasibility probe": validity masking
   alone is worse than GRPO). Several trade one suite for the other (exploration helps pass@k on the hard suite
   and costs greedy accuracy), so the Pareto front holds more than one node. Most single changes hurt: from GRPO
   about one mutation in ten gains more than 0.005.

@@ -1,6 +1,6 @@
 """`poise serve SERVICE` (or `python -m app.serve SERVICE`): one service of the distributed mode.
 
-One process per container (research/ops.md section 3.3): it reads its settings from `POISE_*` variables
+One process per container (docs/operations.md, "A service process"): it reads its settings from `POISE_*` variables
 (poise/settings.py), connects to NATS JetStream (`NatsBus`), builds its service and serves HTTP on
 POISE_HTTP_PORT with one uvicorn worker in a thread:
 
@@ -85,7 +85,8 @@ def build_app(service: str, checks: Mapping[str, Check], stopping: threading.Eve
             before_scrape()
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    # Both spellings: a mounted ASGI app would answer /metrics with a redirect (research/ops.md 3.3).
+    # Both spellings: a mounted ASGI app would answer /metrics with a redirect (docs/operations.md,
+    # "HTTP: health, metrics, API").
     app.get("/metrics")(metrics)
     app.get("/metrics/", include_in_schema=False)(metrics)
     if router is not None:

@@ -1,4 +1,4 @@
-"""The message bus the six services talk over: one subject per phase (ARCHITECTURE.md section 2).
+"""The message bus the six services talk over: one subject per phase (docs/architecture.md, "Message flow").
 
 `Bus` is the interface: `publish` a message, `subscribe` a handler to a subject. `InProcBus` is the embedded
 implementation behind `poise run`: every message goes through `encode`/`decode` exactly as on NATS (so size

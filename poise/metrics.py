@@ -1,6 +1,6 @@
 """The services' Prometheus metrics, on one registry (`REGISTRY`), and the helpers the services call.
 
-Conventions (research/ops.md section 3): names carry base units (`_seconds`, `_usd`), counters end in
+Conventions (docs/operations.md, "Metrics"): names carry base units (`_seconds`, `_usd`), counters end in
 `_total` (prometheus-client appends it), and every label value comes from a small closed set — phases,
 outcomes, backends, bus subjects, LLM operators, providers and the configured models, token directions.
 Node, run and job ids never become labels: a label value per candidate would grow the series without bound.

@@ -1,4 +1,4 @@
-"""The bus of distributed mode: NATS JetStream through nats-py (ARCHITECTURE.md section 2, research/ops.md 1).
+"""The bus of distributed mode: NATS JetStream through nats-py (docs/operations.md, "NATS JetStream").
 
 `NatsBus` has the interface of `poise.bus.InProcBus` (`publish`, `subscribe`) and the methods `poise serve`
 calls: `connect`, `drain_once`, `run_forever`, `healthy`, `close`. nats-py is asyncio; the bus runs its own

@@ -1,8 +1,8 @@
 """The baseline proposer: random or greedy parent selection and one random mutation of the parent's description.
 
-Kept permanently as the yardstick for smarter selection (the acquisition function of ARCHITECTURE.md section 1)
-and for LLM proposals: a search that cannot beat "mutate the best (or a random) node by one mechanism or one
-hyperparameter" has learned nothing. Everything here is a pure function of its arguments and the rng.
+Kept permanently as the yardstick for smarter selection (the acquisition function s(d) of docs/architecture.md,
+"The design card") and for LLM proposals: a search that cannot beat "mutate the best (or a random) node by one
+mechanism or one hyperparameter" has learned nothing. Everything here is a pure function of its arguments and the rng.
 
 A mutation is exactly one of:
     add      a mechanism of an optional family the parent lacks, with its default parameters

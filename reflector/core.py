@@ -53,7 +53,7 @@ SMOOTH_MAX_SHARE = 0.25
 MIN_TREND_POINTS = 4
 
 # Healthy GRPO in the testbed keeps about three quarters of its starting entropy (0.137 -> 0.102 over 50
-# steps, research/testbed_probe.md section 5); below half the policy has turned near-deterministic and stops
+# steps, docs/testbed.md, "The feasibility probe"); below half the policy has turned near-deterministic and stops
 # exploring, after which a group's responses agree and its advantages vanish.
 ENTROPY_COLLAPSE_FRACTION = 0.5
 

@@ -3,7 +3,7 @@
 Every algorithm VERL also implements is compared on random batches of several shapes, including groups
 whose rewards are all equal, lone responses and ragged padding: advantages, the aggregated loss, its
 gradient with respect to log_prob, and the clip metrics. VERL quirks are documented where a test meets
-them (../shared/research/verl_integration.md section 10).
+them (docs/extending.md, "VERL facts the code relies on").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Structured completions from Claude through the `anthropic` SDK (2.x; research/ops.md section 6).
+"""Structured completions from Claude through the `anthropic` SDK (2.x; docs/operations.md, "Agent LLMs").
 
 Two ways to get JSON that fits the schema:
 - `tool`: a forced tool call (`tool_choice={"type": "tool", ...}`) whose `input_schema` is the pydantic

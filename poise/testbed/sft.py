@@ -1,6 +1,6 @@
 """Building the testbed's base checkpoint: supervised training on noisy worked solutions.
 
-The SFT data is deliberately imperfect (research/testbed_probe.md): about 20% of examples carry
+The SFT data is deliberately imperfect (docs/testbed.md, "The feasibility probe"): about 20% of examples carry
 one wrong arithmetic step through to the answer and about 10% end in a broken answer format.
 The base model then knows the right behaviour without it dominating, which leaves RL a
 measurable gain (probe: base pass@1 0.20, pass@8 0.68, format-valid 0.86 after 418 steps).
