@@ -1,4 +1,4 @@
-"""The shared algorithm interface (ARCHITECTURE.md section 3).
+"""The shared algorithm interface (docs/architecture.md, "The algorithm interface").
 
 A candidate algorithm is one small, framework-neutral Python module (pure torch) that runs unchanged in
 the CPU testbed trainer and inside VERL:
@@ -16,8 +16,8 @@ there), always runs `compute_advantages` under `torch.no_grad()`, and broadcasts
 advantages over the valid tokens.
 
 This module also loads a candidate from source text and checks its structure. Both execute candidate
-code: in a service they are only ever called inside the sandboxed child process (ARCHITECTURE.md
-section 5), never in the service's own process.
+code: in a service they are only ever called inside the sandboxed child process (docs/sandbox.md),
+never in the service's own process.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Running untrusted candidate code in a child process (ARCHITECTURE.md section 5).
+"""Running untrusted candidate code in a child process (docs/sandbox.md).
 
 Parent side (`run_sandboxed`): the child runs the harness module as `python -I -m <module>` would, in its
 own session, with a scrubbed environment (no API keys or tokens reach it), its own working directory, and a

@@ -1,4 +1,6 @@
-"""Lineage prioritization: which archive nodes become the parents of the next round (ARCHITECTURE.md section 1).
+"""Lineage prioritization: which archive nodes become the parents of the next round.
+
+Part of Phase I (docs/architecture.md, "The design card").
 
 Every candidate d (an evaluated, unfailed node with a finite utility) gets the acquisition score
 
