@@ -26,6 +26,7 @@ from poise import objective
 from poise.contracts import (
     EVENT_STATUS,
     PIPELINE,
+    STATUS_PART,
     EvtEvaluated,
     EvtFailed,
     EvtImplemented,
@@ -53,14 +54,6 @@ from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive")
 
-# The part of a node each pipeline event brings.
-STATUS_PART: dict[NodeStatus, str] = {
-    NodeStatus.PROPOSED: "proposal",
-    NodeStatus.IMPLEMENTED: "implementation",
-    NodeStatus.TRAINED: "trajectory",
-    NodeStatus.EVALUATED: "evaluation",
-    NodeStatus.REFLECTED: "reflection",
-}
 IN_FLIGHT: frozenset[NodeStatus] = frozenset({NodeStatus.PROPOSED, NodeStatus.IMPLEMENTED, NodeStatus.TRAINED})
 # The phase a node at each status is waiting on: the only phase whose failure can fail it now.
 PENDING_PHASE: dict[NodeStatus, Phase] = {

@@ -26,6 +26,7 @@ from poise.algorithm import check_passed, describe_problems
 from poise.contracts import CheckResult, Implementation, MechanismSpec, Proposal, VerificationAttempt
 from poise.description.codegen import compile_proposal
 from poise.description.mechanisms import FAMILIES, MECHANISMS, DescriptionError, mechanisms_in
+from poise.description.proposals import root_proposal
 from poise.llm import LLMError
 from poise.sandbox import SandboxLimits, run_sandboxed
 from poise.testbed.protocol import Protocol, get_protocol
@@ -34,8 +35,6 @@ log = logging.getLogger("poise.implementer")
 
 VERIFY_MODULE = "implementer.verify_child"
 SMOKE_STEPS = 2  # enough for off-policy minibatch updates and an optimizer step on the real model
-GRPO_CHOICE = {"baseline": "baseline:group_mean", "scale": "scale:group_std", "clip": "clip:symmetric",
-               "agg": "agg:token-mean"}
 
 Verifier = Callable[[str], list[CheckResult]]
 
@@ -104,7 +103,8 @@ def repair_proposal(proposal: Proposal) -> tuple[Proposal, list[str]]:
         if family.required and family.name not in present and not (family.name == "agg" and has_agg):
             if family.name == "agg":
                 continue  # compile_proposal fills agg from loss_agg_mode
-            choice = GRPO_CHOICE.get(family.name) or mechanisms_in(family.name)[0].name
+            root_choice = {MECHANISMS[s.name].family: s.name for s in root_proposal().mechanisms}
+            choice = root_choice.get(family.name) or mechanisms_in(family.name)[0].name
             specs.append(MechanismSpec(name=choice))
             changes.append(f"added {choice}: a {family.name} mechanism is required")
     names = {s.name for s in specs}

@@ -32,10 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poise.contracts import CheckResult
+from poise.contracts import DEFAULT_LOSS_AGG_MODE, CheckResult, LossAggMode
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-DEFAULT_LOSS_AGG_MODE = "token-mean"
+LOSS_AGG_MODES = tuple(mode.value for mode in LossAggMode)
 REQUIRED_FUNCTIONS = ("compute_advantages", "policy_loss")
 POLICY_LOSS_PARAMS = ("log_prob", "old_log_prob", "advantages", "response_mask", "batch")
 HParamValue = float | int | str | bool
@@ -144,22 +143,22 @@ def aggregate_loss(
     """
     if mode not in LOSS_AGG_MODES:
         raise CandidateError(f"LOSS_AGG_MODE {mode!r} is not one of {', '.join(LOSS_AGG_MODES)}")
-    needs_global = global_num_tokens is None if mode == "token-mean" else global_batch_size is None
+    needs_global = global_num_tokens is None if mode == LossAggMode.TOKEN_MEAN else global_batch_size is None
     if needs_global and dp_size > 1:
         raise ValueError(f"{mode} aggregation with dp_size={dp_size} needs the global-batch normalizer")
     mask = response_mask.to(loss_mat.dtype)
-    if mode == "token-mean":
+    if mode == LossAggMode.TOKEN_MEAN:
         tokens = mask.sum() if global_num_tokens is None else global_num_tokens
         return (loss_mat * mask).sum() / tokens * dp_size
     valid_tokens = mask.sum(-1)
     has_tokens = (valid_tokens > 0).to(loss_mat.dtype)
-    if mode == "seq-mean-token-mean":
+    if mode == LossAggMode.SEQ_MEAN_TOKEN_MEAN:
         per_sequence = (loss_mat * mask).sum(-1) / (valid_tokens + 1e-8)
     else:
         per_sequence = (loss_mat * mask).sum(-1)
     sequences = has_tokens.sum() if global_batch_size is None else global_batch_size
     loss = (per_sequence * has_tokens).sum() / sequences * dp_size
-    if mode == "seq-mean-token-sum-norm":
+    if mode == LossAggMode.SEQ_MEAN_TOKEN_SUM_NORM:
         # Dr.GRPO divides by a constant horizon; VERL falls back to the padded length of this micro-batch.
         loss = loss / (loss_scale_factor if loss_scale_factor is not None else loss_mat.shape[-1])
     return loss

@@ -103,6 +103,22 @@ class LossAggMode(StrEnum):
     SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
 
 
+DEFAULT_LOSS_AGG_MODE = LossAggMode.TOKEN_MEAN
+
+
+class KLEstimator(StrEnum):
+    """The `kl_estimator` hyperparameter: a per-token estimate of KL(pi || pi_ref) (Schulman 2020); the formulas,
+    and VERL's other names for them, are in poise/algorithms/common.py (kl_penalty)."""
+
+    K1 = "k1"
+    ABS = "abs"
+    K2 = "k2"
+    K3 = "k3"
+
+
+DEFAULT_KL_ESTIMATOR = KLEstimator.K3.value
+
+
 class MetricKind(StrEnum):
     """pass@k sampled at temperature 1.0 (hard suites) or greedy acc@1 (the rest)."""
 
@@ -122,6 +138,7 @@ class Effect(StrEnum):
 # ------------------------------------------------------------------------------------------ genealogy
 
 ROOT_ID = "n000"  # the node id of every run's root (GRPO); children are numbered n001, n002, ...
+ROOT_NAME = "grpo"  # the reference algorithm (poise/algorithms) every run's root is
 
 
 def node_number(node_id: str) -> int:
@@ -186,7 +203,7 @@ class Proposal(Contract):
     rationale: str
     mechanisms: list[MechanismSpec] = []
     hparams: dict[str, Scalar] = {}
-    loss_agg_mode: LossAggMode = LossAggMode.TOKEN_MEAN
+    loss_agg_mode: LossAggMode = DEFAULT_LOSS_AGG_MODE
     directive: str | None = None
     generator: str = Field(min_length=1, description='"offline" or the id of the model that wrote it')
     parent_ids: list[Id] = []
@@ -440,8 +457,9 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-# The part of a node each status guarantees is present (cumulative along PIPELINE).
-_STATUS_PART = {
+# The part of a node each pipeline status brings; a node holds the parts of every status up to its own.
+STATUS_PART: dict[NodeStatus, str] = {
+    NodeStatus.PROPOSED: "proposal",
     NodeStatus.IMPLEMENTED: "implementation",
     NodeStatus.TRAINED: "trajectory",
     NodeStatus.EVALUATED: "evaluation",
@@ -487,7 +505,7 @@ class Node(Contract):
             )
         if self.status != NodeStatus.FAILED:
             reached = PIPELINE[1 : PIPELINE.index(self.status) + 1]
-            missing = [_STATUS_PART[s] for s in reached if getattr(self, _STATUS_PART[s]) is None]
+            missing = [STATUS_PART[s] for s in reached if getattr(self, STATUS_PART[s]) is None]
             if missing:
                 raise ValueError(f"node {self.node_id}: status {self.status} but {missing} missing")
         return self

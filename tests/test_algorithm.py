@@ -21,7 +21,8 @@ from poise.algorithm import (
     run_policy_loss,
     structural_check,
 )
-from poise.algorithms import REFERENCE_ALGORITHMS, ROOT_ALGORITHM, reference_algorithm
+from poise.algorithms import REFERENCE_ALGORITHMS, reference_algorithm
+from poise.contracts import ROOT_NAME
 
 # ------------------------------------------------------------------------------------------ batch
 
@@ -67,7 +68,7 @@ def batch_from_groups(groups: list[list[float]], length: int, seed: int):
 @given(groups=groups_strategy, length=st.integers(1, 9), seed=st.integers(0, 10_000))
 def test_grpo_advantages_have_zero_group_mean_and_vanish_on_equal_groups(groups, length, seed):
     batch, _ = batch_from_groups(groups, length, seed)
-    module = reference_algorithm(ROOT_ALGORITHM).module()
+    module = reference_algorithm(ROOT_NAME).module()
     batch["hparams"] = module_hparams(module)
     advantages, _ = run_advantages(module, batch)
     per_response = advantages[:, 0]  # every response has at least one token

@@ -16,7 +16,6 @@ from types import ModuleType
 from poise.algorithms.common import KL_ESTIMATORS
 
 _MODULES = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "gspo", "gmpo", "cispo")
-ROOT_ALGORITHM = "grpo"
 
 
 @dataclass(frozen=True)
@@ -56,4 +55,4 @@ def reference_algorithm(name: str) -> ReferenceAlgorithm:
         raise KeyError(f"unknown reference algorithm {name!r}; known: {', '.join(REFERENCE_ALGORITHMS)}") from None
 
 
-__all__ = ["KL_ESTIMATORS", "REFERENCE_ALGORITHMS", "ROOT_ALGORITHM", "ReferenceAlgorithm", "reference_algorithm"]
+__all__ = ["KL_ESTIMATORS", "REFERENCE_ALGORITHMS", "ReferenceAlgorithm", "reference_algorithm"]

@@ -13,9 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from poise.contracts import DEFAULT_KL_ESTIMATOR, KLEstimator
+
 # Clamp on log-ratios before exp, as VERL does, so one wild token cannot overflow the ratio.
 LOG_RATIO_CLAMP = 20.0
-KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+# VERL's names (core_algos.kl_penalty) for the estimators of poise.contracts.KLEstimator.
+VERL_KL_NAMES = {"kl": KLEstimator.K1, "mse": KLEstimator.K2, "low_var_kl": KLEstimator.K3}
+KL_ESTIMATORS = (*(estimator.value for estimator in KLEstimator), *VERL_KL_NAMES)
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -207,19 +211,20 @@ def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, estimator: str) -> Tensor
     """
     straight_through = estimator.endswith("+")
     base = estimator[:-1] if straight_through else estimator
+    base = VERL_KL_NAMES.get(base, base)
     log_ratio = log_prob - ref_log_prob
-    if base in ("k1", "kl"):
+    if base == KLEstimator.K1:
         value = log_ratio
-    elif base == "abs":
+    elif base == KLEstimator.ABS:
         value = log_ratio.abs()
-    elif base in ("k2", "mse"):
+    elif base == KLEstimator.K2:
         value = 0.5 * log_ratio.square()
-    elif base in ("k3", "low_var_kl"):
+    elif base == KLEstimator.K3:
         reverse = (-log_ratio).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         value = (torch.exp(reverse) - reverse - 1.0).clamp(-10.0, 10.0)
     else:
         raise ValueError(f"unknown KL estimator {estimator!r}; use one of {', '.join(KL_ESTIMATORS)} (+ suffix ok)")
-    if not straight_through or base in ("k2", "mse"):
+    if not straight_through or base == KLEstimator.K2:
         return value
     k2 = 0.5 * log_ratio.square()
     return k2 - k2.detach() + value.detach()
@@ -236,7 +241,7 @@ def add_kl_penalty(loss: Tensor, log_prob: Tensor, batch: dict[str, Any]) -> tup
         return loss, {}
     if "ref_log_prob" not in batch:
         raise ValueError("kl_coef > 0 but the batch has no ref_log_prob: the protocol must keep a reference model")
-    kl = kl_penalty(log_prob, batch["ref_log_prob"], str(batch["hparams"].get("kl_estimator", "k3")))
+    kl = kl_penalty(log_prob, batch["ref_log_prob"], str(batch["hparams"].get("kl_estimator", DEFAULT_KL_ESTIMATOR)))
     return loss + coef * kl, {"kl": masked_mean(kl.detach(), batch["response_mask"]).item()}
 
 

@@ -22,10 +22,8 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from poise.contracts import MechanismSpec
+from poise.contracts import DEFAULT_KL_ESTIMATOR, KLEstimator, LossAggMode, MechanismSpec
 from poise.contracts import Scalar as HParamValue
-
-KL_ESTIMATOR_CHOICES = ("k1", "abs", "k2", "k3")
 
 
 class DescriptionError(ValueError):
@@ -305,6 +303,7 @@ def kl_penalty(loss, log_prob, batch):
 
 _CLIP_LOW = Param(0.2, 0.01, 0.5)
 _CLIP_HIGH = Param(0.28, 0.01, 1.0)
+_KL_ESTIMATOR = Param(DEFAULT_KL_ESTIMATOR, choices=tuple(estimator.value for estimator in KLEstimator))
 
 _LIBRARY = (
     Mechanism("baseline:group_mean", "baseline",
@@ -378,17 +377,18 @@ _LIBRARY = (
     Mechanism("kl:penalty", "kl",
               "Add kl_coef times a per-token estimate (k1, abs, k2 or k3) of KL(pi || pi_ref) to the loss, which "
               "keeps the policy near the reference model.",
-              {"kl_coef": Param(0.001, 1e-5, 1.0, log=True), "kl_estimator": Param("k3", choices=KL_ESTIMATOR_CHOICES)},
+              {"kl_coef": Param(0.001, 1e-5, 1.0, log=True), "kl_estimator": _KL_ESTIMATOR},
               _KL_PENALTY),
-    Mechanism("agg:token-mean", "agg",
-              "Average the per-token loss over all valid tokens of the batch, so long responses count per token."),
-    Mechanism("agg:seq-mean-token-sum", "agg",
-              "Sum the per-token loss over each response, then average over responses."),
-    Mechanism("agg:seq-mean-token-mean", "agg",
-              "Average the per-token loss within each response, then over responses, so every response counts "
-              "equally whatever its length."),
-    Mechanism("agg:seq-mean-token-sum-norm", "agg",
-              "Sum over each response's tokens and divide by a constant horizon (Dr.GRPO), with no length bias."),
+    *(Mechanism(f"agg:{mode}", "agg", description) for mode, description in {
+        LossAggMode.TOKEN_MEAN:
+            "Average the per-token loss over all valid tokens of the batch, so long responses count per token.",
+        LossAggMode.SEQ_MEAN_TOKEN_SUM: "Sum the per-token loss over each response, then average over responses.",
+        LossAggMode.SEQ_MEAN_TOKEN_MEAN:
+            "Average the per-token loss within each response, then over responses, so every response counts "
+            "equally whatever its length.",
+        LossAggMode.SEQ_MEAN_TOKEN_SUM_NORM:
+            "Sum over each response's tokens and divide by a constant horizon (Dr.GRPO), with no length bias.",
+    }.items()),
 )
 
 
@@ -400,6 +400,8 @@ def mechanisms_in(family: str) -> list[Mechanism]:
 
 
 def _check_library() -> None:
+    if {m.name for m in mechanisms_in("agg")} != {f"agg:{mode}" for mode in LossAggMode}:
+        raise RuntimeError("the agg mechanisms must be one per poise.contracts.LossAggMode")
     # HPARAMS are flat: a parameter name may be shared only by mechanisms of one family (which exclude each other).
     owner: dict[str, str] = {}
     for mechanism in MECHANISMS.values():

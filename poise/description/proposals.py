@@ -10,13 +10,12 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 
-from poise.contracts import LossAggMode, MechanismSpec, Proposal
+from poise.contracts import ROOT_NAME, LossAggMode, MechanismSpec, Proposal
 from poise.contracts import Scalar as HParamValue
 from poise.description.mechanisms import AlgorithmDescription
 
 KEY_SIGNIFICANT_DIGITS = 4  # descriptions whose values agree to this many digits are the same description
 MAX_NAME_CHARS = 60
-ROOT_NAME = "grpo"
 
 
 
@@ -86,5 +85,5 @@ def make_proposal(
 
 
 
-__all__ = ["KEY_SIGNIFICANT_DIGITS", "MAX_NAME_CHARS", "ROOT_NAME", "description_key", "key_value",
+__all__ = ["KEY_SIGNIFICANT_DIGITS", "MAX_NAME_CHARS", "description_key", "key_value",
            "make_proposal", "proposal_description", "root_proposal"]
