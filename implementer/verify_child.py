@@ -58,8 +58,7 @@ def unit_checks(source: str) -> list:
     hparams = module_hparams(module)
     results = []
 
-    def outputs(seed: int):
-        rollout = synthetic_rollout(hparams=hparams, seed=seed, groups=3, group_size=5)
+    def outputs(rollout):
         advantages, _ = run_advantages(module, rollout.batch)
         mask = rollout.batch["response_mask"]
         loss_mat, _ = run_policy_loss(module, rollout.log_prob, rollout.old_log_prob, advantages, mask,
@@ -67,7 +66,8 @@ def unit_checks(source: str) -> list:
         return advantages, loss_mat
 
     try:
-        first, second = outputs(11), outputs(11)
+        first, second = (outputs(synthetic_rollout(hparams=hparams, seed=11, groups=3, group_size=5))
+                         for _ in range(2))
         same = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
         results.append(CheckResult(
             name="determinism", passed=same,
@@ -76,11 +76,8 @@ def unit_checks(source: str) -> list:
         rollout = synthetic_rollout(hparams=hparams, seed=3, groups=2, group_size=4, max_len=5)
         rollout.batch["response_mask"][:, 1:] = 0.0  # every response one token long
         rollout.batch["response_length"] = rollout.batch["response_mask"].sum(-1)
-        mask = rollout.batch["response_mask"]
-        advantages, _ = run_advantages(module, rollout.batch)
-        loss_mat, _ = run_policy_loss(module, rollout.log_prob, rollout.old_log_prob, advantages, mask,
-                                      rollout.batch)
-        loss = aggregate_loss(loss_mat, mask, loss_agg_mode(module))
+        advantages, loss_mat = outputs(rollout)
+        loss = aggregate_loss(loss_mat, rollout.batch["response_mask"], loss_agg_mode(module))
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(advantages).all())
         results.append(CheckResult(
             name="one_token_responses", passed=finite,

@@ -30,7 +30,7 @@ from poise.algorithm import (
     slice_batch,
 )
 from poise.algorithms.common import kl_penalty, masked_mean
-from poise.contracts import TrainingStep, TrainingTrajectory
+from poise.contracts import KLEstimator, TrainingStep, TrainingTrajectory
 from poise.testbed.model import load_model, response_log_probs_by_length, save_model
 from poise.testbed.protocol import Protocol
 from poise.testbed.sampler import sample
@@ -101,7 +101,9 @@ def train(
             update_s = time.perf_counter() - update_started
             if average:
                 average.update(policy)
-            kl = masked_mean(kl_penalty(rollout.log_probs, ref_log_prob, "k3"), mask).item() if log_kl else None
+            kl = None
+            if log_kl:
+                kl = masked_mean(kl_penalty(rollout.log_probs, ref_log_prob, KLEstimator.K3), mask).item()
             record = TrainingStep(
                 step=step,
                 reward_mean=scores.mean().item(),
