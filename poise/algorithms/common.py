@@ -18,7 +18,7 @@ from poise.contracts import DEFAULT_KL_ESTIMATOR, KLEstimator
 # Clamp on log-ratios before exp, as VERL does, so one wild token cannot overflow the ratio.
 LOG_RATIO_CLAMP = 20.0
 # VERL's names (core_algos.kl_penalty) for the estimators of poise.contracts.KLEstimator.
-VERL_KL_NAMES = {"kl": KLEstimator.K1, "mse": KLEstimator.K2, "low_var_kl": KLEstimator.K3}
+VERL_KL_NAMES = {"kl": KLEstimator.K1.value, "mse": KLEstimator.K2.value, "low_var_kl": KLEstimator.K3.value}
 KL_ESTIMATORS = (*(estimator.value for estimator in KLEstimator), *VERL_KL_NAMES)
 
 
