@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from poise.algorithms.common import group_sum
 from poise.contracts import DEFAULT_LOSS_AGG_MODE, CheckResult, LossAggMode
 
 LOSS_AGG_MODES = tuple(mode.value for mode in LossAggMode)
@@ -75,9 +76,8 @@ def build_batch(
     index = contiguous_group_index(group_index, device=scores.device)
     if index.shape[0] != rows:
         raise ValueError(f"group_index has {index.shape[0]} entries for {rows} responses")
-    n_groups = int(index.max()) + 1 if rows else 0
-    counts = torch.zeros(n_groups, dtype=dtype, device=scores.device).index_add_(0, index, torch.ones_like(scores))
-    sums = torch.zeros(n_groups, dtype=dtype, device=scores.device).index_add_(0, index, scores)
+    counts = group_sum(torch.ones_like(scores), index)
+    sums = group_sum(scores, index)
     # Outcome reward on the last valid response token, zeros elsewhere: VERL's token_level_rewards.
     last = (mask.sum(-1).long() - 1).clamp(min=0)
     token_level_rewards = torch.zeros_like(mask)

@@ -30,7 +30,7 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 def group_sum(values: Tensor, group_index: Tensor) -> Tensor:
     """Per-group sums (G,) of per-response values (B,)."""
-    n_groups = int(group_index.max()) + 1
+    n_groups = int(group_index.max()) + 1 if group_index.numel() else 0
     return torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, group_index, values)
 
 
