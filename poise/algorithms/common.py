@@ -17,6 +17,7 @@ from poise.contracts import DEFAULT_KL_ESTIMATOR, KLEstimator
 
 # Clamp on log-ratios before exp, as VERL does, so one wild token cannot overflow the ratio.
 LOG_RATIO_CLAMP = 20.0
+DEFAULT_DUAL_CLIP = 3.0  # VERL's clip_ratio_c: a negative-advantage token's loss is capped at -A * 3
 # VERL's names (core_algos.kl_penalty) for the estimators of poise.contracts.KLEstimator.
 VERL_KL_NAMES = {"kl": KLEstimator.K1.value, "mse": KLEstimator.K2.value, "low_var_kl": KLEstimator.K3.value}
 KL_ESTIMATORS = (*(estimator.value for estimator in KLEstimator), *VERL_KL_NAMES)
@@ -135,7 +136,7 @@ def ppo_clip_loss(
     mask: Tensor,
     clip_low: float,
     clip_high: float,
-    dual_clip: float = 3.0,
+    dual_clip: float = DEFAULT_DUAL_CLIP,
 ) -> tuple[Tensor, dict[str, float]]:
     """Token-level PPO clip (asymmetric when clip_high != clip_low) with dual-clip for negative advantages.
 
@@ -265,7 +266,7 @@ def clipped_policy_loss(
     log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, response_mask: Tensor, batch: dict[str, Any]
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clip + dual-clip with hparams clip_low, clip_high, dual_clip, plus the optional KL penalty."""
-    surrogate = functools.partial(ppo_clip_loss, dual_clip=batch["hparams"].get("dual_clip", 3.0))
+    surrogate = functools.partial(ppo_clip_loss, dual_clip=batch["hparams"].get("dual_clip", DEFAULT_DUAL_CLIP))
     return surrogate_policy_loss(surrogate, log_prob, old_log_prob, advantages, response_mask, batch)
 
 
