@@ -24,9 +24,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from poise.agents import describe_agents
 from poise.contracts import Evaluation, MetricKind, Node, NodeStatus, RunConfig, TrainingTrajectory
 from poise.objective import satisfies, yardstick
+from poise.pareto import non_dominated
 from poise.scoring import utility as evaluation_utility
 from poise.store import ArchiveError, ArchiveStore
 
@@ -65,13 +68,10 @@ def pareto_front(nodes: Sequence[Node]) -> list[Node]:
     length), sorted by length: the length objective's trade-off curve."""
     points = [n for n in nodes if n.evaluation is not None and _finite(n.evaluation.overall)
               and _finite(n.evaluation.mean_length)]
-
-    def dominated(node: Node) -> bool:
-        a, length = node.evaluation.overall, node.evaluation.mean_length
-        return any(o.evaluation.overall >= a and o.evaluation.mean_length <= length
-                   and (o.evaluation.overall > a or o.evaluation.mean_length < length) for o in points)
-
-    return sorted((n for n in points if not dominated(n)), key=lambda n: n.evaluation.mean_length)
+    vectors = np.array([(n.evaluation.overall, -n.evaluation.mean_length) for n in points], dtype=float)
+    on_front = non_dominated(vectors.reshape(len(points), 2))  # shorter is better: −length, larger is better
+    front = [n for n, frontier in zip(points, on_front, strict=True) if frontier]
+    return sorted(front, key=lambda n: n.evaluation.mean_length)
 
 
 def _finite(value: object) -> bool:

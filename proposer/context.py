@@ -19,8 +19,9 @@ fields (proposer/population.py).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -28,7 +29,8 @@ import numpy as np
 from poise.contracts import Contract, MechanismEffect, MechanismSpec, Node, RunConfig
 from poise.description.mechanisms import AlgorithmDescription, DescriptionError
 from poise.description.proposals import proposal_description
-from proposer.selection import candidate_parents, metric_vectors, pareto_fronts, seed_mean
+from poise.pareto import non_dominated
+from proposer.selection import candidate_parents, metric_vectors, seed_mean
 
 Tier = Literal["pareto", "complementary", "exploratory"]
 TIERS: tuple[Tier, ...] = ("pareto", "complementary", "exploratory")
@@ -141,7 +143,7 @@ def build_context(
     references: list[Reference] = []
     for tier, pick in (("pareto", _pareto), ("complementary", _complementary), ("exploratory", _exploratory)):
         available = [n for n in pool if n.node_id not in taken]
-        for node, reason in pick(parent, summary, available, pool, values, config)[:per_tier]:
+        for node, reason in itertools.islice(pick(parent, summary, available, pool, values, config), per_tier):
             taken.add(node.node_id)
             node_summary = summarize_node(node, values[node.node_id], MAX_REFERENCE_REFLECTION_CHARS)
             references.append(Reference(tier=tier, reason=reason, node=node_summary))
@@ -201,8 +203,8 @@ def literature_priors() -> list[LiteraturePrior]:
 # ---------------------------------------------------------------------------------------------- tiers
 
 # A tier's picker: (parent, its summary, nodes not yet in a tier, every candidate but the parent, utilities,
-# config) -> (node, reason) in order of preference.
-Pick = list[tuple[Node, str]]
+# config) -> (node, reason) in order of preference, lazily: only the first per_tier are asked for.
+Pick = Iterator[tuple[Node, str]]
 
 
 def _by_utility(nodes: Sequence[Node], values: dict[str, float | None]) -> list[Node]:
@@ -213,19 +215,19 @@ def _pareto(parent: Node, summary: NodeSummary, pool: Sequence[Node], candidates
             values: dict[str, float | None], config: RunConfig) -> Pick:
     """Non-dominated nodes over per-suite scores (and −length), computed over every candidate and the parent."""
     if not pool:
-        return []
+        return
     everyone = [*candidates, parent] if parent.evaluation is not None else list(candidates)
     vectors = metric_vectors(everyone, lambda n: values.get(n.node_id), config.objective)
-    front = pareto_fronts(vectors)
     available = {n.node_id for n in pool}
-    on_front = [node for node, level in zip(everyone, front, strict=True) if level == 0 and node.node_id in available]
+    rows = {id(node): row for node, row, front in zip(everyone, vectors, non_dominated(vectors), strict=True)
+            if front and node.node_id in available}
+    on_front = [node for node in everyone if id(node) in rows]
     best_at = {}
     suites = sorted(set.intersection(*(set(n.evaluation.suites) for n in everyone)))
     for column, suite in enumerate(suites):
         best_at[suite] = float(np.max(vectors[:, column]))
-    picks = []
     for node in _by_utility(on_front, values):
-        row = vectors[everyone.index(node)]
+        row = rows[id(node)]
         leads = [suite for column, suite in enumerate(suites) if row[column] >= best_at[suite]]
         objectives = f"per-suite scores ({', '.join(suites)})" if suites else "utility"
         if config.objective.kind == "length":
@@ -234,15 +236,14 @@ def _pareto(parent: Node, summary: NodeSummary, pool: Sequence[Node], candidates
         if leads:
             reason += f"; best in the archive on {', '.join(leads)}"
         reason += f"; utility {_number(values.get(node.node_id))} vs the parent's {_number(summary.utility)}."
-        picks.append((node, reason))
-    return picks
+        yield node, reason
 
 
 def _complementary(parent: Node, summary: NodeSummary, pool: Sequence[Node], candidates: Sequence[Node],
                    values: dict[str, float | None], config: RunConfig) -> Pick:
     """Good nodes with the most different mechanism sets."""
     if not pool:
-        return []
+        return
     good_bar = float(np.median([values[n.node_id] for n in candidates]))
     ours = set(summary.mechanism_names)
     scored = []
@@ -254,15 +255,13 @@ def _complementary(parent: Node, summary: NodeSummary, pool: Sequence[Node], can
         if contrast > 0:
             scored.append((contrast, node, theirs))
     scored.sort(key=lambda item: (-item[0], -(values.get(item[1].node_id) or -math.inf), item[1].node_id))
-    picks = []
     for contrast, node, theirs in scored:
         has = [name for name in theirs if name not in ours]
         lacks = [name for name in summary.mechanism_names if name not in theirs]
         reason = (f"structural contrast {contrast:.2f} (Jaccard distance of mechanisms) among nodes at or above the "
                   f"median utility {good_bar:.3f}: it has {', '.join(has) or 'nothing new'}"
                   f"{'; lacks ' + ', '.join(lacks) if lacks else ''}; utility {_number(values.get(node.node_id))}.")
-        picks.append((node, reason))
-    return picks
+        yield node, reason
 
 
 def _exploratory(parent: Node, summary: NodeSummary, pool: Sequence[Node], candidates: Sequence[Node],
@@ -276,13 +275,11 @@ def _exploratory(parent: Node, summary: NodeSummary, pool: Sequence[Node], candi
         (rest if branch in branches else first).append(node)
         branches.add(branch)
     ours = set(summary.mechanism_names)
-    picks = []
     for node in first + rest:
         new = [name for name in _mechanism_names(node) if name not in ours]
         reason = (f"outside the parent's lineage (branch {_branch(node)}, depth {node.genealogy.depth}); utility "
                   f"{_number(values.get(node.node_id))}; mechanisms the parent lacks: {', '.join(new) or 'none'}.")
-        picks.append((node, reason))
-    return picks
+        yield node, reason
 
 
 def _branch(node: Node) -> str:

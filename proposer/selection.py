@@ -36,27 +36,39 @@ U_div     novelty: the mean distance to the DIV_NEIGHBOURS nearest other candida
 `select_parents` takes the k highest scores, skipping a node whose set of mechanism names is already among the
 chosen parents while any node with a new set remains, so one round does not spend its parents on near-copies.
 Exact score ties are broken by draws from the rng, so the choice is deterministic for a given rng state.
+
+Bounded work on large archives: beyond SHORTLIST candidates, the terms, the choice and both GPs' training sets
+are computed over a shortlist of SHORTLIST candidates (`shortlist`: a quarter from the Pareto frontier of the
+per-suite scores, best utility first, a quarter more by utility, a quarter of the newest, the rest an evenly
+spaced sample by age), while each descendant-gain target still counts every evaluated descendant in the archive.
+Up to SHORTLIST candidates (the paper's runs have 64 nodes) the shortlist is every candidate and nothing changes.
+Pairwise distances and dominance are computed a block of rows at a time (poise/pareto.py `row_blocks`), and the
+descendant gains in one pass over the ancestor lists, so the 10,000-node archive takes well under a second.
 Everything here is a pure function of its arguments: the GP keeps fixed kernel hyperparameters by default, and
 with `optimize=True` starts its optimizer from fixed values without restarts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import random
 import statistics
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+from threadpoolctl import ThreadpoolController
 
 from poise.contracts import Node, NodeStatus, Objective, Proposal, SelectionWeights
 from poise.description.mechanisms import MECHANISMS, AlgorithmDescription, Param
 from poise.description.proposals import proposal_description
+from poise.pareto import dominance, non_dominated, pareto_fronts, row_blocks
 from poise.scoring import seed_mean
 
 Utility = Callable[[Node], float | None]
@@ -66,6 +78,7 @@ DEPTH_SCALE = 10.0  # depth enters the GP features as depth / DEPTH_SCALE, on th
 MIN_GP_POINTS = 2  # below this many nodes with descendants the GP is not fitted and α is the prior
 PRIOR_MEAN = 0.0  # no descendant gain expected ...
 PRIOR_STD = 0.5  # ... but it could go either way: half the range of tanh
+SHORTLIST = 512  # Phase I scores and fits its GPs on at most this many candidates (`shortlist`)
 
 MECHANISM_NAMES: tuple[str, ...] = tuple(MECHANISMS)
 # One column per (mechanism, parameter): parameter keys are shared within a family with different ranges.
@@ -82,9 +95,10 @@ def memoized(utility: Utility) -> Utility:
     values: dict[str, float | None] = {}
 
     def cached(node: Node) -> float | None:
-        if node.node_id not in values:
-            values[node.node_id] = utility(node)
-        return values[node.node_id]
+        key = node.node_id
+        if key not in values:
+            values[key] = utility(node)
+        return values[key]
 
     return cached
 
@@ -98,6 +112,35 @@ def candidate_parents(nodes: Sequence[Node], utility: Utility = seed_mean) -> li
         return value is not None and math.isfinite(value)
 
     return sorted(filter(eligible, nodes), key=lambda node: (node.created_at, node.node_id))
+
+
+def shortlist(candidates: Sequence[Node], utility: Utility = seed_mean, limit: int = SHORTLIST) -> list[Node]:
+    """The candidates Phase I scores and trains its GPs on, in the order given (`candidates` oldest first, as
+    `candidate_parents` returns them): all of them while there are at most `limit`. Beyond, `limit` of them:
+    up to a quarter from the Pareto frontier of the per-suite scores (`metric_vectors` without an objective),
+    best utility first; then up to a quarter more by utility; then up to a quarter of the newest; the rest an
+    evenly spaced sample of the remaining candidates by age. Time and memory are linear in the candidates."""
+    if len(candidates) <= limit:
+        return list(candidates)
+    by_utility = sorted(range(len(candidates)), key=lambda i: -utility(candidates[i]))  # ties: oldest first
+    on_front = non_dominated(metric_vectors(candidates, utility))
+    picked: dict[int, None] = {}
+
+    def take(indices: Iterable[int], count: int) -> None:
+        for i in indices:
+            if count <= 0:
+                return
+            if i not in picked:
+                picked[i] = None
+                count -= 1
+
+    take((i for i in by_utility if on_front[i]), limit // 4)
+    take(by_utility, limit // 4)
+    take(range(len(candidates) - 1, -1, -1), limit // 4)
+    rest = [i for i in range(len(candidates)) if i not in picked]
+    slots = limit - len(picked)
+    take((rest[j * len(rest) // slots] for j in range(slots)), slots)
+    return [candidates[i] for i in sorted(picked)]
 
 
 # ------------------------------------------------------------------------------------------- genotype
@@ -150,11 +193,14 @@ def structural_distances(genotypes: Sequence[Genotype]) -> np.ndarray:
     mechanism adds the mean gap of its parameters' positions."""
     present = np.stack([g.present for g in genotypes])  # (n, M)
     positions = np.stack([g.positions for g in genotypes])  # (n, C)
-    union = np.maximum(present[:, None, :], present[None, :, :]).sum(-1)  # (n, n)
-    only_one = np.abs(present[:, None, :] - present[None, :, :]).sum(-1)
-    shared = (present[:, None, :] * present[None, :, :])[:, :, _COLUMN_MECHANISM]  # (n, n, C)
-    gaps = (np.abs(positions[:, None, :] - positions[None, :, :]) * shared * _COLUMN_WEIGHT).sum(-1)
-    return (only_one + gaps) / np.maximum(union, 1.0)
+    distances = np.empty((len(present), len(present)))
+    for rows in row_blocks(len(present), len(PARAM_COLUMNS)):  # (b, n, C) at a time, not (n, n, C)
+        union = np.maximum(present[rows, None, :], present[None, :, :]).sum(-1)  # (b, n)
+        only_one = np.abs(present[rows, None, :] - present[None, :, :]).sum(-1)
+        shared = (present[rows, None, :] * present[None, :, :])[:, :, _COLUMN_MECHANISM]  # (b, n, C)
+        gaps = (np.abs(positions[rows, None, :] - positions[None, :, :]) * shared * _COLUMN_WEIGHT).sum(-1)
+        distances[rows] = (only_one + gaps) / np.maximum(union, 1.0)
+    return distances
 
 
 # --------------------------------------------------------------------------------------- the four terms
@@ -175,38 +221,23 @@ def metric_vectors(nodes: Sequence[Node], utility: Utility = seed_mean, objectiv
                    ) -> np.ndarray:
     """(n, m) metric vectors, larger is better: the mean score per suite shared by every node, then −mean length
     under the length objective; (U,) per node when that leaves nothing."""
-    shared = set.intersection(*(set(node.evaluation.suites) for node in nodes)) if nodes else set()
-    columns = []
-    for suite in sorted(shared):
-        columns.append([np.mean([e.suites[suite].value for e in _evaluations(node) if suite in e.suites])
-                        for node in nodes])
-    if objective is not None and objective.kind == "length":
-        columns.append([-np.mean([e.mean_length for e in _evaluations(node)]) for node in nodes])
-    if not columns:
-        columns.append([utility(node) for node in nodes])
-    return np.array(columns, dtype=float).T
-
-
-def dominance(vectors: np.ndarray) -> np.ndarray:
-    """(n, n) booleans: row i Pareto-dominates row j (at least as good everywhere, better somewhere; larger is
-    better)."""
-    at_least = (vectors[:, None, :] >= vectors[None, :, :]).all(-1)
-    better = (vectors[:, None, :] > vectors[None, :, :]).any(-1)
-    return at_least & better
-
-
-def pareto_fronts(vectors: np.ndarray) -> np.ndarray:
-    """The non-dominated front of each row (0 = the Pareto frontier, 1 = the frontier once 0 is removed, …)."""
-    beats = dominance(vectors)
-    front = np.full(len(vectors), -1)
-    remaining = np.ones(len(vectors), dtype=bool)
-    level = 0
-    while remaining.any():
-        current = remaining & ~(beats & remaining[:, None]).any(0)
-        front[current] = level
-        remaining &= ~current
-        level += 1
-    return front
+    suites = sorted(set(nodes[0].evaluation.suites).intersection(*(node.evaluation.suites for node in nodes))
+                    ) if nodes else []
+    length = objective is not None and objective.kind == "length"
+    if not suites and not length:
+        return np.array([utility(node) for node in nodes], dtype=float).reshape(len(nodes), 1)
+    vectors = np.empty((len(nodes), len(suites) + length))
+    for row, node in zip(vectors, nodes, strict=True):
+        if not node.replicates:  # one seed (most nodes): its scores as they are
+            scores = node.evaluation.suites
+            row[: len(suites)] = [scores[suite].value for suite in suites]
+        else:
+            seeds = _evaluations(node)
+            row[: len(suites)] = [np.mean([e.suites[suite].value for e in seeds if suite in e.suites])
+                                  for suite in suites]
+        if length:
+            row[-1] = -np.mean([e.mean_length for e in _evaluations(node)])
+    return vectors
 
 
 def pareto_strength(vectors: np.ndarray) -> np.ndarray:
@@ -229,7 +260,10 @@ def novelty(distances: np.ndarray, neighbours: int = DIV_NEIGHBOURS) -> np.ndarr
 def behaviour_distances(vectors: np.ndarray) -> np.ndarray:
     """(n, n) RMS gaps of the metric vectors, each coordinate min-max scaled over the rows; in [0, 1]."""
     scaled = np.column_stack([min_max(column, constant=0.0) for column in vectors.T])
-    return np.sqrt(((scaled[:, None, :] - scaled[None, :, :]) ** 2).mean(-1))
+    distances = np.empty((len(scaled), len(scaled)))
+    for rows in row_blocks(len(scaled), scaled.shape[1]):
+        distances[rows] = np.sqrt(((scaled[rows, None, :] - scaled[None, :, :]) ** 2).mean(-1))
+    return distances
 
 
 # ------------------------------------------------------------------------------- descendant potential
@@ -239,8 +273,7 @@ def descendant_gain(node: Node, descendants: Sequence[Node], utility: Utility, w
                     ) -> float | None:
     """y_d = mean over the top-K descendants of γ^(generations between them) · tanh((U(c) − U(d)) / β), top-K by
     that discounted term; None when `descendants` (evaluated descendants of `node`) is empty."""
-    if weights.beta <= 0:
-        raise ValueError(f"SelectionWeights.beta must be positive (the gain scale of tanh), got {weights.beta}")
+    _check_beta(weights.beta)
     own = utility(node)
     terms = sorted((weights.gamma ** (child.genealogy.depth - node.genealogy.depth)
                     * math.tanh((utility(child) - own) / weights.beta) for child in descendants), reverse=True)
@@ -248,17 +281,33 @@ def descendant_gain(node: Node, descendants: Sequence[Node], utility: Utility, w
     return sum(top) / len(top) if top else None
 
 
-def descendant_gains(nodes: Sequence[Node], utility: Utility, weights: SelectionWeights) -> dict[str, float]:
-    """y_d of every candidate that has evaluated descendants among the candidates of `nodes`, by node id."""
+def descendant_gains(nodes: Sequence[Node], utility: Utility, weights: SelectionWeights,
+                     of: Collection[str] | None = None) -> dict[str, float]:
+    """y_d of every candidate that has evaluated descendants among the candidates of `nodes` (only of those whose
+    id is in `of`, when given), by node id. One pass over the candidates' ancestor lists: time linear in their
+    total length, not quadratic in the archive."""
     utility = memoized(utility)
-    candidates = candidate_parents(nodes, utility)
-    gains = {}
-    for node in candidates:
-        descendants = [c for c in candidates if node.node_id in c.genealogy.ancestors]
-        gain = descendant_gain(node, descendants, utility, weights)
-        if gain is not None:
-            gains[node.node_id] = gain
-    return gains
+    return _gains(candidate_parents(nodes, utility), utility, weights, of)
+
+
+def _gains(candidates: Sequence[Node], utility: Utility, weights: SelectionWeights, of: Collection[str] | None
+           ) -> dict[str, float]:
+    """`descendant_gains` over `candidates` already filtered by `candidate_parents`."""
+    _check_beta(weights.beta)
+    wanted = {node.node_id for node in candidates}
+    if of is not None:
+        wanted &= set(of)
+    descendants: dict[str, list[Node]] = {}
+    for child in candidates:
+        for ancestor in wanted.intersection(child.genealogy.ancestors):
+            descendants.setdefault(ancestor, []).append(child)
+    return {node.node_id: descendant_gain(node, descendants[node.node_id], utility, weights)
+            for node in candidates if node.node_id in descendants}
+
+
+def _check_beta(beta: float) -> None:
+    if beta <= 0:
+        raise ValueError(f"SelectionWeights.beta must be positive (the gain scale of tanh), got {beta}")
 
 
 def node_features(node: Node, normalized_utility: float) -> np.ndarray:
@@ -272,65 +321,98 @@ def _features(genotype: Genotype, depth: int, normalized_utility: float) -> np.n
     return np.concatenate([genotype.present, genotype.centered(), [depth / DEPTH_SCALE, normalized_utility]])
 
 
-def _fitted_regressor(x: np.ndarray, y: np.ndarray, hp: dict[str, float], optimize: bool) -> GaussianProcessRegressor:
-    """A constant × RBF + white-noise GP on normalized targets, fitted to (x, y); kernel hyperparameters fixed at
-    `hp` unless `optimize` (one optimizer start from `hp`, so still deterministic)."""
-    kernel = (ConstantKernel(hp["signal"], (1e-2, 1e2)) * RBF(hp["length_scale"], (1e-1, 1e2))
-              + WhiteKernel(hp["noise"], (1e-4, 1e1)))
-    regressor = GaussianProcessRegressor(kernel, normalize_y=True, optimizer="fmin_l_bfgs_b" if optimize else None)
-    with warnings.catch_warnings():  # a length scale at its bound is an answer here, not a problem
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        regressor.fit(x, y)
-    return regressor
-
-
-class DescendantGP:
-    """The GP of α_GP: predicts a node's discounted top-K descendant gain from its features.
-
-    `fit` learns on the candidates with evaluated descendants and remembers the archive's utility range and
-    genotypes, which `features` and `proposal_features` use. Kernel: a constant times an RBF plus a WhiteKernel
-    (seed noise makes two nodes with the same features disagree), on normalized targets. By default the kernel
-    keeps the fixed hyperparameters KERNEL_DEFAULTS: with the few dozen noisy targets of a run, maximum-likelihood
-    estimates swing between "all noise" and "no noise" from one round to the next, and fitting them costs ~50×
-    more; `optimize=True` fits them (one optimizer start from those values, so still deterministic). Unfitted
-    (fewer than MIN_GP_POINTS targets), `predict` returns the prior (PRIOR_MEAN, PRIOR_STD) for every row.
-    """
+class KernelGP:
+    """What the two GPs share: a constant times an RBF plus a WhiteKernel (seed noise makes two nodes with the same
+    features disagree), on normalized targets, trained on at most SHORTLIST rows (`shortlist`). By default the
+    kernel keeps the fixed hyperparameters KERNEL_DEFAULTS: with the few dozen noisy targets of a run,
+    maximum-likelihood estimates swing between "all noise" and "no noise" from one round to the next, and fitting
+    them costs ~50× more; `optimize=True` fits them (one optimizer start from those values, so still
+    deterministic). Unfitted (fewer than MIN_GP_POINTS training rows), `predict` returns (`prior_mean()`,
+    PRIOR_STD) for every row."""
 
     # On normalized targets: unit signal variance; a length scale of about one mutation (a swap moves two one-hot
     # entries, distance √2); noise a quarter of the signal, the share seed noise takes of tanh-squashed gains.
     KERNEL_DEFAULTS = {"signal": 1.0, "length_scale": 1.5, "noise": 0.25}
 
-    def __init__(self, weights: SelectionWeights | None = None, optimize: bool = False):
-        self.weights = weights or SelectionWeights()
+    def __init__(self, optimize: bool = False):
         self.optimize = optimize
-        self.targets: dict[str, float] = {}
-        self.fitted_ids: frozenset[str] = frozenset()
-        self._genotypes: dict[str, Genotype] = {}
-        self._utilities: dict[str, float] = {}
-        self._utility_range = (0.0, 0.0)
         self._regressor: GaussianProcessRegressor | None = None
 
     @property
     def fitted(self) -> bool:
-        """True when the GP was trained (enough targets); False while `predict` returns the prior."""
+        """True when the GP was trained (enough rows); False while `predict` returns the prior."""
         return self._regressor is not None
+
+    def prior_mean(self) -> float:
+        return PRIOR_MEAN
+
+    def _train(self, x: Sequence[np.ndarray], y: Sequence[float]) -> None:
+        """Fit the kernel to the rows (x, y); unfitted with fewer than MIN_GP_POINTS rows."""
+        self._regressor = None
+        if len(y) < MIN_GP_POINTS:
+            return
+        hp = self.KERNEL_DEFAULTS
+        kernel = (ConstantKernel(hp["signal"], (1e-2, 1e2)) * RBF(hp["length_scale"], (1e-1, 1e2))
+                  + WhiteKernel(hp["noise"], (1e-4, 1e1)))
+        regressor = GaussianProcessRegressor(kernel, normalize_y=True,
+                                             optimizer="fmin_l_bfgs_b" if self.optimize else None)
+        with warnings.catch_warnings(), _one_blas_thread():  # a length scale at its bound is an answer here
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            regressor.fit(np.stack(x), np.array(y, dtype=float))
+        self._regressor = regressor
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior (mean, std) of the target for each row of `features` (one row: a 1-D array)."""
+        x = np.atleast_2d(features)
+        if self._regressor is None:
+            return np.full(len(x), self.prior_mean()), np.full(len(x), PRIOR_STD)
+        with _one_blas_thread():
+            mean, std = self._regressor.predict(x, return_std=True)
+        return np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """BLAS on one thread: a GP of at most SHORTLIST rows is faster so, and on a busy machine several BLAS threads
+    spinning for a core make its Cholesky factorization ten to fifty times slower."""
+    return _blas().limit(limits=1, user_api="blas")
+
+
+class DescendantGP(KernelGP):
+    """The GP of α_GP: predicts a node's discounted top-K descendant gain from its features (`KernelGP`; prior
+    PRIOR_MEAN).
+
+    `fit` learns on the shortlisted candidates (`shortlist`) with evaluated descendants, each target counting
+    every evaluated descendant in the archive, and remembers the archive's utility range and the shortlist's
+    genotypes, which `features` and `proposal_features` use.
+    """
+
+    def __init__(self, weights: SelectionWeights | None = None, optimize: bool = False):
+        super().__init__(optimize)
+        self.weights = weights or SelectionWeights()
+        self.targets: dict[str, float] = {}
+        self.fitted_ids: frozenset[str] = frozenset()
+        self.shortlisted: list[Node] = []
+        self._genotypes: dict[str, Genotype] = {}
+        self._utilities: dict[str, float] = {}
+        self._utility_range = (0.0, 0.0)
 
     def fit(self, nodes: Sequence[Node], utility: Utility = seed_mean) -> DescendantGP:
         utility = memoized(utility)
         candidates = candidate_parents(nodes, utility)
         self.fitted_ids = frozenset(node.node_id for node in candidates)
-        self._genotypes = {node.node_id: node_genotype(node) for node in candidates}
+        self.shortlisted = shortlist(candidates, utility)
+        self._genotypes = {node.node_id: node_genotype(node) for node in self.shortlisted}
         self._utilities = {node.node_id: float(utility(node)) for node in candidates}
         values = list(self._utilities.values())
         self._utility_range = (min(values), max(values)) if values else (0.0, 0.0)
-        self.targets = descendant_gains(candidates, utility, self.weights)
-        self._regressor = None
-        if len(self.targets) < MIN_GP_POINTS:
-            return self
-        trained = [node for node in candidates if node.node_id in self.targets]
-        x = np.stack([self.features(node) for node in trained])
-        y = np.array([self.targets[node.node_id] for node in trained])
-        self._regressor = _fitted_regressor(x, y, self.KERNEL_DEFAULTS, self.optimize)
+        self.targets = _gains(candidates, utility, self.weights, of={node.node_id for node in self.shortlisted})
+        trained = [node for node in self.shortlisted if node.node_id in self.targets]
+        self._train([self.features(node) for node in trained], [self.targets[node.node_id] for node in trained])
         return self
 
     def normalized_utility(self, value: float) -> float:
@@ -357,14 +439,6 @@ class DescendantGP:
         return _features(Genotype.of(description), parent.genealogy.depth + 1,
                          self.normalized_utility(value) if value is not None else 0.5)
 
-    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Posterior (mean, std) of y for each row of `features` (one row: a 1-D array)."""
-        x = np.atleast_2d(features)
-        if self._regressor is None:
-            return np.full(len(x), PRIOR_MEAN), np.full(len(x), PRIOR_STD)
-        mean, std = self._regressor.predict(x, return_std=True)
-        return np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
-
     def ucb(self, features: np.ndarray) -> np.ndarray:
         """α = μ + κσ for each row of `features`."""
         mean, std = self.predict(features)
@@ -381,9 +455,10 @@ def genotype_features(description: AlgorithmDescription) -> np.ndarray:
     return np.concatenate([genotype.present, genotype.centered()])
 
 
-class UtilityGP:
+class UtilityGP(KernelGP):
     """Screening's predictor: a candidate's own utility from its mechanisms and constants (`genotype_features`),
-    a GP trained on the utility (by default `seed_mean`) of every candidate parent in the archive.
+    a GP trained on the utility (by default `seed_mean`) of the shortlisted candidate parents (`shortlist`: every
+    one up to SHORTLIST).
 
     Screening ranks a parent's population by the expected improvement of each child's predicted utility over
     the parent's (`incumbent`), so a change the archive has already seen hurt (the same mechanism swapped in
@@ -395,53 +470,36 @@ class UtilityGP:
     DescendantGP gained only +0.0017 (SE 0.0010, 40 worlds), this GP +0.0037 (SE 0.0012)
     (bench/results/search_simulated.md).
 
-    Same kernel as the DescendantGP (fixed hyperparameters by default, `optimize=True` fits them). With fewer than
-    MIN_GP_POINTS candidates `predict` returns the same (mean utility, PRIOR_STD) for every row, which ranks
-    nothing, and screening falls back to novelty.
+    Same kernel as the DescendantGP (`KernelGP`). With fewer than MIN_GP_POINTS candidates `predict` returns the
+    same (mean utility of every candidate, PRIOR_STD) for every row, which ranks nothing, and screening falls back
+    to novelty.
     """
 
-    KERNEL_DEFAULTS = {"signal": 1.0, "length_scale": 1.5, "noise": 0.25}
-
     def __init__(self, optimize: bool = False):
-        self.optimize = optimize
+        super().__init__(optimize)
         self.utilities: dict[str, float] = {}
-        self._regressor: GaussianProcessRegressor | None = None
-
-    @property
-    def fitted(self) -> bool:
-        return self._regressor is not None
 
     def fit(self, nodes: Sequence[Node], utility: Utility = seed_mean) -> UtilityGP:
         utility = memoized(utility)
         candidates = candidate_parents(nodes, utility)
         self.utilities = {node.node_id: float(utility(node)) for node in candidates}
-        self._regressor = None
-        if len(candidates) >= MIN_GP_POINTS:
-            x = np.stack([genotype_features(proposal_description(node.proposal)) for node in candidates])
-            y = np.array([self.utilities[node.node_id] for node in candidates])
-            self._regressor = _fitted_regressor(x, y, self.KERNEL_DEFAULTS, self.optimize)
+        trained = shortlist(candidates, utility)
+        self._train([genotype_features(proposal_description(node.proposal)) for node in trained],
+                    [self.utilities[node.node_id] for node in trained])
         return self
+
+    def prior_mean(self) -> float:
+        return statistics.fmean(self.utilities.values()) if self.utilities else 0.0
 
     def incumbent(self, parent: Node) -> float:
         """What a child must beat: its parent's utility (the mean of the archive's when the parent has none)."""
         value = self.utilities.get(parent.node_id)
-        if value is None:
-            value = statistics.fmean(self.utilities.values()) if self.utilities else 0.0
-        return value
+        return self.prior_mean() if value is None else value
 
     def proposal_features(self, proposal: Proposal | AlgorithmDescription, parent: Node) -> np.ndarray:
         """Features of a not-yet-evaluated child (the parent does not enter: utility depends on the description)."""
         return genotype_features(proposal if isinstance(proposal, AlgorithmDescription)
                                  else proposal_description(proposal))
-
-    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Posterior (mean, std) of the utility for each row of `features` (one row: a 1-D array)."""
-        x = np.atleast_2d(features)
-        if self._regressor is None:
-            mean = statistics.fmean(self.utilities.values()) if self.utilities else 0.0
-            return np.full(len(x), mean), np.full(len(x), PRIOR_STD)
-        mean, std = self._regressor.predict(x, return_std=True)
-        return np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
 
 
 # ----------------------------------------------------------------------------------------- selection
@@ -451,8 +509,7 @@ def bayes_term(alpha: np.ndarray, utilities: np.ndarray, beta: float) -> np.ndar
     """α in the units of U_perf: β·α is the descendant gain in utility (tanh's slope at 0 undone), divided by the
     span U_perf is normalized by, so that U_perf + α reads as the expected utility of the node's best
     descendants; a span below β counts as β, so a young archive's tiny spread does not blow α up."""
-    if beta <= 0:
-        raise ValueError(f"SelectionWeights.beta must be positive (the gain scale of tanh), got {beta}")
+    _check_beta(beta)
     span = float(utilities.max() - utilities.min()) if utilities.size else 0.0
     return beta * alpha / max(span, beta)
 
@@ -478,14 +535,15 @@ class Selection:
 
 def score_candidates(nodes: Sequence[Node], weights: SelectionWeights, utility: Utility = seed_mean,
                      objective: Objective | None = None, gp: DescendantGP | None = None) -> list[Selection]:
-    """Every candidate parent among `nodes` with s(d) and its terms, oldest first. `gp` is reused when it was
-    fitted on exactly these candidates (e.g. to share it with screening), else a new one is fitted here."""
+    """Every shortlisted candidate parent among `nodes` (`shortlist`: all of them up to SHORTLIST) with s(d) and
+    its terms, oldest first; every term is computed over the shortlist. `gp` is reused when it was fitted on
+    exactly these candidates (e.g. to share it with screening), else a new one is fitted here."""
     utility = memoized(utility)
-    candidates = candidate_parents(nodes, utility)
+    if gp is None or gp.fitted_ids != {node.node_id for node in candidate_parents(nodes, utility)}:
+        gp = DescendantGP(weights).fit(nodes, utility)
+    candidates = gp.shortlisted
     if not candidates:
         return []
-    if gp is None or gp.fitted_ids != {node.node_id for node in candidates}:
-        gp = DescendantGP(weights).fit(candidates, utility)
     genotypes = [gp.genotype(node) for node in candidates]
     utilities = np.array([utility(node) for node in candidates], dtype=float)
     vectors = metric_vectors(candidates, utility, objective)
@@ -526,6 +584,7 @@ __all__ = [
     "DescendantGP",
     "FEATURE_NAMES",
     "Genotype",
+    "KernelGP",
     "MECHANISM_NAMES",
     "PARAM_COLUMNS",
     "Selection",
@@ -546,5 +605,6 @@ __all__ = [
     "score_candidates",
     "seed_mean",
     "select_parents",
+    "shortlist",
     "structural_distances",
 ]
