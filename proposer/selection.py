@@ -114,12 +114,16 @@ def candidate_parents(nodes: Sequence[Node], utility: Utility = seed_mean) -> li
     return sorted(filter(eligible, nodes), key=lambda node: (node.created_at, node.node_id))
 
 
-def shortlist(candidates: Sequence[Node], utility: Utility = seed_mean, limit: int = SHORTLIST) -> list[Node]:
+def shortlist(candidates: Sequence[Node], utility: Utility = seed_mean, limit: int | None = None) -> list[Node]:
     """The candidates Phase I scores and trains its GPs on, in the order given (`candidates` oldest first, as
-    `candidate_parents` returns them): all of them while there are at most `limit`. Beyond, `limit` of them:
-    up to a quarter from the Pareto frontier of the per-suite scores (`metric_vectors` without an objective),
-    best utility first; then up to a quarter more by utility; then up to a quarter of the newest; the rest an
-    evenly spaced sample of the remaining candidates by age. Time and memory are linear in the candidates."""
+    `candidate_parents` returns them): all of them while there are at most `limit` (default SHORTLIST). Beyond,
+    `limit` of them: up to a quarter from the Pareto frontier of the per-suite scores (`metric_vectors` without
+    an objective), best utility first; then up to a quarter more by utility; then up to a quarter of the newest;
+    the rest an evenly spaced sample of the remaining candidates by age. Time and memory are linear in the
+    candidates."""
+    limit = SHORTLIST if limit is None else limit
+    if limit < 1:
+        raise ValueError(f"the shortlist limit must be at least 1, got {limit}")
     if len(candidates) <= limit:
         return list(candidates)
     by_utility = sorted(range(len(candidates)), key=lambda i: -utility(candidates[i]))  # ties: oldest first

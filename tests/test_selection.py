@@ -25,6 +25,7 @@ from poise.contracts import (
     TrainingTrajectory,
 )
 from poise.description.mechanisms import MECHANISMS, AlgorithmDescription
+from proposer import selection
 from proposer.selection import (
     FEATURE_NAMES,
     PRIOR_MEAN,
@@ -44,6 +45,7 @@ from proposer.selection import (
     score_candidates,
     seed_mean,
     select_parents,
+    shortlist,
     structural_distances,
 )
 
@@ -408,3 +410,57 @@ def test_no_candidates_is_an_error_that_says_what_to_do() -> None:
         select_parents([], SelectionWeights())
     with pytest.raises(ValueError, match="k must be at least 1"):
         select_parents(small_tree().list(), SelectionWeights(), k=0)
+
+
+# ------------------------------------------------------------------------------------------- large archives
+
+
+def binary_tree(n: int = 40) -> Archive:
+    """n nodes, node i a child of node (i - 1) // 2, utilities scattered over [0.40, 0.60) and two suites traded
+    off against each other, so the frontier holds several nodes."""
+    archive = Archive()
+    for i in range(n):
+        value = 0.40 + 0.20 * ((i * 17) % n) / n
+        suites = {"easy": value + 0.03 * (i % 3), "hard": value - 0.03 * (i % 3)}
+        archive.add(f"n{i:02d}", value, parent=f"n{(i - 1) // 2:02d}" if i else None, suites=suites)
+    return archive
+
+
+def test_the_shortlist_is_every_candidate_up_to_its_limit() -> None:
+    candidates = candidate_parents(binary_tree().list())
+    assert shortlist(candidates, limit=len(candidates)) == candidates
+    with pytest.raises(ValueError, match="at least 1"):
+        shortlist(candidates, limit=0)
+
+
+def test_beyond_its_limit_the_shortlist_keeps_the_frontier_the_best_and_the_newest() -> None:
+    candidates = candidate_parents(binary_tree().list())
+    chosen = shortlist(candidates, limit=12)
+    ids = [node.node_id for node in chosen]
+    assert len(ids) == 12 and ids == sorted(ids)  # oldest first, as given
+    best = sorted(candidates, key=lambda node: -seed_mean(node))
+    on_front = dict(zip((node.node_id for node in candidates), pareto_fronts(metric_vectors(candidates)) == 0,
+                        strict=True))
+    best_on_front = [node.node_id for node in best if on_front[node.node_id]]
+    assert len(best_on_front) >= 3 and set(best_on_front[:3]) <= set(ids)  # a quarter of 12 from the frontier
+    assert {node.node_id for node in best[:3]} <= set(ids)  # then the best
+    assert {node.node_id for node in candidates[-3:]} <= set(ids)  # then the newest
+
+
+def test_descendant_gains_of_some_nodes_count_all_their_descendants() -> None:
+    nodes = list(binary_tree().nodes.values())
+    every = descendant_gains(nodes, seed_mean, SelectionWeights())
+    assert descendant_gains(nodes, seed_mean, SelectionWeights(), of={"n00", "n03"}) == {
+        "n00": every["n00"], "n03": every["n03"]}
+
+
+def test_a_large_archive_is_scored_on_its_shortlist(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(selection, "SHORTLIST", 12)
+    nodes = binary_tree().list()
+    expected = [node.node_id for node in shortlist(candidate_parents(nodes))]
+    assert [s.node_id for s in score_candidates(nodes, SelectionWeights())] == expected
+    gp = DescendantGP().fit(nodes)
+    assert set(gp.targets) <= set(expected) and gp.fitted
+    every = descendant_gains(nodes, seed_mean, SelectionWeights())
+    assert gp.targets == {node_id: every[node_id] for node_id in expected if node_id in every}
+    assert [s.node_id for s in select_parents(nodes, SelectionWeights(), k=3)][0] in expected
