@@ -1,6 +1,6 @@
 """The embedded runner behind `poise run`: the six services in one process on the in-process bus.
 
-The run directory holds everything: `archive.sqlite` (the genealogical archive, the run's config included),
+The run directory holds everything: `archive.db` (the SQLite genealogical archive, the run's config included),
 `nodes/<id>/` (verification attempts, training directories and checkpoints) and `run.log`. Starting a run
 in a directory that already holds one resumes it: the stored config is used (a different protocol or seed
 is refused; a larger budget extends the run), and the work of every unfinished node is redone.
@@ -30,6 +30,7 @@ from poise.contracts import (
     Message,
     NodeStatus,
     RunConfig,
+    RunStatus,
     TrainingStep,
     WorkTrain,
 )
@@ -51,7 +52,7 @@ class RunSummary:
     wall_s: float
     work_s: float
     phase_seconds: dict[str, float]
-    status: dict
+    status: RunStatus
     stop_reason: str | None
     resumed_nodes: int
 
@@ -64,7 +65,7 @@ class RunSummary:
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "wall_s": self.wall_s, "work_s": self.work_s,
                 "overhead_s": self.wall_s - self.work_s, "overhead_fraction": self.overhead_fraction,
                 "phase_seconds": self.phase_seconds, "stop_reason": self.stop_reason,
-                "resumed_nodes": self.resumed_nodes, "status": self.status}
+                "resumed_nodes": self.resumed_nodes, "status": self.status.model_dump()}
 
 
 def open_run(run_dir: Path, config: RunConfig) -> tuple[SQLiteStore, RunConfig]:
@@ -156,8 +157,8 @@ class Progress:
 
     def status_line(self) -> None:
         status = run_status(self.store, self.config.run_id)
-        counts = status["counts"]
-        done = status["budget"]["evaluated"]
+        counts = status.counts
+        done = status.budget.evaluated
         if self.evaluated_at_start is None:
             self.evaluated_at_start = done
         elapsed = time.monotonic() - self.started
@@ -165,21 +166,22 @@ class Progress:
         eta = ""
         if new > 0 and done < self.config.budget:  # fresh-seed confirmation of the best comes on top
             eta = f", ETA ~{_clock(elapsed / new * (self.config.budget - done))} + confirmation"
-        best = status["best"]
-        leader = status["leader"]
+        best = status.best
+        leader = status.leader
+        in_pipeline = (NodeStatus.PROPOSED, NodeStatus.IMPLEMENTED, NodeStatus.TRAINED)
         parts = [f"evaluated {done}/{self.config.budget}",
-                 "in pipeline " + " ".join(f"{k} {counts[k]}" for k in ("proposed", "implemented", "trained")),
-                 f"failed {counts['failed']}"]
+                 "in pipeline " + " ".join(f"{s} {counts[s]}" for s in in_pipeline),
+                 f"failed {counts[NodeStatus.FAILED]}"]
         if leader:
-            root_mean = status["root"].get("mean") if status["root"] else None
-            gain = f" ({leader['utility'] - root_mean:+.4f} vs GRPO)" if root_mean is not None else ""
-            parts.append(f"leader {leader['node_id']} {leader['utility']:.4f}{gain} (1 seed)")
-        if best and best["confirmed"]:
-            parts.append(f"best {best['node_id']} {best['utility']:.4f} — {best['verdict']}")
-        llm = status["llm"]
-        if llm["calls"]:
-            cap = f" of ${llm['cap_usd']:.2f}" if llm["cap_usd"] is not None else ""
-            parts.append(f"agent LLM ${llm['usd']:.4f}{cap} ({llm['calls']} requests)")
+            root_mean = status.root.mean if status.root else None
+            gain = f" ({leader.utility - root_mean:+.4f} vs GRPO)" if root_mean is not None else ""
+            parts.append(f"leader {leader.node_id} {leader.utility:.4f}{gain} (1 seed)")
+        if best and best.confirmed:
+            parts.append(f"best {best.node_id} {best.utility:.4f} — {best.verdict}")
+        llm = status.llm
+        if llm.calls:
+            cap = f" of ${llm.cap_usd:.2f}" if llm.cap_usd is not None else ""
+            parts.append(f"agent LLM ${llm.usd:.4f}{cap} ({llm.calls} requests)")
         self.say(" · ".join(parts) + f" · elapsed {_clock(elapsed)}{eta}")
 
 

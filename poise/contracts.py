@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -37,6 +39,13 @@ NonNegative = Annotated[float, Field(ge=0.0)]
 
 class ContractError(ValueError):
     """Bytes on the bus that are not a valid message of their subject, or a message that cannot be sent."""
+
+
+def validation_problems(errors: ValidationError | Sequence[Mapping[str, Any]]) -> str:
+    """A pydantic validation error (or its `errors()`) as one line, every problem with where it is: "budget: Input
+    should be greater than or equal to 1; bogus: Extra inputs are not permitted"."""
+    listed = errors.errors() if isinstance(errors, ValidationError) else errors
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in listed)
 
 
 class Contract(BaseModel):
@@ -196,6 +205,81 @@ class MechanismSpec(Contract):
     params: dict[str, Scalar] = {}
 
 
+ScreeningStage = Literal["consistency", "novelty", "llm_screen"]  # llm_screen: the screen LLM's verdict
+
+
+class Rejection(Contract):
+    """A proposal screened out before training (proposer/screening.py): at which gate, why, and the archived
+    node it is too close to."""
+
+    proposal_name: str
+    stage: ScreeningStage
+    reason: str
+    nearest_id: str | None = None
+    distance: float | None = None
+
+
+class ScreeningMerits(Contract):
+    """What ranked a screened proposal: the surrogate's prediction and expected improvement, the screen LLM's
+    score, its nearest archived node, or why the offline gates were skipped (an LLM coder implements it)."""
+
+    name: str
+    expected_improvement: float = 0.0
+    predicted_mean: float | None = None
+    predicted_std: float | None = None
+    llm_score: float | None = None
+    nearest_id: str | None = None
+    distance: float | None = None
+    skipped: str | None = None
+
+    def summary(self) -> str:
+        """"EI 0.012", "LLM screen 0.81, EI 0.012", "LLM screen 0.70, not compiled offline"."""
+        offline = f"EI {self.expected_improvement:.3g}" if self.skipped is None else "not compiled offline"
+        return offline if self.llm_score is None else f"LLM screen {self.llm_score:.2f}, {offline}"
+
+
+class ScreeningSummary(Contract):
+    """Phase I screening of the population a proposal won (proposer/screening.py), kept on the proposal: the
+    parent, how survivors were ranked, what ranked the winner first, every rejected proposal with its gate and
+    reason, the proposals the offline gates skipped, who screened, and the parent's utility."""
+
+    parent_id: Id
+    acquisition: str = Field(description='how survivors were ranked: "ei" or "ucb"')
+    threshold: float = Field(description="the fingerprint distance under which a proposal is a near duplicate")
+    winner: ScreeningMerits | None = Field(description="None only when nothing passed (no proposal carries that)")
+    passed: int = Field(ge=0, description="proposals that passed every gate")
+    rejections: list[Rejection] = []
+    skipped: dict[str, str] = Field({}, description="proposal name -> why the offline gates did not run")
+    screened_by: str | None = Field(None, description='e.g. "screened by the offline gates"')
+    parent_utility: float | None = None
+
+    def summary(self) -> str:
+        """One line for logs and lists: the winner, each rejection's reason, the proposals the offline gates
+        skipped, who screened and the parent's utility."""
+        head = f"best {self.winner.name} ({self.winner.summary()})" if self.winner else "no proposal passed screening"
+        parts = [f"parent {self.parent_id}: {head}, {self.passed} passed"]
+        if self.rejections:
+            parts.append("rejected " + "; ".join(f"{r.proposal_name}: {r.stage}: {r.reason}" for r in self.rejections))
+        if self.skipped:
+            skipped = "; ".join(f"{name}: {why}" for name, why in self.skipped.items())
+            parts.append(f"offline gates skipped for {skipped}")
+        if self.screened_by:
+            parts.append(self.screened_by)
+        if self.parent_utility is not None:
+            parts.append(f"parent utility {self.parent_utility:.4f}")
+        return "; ".join(parts)
+
+
+class LegacyScreening(Contract):
+    """Screening as archives written before it was typed hold it: one line of text (ScreeningSummary.summary's
+    form), read back as it was."""
+
+    note: str
+
+    def summary(self) -> str:
+        return self.note
+
+
 class Proposal(Contract):
     """z: what the candidate algorithm is and why, as produced by the proposer."""
 
@@ -207,8 +291,14 @@ class Proposal(Contract):
     directive: str | None = None
     generator: str = Field(min_length=1, description='"offline" or the id of the model that wrote it')
     parent_ids: list[Id] = []
-    screening: str | None = Field(None, description="Phase I screening: the winner, and every rejected proposal "
-                                                    "of its population with the stage and reason")
+    screening: ScreeningSummary | LegacyScreening | None = Field(
+        None, description="Phase I screening: the winner, and every rejected proposal of its population with the "
+        "stage and reason (LegacyScreening: the line of text an archive written before this was typed holds)")
+
+    @field_validator("screening", mode="before")
+    @classmethod
+    def _read_legacy_screening(cls, screening: object) -> object:
+        return LegacyScreening(note=screening) if isinstance(screening, str) else screening
 
 
 # -------------------------------------------------------------------------------- ρ: implementation
@@ -480,7 +570,7 @@ class Node(Contract):
     implementation: Implementation | None = None
     trajectory: TrainingTrajectory | None = None
     evaluation: Evaluation | None = None
-    replicates: list[Evaluation] = []  # fresh-seed re-evaluations of the same checkpoint, for noise
+    replicates: list[Evaluation] = []  # evaluations of fresh-seed re-trainings of the same code, for noise
     reflection: Reflection | None = None
     failure: Failure | None = None
     cost: Cost = Field(default_factory=Cost)
@@ -594,10 +684,10 @@ RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd")
 RECORDED_SETTINGS = ("protocol_sha256",)
 
 
-class RunConfig(Contract):
-    """Everything that defines a search run; stored with the run so it can be resumed."""
+class RunSettings(Contract):
+    """The settings of a search run a caller chooses: every part of `RunConfig` but the run's id and what the
+    archive records itself."""
 
-    run_id: Id
     budget: int = Field(64, ge=1, description="evaluated candidates, the paper's 64")
     parallel: int = Field(3, ge=1, description="nodes in the pipeline at once")
     parents_per_round: int = Field(3, ge=1)
@@ -610,14 +700,157 @@ class RunConfig(Contract):
     replicate_seeds: int = Field(3, ge=1, description="fresh-seed re-evaluations of a promising node")
     seed: int = 0
     protocol: str = "default"
-    protocol_sha256: str | None = Field(
-        None, description="sha256 of the protocol's settings, recorded when the run is created; resuming under "
-        "changed settings is refused (None: a run stored before this was recorded)")
     objective: Objective = Field(default_factory=Objective)
     weights: SelectionWeights = Field(default_factory=SelectionWeights)
     backends: Backends = Field(default_factory=Backends)
     llm_budget_usd: NonNegative | None = Field(None, description="agent-LLM spend cap in USD; the run stops "
                                                                  "proposing when its nodes have spent it")
+
+
+class RunConfig(RunSettings):
+    """Everything that defines a search run; stored with the run so it can be resumed."""
+
+    run_id: Id
+    protocol_sha256: str | None = Field(
+        None, description="sha256 of the protocol's settings, recorded when the run is created; resuming under "
+        "changed settings is refused (None: a run stored before this was recorded)")
+
+
+class RunRequest(RunSettings):
+    """The body of `POST /api/runs` (archive/api.py): start the run `run_id`, or resume the stored one.
+
+    A new run takes the settings given and the defaults (the archive's backends) for the rest; a stored run
+    keeps its settings, and only RESUMABLE_SETTINGS may differ from them (archive/runs.py). A field that is
+    not a setting, including what the archive records itself (RECORDED_SETTINGS), is refused.
+    """
+
+    run_id: Id
+
+    def given(self) -> dict[str, Any]:
+        """The settings this request sets explicitly, as JSON values (the `given` of archive/runs.py
+        resolve_run); a setting left out is not in it."""
+        return self.model_dump(mode="json", include=self.model_fields_set - {"run_id"})
+
+
+# ------------------------------------------------------------------------------- run counters, status
+
+
+class NodeScore(Contract):
+    """What ranking an evaluated node needs, kept by the store beside its document (poise/store.py): U of its
+    own evaluation, U of each fresh-seed replicate (nan kept), how many of those are finite (`seeds`), and
+    whether it meets the objective's constraints. Only evaluated nodes that did not fail have one."""
+
+    node_id: Id
+    utility: float
+    replicate_utilities: list[float] = []
+    seeds: int = Field(0, ge=0)
+    constraints_satisfied: bool | None = None
+
+
+class OperatorSpend(Contract):
+    """One operator's agent-LLM requests over a run: how many, how many failed or had no price, and the cost."""
+
+    calls: int = Field(0, ge=0)
+    failed: int = Field(0, ge=0)
+    unpriced: int = Field(0, ge=0)
+    usd: NonNegative = 0.0
+
+
+class RunCounters(Contract):
+    """A run's totals, kept current by the store as nodes are written, so reading them costs the same at ten
+    nodes as at ten thousand."""
+
+    counts: dict[NodeStatus, int]
+    evaluated: int = Field(0, ge=0, description="nodes carrying an evaluation, failed ones included (the budget)")
+    llm_usd: NonNegative = Field(0.0, description="the agent-LLM spend booked on the run's nodes")
+    max_number: int = Field(-1, description="the highest node number (n012: 12); -1 when no id is numbered")
+    depth: int = Field(0, ge=0, description="the deepest node")
+
+
+class BudgetStatus(Contract):
+    total: int
+    evaluated: int
+    parallel: int
+
+
+class RootStatus(Contract):
+    """The root (GRPO) and its seed scores, with their summary once it has one (mean, sd, n, ci_low, ci_high)."""
+
+    node_id: Id
+    status: NodeStatus
+    scores: list[float]
+    mean: float | None = None
+    sd: float | None = None
+    n: int | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+
+class LeaderStatus(Contract):
+    """The child with the top single-seed utility."""
+
+    node_id: Id
+    name: str
+    utility: float
+    seeds: int
+
+
+class BestStatus(Contract):
+    """The node reported as the best: the top confirmed node (fresh-seed mean), else the top single seed."""
+
+    node_id: Id
+    name: str
+    mechanisms: list[str]
+    utility: float
+    interval: tuple[float, float] | None
+    seeds: int
+    scores: list[float]
+    selection_score: float | None
+    confirmed: bool
+    gain_over_root: float | None
+    p_vs_root: float | None
+    verdict: str
+    overall: float | None
+    mean_length: float | None
+    constraints_satisfied: bool | None
+
+
+class LlmSpendStatus(Contract):
+    """The run's agent-LLM requests and spend per operator, against its cap, and the agent each operator uses."""
+
+    agents: dict[str, str]
+    calls: int
+    usd: float
+    unpriced_calls: int
+    cap_usd: float | None
+    per_operator: dict[str, OperatorSpend]
+
+
+class ObjectiveStatus(Objective):
+    description: str
+
+
+class ConstraintsStatus(Contract):
+    satisfied: list[Id]
+    violated: list[Id]
+
+
+class RunStatus(Contract):
+    """Where a run stands (archive/status.py): counts, budget, root, leader, best with its seed interval, spend.
+    `constraints` only for an objective with constraints."""
+
+    run_id: Id
+    protocol: str
+    seed: int
+    counts: dict[NodeStatus, int]
+    budget: BudgetStatus
+    depth: int
+    root: RootStatus | None
+    objective: ObjectiveStatus
+    best: BestStatus | None = None
+    leader: LeaderStatus | None = None
+    llm: LlmSpendStatus
+    constraints: ConstraintsStatus | None = None
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -795,3 +1028,126 @@ def decode(subject: str, data: bytes) -> Message:
         return cls.model_validate_json(data)
     except ValidationError as err:
         raise ContractError(f"invalid {subject} message: {err}") from err
+
+
+# -------------------------------------------------------------------------------- sandboxed children
+# What a parent sends a sandboxed child on stdin (a `SandboxPayload`) and what the child's result line holds
+# (a `SandboxReport`); poise/sandbox.py carries them. The candidate runs inside the child's process and can
+# print a result line of its own, so the parent validates every result against its report type and treats
+# one that does not validate as a failed run.
+
+
+class SandboxLimits(Contract):
+    """The limits of one sandboxed child: deadlines the parent enforces from outside, rlimits the child sets."""
+
+    model_config = ConfigDict(frozen=True)
+
+    wall_s: float = Field(600.0, gt=0, description="the hard wall-clock deadline, whatever the child reports")
+    stall_s: float | None = Field(None, gt=0, description="also killed when no event or result line came for "
+                                                          "this long (None: never)")
+    cpu_s: int = Field(3600, ge=1, description="CPU seconds over all threads; the wall deadline is the real bound")
+    memory_bytes: int = Field(8 << 30, ge=1, description="address space: torch reserves a lot of virtual memory")
+    file_bytes: int = Field(256 << 20, ge=1, description="largest file the child may write (a checkpoint is ~4 MB)")
+    open_files: int = Field(256, ge=1)
+
+
+class SandboxPayload(Contract):
+    """Base of every payload: the limits the child applies to itself (set by poise.sandbox.run_sandboxed)."""
+
+    limits: SandboxLimits = Field(default_factory=SandboxLimits)
+
+
+class SandboxReport(Contract):
+    """Base of every result a sandboxed child reports."""
+
+    isolation: list[str] = Field([], description="the sandbox layers that could not be applied (poise/sandbox.py)")
+    traceback: str | None = Field(None, description="the harness's own traceback (its tail) when it failed")
+
+
+class VerifyPayload(SandboxPayload):
+    """implementer/verify_child.py: check one candidate module, and smoke-train it when a protocol is given."""
+
+    source: str
+    base_path: Path = Field(description="the base checkpoint the smoke run starts from")
+    smoke_protocol: dict[str, Any] | None = Field(None, description="Protocol.as_dict() (poise/testbed/protocol.py) "
+                                                                    "of the smoke run; None: no smoke run")
+    seed: int = 0
+
+
+class VerifyReport(SandboxReport):
+    """What implementer/verify_child.py found: every check, in order."""
+
+    checks: list[CheckResult] = []
+
+
+class FingerprintPayload(SandboxPayload):
+    """proposer/fingerprint_child.py: the structural check and behavioural fingerprint of one candidate."""
+
+    source: str
+
+
+class FingerprintReport(SandboxReport):
+    """What proposer/fingerprint_child.py found: the structural checks and, when they passed, the module's
+    declarations and its fingerprint vector (proposer/fingerprint.py), or why there is none."""
+
+    checks: list[CheckResult] = []
+    loss_agg_mode: str | None = None
+    hparams: dict[str, Scalar] = {}
+    fingerprint: list[float] | None = None
+    failure: str | None = None
+
+
+class TrainPayload(SandboxPayload):
+    """trainer/testbed_child.py: train one candidate under a testbed protocol with one seed."""
+
+    protocol: dict[str, Any] = Field(description="Protocol.as_dict() (poise/testbed/protocol.py)")
+    seed: int
+    source: str
+    name: str = Field("candidate", min_length=1, description="the module name the candidate is loaded under")
+    base_path: Path = Field(description="the base checkpoint training starts from")
+    out_dir: Path = Field(description="where the checkpoint is written: the child's working directory")
+
+
+class TrainStepEvent(Contract):
+    """A progress line of trainer/testbed_child.py: one optimizer step's metrics, sent as soon as it is logged."""
+
+    step: TrainingStep
+
+
+class TrainReport(SandboxReport):
+    """How trainer/testbed_child.py ended: "ok" with the trajectory, or the candidate's error ("candidate_error":
+    it broke the interface) or any other error, with the steps logged before it."""
+
+    status: Literal["ok", "candidate_error", "error"]
+    reason: str | None = None
+    steps: list[TrainingStep] = []
+    trajectory: TrainingTrajectory | None = None
+
+    @model_validator(mode="after")
+    def _check_outcome(self) -> TrainReport:
+        if (self.status == "ok") != (self.trajectory is not None):
+            raise ValueError(f"status {self.status!r} with trajectory={self.trajectory is not None}; "
+                             "a trajectory comes with status ok, and only with it")
+        if self.status != "ok" and not self.reason:
+            raise ValueError(f"status {self.status!r} needs a reason")
+        return self
+
+
+class ProbePayload(SandboxPayload):
+    """poise/sandbox_probe.py (the sandbox tests' diagnostic child): a snippet to run inside the sandbox. Any
+    further field is handed to the snippet, with `code`, as the dict `payload`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+
+
+class ProbeReport(Contract):
+    """What poise/sandbox_probe.py saw: the isolation notes, whether the snippet raised (the exception's type,
+    errno and message), and the JSON value it left in its variable `result`."""
+
+    notes: list[str]
+    raised: str | None = None
+    errno: int | None = None
+    message: str = ""
+    result: Any = None
