@@ -424,11 +424,11 @@ def selector_search(selector: str, budget: int, search_seeds: int, first_seed: i
             evaluated.sort(key=lambda n: n.node_id)  # the root n000 first, then children in proposal order
             values = [utility(n.evaluation) for n in evaluated]
             best = max(evaluated, key=lambda n: utility(n.evaluation))
-            status_best = summary.status["best"] or {}
+            reported, root = summary.status.best, summary.status.root
             entry = {"seed": seed, "best_utility": utility(best.evaluation), "best_node": best.node_id,
-                     "best_depth": best.genealogy.depth, "reported_utility": status_best.get("utility"),
-                     "reported_node": status_best.get("node_id"), "root_utility": (summary.status["root"] or {})
-                     .get("mean"), "run_dir": str(run_dir)}
+                     "best_depth": best.genealogy.depth, "reported_utility": reported.utility if reported else None,
+                     "reported_node": reported.node_id if reported else None,
+                     "root_utility": root.mean if root else None, "run_dir": str(run_dir)}
         entry["curve"] = search_curve(values)
         per_seed.append(entry)
         log(f"{selector} seed {seed}: best-found utility {entry['best_utility']:.4f} at depth {entry['best_depth']}")

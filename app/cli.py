@@ -11,7 +11,7 @@ from pathlib import Path
 
 from poise.algorithm import check_passed, describe_problems, structural_check
 from poise.algorithms import REFERENCE_ALGORITHMS
-from poise.contracts import Backends, Objective, RunConfig
+from poise.contracts import Backends, BestStatus, Objective, RootStatus, RunConfig
 from poise.settings import SERVICES
 from poise.testbed.sft import DEFAULT_SFT_STEPS
 
@@ -114,22 +114,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_outcome(summary) -> None:
-    best = summary.status.get("best")
-    root = summary.status.get("root") or {}
+    best, root = summary.status.best, summary.status.root
     print(f"wall {summary.wall_s:.0f} s, inside phase work {summary.work_s:.0f} s "
-          f"(orchestration overhead {100 * summary.overhead_fraction:.2f}%), depth {summary.status['depth']}")
-    if root.get("mean") is not None:
+          f"(orchestration overhead {100 * summary.overhead_fraction:.2f}%), depth {summary.status.depth}")
+    if root and root.mean is not None:
         print(f"GRPO (root): {_interval_text(root)}")
     if best:
-        print(f"best: {best['node_id']} {best['name']} [{', '.join(best['mechanisms'])}]: {_interval_text(best)} "
-              f"— {best['verdict']}")
+        print(f"best: {best.node_id} {best.name} [{', '.join(best.mechanisms)}]: {_interval_text(best)} "
+              f"— {best.verdict}")
 
 
-def _interval_text(entry: dict) -> str:
-    mean = entry.get("mean", entry.get("utility"))
-    interval = entry.get("interval") or ([entry["ci_low"], entry["ci_high"]] if entry.get("ci_low") is not None
-                                         else None)
-    seeds = entry.get("seeds", entry.get("n"))
+def _interval_text(entry: RootStatus | BestStatus) -> str:
+    if isinstance(entry, RootStatus):
+        mean, seeds = entry.mean, entry.n
+        interval = (entry.ci_low, entry.ci_high) if entry.ci_low is not None else None
+    else:
+        mean, seeds, interval = entry.utility, entry.seeds, entry.interval
     if interval is None:
         return f"{mean:.4f} (1 seed)"
     return f"{mean:.4f} ± {(interval[1] - interval[0]) / 2:.4f} (95% CI over {seeds} seeds)"
@@ -155,33 +155,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     with store:
         status = run_status(store, run_id)
     if args.json:
-        print(json.dumps(status, indent=1))
+        print(json.dumps(status.model_dump(), indent=1))
         return 0
-    counts = ", ".join(f"{k} {v}" for k, v in status["counts"].items() if v)
-    print(f"run {run_id}: protocol {status['protocol']}, seed {status['seed']}, depth {status['depth']}")
-    print(f"evaluated {status['budget']['evaluated']}/{status['budget']['total']} ({counts or 'no nodes yet'})")
-    print(f"objective: {status['objective']['description']}")
-    if "constraints" in status:
-        met = status["constraints"]["satisfied"]
+    counts = ", ".join(f"{k} {v}" for k, v in status.counts.items() if v)
+    print(f"run {run_id}: protocol {status.protocol}, seed {status.seed}, depth {status.depth}")
+    print(f"evaluated {status.budget.evaluated}/{status.budget.total} ({counts or 'no nodes yet'})")
+    print(f"objective: {status.objective.description}")
+    if status.constraints is not None:
+        met = status.constraints.satisfied
         print(f"meet the objective's constraints: {', '.join(met) if met else 'none yet'}")
-    root = status["root"]
-    if root and root.get("mean") is not None:
+    root = status.root
+    if root and root.mean is not None:
         print(f"GRPO (root): {_interval_text(root)}")
-    if status["leader"]:
-        leader = status["leader"]
-        print(f"top single seed: {leader['node_id']} {leader['name']} {leader['utility']:.4f}")
-    if status["best"]:
-        best = status["best"]
-        print(f"best: {best['node_id']} {best['name']}: {_interval_text(best)} — {best['verdict']}")
-        if best.get("constraints_satisfied") is not None:
-            print(f"  Overall {best['overall']:.4f}, mean length {best['mean_length']:.1f}, constraints "
-                  f"{'met' if best['constraints_satisfied'] else 'NOT met'}")
-    llm = status["llm"]
-    if llm["calls"]:
-        cap = f" of the ${llm['cap_usd']:.2f} cap" if llm["cap_usd"] is not None else ""
-        per = ", ".join(f"{op} ${v['usd']:.4f} ({v['calls']} requests, {v['failed']} failed)"
-                        for op, v in llm["per_operator"].items())
-        print(f"agent LLM: ${llm['usd']:.4f}{cap} in {llm['calls']} requests — {per}")
+    if status.leader:
+        leader = status.leader
+        print(f"top single seed: {leader.node_id} {leader.name} {leader.utility:.4f}")
+    if status.best:
+        best = status.best
+        print(f"best: {best.node_id} {best.name}: {_interval_text(best)} — {best.verdict}")
+        if best.constraints_satisfied is not None:
+            print(f"  Overall {best.overall:.4f}, mean length {best.mean_length:.1f}, constraints "
+                  f"{'met' if best.constraints_satisfied else 'NOT met'}")
+    llm = status.llm
+    if llm.calls:
+        cap = f" of the ${llm.cap_usd:.2f} cap" if llm.cap_usd is not None else ""
+        per = ", ".join(f"{op} ${v.usd:.4f} ({v.calls} requests, {v.failed} failed)"
+                        for op, v in llm.per_operator.items())
+        print(f"agent LLM: ${llm.usd:.4f}{cap} in {llm.calls} requests — {per}")
     return 0
 
 
@@ -212,13 +212,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir / "report.html"
     with store:
         status = run_status(store, run_id)
-        best, root = status["best"], status["root"] or {}
-        summary = {"GRPO (root)": _interval_text(root) if root.get("mean") is not None else "not evaluated"}
+        best, root = status.best, status.root
+        summary = {"GRPO (root)": _interval_text(root) if root and root.mean is not None else "not evaluated"}
         if best:
-            summary["best node"] = f"{best['node_id']} {best['name']}"
+            summary["best node"] = f"{best.node_id} {best.name}"
             summary["best Overall"] = _interval_text(best)
-            summary["verdict"] = best["verdict"]
-        summary["depth reached"] = str(status["depth"])
+            summary["verdict"] = best.verdict
+        summary["depth reached"] = str(status.depth)
         path = write_report(store, run_id, out, summary=summary)
     print(f"report written to {path}")
     return 0
@@ -308,6 +308,15 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
           f"orchestration overhead {summary.wall_s - summary.work_s:.2f} s = {100 * summary.overhead_fraction:.2f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def cmd_bench_archive(args: argparse.Namespace) -> int:
+    """Per-event handling, status and parent selection on synthetic archives of each size (app/bench_archive.py)."""
+    from app.bench_archive import bench_archive
+
+    bench_archive(args.nodes, args.backends, live=args.events, selections=args.selections,
+                  selection_timeout_s=args.selection_timeout, json_path=Path(args.json) if args.json else None)
     return 0
 
 
@@ -434,6 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench_loop.add_argument("--replicate-seeds", type=int, default=2)
     bench_loop.add_argument("--json", help="write the report here")
     bench_loop.set_defaults(handler=cmd_bench_loop)
+    bench_archive = bench.add_parser("archive", help="per-event work, status and parent selection against the "
+                                                     "archive's size (synthetic archives)")
+    bench_archive.add_argument("--nodes", type=int, nargs="+", default=[1_000, 10_000],
+                               help="archive sizes (default 1000 10000)")
+    bench_archive.add_argument("--backends", nargs="+", choices=("sqlite", "mongomock"),
+                               default=["sqlite", "mongomock"])
+    bench_archive.add_argument("--events", type=int, default=12, help="events timed per kind (default 12)")
+    bench_archive.add_argument("--selections", nargs="*", choices=("greedy", "poise"), default=["greedy", "poise"],
+                               help="parent selections to time on the SQLite archive (none: skip)")
+    bench_archive.add_argument("--selection-timeout", type=float, default=600.0,
+                               help="seconds before a selection is reported as timed out (default 600)")
+    bench_archive.add_argument("--json", help="write the report here")
+    bench_archive.set_defaults(handler=cmd_bench_archive)
     return parser
 
 

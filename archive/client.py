@@ -21,7 +21,7 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 
 from archive.api import NOT_FOUND_HEADER
-from poise.contracts import Node, NodeStatus, RunConfig
+from poise.contracts import Node, NodeStatus, RunConfig, RunCounters
 from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive.client")
@@ -32,6 +32,7 @@ _NODES = TypeAdapter(list[Node])
 _RUN = TypeAdapter(RunConfig)
 _RUNS = TypeAdapter(list[RunConfig])
 _COUNTS = TypeAdapter(dict[NodeStatus, int])
+_COUNTERS = TypeAdapter(RunCounters)
 
 
 class ReadOnlyArchive(ArchiveError):
@@ -114,6 +115,13 @@ class ArchiveClient(ArchiveStore):
         response = self._get(f"/api/runs/{_q(run_id)}/counts")
         found = {} if response is None else self._parse(_COUNTS, response)
         return {status: found.get(status, 0) for status in NodeStatus}
+
+    def counters(self, run_id: str) -> RunCounters:
+        """The run's counters as the archive keeps them (a few numbers, not the run's documents)."""
+        response = self._get(f"/api/runs/{_q(run_id)}/counters")
+        if response is None:
+            return RunCounters(counts=dict.fromkeys(NodeStatus, 0))
+        return self._parse(_COUNTERS, response)
 
     # --------------------------------------------------------------------------------------- writes
 

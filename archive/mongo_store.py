@@ -5,7 +5,10 @@ Collections (in the given database, "poise" by default):
 - `runs`: one document per run, `_id` = run_id: the `RunConfig` fields plus `seq` and `rev`.
 - `nodes`: one document per node, `_id` = f"{run_id}/{node_id}": `Node.model_dump(mode="json")` (so
   nan/inf curves and microsecond timestamps round-trip exactly) plus top-level copies that queries and
-  indexes use (run_id, node_id, parent_ids, ancestors, depth, utility = evaluation.overall), and `seq`, `rev`.
+  indexes use (run_id, node_id, parent_ids, ancestors, depth, utility = evaluation.overall), what the run's
+  bookkeeping reads (number, evaluated, llm_usd, score = the NodeScore of an evaluated node that did not fail,
+  llm_ops = per-operator agent-LLM spend), and `seq`, `rev`. Documents written before those fields existed
+  get them when a store opens the database.
 - `counters`: the insertion counters that give `seq`. MongoDB has no autoincrement and a node's
   `created_at` is its maker's clock, not the order it reached the archive, so listings sort by `seq`
   (the order SQLite's `seq` column gives).
@@ -17,6 +20,9 @@ replicate evaluations of an evaluated node); SQLite guards on status alone, whic
 makes enough. The interface has no place for the caller's revision, so "last seen by this store
 object" stands in for it; see `transition`.
 
+`counters` reads only indexed fields (a covered query over `run_tally`: index entries, no documents) and
+sums them here; `scores` reads the `score` of the top nodes through `run_score` and `run_seeds`.
+
 Only operations that mongomock also runs are used (no bulk_write, sessions or transactions), so the
 contract suite checks this module without a server and against one when MONGO_URL is set.
 """
@@ -26,20 +32,32 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ValidationError
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
-from poise.contracts import Node, NodeStatus, RunConfig
-from poise.store import ArchiveError, ArchiveStore, check_same_node
+from poise.contracts import (
+    LlmOperator,
+    Node,
+    NodeScore,
+    NodeStatus,
+    OperatorSpend,
+    RunConfig,
+    RunCounters,
+    node_number,
+)
+from poise.scoring import node_score
+from poise.store import ArchiveError, ArchiveStore, check_same_node, node_spend
 
 DEFAULT_DATABASE = "poise"
 DEFAULT_TIMEOUT_MS = 10_000  # server selection; a URL's own serverSelectionTimeoutMS wins
 # Fields the store adds to a node's contract document; stripped before validation.
-_NODE_EXTRAS = ("_id", "seq", "rev", "run_id", "node_id", "parent_ids", "ancestors", "depth", "utility")
+_DERIVED = ("number", "evaluated", "llm_usd", "score", "llm_ops")  # what the run's bookkeeping reads
+_NODE_EXTRAS = ("_id", "seq", "rev", "run_id", "node_id", "parent_ids", "ancestors", "depth", "utility", *_DERIVED)
+_TALLY_FIELDS = ("status", "evaluated", "llm_usd", "number", "depth")
 _RUN_EXTRAS = ("_id", "seq", "rev")
 NODE_INDEXES: dict[str, list[tuple[str, int]]] = {
     "run_seq": [("run_id", ASCENDING), ("seq", ASCENDING)],  # a run's nodes in insertion order
@@ -47,6 +65,9 @@ NODE_INDEXES: dict[str, list[tuple[str, int]]] = {
     "run_parent": [("run_id", ASCENDING), ("parent_ids", ASCENDING)],  # children (multikey)
     "run_ancestor": [("run_id", ASCENDING), ("ancestors", ASCENDING)],  # descendants (multikey)
     "run_utility": [("run_id", ASCENDING), ("utility", DESCENDING)],  # top-K
+    "run_tally": [("run_id", ASCENDING), *((field, ASCENDING) for field in _TALLY_FIELDS)],  # counters, covered
+    "run_score": [("run_id", ASCENDING), ("score.utility", DESCENDING), ("seq", ASCENDING)],  # ranked scores
+    "run_seeds": [("run_id", ASCENDING), ("score.seeds", ASCENDING)],  # confirmed nodes (few)
 }
 RUN_INDEXES: dict[str, list[tuple[str, int]]] = {"seq": [("seq", ASCENDING)]}
 
@@ -81,6 +102,19 @@ def node_fields(node: Node) -> dict[str, Any]:
         "ancestors": g.ancestors,
         "depth": g.depth,
         "utility": utility,
+        **derived_fields(node),
+    }
+
+
+def derived_fields(node: Node) -> dict[str, Any]:
+    """The fields of `_DERIVED` for `node`."""
+    score = node_score(node)
+    return {
+        "number": node_number(node.node_id),
+        "evaluated": int(node.evaluation is not None),
+        "llm_usd": node.cost.llm_usd,
+        "score": None if score is None else score.model_dump(mode="json"),
+        "llm_ops": [{"operator": op, **spend.model_dump()} for op, spend in node_spend(node).items()],
     }
 
 
@@ -111,8 +145,10 @@ class MongoStore(ArchiveStore):
         self._closed = False
         self._lock = threading.Lock()
         self._seen: dict[str, int] = {}  # node key -> the latest revision this store read or wrote
+        self._mock = type(self._client).__module__.startswith("mongomock")  # see _tally_groups
         try:
             self._create_indexes()
+            self._fill_derived()
         except BaseException:
             self.close()
             raise
@@ -123,6 +159,13 @@ class MongoStore(ArchiveStore):
             for collection, indexes in ((self._nodes, NODE_INDEXES), (self._runs, RUN_INDEXES)):
                 for name, keys in indexes.items():
                     collection.create_index(keys, name=name)
+
+    def _fill_derived(self) -> None:
+        """Give documents stored before the bookkeeping fields existed those fields (not a write of the node: its
+        revision stays)."""
+        with self._op("migration of node documents"):
+            for doc in self._nodes.find({"number": {"$exists": False}}):
+                self._nodes.update_one({"_id": doc["_id"]}, {"$set": derived_fields(self._node(doc))})
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -256,6 +299,58 @@ class MongoStore(ArchiveStore):
         if unknown:
             raise ArchiveError(f"run {run_id} in {self.where} has nodes at unknown statuses {unknown}")
         return {status: found.get(status.value, 0) for status in NodeStatus}
+
+    def counters(self, run_id: str) -> RunCounters:
+        with self._op(f"counters of run {run_id}"):
+            groups = self._tally_groups(run_id)
+        counts = dict.fromkeys(NodeStatus, 0)
+        for group in groups:
+            counts[NodeStatus(group["_id"])] = group["nodes"]
+        return RunCounters(
+            counts=counts,
+            evaluated=sum(group["evaluated"] for group in groups),
+            llm_usd=sum(group["llm_usd"] for group in groups),
+            max_number=max((group["number"] for group in groups), default=-1),
+            depth=max((group["depth"] for group in groups), default=0),
+        )
+
+    def _tally_groups(self, run_id: str) -> list[dict[str, Any]]:
+        """Per status: nodes, evaluated, spend, highest number and depth. MongoDB groups them server-side over
+        the covering `run_tally` index (a handful of documents come back); mongomock's aggregate copies every
+        document of the collection first, so under it the same fields are read with a projection and grouped
+        here."""
+        if not self._mock:
+            fields = {"evaluated": {"$sum": "$evaluated"}, "llm_usd": {"$sum": "$llm_usd"},
+                      "number": {"$max": "$number"}, "depth": {"$max": "$depth"}}
+            pipeline = [{"$match": {"run_id": run_id}}, {"$group": {"_id": "$status", "nodes": {"$sum": 1}, **fields}}]
+            return list(self._nodes.aggregate(pipeline))
+        groups: dict[str, dict[str, Any]] = {}
+        for row in self._nodes.find({"run_id": run_id}, {"_id": False, **dict.fromkeys(_TALLY_FIELDS, True)}):
+            group = groups.setdefault(row["status"], {"_id": row["status"], "nodes": 0, "evaluated": 0,
+                                                      "llm_usd": 0.0, "number": -1, "depth": 0})
+            group["nodes"] += 1
+            group["evaluated"] += row["evaluated"]
+            group["llm_usd"] += row["llm_usd"]
+            group["number"] = max(group["number"], row["number"])
+            group["depth"] = max(group["depth"], row["depth"])
+        return list(groups.values())
+
+    def scores(self, run_id: str, *, min_seeds: int = 0, limit: int | None = None) -> list[NodeScore]:
+        query = {"run_id": run_id, "score": {"$ne": None}, "score.seeds": {"$gte": min_seeds}}
+        with self._op(f"scores of run {run_id}"):
+            cursor = self._nodes.find(query, {"_id": False, "score": True})
+            rows = list(cursor.sort([("score.utility", DESCENDING), ("seq", ASCENDING)]).limit(limit or 0))
+        return [self._contract(NodeScore, row["score"], (), f"a score in run {run_id}") for row in rows]
+
+    def llm_spend(self, run_id: str) -> dict[LlmOperator, OperatorSpend]:
+        with self._op(f"agent-LLM spend of run {run_id}"):
+            rows = list(self._nodes.find({"run_id": run_id, "llm_ops": {"$ne": []}}, {"_id": False, "llm_ops": True}))
+        totals: dict[str, dict[str, float]] = {}
+        for entry in (entry for row in rows for entry in row.get("llm_ops") or []):
+            total = totals.setdefault(entry["operator"], dict.fromkeys(OperatorSpend.model_fields, 0))
+            for field in OperatorSpend.model_fields:
+                total[field] += entry[field]
+        return {op: OperatorSpend(**totals[op]) for op in get_args(LlmOperator) if op in totals}
 
     # ------------------------------------------------------------------------------------- health
 

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from archive.status import run_status
+from archive.status import best_score
 from archive.update import ArchiveUpdater, Outcome, UpdateResult, next_work
 from poise.bus import Bus
 from poise.contracts import (
@@ -29,6 +29,7 @@ from poise.contracts import (
     Failure,
     Message,
     Node,
+    NodeScore,
     NodeStatus,
     Phase,
     RunConfig,
@@ -38,7 +39,7 @@ from poise.contracts import (
 )
 from poise.description.proposals import root_proposal
 from poise.metrics import DUPLICATE, METRICS, OK, REJECTED, backend_name, observed
-from poise.scoring import confirmation_scores, replicate_seed, summarize, utility
+from poise.scoring import confirmation_scores, replicate_seed, summarize
 from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive")
@@ -150,12 +151,13 @@ class ArchiveService:
         if not getattr(event, "replicate", 0):
             METRICS.evaluated_candidates.inc()
         try:
-            best = run_status(self.store, event.run_id)["best"]
-        except (KeyError, ArchiveError) as err:  # a metric must never fail the event it describes
+            best = best_score(self.store, event.run_id)
+        except ArchiveError as err:  # a metric must never fail the event it describes
             log.warning("best utility of run %s not updated: %s", event.run_id, err)
             return
-        if best is not None and best["utility"] is not None:
-            METRICS.best_utility.set(best["utility"])
+        summary = summarize(confirmation_scores(best, best.node_id == ROOT_ID)) if best is not None else None
+        if summary is not None:
+            METRICS.best_utility.set(summary.mean)
 
     # ------------------------------------------------------------------------------------ scheduling
 
@@ -163,9 +165,8 @@ class ArchiveService:
         """Publish the proposals and replicates the run needs now; mark the run finished when it is done."""
         if self.state.finished:
             return
-        nodes = self.store.nodes(self.run_id)
-        by_id = {n.node_id: n for n in nodes}
-        root = by_id.get(ROOT_ID)
+        # One document (the root) and the run's counters: the work per event does not grow with the archive.
+        root = self.store.get_node(self.run_id, ROOT_ID)
         if root is None:
             return
         if root.status == NodeStatus.FAILED:
@@ -174,7 +175,8 @@ class ArchiveService:
         if root.evaluation is None:
             return
         self._replicate(root, self.config.root_seeds - 1)
-        accounting = self.updater.accounting(self.run_id)
+        counters = self.store.counters(self.run_id)
+        accounting = self.updater.accounting_of(self.config, counters)
         pending = len(self.state.proposals)
         in_flight = accounting.in_flight + pending
         if accounting.failed >= max(8, 2 * self.config.budget):
@@ -183,13 +185,13 @@ class ArchiveService:
             self.state.stop_reason = f"the proposer failed {self.state.propose_failures} times; stopped proposing"
         cap = self.config.llm_budget_usd
         if cap is not None and self.state.stop_reason is None:
-            spent = sum(n.cost.llm_usd for n in nodes)  # a failed proposal that cost requests is a node too
+            spent = counters.llm_usd  # a failed proposal that cost requests is a node too
             if spent >= cap:
                 self.state.stop_reason = (f"the agent-LLM cost cap is reached (${spent:.4f} of ${cap:.2f}); "
                                           "stopped proposing")
         # The root counts towards nothing: the budget is the number of evaluated children.
         evaluated_children = accounting.evaluated - 1
-        next_number = 1 + max([node_number(n) for n in (*by_id, *self.state.proposals)], default=0)
+        next_number = 1 + max([counters.max_number, *map(node_number, self.state.proposals)])
         while (self.state.stop_reason is None and evaluated_children + in_flight < self.config.budget
                and in_flight < self.config.parallel):
             node_id = f"n{next_number:03d}"
@@ -203,27 +205,30 @@ class ArchiveService:
         if in_flight or self.state.replicates:
             return
         if evaluated_children >= self.config.budget or self.state.stop_reason:
-            if not self._confirm_best(nodes):
+            if not self._confirm_best():
                 self._finish(self.state.stop_reason or "budget reached")
 
-    def _confirm_best(self, nodes: list[Node]) -> bool:
-        """Re-train the best single-seed nodes with fresh seeds; True while such work is pending."""
-        children = [n for n in nodes if n.node_id != ROOT_ID and n.evaluation is not None
-                    and n.status != NodeStatus.FAILED]
-        ranked = sorted(children, key=lambda n: -(utility(n.evaluation) or float("-inf")))
-        confirmed = [n for n in ranked if len(n.replicates) + self._given_up(n) >= self.config.replicate_seeds]
-        best_mean = max((summarize(confirmation_scores(n)).mean for n in confirmed), default=float("-inf"))
-        for node in ranked:
+    def _confirm_best(self) -> bool:
+        """Re-train the best single-seed nodes with fresh seeds; True while such work is pending. Runs only once
+        nothing is in flight at the end of the run, so reading every child's score is fine here."""
+        children = [s for s in self.store.scores(self.run_id) if s.node_id != ROOT_ID]
+        ranked = sorted(children, key=lambda s: -(s.utility or float("-inf")))
+        confirmed = [s for s in ranked
+                     if len(s.replicate_utilities) + self._given_up(s) >= self.config.replicate_seeds]
+        confirmed_ids = {s.node_id for s in confirmed}
+        best_mean = max((summarize(confirmation_scores(s)).mean for s in confirmed), default=float("-inf"))
+        for score in ranked:
             if len(confirmed) >= MAX_CONFIRMED:
                 break
-            if node in confirmed:
+            if score.node_id in confirmed_ids:
                 continue
-            if (utility(node.evaluation) or float("-inf")) <= best_mean:
+            if (score.utility or float("-inf")) <= best_mean:
                 break  # no unconfirmed node could beat the confirmed best
-            return self._replicate(node, self.config.replicate_seeds)
+            node = self.store.get_node(self.run_id, score.node_id)
+            return node is not None and self._replicate(node, self.config.replicate_seeds)
         return False
 
-    def _given_up(self, node: Node) -> int:
+    def _given_up(self, node: Node | NodeScore) -> int:
         return sum(1 for (nid, _), tries in self.state.replicate_tries.items()
                    if nid == node.node_id and tries >= MAX_REPLICATE_TRIES)
 

@@ -1,47 +1,113 @@
 """The embedded archive store: one SQLite file in the run directory (`<run_dir>/archive.db`).
 
 Documents are the contracts' JSON exactly as `model_dump_json` writes them; a few columns copy what
-queries need (status, depth, parent links, insertion order). WAL with `synchronous=FULL` makes every
-committed write survive a kill -9 or power loss; each write is one transaction.
+queries need (status, depth, parent links, insertion order, and what the run's bookkeeping reads: node
+number, evaluated, agent-LLM spend, the node's score, spend per operator in `node_spend`). Triggers keep
+`tallies` (per run and status: nodes, evaluated, spend, highest number, depth) current in the same
+transaction as the write, so `counters` reads a handful of rows whatever the archive's size. WAL with
+`synchronous=FULL` makes every committed write survive a kill -9 or power loss; each write is one transaction.
+
+Schema 2 added those columns and tables; a schema-1 file is migrated when opened (columns added, then
+filled from the stored documents).
 """
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 
-from poise.contracts import Node, NodeStatus, RunConfig
-from poise.store import ArchiveError, ArchiveStore, check_same_node
+from poise.contracts import LlmOperator, Node, NodeScore, NodeStatus, OperatorSpend, RunConfig, RunCounters, node_number
+from poise.scoring import node_score
+from poise.store import ArchiveError, ArchiveStore, check_same_node, node_spend
 
 DB_FILENAME = "archive.db"
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    doc    TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    seq     INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order
-    run_id  TEXT NOT NULL,
-    node_id TEXT NOT NULL,
-    status  TEXT NOT NULL,
-    depth   INTEGER NOT NULL,
-    doc     TEXT NOT NULL,
-    UNIQUE (run_id, node_id)
-);
-CREATE INDEX IF NOT EXISTS nodes_by_status ON nodes (run_id, status, seq);
-CREATE TABLE IF NOT EXISTS parents (
-    run_id    TEXT NOT NULL,
-    parent_id TEXT NOT NULL,
-    node_id   TEXT NOT NULL,
-    PRIMARY KEY (run_id, parent_id, node_id)
-) WITHOUT ROWID;
+SCHEMA_VERSION = 2
+# Columns schema 2 added to `nodes` (name, declaration), filled from the documents when an older file opens.
+_DERIVED_COLUMNS = (
+    ("number", "INTEGER NOT NULL DEFAULT -1"),   # n012 -> 12
+    ("evaluated", "INTEGER NOT NULL DEFAULT 0"),  # 1 if the node carries an evaluation (failed ones too)
+    ("llm_usd", "REAL NOT NULL DEFAULT 0"),        # cost.llm_usd
+    ("utility", "REAL"),                          # the score's utility (NULL for nan), for ranking
+    ("seeds", "INTEGER NOT NULL DEFAULT 0"),      # the score's finite seed scores
+    ("score", "TEXT"),                            # NodeScore JSON; NULL unless evaluated and not failed
+)
+_TALLY_ADD = """
+    INSERT INTO tallies (run_id, status, nodes, evaluated, llm_usd, max_number, max_depth)
+    VALUES (NEW.run_id, NEW.status, 1, NEW.evaluated, NEW.llm_usd, NEW.number, NEW.depth)
+    ON CONFLICT (run_id, status) DO UPDATE SET nodes = nodes + 1, evaluated = evaluated + excluded.evaluated,
+        llm_usd = llm_usd + excluded.llm_usd, max_number = max(max_number, excluded.max_number),
+        max_depth = max(max_depth, excluded.max_depth);
 """
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY,
+        doc    TEXT NOT NULL
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS nodes (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order
+        run_id  TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        status  TEXT NOT NULL,
+        depth   INTEGER NOT NULL,
+        doc     TEXT NOT NULL,
+        {", ".join(f"{name} {declaration}" for name, declaration in _DERIVED_COLUMNS)},
+        UNIQUE (run_id, node_id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS nodes_by_status ON nodes (run_id, status, seq)",
+    # Covering indexes: the derived columns lie after the document, past its overflow pages, in a migrated file.
+    "CREATE INDEX IF NOT EXISTS nodes_by_utility ON nodes (run_id, utility DESC, seq, seeds, score) "
+    "WHERE score IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS nodes_by_seeds ON nodes (run_id, seeds, utility DESC, seq, score) "
+    "WHERE score IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS parents (
+        run_id    TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        node_id   TEXT NOT NULL,
+        PRIMARY KEY (run_id, parent_id, node_id)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS node_spend (
+        run_id   TEXT NOT NULL,
+        operator TEXT NOT NULL,
+        node_id  TEXT NOT NULL,
+        calls    INTEGER NOT NULL,
+        failed   INTEGER NOT NULL,
+        unpriced INTEGER NOT NULL,
+        usd      REAL NOT NULL,
+        PRIMARY KEY (run_id, operator, node_id)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS tallies (
+        run_id     TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        nodes      INTEGER NOT NULL,
+        evaluated  INTEGER NOT NULL,
+        llm_usd    REAL NOT NULL,
+        max_number INTEGER NOT NULL,  -- never lowered: a node's number and depth never change
+        max_depth  INTEGER NOT NULL,
+        PRIMARY KEY (run_id, status)
+    ) WITHOUT ROWID""",
+    f"CREATE TRIGGER IF NOT EXISTS tally_insert AFTER INSERT ON nodes BEGIN {_TALLY_ADD} END",
+    f"""CREATE TRIGGER IF NOT EXISTS tally_update AFTER UPDATE ON nodes
+    WHEN OLD.status IS NOT NEW.status OR OLD.evaluated IS NOT NEW.evaluated OR OLD.llm_usd IS NOT NEW.llm_usd
+    BEGIN
+        UPDATE tallies SET nodes = nodes - 1, evaluated = evaluated - OLD.evaluated, llm_usd = llm_usd - OLD.llm_usd
+            WHERE run_id = OLD.run_id AND status = OLD.status;
+        {_TALLY_ADD}
+    END""",
+)
+
+
+def derived_columns(node: Node) -> tuple[int, int, float, float | None, int, str | None]:
+    """The values of `_DERIVED_COLUMNS` for `node`, in that order."""
+    score = node_score(node)
+    return (node_number(node.node_id), int(node.evaluation is not None), node.cost.llm_usd,
+            score.utility if score else None, score.seeds if score else 0, score.model_dump_json() if score else None)
 
 
 class SQLiteStore(ArchiveStore):
@@ -77,10 +143,39 @@ class SQLiteStore(ArchiveStore):
                 raise ArchiveError(
                     f"{self.path} has archive schema {version}, newer than this POISE ({SCHEMA_VERSION}); upgrade POISE"
                 )
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            old_file = bool(db.execute("SELECT 1 FROM sqlite_master WHERE name = 'nodes'").fetchall())
+            if old_file:
+                have = {row[1] for row in db.execute("PRAGMA table_info(nodes)")}
+                for name, declaration in _DERIVED_COLUMNS:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE nodes ADD COLUMN {name} {declaration}")
+            for statement in _SCHEMA:
+                db.execute(statement)
+            if old_file and version < SCHEMA_VERSION:
+                self._fill_derived(db)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _fill_derived(self, db: sqlite3.Connection) -> None:
+        """Migration from schema 1: fill the derived columns and per-operator spend from every document, then
+        count the tallies afresh (the triggers saw the fill as updates of rows they had never counted)."""
+        for seq, doc in db.execute("SELECT seq, doc FROM nodes").fetchall():
+            node = self._node(doc)
+            db.execute(f"UPDATE nodes SET {', '.join(f'{name} = ?' for name, _ in _DERIVED_COLUMNS)} WHERE seq = ?",
+                       (*derived_columns(node), seq))
+            self._write_spend(db, node)
+        db.execute("DELETE FROM tallies")
+        db.execute("INSERT INTO tallies (run_id, status, nodes, evaluated, llm_usd, max_number, max_depth) "
+                   "SELECT run_id, status, COUNT(*), SUM(evaluated), SUM(llm_usd), MAX(number), MAX(depth) "
+                   "FROM nodes GROUP BY run_id, status")
+
+    @staticmethod
+    def _write_spend(db: sqlite3.Connection, node: Node) -> None:
+        """Replace the node's rows of per-operator agent-LLM spend (requests only accumulate on a node)."""
+        db.execute("DELETE FROM node_spend WHERE run_id = ? AND node_id = ?", (node.run_id, node.node_id))
+        rows = [(node.run_id, op, node.node_id, s.calls, s.failed, s.unpriced, s.usd)
+                for op, s in node_spend(node).items()]
+        db.executemany("INSERT INTO node_spend (run_id, operator, node_id, calls, failed, unpriced, usd) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     @classmethod
     def in_run_dir(cls, run_dir: str | Path) -> SQLiteStore:
@@ -143,18 +238,33 @@ class SQLiteStore(ArchiveStore):
     # --------------------------------------------------------------------------------------- nodes
 
     def insert_node(self, node: Node) -> bool:
-        g = node.genealogy
         with self._write() as db:
-            inserted = db.execute(
-                "INSERT INTO nodes (run_id, node_id, status, depth, doc) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (run_id, node_id) DO NOTHING",
-                (g.run_id, g.node_id, node.status.value, g.depth, node.model_dump_json()),
-            ).rowcount
-            if inserted:
-                db.executemany(
-                    "INSERT OR IGNORE INTO parents (run_id, parent_id, node_id) VALUES (?, ?, ?)",
-                    [(g.run_id, parent, g.node_id) for parent in g.parent_ids],
-                )
+            return self._insert(db, node)
+
+    def insert_nodes(self, nodes: Iterable[Node], batch: int = 500) -> int:
+        """Many nodes, `batch` to a transaction (one fsync each, not one per node)."""
+        inserted = 0
+        pending = iter(nodes)
+        while chunk := list(itertools.islice(pending, batch)):
+            with self._write() as db:
+                inserted += sum(self._insert(db, node) for node in chunk)
+        return inserted
+
+    def _insert(self, db: sqlite3.Connection, node: Node) -> bool:
+        g = node.genealogy
+        names = ", ".join(name for name, _ in _DERIVED_COLUMNS)
+        inserted = db.execute(
+            f"INSERT INTO nodes (run_id, node_id, status, depth, doc, {names}) "
+            f"VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(_DERIVED_COLUMNS))}) "
+            "ON CONFLICT (run_id, node_id) DO NOTHING",
+            (g.run_id, g.node_id, node.status.value, g.depth, node.model_dump_json(), *derived_columns(node)),
+        ).rowcount
+        if inserted:
+            db.executemany(
+                "INSERT OR IGNORE INTO parents (run_id, parent_id, node_id) VALUES (?, ?, ?)",
+                [(g.run_id, parent, g.node_id) for parent in g.parent_ids],
+            )
+            self._write_spend(db, node)
         return inserted == 1
 
     def get_node(self, run_id: str, node_id: str) -> Node | None:
@@ -180,17 +290,48 @@ class SQLiteStore(ArchiveStore):
 
     def transition(self, run_id: str, node_id: str, expected: NodeStatus, node: Node) -> bool:
         check_same_node(run_id, node_id, node)
+        derived = ", ".join(f"{name} = ?" for name, _ in _DERIVED_COLUMNS)
         with self._write() as db:
             written = db.execute(
-                "UPDATE nodes SET status = ?, doc = ? WHERE run_id = ? AND node_id = ? AND status = ?",
-                (node.status.value, node.model_dump_json(), run_id, node_id, NodeStatus(expected).value),
+                f"UPDATE nodes SET status = ?, doc = ?, {derived} WHERE run_id = ? AND node_id = ? AND status = ?",
+                (node.status.value, node.model_dump_json(), *derived_columns(node), run_id, node_id,
+                 NodeStatus(expected).value),
             ).rowcount
+            if written and node.llm_calls:
+                self._write_spend(db, node)
         return written == 1
 
     def counts(self, run_id: str) -> dict[NodeStatus, int]:
-        rows = self._read("SELECT status, COUNT(*) FROM nodes WHERE run_id = ? GROUP BY status", (run_id,))
-        found = {NodeStatus(status): n for status, n in rows}
-        return {status: found.get(status, 0) for status in NodeStatus}
+        return self.counters(run_id).counts
+
+    def counters(self, run_id: str) -> RunCounters:
+        rows = self._read("SELECT status, nodes, evaluated, llm_usd, max_number, max_depth FROM tallies "
+                          "WHERE run_id = ?", (run_id,))
+        counts = dict.fromkeys(NodeStatus, 0)
+        for status, n, *_ in rows:
+            counts[NodeStatus(status)] = n
+        return RunCounters(
+            counts=counts,
+            evaluated=sum(row[2] for row in rows),
+            llm_usd=max(0.0, sum(row[3] for row in rows)),  # a sum of differences may round a hair below zero
+            max_number=max((row[4] for row in rows), default=-1),
+            depth=max((row[5] for row in rows), default=0),
+        )
+
+    def scores(self, run_id: str, *, min_seeds: int = 0, limit: int | None = None) -> list[NodeScore]:
+        index = "nodes_by_seeds" if min_seeds > 1 else "nodes_by_utility"  # few nodes have replicates
+        rows = self._read(
+            f"SELECT score FROM nodes INDEXED BY {index} WHERE run_id = ? AND score IS NOT NULL AND seeds >= ? "
+            "ORDER BY utility DESC, seq LIMIT ?",  # NULL (a nan utility) sorts last in descending order
+            (run_id, min_seeds, -1 if limit is None else limit),
+        )
+        return [NodeScore.model_validate_json(score) for (score,) in rows]
+
+    def llm_spend(self, run_id: str) -> dict[LlmOperator, OperatorSpend]:
+        rows = self._read("SELECT operator, SUM(calls), SUM(failed), SUM(unpriced), SUM(usd) FROM node_spend "
+                          "WHERE run_id = ? GROUP BY operator", (run_id,))
+        found = {op: OperatorSpend(calls=c, failed=f, unpriced=u, usd=usd) for op, c, f, u, usd in rows}
+        return {op: found[op] for op in get_args(LlmOperator) if op in found}
 
     def close(self) -> None:
         with self._lock:

@@ -1,94 +1,135 @@
-"""Where a run stands, as one JSON-ready dict: counts, budget, the best node with its seed interval."""
+"""Where a run stands (`RunStatus`, poise/contracts.py): counts, budget, the root, the leader and the best node
+with its seed interval, agent-LLM spend.
+
+It reads the store's counters and node scores (poise/store.py) and at most three whole documents (root,
+leader, best), so it costs about the same at ten thousand nodes as at ten; only an objective with
+constraints lists every evaluated node's verdict, from the scores, still without parsing documents.
+"""
 
 from __future__ import annotations
 
 import math
 
 from poise.agents import OPERATORS
-from poise.contracts import ROOT_ID, Node, NodeStatus, RunConfig
+from poise.contracts import (
+    ROOT_ID,
+    BestStatus,
+    BudgetStatus,
+    ConstraintsStatus,
+    LeaderStatus,
+    LlmSpendStatus,
+    Node,
+    NodeScore,
+    NodeStatus,
+    ObjectiveStatus,
+    RootStatus,
+    RunConfig,
+    RunCounters,
+    RunStatus,
+    node_number,
+)
 from poise.objective import describe, satisfies
 from poise.scoring import ALPHA, confirmation_scores, seed_scores, summarize, utility, welch_p
-from poise.store import ArchiveStore
+from poise.store import ArchiveError, ArchiveStore
 
 
-def run_status(store: ArchiveStore, run_id: str) -> dict:
+def run_status(store: ArchiveStore, run_id: str) -> RunStatus:
+    """The run's status; KeyError for a run not in the archive."""
     config = store.get_run(run_id)
     if config is None:
         raise KeyError(f"no run {run_id!r} in this archive")
-    nodes = store.nodes(run_id)
-    counts = {status.value: 0 for status in NodeStatus}
-    for node in nodes:
-        counts[node.status.value] += 1
-    root = next((n for n in nodes if n.node_id == ROOT_ID), None)
+    counters = store.counters(run_id)
+    root = store.get_node(run_id, ROOT_ID)
     root_scores = seed_scores(root) if root else []
     root_summary = summarize(root_scores)
-    evaluated = [n for n in nodes if n.evaluation is not None and n.status != NodeStatus.FAILED]
-    children = [n for n in evaluated if n.node_id != ROOT_ID]
-    best = _best(evaluated, config.replicate_seeds)
-    status = {
-        "run_id": run_id,
-        "protocol": config.protocol,
-        "seed": config.seed,
-        "counts": counts,
-        "budget": {"total": config.budget, "evaluated": len(children), "parallel": config.parallel},
-        "depth": max((n.genealogy.depth for n in nodes), default=0),
-        "root": None if root is None else {
-            "node_id": root.node_id, "status": root.status.value, "scores": root_scores,
-            **(root_summary.as_dict() if root_summary else {}),
-        },
-        "objective": {**config.objective.model_dump(), "description": describe(config.objective)},
-        "best": None,
-        "leader": None,
-        "llm": _llm_spend(nodes, config),
-    }
-    if config.objective.kind != "overall":
-        status["constraints"] = {
-            "satisfied": [n.node_id for n in evaluated if satisfies(n) is True],
-            "violated": [n.node_id for n in evaluated if satisfies(n) is False],
-        }
-    leader = max(children, key=lambda n: utility(n.evaluation), default=None)
-    if leader is not None:
-        status["leader"] = {"node_id": leader.node_id, "name": leader.proposal.name,
-                            "utility": utility(leader.evaluation), "seeds": len(seed_scores(leader))}
-    if best is not None:
-        is_root = best.node_id == ROOT_ID
-        scores = confirmation_scores(best, is_root)
-        summary = summarize(scores)
-        p = welch_p(scores, root_scores) if not is_root else None
-        gain = summary.mean - root_summary.mean if root_summary else None
-        status["best"] = {
-            "node_id": best.node_id,
-            "name": best.proposal.name,
-            "mechanisms": [m.name for m in best.proposal.mechanisms],
-            "utility": summary.mean,
-            "interval": [summary.ci_low, summary.ci_high] if summary.ci_low is not None else None,
-            "seeds": len(scores),
-            "scores": scores,
-            "selection_score": None if is_root else utility(best.evaluation),
-            "confirmed": len(best.replicates) >= 2,
-            "gain_over_root": gain,
-            "p_vs_root": p,
-            "verdict": _verdict(best.node_id, gain, p),
-            "overall": _mean([e.overall for e in (best.evaluation, *best.replicates)]),
-            "mean_length": _mean([e.mean_length for e in (best.evaluation, *best.replicates)]),
-            "constraints_satisfied": satisfies(best),
-        }
-    return status
+    top = store.scores(run_id, limit=2)
+    leader = next((s for s in top if s.node_id != ROOT_ID), None)
+    best = best_score(store, run_id, top)
+    return RunStatus(
+        run_id=run_id,
+        protocol=config.protocol,
+        seed=config.seed,
+        counts=counters.counts,
+        budget=BudgetStatus(total=config.budget, evaluated=_evaluated_children(counters, root),
+                            parallel=config.parallel),
+        depth=counters.depth,
+        root=None if root is None else RootStatus(node_id=root.node_id, status=root.status, scores=root_scores,
+                                                  **(root_summary.as_dict() if root_summary else {})),
+        objective=ObjectiveStatus(**config.objective.model_dump(), description=describe(config.objective)),
+        best=None if best is None else _best_status(_document(store, run_id, best.node_id), root_scores),
+        leader=None if leader is None else _leader_status(store, run_id, leader),
+        llm=_llm_spend(store, config),
+        constraints=None if config.objective.kind == "overall" else _constraints(store.scores(run_id)),
+    )
+
+
+def best_score(store: ArchiveStore, run_id: str, top: list[NodeScore] | None = None) -> NodeScore | None:
+    """The node to report as the best: the highest fresh-seed mean among nodes with more than one seed (the
+    root's seeds count as fresh; the lower node number among equal means), else the top single seed. `top`:
+    the first scores, if already read."""
+    confirmed = store.scores(run_id, min_seeds=2)
+    if confirmed:
+        return max(confirmed, key=lambda s: (summarize(confirmation_scores(s, s.node_id == ROOT_ID)).mean,
+                                             -node_number(s.node_id)))
+    top = store.scores(run_id, limit=1) if top is None else top
+    return top[0] if top else None
+
+
+def _evaluated_children(counters: RunCounters, root: Node | None) -> int:
+    """Children evaluated and not failed (the nodes at evaluated or reflected, less the root)."""
+    done = (NodeStatus.EVALUATED, NodeStatus.REFLECTED)
+    return sum(counters.counts[s] for s in done) - int(root is not None and root.status in done)
+
+
+def _document(store: ArchiveStore, run_id: str, node_id: str) -> Node:
+    node = store.get_node(run_id, node_id)
+    if node is None:  # the score was read from the same store a moment ago; nodes are never deleted
+        raise ArchiveError(f"node {node_id} of run {run_id} has a score but no document")
+    return node
+
+
+def _best_status(best: Node, root_scores: list[float]) -> BestStatus:
+    is_root = best.node_id == ROOT_ID
+    scores = confirmation_scores(best, is_root)
+    summary = summarize(scores)
+    root_summary = summarize(root_scores)
+    p = welch_p(scores, root_scores) if not is_root else None
+    gain = summary.mean - root_summary.mean if root_summary else None
+    evaluations = (best.evaluation, *best.replicates)
+    return BestStatus(
+        node_id=best.node_id,
+        name=best.proposal.name,
+        mechanisms=[m.name for m in best.proposal.mechanisms],
+        utility=summary.mean,
+        interval=(summary.ci_low, summary.ci_high) if summary.ci_low is not None else None,
+        seeds=len(scores),
+        scores=scores,
+        selection_score=None if is_root else utility(best.evaluation),
+        confirmed=len(best.replicates) >= 2,
+        gain_over_root=gain,
+        p_vs_root=p,
+        verdict=_verdict(best.node_id, gain, p),
+        overall=_mean([e.overall for e in evaluations]),
+        mean_length=_mean([e.mean_length for e in evaluations]),
+        constraints_satisfied=satisfies(best),
+    )
+
+
+def _leader_status(store: ArchiveStore, run_id: str, leader: NodeScore) -> LeaderStatus:
+    name = _document(store, run_id, leader.node_id).proposal.name
+    return LeaderStatus(node_id=leader.node_id, name=name, utility=leader.utility, seeds=len(seed_scores(leader)))
+
+
+def _constraints(scores: list[NodeScore]) -> ConstraintsStatus:
+    """Who meets the objective's constraints on every seed, and who does not, in node order."""
+    in_order = sorted(scores, key=lambda s: node_number(s.node_id))
+    return ConstraintsStatus(satisfied=[s.node_id for s in in_order if s.constraints_satisfied is True],
+                             violated=[s.node_id for s in in_order if s.constraints_satisfied is False])
 
 
 def _mean(values: list[float]) -> float | None:
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else None
-
-
-def _best(evaluated: list, replicate_seeds: int):
-    """The node with the highest fresh-seed mean among confirmed ones (the root's seeds count as fresh); else
-    the top single seed."""
-    confirmed = [n for n in evaluated if len(seed_scores(n)) > 1]
-    if confirmed:
-        return max(confirmed, key=lambda n: summarize(confirmation_scores(n, n.node_id == ROOT_ID)).mean)
-    scored = [n for n in evaluated if utility(n.evaluation) is not None]
-    return max(scored, key=lambda n: utility(n.evaluation), default=None)
 
 
 def _verdict(node_id: str, gain: float | None, p: float | None) -> str:
@@ -101,20 +142,14 @@ def _verdict(node_id: str, gain: float | None, p: float | None) -> str:
     return f"{'better' if gain > 0 else 'worse'} than GRPO (Welch p = {p:.3f})"
 
 
-def _llm_spend(nodes: list[Node], config: RunConfig) -> dict:
+def _llm_spend(store: ArchiveStore, config: RunConfig) -> LlmSpendStatus:
     """The run's agent-LLM requests and spend per operator, against its cap; the agents each operator uses."""
-    calls = [call for node in nodes for call in node.llm_calls]
-    per_operator: dict[str, dict] = {}
-    for call in calls:
-        entry = per_operator.setdefault(call.operator, {"calls": 0, "failed": 0, "usd": 0.0})
-        entry["calls"] += 1
-        entry["failed"] += not call.ok
-        entry["usd"] += call.cost_usd
-    return {
-        "agents": {op: config.backends.llm_for(op) for op in OPERATORS},
-        "calls": len(calls),
-        "usd": sum(call.cost_usd for call in calls),
-        "unpriced_calls": sum(not call.priced for call in calls),
-        "cap_usd": config.llm_budget_usd,
-        "per_operator": per_operator,
-    }
+    per_operator = store.llm_spend(config.run_id)
+    return LlmSpendStatus(
+        agents={op: config.backends.llm_for(op) for op in OPERATORS},
+        calls=sum(s.calls for s in per_operator.values()),
+        usd=sum(s.usd for s in per_operator.values()),
+        unpriced_calls=sum(s.unpriced for s in per_operator.values()),
+        cap_usd=config.llm_budget_usd,
+        per_operator=per_operator,
+    )

@@ -42,6 +42,7 @@ from poise.contracts import (
     Phase,
     Proposal,
     RunConfig,
+    RunCounters,
     WorkEvaluate,
     WorkImplement,
     WorkReflect,
@@ -180,8 +181,7 @@ class ArchiveUpdater:
         if config is None or config.objective.kind == "overall":
             return changed
         is_root = not changed.genealogy.parent_ids
-        root = changed if is_root else next(
-            (n for n in self.store.nodes(changed.run_id) if not n.genealogy.parent_ids), None)
+        root = changed if is_root else self.store.get_node(changed.run_id, changed.genealogy.ancestors[0])
         stick = objective.yardstick(root)
         targets = [n for n in self.store.nodes(changed.run_id) if n.evaluation is not None] if is_root else [changed]
         result = changed
@@ -200,14 +200,17 @@ class ArchiveUpdater:
         config = self.store.get_run(run_id)
         if config is None:
             raise ArchiveError(f"no run {run_id!r} in the archive; start it before asking for its accounting")
-        counts = self.store.counts(run_id)
-        evaluated_failures = sum(1 for n in self.store.nodes(run_id, NodeStatus.FAILED) if n.evaluation is not None)
-        evaluated = counts[NodeStatus.EVALUATED] + counts[NodeStatus.REFLECTED] + evaluated_failures
-        in_flight = sum(counts[s] for s in IN_FLIGHT)
+        return self.accounting_of(config, self.store.counters(run_id))
+
+    @staticmethod
+    def accounting_of(config: RunConfig, counters: RunCounters) -> RunAccounting:
+        """The accounting of a run whose counters the caller has already read."""
+        evaluated = counters.evaluated
+        in_flight = sum(counters.counts[s] for s in IN_FLIGHT)
         return RunAccounting(
             evaluated=evaluated,
             in_flight=in_flight,
-            failed=counts[NodeStatus.FAILED],
+            failed=counters.counts[NodeStatus.FAILED],
             budget=config.budget,
             parallel=config.parallel,
             can_propose=evaluated + in_flight < config.budget and in_flight < config.parallel,

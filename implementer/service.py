@@ -16,7 +16,7 @@ from pathlib import Path
 
 from implementer.core import Coder, OfflineCoder, implement, sandbox_verifier
 from implementer.llm_coder import LLMCoder
-from poise.agents import Agents, archived_llm_usd, default_agents
+from poise.agents import Agents, default_agents
 from poise.bus import Bus
 from poise.contracts import EvtImplemented, RunConfig, WorkImplement
 from poise.llm import collect_calls
@@ -48,7 +48,7 @@ class ImplementerService:
         self.llm = None
         if config is not None:
             # Seed the meter with what the run's nodes already spent, so a resumed run keeps to its cap.
-            spent = (archived_llm_usd(archive.nodes(config.run_id))
+            spent = (archive.counters(config.run_id).llm_usd
                      if archive is not None and config.llm_budget_usd is not None else None)
             self.llm = (agents or default_agents()).client(config, "implement", spent_usd=spent)
         self.backend = "llm" if self.llm is not None else self.coder.name

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 
 from scipy import stats
 
-from poise.contracts import Evaluation, Node
+from poise.contracts import Evaluation, Node, NodeScore, NodeStatus
+from poise.objective import satisfies
 
 REPLICATE_SEED_STRIDE = 1000  # replicate i trains and evaluates with seed + i * stride: far from other seeds
 ALPHA = 0.05
@@ -30,21 +31,42 @@ def replicate_seed(seed: int, replicate: int) -> int:
     return seed + replicate * REPLICATE_SEED_STRIDE
 
 
-def seed_scores(node: Node) -> list[float]:
+def _utilities(node: Node | NodeScore) -> tuple[float | None, list[float | None]]:
+    """U of the node's own evaluation and of each replicate, from its document or from its stored score."""
+    if isinstance(node, NodeScore):
+        return node.utility, list(node.replicate_utilities)
+    return utility(node.evaluation), [utility(e) for e in node.replicates]
+
+
+def _finite(values: list[float | None]) -> list[float]:
+    return [u for u in values if u is not None and math.isfinite(u)]
+
+
+def seed_scores(node: Node | NodeScore) -> list[float]:
     """U over every seed the node was trained with: its own evaluation, then its replicates."""
-    evaluations = ([node.evaluation] if node.evaluation is not None else []) + list(node.replicates)
-    return [u for u in map(utility, evaluations) if u is not None and math.isfinite(u)]
+    own, replicates = _utilities(node)
+    return _finite([own, *replicates])
 
 
-def confirmation_scores(node: Node, is_root: bool = False) -> list[float]:
+def confirmation_scores(node: Node | NodeScore, is_root: bool = False) -> list[float]:
     """The scores a node is judged on once confirmed: its fresh-seed replicates only. The seed it was first
     evaluated with is the one it was picked on (the best of many single seeds is biased upward: the winner's
     curse), so it is left out as soon as at least two fresh seeds exist. The root was not picked, so every one
     of its seeds counts."""
-    fresh = [u for u in map(utility, node.replicates) if u is not None and math.isfinite(u)]
+    fresh = _finite(_utilities(node)[1])
     if is_root or len(fresh) < 2:
         return seed_scores(node)
     return fresh
+
+
+def node_score(node: Node) -> NodeScore | None:
+    """What ranking the node needs, as the store keeps it beside the document; None unless it is evaluated and
+    did not fail."""
+    if node.evaluation is None or node.status == NodeStatus.FAILED:
+        return None
+    score = NodeScore(node_id=node.node_id, utility=utility(node.evaluation),
+                      replicate_utilities=[utility(e) for e in node.replicates], constraints_satisfied=satisfies(node))
+    return score.model_copy(update={"seeds": len(seed_scores(score))})
 
 
 def seed_mean(node: Node) -> float | None:

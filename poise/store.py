@@ -6,17 +6,34 @@ as they are and offers the same small set of operations, checked by one contract
 - writes are idempotent: a node id is inserted once and never overwritten by a second insert;
 - a node moves only by compare-and-set on its status (`transition`), so a redelivered or concurrent
   event can change a document at most once (Mongo: `find_one_and_update` with a status filter);
-- listings come back in insertion order, so a resumed run sees its nodes as it made them.
+- listings come back in insertion order, so a resumed run sees its nodes as it made them;
+- what a run's bookkeeping reads after every event (`counters`, `scores`, `llm_spend`) comes from fields the
+  store keeps beside each document as it writes it, never from parsing the whole run: the work of one event
+  does not grow with the archive. The methods here compute the same answers from every document; they are
+  the reference the contract suite holds each store's fast version to.
 
 The store enforces no pipeline rules; `archive.update.ArchiveUpdater` decides which transition is legal.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from types import TracebackType
+from typing import get_args
 
-from poise.contracts import Node, NodeStatus, RunConfig
+from poise.contracts import (
+    LlmOperator,
+    Node,
+    NodeScore,
+    NodeStatus,
+    OperatorSpend,
+    RunConfig,
+    RunCounters,
+    node_number,
+)
+from poise.scoring import node_score
 
 
 class ArchiveError(Exception):
@@ -41,6 +58,11 @@ class ArchiveStore(ABC):
     @abstractmethod
     def insert_node(self, node: Node) -> bool:
         """Add a new node; False (and nothing written) if a node with this run_id and node_id exists."""
+
+    def insert_nodes(self, nodes: Iterable[Node]) -> int:
+        """Add many new nodes (an import, a benchmark's archive); how many were new. Each is `insert_node`'s
+        write; a store may batch them into fewer transactions."""
+        return sum(self.insert_node(node) for node in nodes)
 
     @abstractmethod
     def get_node(self, run_id: str, node_id: str) -> Node | None:
@@ -67,6 +89,20 @@ class ArchiveStore(ABC):
     def counts(self, run_id: str) -> dict[NodeStatus, int]:
         """How many of the run's nodes are at each status (every status present, zero included)."""
 
+    def counters(self, run_id: str) -> RunCounters:
+        """The run's totals: nodes per status, evaluated nodes (failed ones with an evaluation included), spend,
+        highest node number, depth."""
+        return counters_of(self.nodes(run_id))
+
+    def scores(self, run_id: str, *, min_seeds: int = 0, limit: int | None = None) -> list[NodeScore]:
+        """The scores of the run's evaluated nodes that did not fail and have at least `min_seeds` finite seed
+        scores: highest utility first (nan last, insertion order among ties), the first `limit` of them."""
+        return ranked(filter(None, map(node_score, self.nodes(run_id))), min_seeds, limit)
+
+    def llm_spend(self, run_id: str) -> dict[LlmOperator, OperatorSpend]:
+        """The run's agent-LLM requests per operator that made any, in the order of `LlmOperator`."""
+        return spend_of(self.nodes(run_id))
+
     @abstractmethod
     def close(self) -> None:
         """Release the connection; the store is unusable afterwards."""
@@ -84,3 +120,38 @@ def check_same_node(run_id: str, node_id: str, node: Node) -> None:
     """Refuse a transition whose document belongs to another node (a caller bug, not a data race)."""
     if (node.run_id, node.node_id) != (run_id, node_id):
         raise ArchiveError(f"transition of {run_id}/{node_id} was given the document of {node.run_id}/{node.node_id}")
+
+
+def counters_of(nodes: Iterable[Node]) -> RunCounters:
+    """The totals of `counters` over these nodes (the reference every store's counters must equal)."""
+    counts = dict.fromkeys(NodeStatus, 0)
+    evaluated, usd, number, depth = 0, 0.0, -1, 0
+    for node in nodes:
+        counts[node.status] += 1
+        evaluated += node.evaluation is not None
+        usd += node.cost.llm_usd
+        number = max(number, node_number(node.node_id))
+        depth = max(depth, node.genealogy.depth)
+    return RunCounters(counts=counts, evaluated=evaluated, llm_usd=usd, max_number=number, depth=depth)
+
+
+def ranked(scores: Iterable[NodeScore], min_seeds: int = 0, limit: int | None = None) -> list[NodeScore]:
+    """`scores` with at least `min_seeds` seeds, highest utility first (nan last; the given order among ties)."""
+    kept = sorted((s for s in scores if s.seeds >= min_seeds),
+                  key=lambda s: (math.isnan(s.utility), -s.utility if not math.isnan(s.utility) else 0.0))
+    return kept if limit is None else kept[:limit]
+
+
+def node_spend(node: Node) -> dict[LlmOperator, OperatorSpend]:
+    """The node's agent-LLM requests per operator (what a store keeps beside the document)."""
+    return spend_of([node])
+
+
+def spend_of(nodes: Iterable[Node]) -> dict[LlmOperator, OperatorSpend]:
+    totals: dict[str, OperatorSpend] = {}
+    for call in (call for node in nodes for call in node.llm_calls):
+        entry = totals.get(call.operator) or OperatorSpend()
+        totals[call.operator] = OperatorSpend(calls=entry.calls + 1, failed=entry.failed + (not call.ok),
+                                              unpriced=entry.unpriced + (not call.priced),
+                                              usd=entry.usd + call.cost_usd)
+    return {op: totals[op] for op in get_args(LlmOperator) if op in totals}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from poise.agents import Agents, archived_llm_usd, default_agents
+from poise.agents import Agents, default_agents
 from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtReflected, Failure, Node, Phase, Reflection, RunConfig, WorkReflect
 from poise.llm import LLMClient, LLMError, collect_calls
@@ -71,9 +71,9 @@ class ReflectorService:
     def _client(self, config: RunConfig) -> LLMClient | None:
         """The run's reflect client, its meter seeded with what the run's nodes have spent; None when offline.
 
-        The archive's nodes are read only for an LLM run with a cap (as the implementer does): without one the
-        seed is never needed, and listing every node per reflection is an HTTP call when distributed."""
+        The run's counters are read only for an LLM run with a cap (as the implementer does): without one the
+        seed is never needed. They are a few numbers the archive keeps, not the run's documents."""
         if self.agents.spec(config, "reflect") == "offline":
             return None
-        spent = archived_llm_usd(self.archive.nodes(config.run_id)) if config.llm_budget_usd is not None else None
+        spent = self.archive.counters(config.run_id).llm_usd if config.llm_budget_usd is not None else None
         return self.agents.client(config, "reflect", spent_usd=spent)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -416,6 +417,9 @@ def test_mongo_indexes_exist_with_their_keys_and_a_reopen_keeps_them(open_mongo:
         "run_parent": [("run_id", 1), ("parent_ids", 1)],
         "run_ancestor": [("run_id", 1), ("ancestors", 1)],
         "run_utility": [("run_id", 1), ("utility", -1)],
+        "run_tally": [("run_id", 1), ("status", 1), ("evaluated", 1), ("llm_usd", 1), ("number", 1), ("depth", 1)],
+        "run_score": [("run_id", 1), ("score.utility", -1), ("seq", 1)],
+        "run_seeds": [("run_id", 1), ("score.seeds", 1)],
     }
     runs = {name: info["key"] for name, info in store.database["runs"].index_information().items()}
     assert runs == {"_id_": [("_id", 1)], "seq": [("seq", 1)]}
@@ -431,7 +435,8 @@ def test_mongo_documents_are_the_contract_plus_query_fields(open_mongo: Callable
     contract = {
         k: v
         for k, v in doc.items()
-        if k not in ("_id", "seq", "rev", "run_id", "node_id", "parent_ids", "ancestors", "depth", "utility")
+        if k not in ("_id", "seq", "rev", "run_id", "node_id", "parent_ids", "ancestors", "depth", "utility",
+                     "number", "evaluated", "llm_usd", "score", "llm_ops")
     }
     assert json.dumps(contract, sort_keys=True) == json.dumps(child.model_dump(mode="json"), sort_keys=True)
     assert (doc["run_id"], doc["node_id"], doc["parent_ids"], doc["ancestors"], doc["depth"]) == (
@@ -753,3 +758,118 @@ def test_an_event_that_breaks_a_contract_invariant_is_rejected_not_raised(update
     result = updater.apply(EvtProposed(run_id=RUN, node_id="x", proposal=proposal(parent_ids=["p"])))
     assert result.outcome == Outcome.REJECTED and "own parents or ancestors" in result.reason
     assert updater.store.get_node(RUN, "x") is None
+
+
+# ------------------------------------------------------------------------------ counters, scores, spend
+
+
+def reference_matches(store: ArchiveStore, run_id: str = RUN) -> None:
+    """The store's fast counters, scores and spend equal the reference computed from every document."""
+    assert store.counters(run_id) == ArchiveStore.counters(store, run_id)
+    for min_seeds, limit in ((0, None), (2, None), (0, 1), (0, 2)):
+        fast = store.scores(run_id, min_seeds=min_seeds, limit=limit)
+        slow = ArchiveStore.scores(store, run_id, min_seeds=min_seeds, limit=limit)
+        assert [s.model_dump_json() for s in fast] == [s.model_dump_json() for s in slow], (min_seeds, limit)
+    assert store.llm_spend(run_id) == ArchiveStore.llm_spend(store, run_id)
+
+
+def evaluate(updater: ArchiveUpdater, node_id: str, overall: float, parent_ids: list[str] | None = None,
+             calls: list[CallRecord] | None = None) -> None:
+    events = happy_events(node_id, parent_ids)[:4]
+    measured = evaluation(overall=0.5 if math.isnan(overall) else overall)
+    events[3] = events[3].model_copy(update={"evaluation": measured.model_copy(update={"overall": overall})})
+    events[1] = events[1].model_copy(update={"llm_calls": calls or []})
+    for event in events:
+        assert updater.apply(event).outcome == Outcome.APPLIED
+
+
+def test_counters_scores_and_spend_follow_every_write(updater: ArchiveUpdater) -> None:
+    store = updater.store
+    reference_matches(store)
+    assert store.counters(RUN).counts == {s: 0 for s in NodeStatus} and store.scores(RUN) == []
+    evaluate(updater, "n000", 0.40)
+    for i, seed in enumerate((1007, 2007), start=1):
+        replicate = EvtEvaluated(run_id=RUN, node_id="n000", replicate=i, evaluation=evaluation(seed, 0.38 + i / 100))
+        assert updater.apply(replicate).outcome == Outcome.APPLIED
+    evaluate(updater, "n001", 0.55, ["n000"], [llm_call("implement", 0.03, ok=False), llm_call("implement", 0.04)])
+    evaluate(updater, "n002", 0.55, ["n001"])  # ties n001: insertion order
+    evaluate(updater, "n003", float("nan"), ["n000"])  # a nan utility ranks last
+    evaluate(updater, "n004", 0.70, ["n002"])
+    updater.apply(EvtFailed(run_id=RUN, node_id="n004", failure=Failure(phase=Phase.REFLECT, reason="timed out")))
+    assert updater.apply(happy_events("n001")[4]).outcome == Outcome.APPLIED
+    drive(updater, "n005", 2, ["n001"])
+    paid = EvtFailed(run_id=RUN, node_id="n007", failure=Failure(phase=Phase.PROPOSE, reason="no answer"),
+                     parent_ids=["n000"], llm_calls=[llm_call("propose", 0.01, ok=False)])
+    assert updater.apply(paid).outcome == Outcome.APPLIED
+    reference_matches(store)
+
+    counters = store.counters(RUN)
+    assert counters.counts == {**{s: 0 for s in NodeStatus}, NodeStatus.EVALUATED: 3, NodeStatus.REFLECTED: 1,
+                               NodeStatus.IMPLEMENTED: 1, NodeStatus.FAILED: 2}
+    assert (counters.evaluated, counters.max_number, counters.depth) == (5, 7, 3)  # n004 failed after evaluation
+    assert counters.llm_usd == pytest.approx(0.08)
+    assert [s.node_id for s in store.scores(RUN)] == ["n001", "n002", "n000", "n003"]
+    assert [(s.node_id, s.seeds) for s in store.scores(RUN, min_seeds=2)] == [("n000", 3)]
+    assert [s.node_id for s in store.scores(RUN, limit=1)] == ["n001"]
+    spend = store.llm_spend(RUN)
+    assert list(spend) == ["propose", "implement"]
+    assert (spend["implement"].calls, spend["implement"].failed, spend["propose"].usd) == (2, 1, pytest.approx(0.01))
+    assert store.counters("other-run").counts == {s: 0 for s in NodeStatus}
+
+
+def test_a_schema_1_sqlite_archive_is_migrated_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILENAME
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE runs (run_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+        CREATE TABLE nodes (seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, node_id TEXT NOT NULL,
+                            status TEXT NOT NULL, depth INTEGER NOT NULL, doc TEXT NOT NULL, UNIQUE (run_id, node_id));
+        CREATE INDEX nodes_by_status ON nodes (run_id, status, seq);
+        CREATE TABLE parents (run_id TEXT NOT NULL, parent_id TEXT NOT NULL, node_id TEXT NOT NULL,
+                              PRIMARY KEY (run_id, parent_id, node_id)) WITHOUT ROWID;
+        PRAGMA user_version=1;
+    """)
+    root = evaluated(root_node("n000"), replicate_seeds=(1007, 2007))
+    child = Node(**{**dict(evaluated(child_node("n001", root))), "llm_calls": [llm_call("implement", 0.02)],
+                    "cost": {"llm_usd": 0.02}})
+    for node in (root, child):
+        db.execute("INSERT INTO nodes (run_id, node_id, status, depth, doc) VALUES (?, ?, ?, ?, ?)",
+                   (RUN, node.node_id, node.status.value, node.genealogy.depth, node.model_dump_json()))
+    db.commit()
+    db.close()
+    with SQLiteStore(path) as store:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        reference_matches(store)
+        assert store.counters(RUN).evaluated == 2 and store.counters(RUN).llm_usd == pytest.approx(0.02)
+        assert [s.node_id for s in store.scores(RUN, min_seeds=2)] == ["n000"]
+        store.transition(RUN, "n001", NodeStatus.EVALUATED, Node(**{**dict(child), "status": NodeStatus.REFLECTED,
+                                                                   "reflection": reflection()}))
+        reference_matches(store)
+    with SQLiteStore(path) as store:  # a second open migrates nothing again
+        reference_matches(store)
+
+
+def test_mongo_documents_without_bookkeeping_fields_get_them_when_opened(open_mongo: Callable[[], MongoStore]) -> None:
+    store = open_mongo()
+    root = evaluated(root_node("n000"), replicate_seeds=(1007, 2007))
+    store.insert_node(root)
+    store.insert_node(child_node("n001", root))
+    store.database["nodes"].update_many({}, {"$unset": dict.fromkeys(("number", "evaluated", "llm_usd", "score",
+                                                                      "llm_ops"), "")})
+    reopened = open_mongo()
+    reference_matches(reopened)
+    assert reopened.counters(RUN).max_number == 1 and reopened.scores(RUN)[0].node_id == "n000"
+    assert reopened.database["nodes"].find_one({"_id": f"{RUN}/n000"})["rev"] == 1  # not a write of the node
+
+
+def test_mongo_counters_grouped_by_the_server_equal_those_grouped_here(open_mongo: Callable[[], MongoStore]) -> None:
+    store = open_mongo()
+    root = evaluated(root_node("n000"), replicate_seeds=(1007, 2007))
+    store.insert_node(root)
+    store.insert_node(Node(**{**dict(child_node("n001", root)), "llm_calls": [llm_call("propose", 0.02)],
+                              "cost": {"llm_usd": 0.02}}))
+    store.insert_node(child_node("n002", root))
+    first = store.counters(RUN)
+    store._mock = not store._mock  # the other path: $group under a real server, a projection under mongomock
+    assert store.counters(RUN) == first == ArchiveStore.counters(store, RUN)
+    assert (first.counts[NodeStatus.PROPOSED], first.evaluated, first.max_number) == (2, 1, 2)

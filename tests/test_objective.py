@@ -122,8 +122,8 @@ def test_archive_stamps_utilities_and_restamps_when_the_root_gains_a_seed(store:
     assert [e.constraints_satisfied for e in (root_now.evaluation, *root_now.replicates)] == [True, False]
 
     status = run_status(store, RUN)
-    assert status["objective"]["kind"] == "length" and "fewer tokens" in status["objective"]["description"]
-    assert status["constraints"] == {"satisfied": ["n001"], "violated": ["n000", "n002"]}
+    assert status.objective.kind == "length" and "fewer tokens" in status.objective.description
+    assert status.constraints.model_dump() == {"satisfied": ["n001"], "violated": ["n000", "n002"]}
 
 
 def test_report_draws_the_pareto_front_the_floor_and_who_meets_the_directive(store: SQLiteStore,
