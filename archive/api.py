@@ -1,7 +1,7 @@
 """The archive's HTTP read API (FastAPI router), mounted under /api by `poise serve archive`.
 
     GET  /api/runs                                        every run's RunConfig, oldest first
-    POST /api/runs                                        start or resume a run (body: RunConfig); 202
+    POST /api/runs                                        start or resume a run (body: RunRequest); 202
     GET  /api/runs/{run_id}                               {"config": RunConfig, "status": run_status(...)}
     GET  /api/runs/{run_id}/config                        RunConfig
     GET  /api/runs/{run_id}/counts                        {status: number of nodes} for every status
@@ -10,7 +10,10 @@
     GET  /api/runs/{run_id}/nodes/{node_id}/children      the nodes bred from it
 
 An unknown run or node is a 404 whose `detail` says which, with the header `X-Poise-Not-Found: run|node`
-(so a client can tell "no such node" from "no POISE API at this address"). A store failure is a 503.
+(so a client can tell "no such node" from "no POISE API at this address"). A store failure is a 503. A run
+request that is not a valid `RunRequest` (poise/contracts.py: an unknown field, a value out of range) is a 422
+whose `detail` is one line naming every problem and the fields a client may set; one the archive refuses (it
+holds the run with other settings) is a 409.
 
 Non-finite floats: the contracts keep nan/inf (a diverging curve is data) and write them as the JSON
 constants NaN/Infinity, which browsers' `JSON.parse` rejects. Responses therefore write every non-finite
@@ -22,16 +25,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi import APIRouter, Body, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from archive.runs import RunRefused
 from archive.status import run_status
-from poise.contracts import Node, NodeStatus, RunConfig
+from poise.contracts import Node, NodeStatus, RunConfig, RunRequest, validation_problems
 from poise.store import ArchiveError, ArchiveStore
 
 NOT_FOUND_HEADER = "X-Poise-Not-Found"
@@ -82,8 +87,33 @@ def _not_found(what: Literal["run", "node"], message: str) -> HTTPException:
     return HTTPException(404, detail=message, headers={NOT_FOUND_HEADER: what})
 
 
-def archive_router(store: ArchiveStore, start_run: Callable[[RunConfig], RunConfig] | None = None) -> APIRouter:
-    """The /api routes over `store`. With `start_run` (the archive service's), POST /api/runs starts runs."""
+def run_request_problems(errors: list[dict[str, Any]]) -> str:
+    """The 422 `detail` of a body that is not a valid RunRequest: every problem, and what a client may set."""
+    problems = validation_problems([{**e, "loc": e["loc"][1:] if e["loc"][:1] == ("body",) else e["loc"]}
+                                    for e in errors])
+    return (f"not a valid run request: {problems} (a client may set {', '.join(RunRequest.model_fields)}; see "
+            "RunRequest in poise/contracts.py)")
+
+
+class _RunRequestRoute(APIRoute):
+    """POST /api/runs: a body that does not validate is a 422 with one readable line (run_request_problems)
+    instead of FastAPI's list of error objects."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as err:
+                raise HTTPException(422, detail=run_request_problems(list(err.errors()))) from err
+
+        return handle
+
+
+def archive_router(store: ArchiveStore, start_run: Callable[[RunRequest], RunConfig] | None = None) -> APIRouter:
+    """The /api routes over `store`. With `start_run` (the archive service's), POST /api/runs starts runs: it gets
+    the validated RunRequest and answers the stored RunConfig, or raises RunRefused."""
     router = APIRouter(prefix="/api", tags=["archive"])
 
     def config_of(run_id: str) -> RunConfig:
@@ -134,14 +164,16 @@ def archive_router(store: ArchiveStore, start_run: Callable[[RunConfig], RunConf
         return respond(store.children(run_id, node_id), nonfinite)
 
     if start_run is not None:
-        @router.post("/runs", response_model=RunConfig, status_code=202)
-        def post_run(config: Annotated[RunConfig, Body()]) -> Response:
-            """Start the run (or resume it: a stored run may only change budget and parallel)."""
+        def post_run(run: Annotated[RunRequest, Body()]) -> Response:
+            """Start the run, or resume it: a stored run may only change RESUMABLE_SETTINGS (poise/contracts.py)."""
             try:
-                started = start_run(config)
+                started = start_run(run)
             except RunRefused as err:
                 raise HTTPException(409, detail=str(err)) from err
             return respond(started, status_code=202)
+
+        router.add_api_route("/runs", post_run, methods=["POST"], response_model=RunConfig, status_code=202,
+                             route_class_override=_RunRequestRoute)
 
     return router
 

@@ -27,7 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from poise.agents import describe_agents
-from poise.contracts import Evaluation, MetricKind, Node, NodeStatus, RunConfig, TrainingTrajectory
+from poise.contracts import (
+    Evaluation,
+    LegacyScreening,
+    MetricKind,
+    Node,
+    NodeStatus,
+    RunConfig,
+    ScreeningSummary,
+    TrainingTrajectory,
+)
 from poise.objective import satisfies, yardstick
 from poise.pareto import non_dominated
 from poise.scoring import utility as evaluation_utility
@@ -762,7 +771,7 @@ def render_node_text(node: Node, parent: Node | None = None) -> str:
     lines += [f"    - {m.name}" + (f"({_scalars(m.params)})" if m.params else "") for m in proposal.mechanisms] or [
         "    none"
     ]
-    lines += [f"  hparams: {_scalars(proposal.hparams)}", "", "--- code ---"]
+    lines += [f"  hparams: {_scalars(proposal.hparams)}", *_screening_lines(proposal.screening), "", "--- code ---"]
     implementation = node.implementation
     if implementation is None:
         lines.append("  not implemented yet")
@@ -799,6 +808,28 @@ def render_node_text(node: Node, parent: Node | None = None) -> str:
             ]
     lines += ["", "--- agent LLM ---", *_llm_lines(node)]
     return _plain("\n".join(lines) + "\n")
+
+
+def _screening_lines(screening: ScreeningSummary | LegacyScreening | None) -> list[str]:
+    """The Phase I screening the proposal won: how its population was ranked, the winner's merits, every
+    rejection with its gate, the proposals the offline gates skipped."""
+    if screening is None:
+        return []
+    if isinstance(screening, LegacyScreening):
+        return ["  screening:", *_indent(screening.note)]
+    lines = ["  screening:", f"    parent {screening.parent_id} · {screening.passed} passed · ranked by "
+                             f"{screening.acquisition} · near-duplicate below distance {_num(screening.threshold)}"]
+    winner = screening.winner
+    if winner is not None:
+        nearest = f" · nearest {winner.nearest_id} at {_num(winner.distance)}" if winner.nearest_id else ""
+        lines.append(f"    winner {winner.name}: {winner.summary()}{nearest}")
+    lines += [f"    rejected {r.proposal_name} at {r.stage}: {r.reason}" for r in screening.rejections]
+    lines += [f"    offline gates skipped for {name}: {why}" for name, why in screening.skipped.items()]
+    if screening.screened_by:
+        lines.append(f"    {screening.screened_by}")
+    if screening.parent_utility is not None:
+        lines.append(f"    parent utility {_num(screening.parent_utility, 4)}")
+    return lines
 
 
 def _llm_lines(node: Node) -> list[str]:

@@ -23,12 +23,21 @@ from pathlib import Path
 from typing import Protocol as TypingProtocol
 
 from poise.algorithm import check_passed, describe_problems
-from poise.contracts import CheckResult, Implementation, MechanismSpec, Proposal, VerificationAttempt
+from poise.contracts import (
+    CheckResult,
+    Implementation,
+    MechanismSpec,
+    Proposal,
+    SandboxLimits,
+    VerificationAttempt,
+    VerifyPayload,
+    VerifyReport,
+)
 from poise.description.codegen import compile_proposal
 from poise.description.mechanisms import FAMILIES, MECHANISMS, DescriptionError, mechanisms_in
 from poise.description.proposals import root_proposal
 from poise.llm import LLMError
-from poise.sandbox import SandboxLimits, run_sandboxed
+from poise.sandbox import run_sandboxed
 from poise.testbed.protocol import Protocol, get_protocol
 
 log = logging.getLogger("poise.implementer")
@@ -212,12 +221,11 @@ def sandbox_verifier(base_path: Path, workdir: Path, protocol: Protocol, wall_s:
 
     def verify(source: str) -> list[CheckResult]:
         attempt_dir = workdir / f"verify-{next(counter)}"
-        payload = {"source": source, "base_path": str(base_path.resolve()),
-                   "smoke_protocol": smoke_protocol(protocol).as_dict() if smoke else None}
+        payload = VerifyPayload(source=source, base_path=base_path.resolve(),
+                                smoke_protocol=smoke_protocol(protocol).as_dict() if smoke else None)
         run = run_sandboxed(VERIFY_MODULE, payload, attempt_dir, SandboxLimits(wall_s=wall_s),
-                            threads=protocol.threads)
-        result = run.result or {}
-        checks = [CheckResult.model_validate(c) for c in result.get("checks", [])] if run.ok else []
+                            threads=protocol.threads, report_type=VerifyReport)
+        checks = list(run.result.checks) if run.ok and run.result is not None else []
         if not run.ok:
             checks.append(CheckResult(name="sandbox", passed=False, message=run.failure_reason()))
         elif not checks:

@@ -1,7 +1,8 @@
 """Sandboxed child process: verify one candidate module.
 
 Started only by implementer.verify through poise.sandbox.run_sandboxed. It receives the candidate's source,
-the base checkpoint path and the smoke protocol, and reports a list of checks as JSON: the structural check
+the base checkpoint path and the smoke protocol (a `VerifyPayload`), and reports a `VerifyReport` (both in
+poise/contracts.py): the structural check
 (poise.algorithm), unit checks on synthetic groups (determinism of advantages and loss, a loss that stays
 finite on a group with a single valid token), and a smoke RL run of a few steps on the testbed.
 """
@@ -12,6 +13,7 @@ import math
 import traceback
 from pathlib import Path
 
+from poise.contracts import CheckResult, VerifyPayload, VerifyReport
 from poise.sandbox import emit_result, enter_sandbox
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
@@ -19,26 +21,24 @@ PRELOAD = ("poise.algorithm", "poise.contracts", "poise.testbed.protocol", "pois
 
 
 def main() -> None:
-    payload, isolation_notes = enter_sandbox()
+    payload, isolation_notes = enter_sandbox(VerifyPayload)
     from poise.algorithm import check_passed, structural_check
-    from poise.contracts import CheckResult
 
     checks: list[CheckResult] = []
     try:
-        checks = structural_check(payload["source"])
+        checks = structural_check(payload.source)
         if check_passed(checks):
-            checks += unit_checks(payload["source"])
-        if check_passed(checks) and payload.get("smoke_protocol"):
+            checks += unit_checks(payload.source)
+        if check_passed(checks) and payload.smoke_protocol:
             checks.append(smoke_run(payload))
     except Exception as err:  # noqa: BLE001 - the candidate's failure is a result, not a crash
         checks.append(CheckResult(name="harness", passed=False, message=f"{type(err).__name__}: {err}"))
-        emit_result({"checks": [c.model_dump(mode="json") for c in checks], "isolation": isolation_notes,
-                     "traceback": traceback.format_exc()[-4000:]})
+        emit_result(VerifyReport(checks=checks, isolation=isolation_notes, traceback=traceback.format_exc()[-4000:]))
         return
-    emit_result({"checks": [c.model_dump(mode="json") for c in checks], "isolation": isolation_notes})
+    emit_result(VerifyReport(checks=checks, isolation=isolation_notes))
 
 
-def unit_checks(source: str) -> list:
+def unit_checks(source: str) -> list[CheckResult]:
     """Checks beyond the structural ones, on synthetic groups: same input, same output; a short response."""
     import torch
 
@@ -52,8 +52,6 @@ def unit_checks(source: str) -> list:
         run_policy_loss,
         synthetic_rollout,
     )
-    from poise.contracts import CheckResult
-
     module = load_candidate(source)
     hparams = module_hparams(module)
     results = []
@@ -88,18 +86,17 @@ def unit_checks(source: str) -> list:
     return results
 
 
-def smoke_run(payload: dict):
+def smoke_run(payload: VerifyPayload) -> CheckResult:
     """A few RL steps on the testbed: the candidate must train without error or non-finite values."""
     from poise.algorithm import CandidateError, load_candidate
-    from poise.contracts import CheckResult
     from poise.testbed.protocol import protocol_from_dict
     from poise.testbed.training import TrainingAborted, train
 
-    protocol = protocol_from_dict(payload["smoke_protocol"])
+    protocol = protocol_from_dict(payload.smoke_protocol or {})
     out_dir = Path.cwd() / "smoke"
     try:
-        candidate = load_candidate(payload["source"], name="candidate")
-        trajectory = train(candidate, protocol, int(payload.get("seed", 0)), Path(payload["base_path"]), out_dir)
+        candidate = load_candidate(payload.source, name="candidate")
+        trajectory = train(candidate, protocol, payload.seed, payload.base_path, out_dir)
     except (CandidateError, TrainingAborted) as err:
         return CheckResult(name="smoke_run", passed=False, message=str(err))
     except Exception as err:  # noqa: BLE001

@@ -4,12 +4,16 @@ Parent side (`run_sandboxed`): the child runs the harness module as `python -I -
 own session, with a scrubbed environment (no API keys or tokens reach it), its own working directory, and a
 wall-clock deadline enforced from outside (optionally also a stall deadline, `SandboxLimits.stall_s`: killed
 when no event line came for that long, so the hard deadline can be generous for a child that keeps reporting
-progress on a loaded machine while a hung one still dies quickly). Input goes in as JSON on stdin; output
-comes back as JSON lines on stdout, size-capped and parsed by the parent, never unpickled. The child is forked
-by a fork server (poise.forkserver: one per parent process, harness module and thread count) that imported the
-harness and its trusted dependencies once, so a child does not spend 10-15 s importing torch and
-transformers; it has never run candidate code, and each child gets the same environment, descriptors and
-layers below as a fresh interpreter would (POISE_SANDBOX_FORK_SERVER=0 starts a fresh interpreter per child instead).
+progress on a loaded machine while a hung one still dies quickly). Input goes in as JSON on stdin: a payload
+contract of poise/contracts.py (a `SandboxPayload`, carrying the limits), which the child validates. Output
+comes back as JSON lines on stdout, size-capped and parsed by the parent, never unpickled; the result line is
+validated against the report contract the parent names (a `SandboxReport`), and one that does not validate
+fails the run with the reason (the candidate shares the child's process, so it could print a result of its
+own). The child is forked by a fork server (poise.forkserver: one per parent process, harness module and
+thread count) that imported the harness and its trusted dependencies once, so a child does not spend 10-15 s
+importing torch and transformers; it has never run candidate code, and each child gets the same environment,
+descriptors and layers below as a fresh interpreter would (POISE_SANDBOX_FORK_SERVER=0 starts a fresh
+interpreter per child instead).
 
 Child side (`enter_sandbox`): the trusted harness calls it before any candidate code is loaded. Layers,
 in the order they are applied, and what each one does not do:
@@ -76,7 +80,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from poise.contracts import SandboxLimits, SandboxPayload, validation_problems
 
 RESULT_KEY = "result"
 MAX_OUTPUT_BYTES = 8 << 20
@@ -86,35 +94,38 @@ FORK_SERVER_DIR_PREFIX = "poise-forkserver-"
 WATCHDOG_GRACE_S = 5.0  # how long the parent waits for the watchdog to kill the sandbox before killing the group
 
 
+Report = TypeVar("Report", bound=BaseModel)
+Payload = TypeVar("Payload", bound=SandboxPayload)
+MALFORMED_REPORT_CHARS = 300  # how much of a validation error the failure reason quotes
+
 _fork_servers: dict[tuple[int, str, int], _ForkServer] = {}
 _fork_servers_lock = threading.Lock()
 
 
-@dataclass(frozen=True)
-class SandboxLimits:
-    wall_s: float = 600.0           # the hard wall-clock deadline, whatever the child reports
-    stall_s: float | None = None    # also killed when no event or result line came for this long (None: never)
-    cpu_s: int = 3600               # CPU seconds over all threads; the wall deadline is the real bound
-    memory_bytes: int = 8 << 30     # address space: torch reserves a lot of virtual memory
-    file_bytes: int = 256 << 20     # largest file the child may write (a checkpoint is ~4 MB)
-    open_files: int = 256
-
-
 @dataclass
-class SandboxResult:
+class SandboxResult(Generic[Report]):
     returncode: int | None
     wall_s: float
-    result: dict[str, Any] | None          # the last {"result": ...} line the child printed
+    result: Report | None                  # the last {"result": ...} line the child printed, validated
     events: list[dict[str, Any]] = field(default_factory=list)  # every other JSON line, in order
     stderr_tail: str = ""
     timed_out: bool = False
     stalled: bool = False  # timed out by `stall_s` (no progress), not by the wall deadline
     stall_s: float | None = None
     output_overflow: bool = False
+    malformed: str | None = None  # why the last result line did not validate as the report type (then no result)
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and self.result is not None and not self.timed_out
+
+    def record_result(self, result: object, report_type: type[Report]) -> None:
+        """Take the child's result line: validated as `report_type`, else `malformed` says what is wrong."""
+        try:
+            self.result, self.malformed = report_type.model_validate(result), None
+        except ValidationError as err:
+            self.result = None
+            self.malformed = f"not a valid {report_type.__name__} ({validation_problems(err)})"[:MALFORMED_REPORT_CHARS]
 
     def failure_reason(self) -> str:
         if self.stalled:
@@ -129,6 +140,8 @@ class SandboxResult:
             hint = " (CPU time limit)" if name == "SIGXCPU" else " (killed: likely a resource limit)"
             return f"child died from signal {name}{hint if name in ('SIGXCPU', 'SIGKILL') else ''}"
         last = self.stderr_tail.strip().splitlines()[-1:] or ["no error output"]
+        if self.malformed is not None:
+            return f"the child's result is malformed: {self.malformed}"
         if self.result is None:
             return f"child exited with status {self.returncode} without a result: {last[0]}"
         return f"child exited with status {self.returncode}: {last[0]}"
@@ -159,24 +172,28 @@ def scrubbed_env(workdir: Path, threads: int) -> dict[str, str]:
 
 def run_sandboxed(
     module: str,
-    payload: dict[str, Any],
+    payload: SandboxPayload,
     workdir: Path,
-    limits: SandboxLimits = SandboxLimits(),
+    limits: SandboxLimits | None = None,
     threads: int = 2,
     on_event: Callable[[dict[str, Any]], None] | None = None,
-) -> SandboxResult:
-    """Run `python -I -m module` in a sandboxed child with `payload` as JSON on stdin."""
+    *,
+    report_type: type[Report],
+) -> SandboxResult[Report]:
+    """Run `python -I -m module` in a sandboxed child with `payload` (its limits set to `limits`) as JSON on
+    stdin; the child's result comes back validated as `report_type`. Default limits: SandboxLimits()."""
+    limits = limits or SandboxLimits()
     workdir.mkdir(parents=True, exist_ok=True)
-    payload = {**payload, "_limits": limits.__dict__}
+    stdin = payload.model_copy(update={"limits": limits}).model_dump_json().encode()
     started = time.monotonic()
-    result = SandboxResult(returncode=None, wall_s=0.0, result=None)
+    result: SandboxResult[Report] = SandboxResult(returncode=None, wall_s=0.0, result=None)
     try:
         child = _start_child(module, workdir, thread_cap(threads), limits.wall_s)
     except TimeoutError:  # the fork server was still importing at the deadline
         result.timed_out, result.wall_s = True, time.monotonic() - started
         return result
     assert child.stdin and child.stdout and child.stderr
-    child.stdin.write(json.dumps(payload).encode())
+    child.stdin.write(stdin)
     child.stdin.close()
     stdout_buffer, stderr_tail, total = b"", b"", 0
     selector = selectors.DefaultSelector()
@@ -211,7 +228,7 @@ def run_sandboxed(
             stdout_buffer += chunk
             *lines, stdout_buffer = stdout_buffer.split(b"\n")
             for line in lines:
-                if _take_line(line, result, on_event):
+                if _take_line(line, result, report_type, on_event):
                     progress = time.monotonic()
     if result.timed_out or result.output_overflow:
         _stop(child)
@@ -220,7 +237,7 @@ def run_sandboxed(
     child.stdout.close()
     child.stderr.close()
     if stdout_buffer and not result.output_overflow:
-        _take_line(stdout_buffer, result, on_event)
+        _take_line(stdout_buffer, result, report_type, on_event)
     result.stderr_tail = stderr_tail.decode("utf-8", "replace")
     result.wall_s = time.monotonic() - started
     return result
@@ -338,7 +355,8 @@ class _ForkedChild:
         self.returncode = json.loads(message)["returncode"] if message else -signal.SIGKILL
 
 
-def _take_line(line: bytes, result: SandboxResult, on_event: Callable[[dict[str, Any]], None] | None) -> bool:
+def _take_line(line: bytes, result: SandboxResult, report_type: type[BaseModel],
+               on_event: Callable[[dict[str, Any]], None] | None) -> bool:
     """Record one stdout line; True when it was protocol (an event or the result), i.e. progress."""
     try:
         message = json.loads(line)
@@ -346,8 +364,8 @@ def _take_line(line: bytes, result: SandboxResult, on_event: Callable[[dict[str,
         return False  # stray prints of the candidate are not protocol
     if not isinstance(message, dict):
         return False
-    if RESULT_KEY in message and isinstance(message[RESULT_KEY], dict):
-        result.result = message[RESULT_KEY]
+    if RESULT_KEY in message:
+        result.record_result(message[RESULT_KEY], report_type)
         return True
     result.events.append(message)
     if on_event:
@@ -428,15 +446,22 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def enter_sandbox() -> tuple[dict[str, Any], list[str]]:
-    """In the child: read the payload, apply every layer, return (payload, isolation notes).
+def enter_sandbox(payload_type: type[Payload]) -> tuple[Payload, list[str]]:
+    """In the child: read the payload (validated as `payload_type`), apply every layer, return (payload,
+    isolation notes).
 
     Must run before any candidate code is loaded. The notes list what could not be applied. With a PID
     namespace the process that called this never returns from it: it becomes the watchdog and exits with
-    the sandboxed child's status; the call returns in the child, as PID 1 of the new namespace.
+    the sandboxed child's status; the call returns in the child, as PID 1 of the new namespace. A payload
+    that does not validate ends the child (status 2) with one line on stderr saying why, before anything runs.
     """
-    payload = json.loads(sys.stdin.buffer.read())
-    limits = payload.get("_limits", {})
+    try:
+        payload = payload_type.model_validate_json(sys.stdin.buffer.read())
+    except ValidationError as err:
+        print(f"sandbox: the payload is not a valid {payload_type.__name__} ({validation_problems(err)})",
+              file=sys.stderr)
+        sys.exit(2)
+    limits = payload.limits
     notes: list[str] = []
     libc = load_libc()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the watchdog too
@@ -454,13 +479,12 @@ def enter_sandbox() -> tuple[dict[str, Any], list[str]]:
         notes.append("no namespaces (needs CAP_SYS_ADMIN): the network, the host's processes and every "
                      f"file uid {os.geteuid()} may write stay reachable")
     for limit, value in (
-        (resource.RLIMIT_AS, limits.get("memory_bytes")),
-        (resource.RLIMIT_CPU, limits.get("cpu_s")),
-        (resource.RLIMIT_FSIZE, limits.get("file_bytes")),
-        (resource.RLIMIT_NOFILE, limits.get("open_files")),
+        (resource.RLIMIT_AS, limits.memory_bytes),
+        (resource.RLIMIT_CPU, limits.cpu_s),
+        (resource.RLIMIT_FSIZE, limits.file_bytes),
+        (resource.RLIMIT_NOFILE, limits.open_files),
     ):
-        if value is not None:
-            resource.setrlimit(limit, (int(value), int(value)))
+        resource.setrlimit(limit, (value, value))
     if prctl(libc, _PR_SET_NO_NEW_PRIVS, 1) != 0:
         notes.append(f"no-new-privileges not set ({_errno()})")
     _drop_capabilities(libc, notes)
@@ -696,5 +720,7 @@ def emit(message: dict[str, Any]) -> None:
     _channel.flush()
 
 
-def emit_result(result: dict[str, Any]) -> None:
-    emit({RESULT_KEY: result})
+def emit_result(report: BaseModel) -> None:
+    """In the child: the result line, `report` (a SandboxReport contract) under RESULT_KEY."""
+    _channel.write(f'{{"{RESULT_KEY}": {report.model_dump_json()}}}\n')
+    _channel.flush()

@@ -27,10 +27,9 @@ from itertools import count
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 
-from poise.contracts import CheckResult, sha256_hex
-from poise.sandbox import SandboxLimits, run_sandboxed
+from poise.contracts import CheckResult, FingerprintPayload, FingerprintReport, SandboxLimits, sha256_hex
+from poise.sandbox import run_sandboxed
 
 FINGERPRINT_MODULE = "proposer.fingerprint_child"
 SANDBOX_FAILURE = "sandbox: "  # how the failure of a run that returned no result starts
@@ -220,38 +219,33 @@ def fingerprint_in_sandbox(
     run_dir = Path(workdir) / f"fingerprint-{sha[:12]}-{next(_run_numbers)}"
     limits = SandboxLimits(wall_s=wall_s, memory_bytes=FINGERPRINT_MEMORY_BYTES)
     try:
-        run = run_sandboxed(FINGERPRINT_MODULE, {"source": source}, run_dir, limits, threads=1)
+        run = run_sandboxed(FINGERPRINT_MODULE, FingerprintPayload(source=source), run_dir, limits, threads=1,
+                            report_type=FingerprintReport)
     finally:
         if not keep_workdir:
             shutil.rmtree(run_dir, ignore_errors=True)
-    if not run.ok:
-        return FingerprintResult(sha, None, failure=f"{SANDBOX_FAILURE}{run.failure_reason()}", wall_s=run.wall_s)
-    try:
-        return _parse_report(sha, run.result, run.wall_s)
-    except (ValidationError, TypeError, ValueError, AttributeError) as err:
-        # The candidate shares the child's stdout, so the report may be forged: never trust its shape.
-        reason = " ".join(str(err).split())[:200]
-        return FingerprintResult(sha, None, failure=f"fingerprint: the child's report is malformed ({reason})",
+    if run.malformed is not None:
+        # The candidate shares the child's process, so the report may be forged: its own doing, hence definitive.
+        return FingerprintResult(sha, None, failure=f"fingerprint: the child's report is malformed ({run.malformed})",
                                  wall_s=run.wall_s)
+    if not run.ok or run.result is None:
+        return FingerprintResult(sha, None, failure=f"{SANDBOX_FAILURE}{run.failure_reason()}", wall_s=run.wall_s)
+    return _from_report(sha, run.result, run.wall_s)
 
 
-def _parse_report(sha: str, report: dict, wall_s: float) -> FingerprintResult:
-    checks = [CheckResult.model_validate(c) for c in report.get("checks", [])]
-    failed = [c for c in checks if not c.passed]
-    failure = f"{failed[0].name}: {failed[0].message}" if failed else report.get("failure")
-    if failure is not None and not isinstance(failure, str):
-        raise TypeError(f"failure is a {type(failure).__name__}")
-    vector = report.get("fingerprint")
-    if failure is None and (not isinstance(vector, list) or len(vector) != FINGERPRINT_LENGTH):
-        failure = f"fingerprint: the child returned {type(vector).__name__} instead of {FINGERPRINT_LENGTH} values"
+def _from_report(sha: str, report: FingerprintReport, wall_s: float) -> FingerprintResult:
+    failed = [c for c in report.checks if not c.passed]
+    failure = f"{failed[0].name}: {failed[0].message}" if failed else report.failure
+    vector = report.fingerprint
+    if failure is None and (vector is None or len(vector) != FINGERPRINT_LENGTH):
+        got = "no fingerprint" if vector is None else f"{len(vector)} values"
+        failure = f"fingerprint: the child returned {got} instead of {FINGERPRINT_LENGTH} values"
     array = np.asarray(vector, dtype=np.float64) if failure is None else None
     if array is not None and not np.isfinite(array).all():
         array, failure = None, "fingerprint: non-finite values came back"
-    mode, hparams = report.get("loss_agg_mode"), report.get("hparams") or {}
-    if not isinstance(mode, str | None) or not isinstance(hparams, dict):
-        raise TypeError("loss_agg_mode or hparams of the wrong type")
-    return FingerprintResult(sha, array, checks=checks, failure=failure, loss_agg_mode=mode, hparams=hparams,
-                             wall_s=wall_s, isolation=[str(note) for note in report.get("isolation", [])])
+    return FingerprintResult(sha, array, checks=list(report.checks), failure=failure,
+                             loss_agg_mode=report.loss_agg_mode, hparams=dict(report.hparams), wall_s=wall_s,
+                             isolation=list(report.isolation))
 
 
 class FingerprintCache:

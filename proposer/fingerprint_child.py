@@ -1,14 +1,16 @@
 """Sandboxed child process: structural check and behavioural fingerprint of one candidate module.
 
 Started only by proposer.fingerprint.fingerprint_in_sandbox through poise.sandbox.run_sandboxed. It receives
-the candidate's source and reports the structural checks (poise.algorithm) and, when they pass, the
-fingerprint vector on the probes of proposer/fingerprint.py, with the module's LOSS_AGG_MODE and HPARAMS.
+the candidate's source (a `FingerprintPayload`) and reports a `FingerprintReport` (both in poise/contracts.py):
+the structural checks (poise.algorithm) and, when they pass, the fingerprint vector on the probes of
+proposer/fingerprint.py, with the module's LOSS_AGG_MODE and HPARAMS.
 """
 
 from __future__ import annotations
 
 import traceback
 
+from poise.contracts import FingerprintPayload, FingerprintReport
 from poise.sandbox import emit_result, enter_sandbox
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
@@ -16,23 +18,20 @@ PRELOAD = ("torch", "poise.algorithm", "proposer.fingerprint")
 
 
 def main() -> None:
-    payload, isolation_notes = enter_sandbox()
+    payload, isolation_notes = enter_sandbox(FingerprintPayload)
     from poise.algorithm import check_passed, load_candidate, loss_agg_mode, module_hparams, structural_check
 
-    report: dict = {"checks": [], "isolation": isolation_notes}
+    report = FingerprintReport(isolation=isolation_notes)
     try:
-        checks = structural_check(payload["source"])
-        report["checks"] = [c.model_dump(mode="json") for c in checks]
-        if check_passed(checks):
-            module = load_candidate(payload["source"])
-            report["loss_agg_mode"] = loss_agg_mode(module)
-            report["hparams"] = module_hparams(module)
-            vector, failure = fingerprint(module)
-            report["fingerprint"] = vector
-            report["failure"] = failure
+        report.checks = structural_check(payload.source)
+        if check_passed(report.checks):
+            module = load_candidate(payload.source)
+            report.loss_agg_mode = loss_agg_mode(module)
+            report.hparams = module_hparams(module)
+            report.fingerprint, report.failure = fingerprint(module)
     except Exception as err:  # noqa: BLE001 - the candidate's failure is a result, not a crash
-        report["failure"] = f"harness: {type(err).__name__}: {err}"
-        report["traceback"] = traceback.format_exc()[-4000:]
+        report.failure = f"harness: {type(err).__name__}: {err}"
+        report.traceback = traceback.format_exc()[-4000:]
     emit_result(report)
 
 

@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from poise.agents import load_prompt
-from poise.contracts import LossAggMode, MechanismSpec, Node, Proposal, RunConfig, Scalar
+from poise.contracts import LossAggMode, MechanismSpec, Node, Proposal, Rejection, RunConfig, Scalar
 from poise.description.mechanisms import (
     MECHANISMS,
     AlgorithmDescription,
@@ -50,7 +50,7 @@ from poise.description.proposals import MAX_NAME_CHARS, proposal_description
 from poise.llm import LLMAnswerError, LLMClient, LLMError
 from proposer.context import Context, literature_lines, specs_text
 from proposer.population import DIRECTIONS
-from proposer.screening import Fingerprinter, Rejection, ScreenedProposal, ScreeningReport, screen_population
+from proposer.screening import Fingerprinter, ScreenedProposal, ScreeningReport, screen_population
 
 MAX_TOKENS = 8192  # a population of a handful of proposals with rationales fits with room to spare
 

@@ -27,11 +27,11 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from poise.contracts import Contract, Node, Proposal, RunConfig
+from poise.contracts import Contract, Node, Proposal, Rejection, RunConfig, ScreeningMerits, ScreeningSummary
 from poise.description.codegen import compile_proposal
 from poise.description.mechanisms import DescriptionError
 from poise.description.proposals import description_key, proposal_description
@@ -47,18 +47,7 @@ from proposer.selection import UtilityGP
 
 Fingerprinter = Callable[[str], FingerprintResult]
 SourceOf = Callable[[Proposal], str]
-Stage = Literal["consistency", "novelty", "llm_screen"]  # llm_screen: the agent's verdict (proposer/llm_agent.py)
 ACQUISITIONS = ("ei", "ucb")
-
-
-class Rejection(Contract):
-    """A proposal screened out before training: at which gate, why, and the node it is too close to."""
-
-    proposal_name: str
-    stage: Stage
-    reason: str
-    nearest_id: str | None = None
-    distance: float | None = None
 
 
 class ScreenedProposal(Contract):
@@ -78,11 +67,9 @@ class ScreenedProposal(Contract):
     expected_improvement: float = 0.0
     llm_score: float | None = None  # the screen LLM's mean judgement in [0, 1]; None when no LLM screened
 
-    def merits(self) -> str:
-        """What ranked it, for logs: "EI 0.012", "LLM screen 0.81, EI 0.012", "LLM screen 0.70, not compiled
-        offline"."""
-        offline = f"EI {self.expected_improvement:.3g}" if self.skipped is None else "not compiled offline"
-        return offline if self.llm_score is None else f"LLM screen {self.llm_score:.2f}, {offline}"
+    def merits(self) -> ScreeningMerits:
+        """What ranked it (the proposal left out), as the winner's merits are kept on its proposal."""
+        return ScreeningMerits(name=self.proposal.name, **self.model_dump(include=set(ScreeningMerits.model_fields)))
 
 
 class ScreeningReport(Contract):
@@ -99,17 +86,18 @@ class ScreeningReport(Contract):
     def best(self) -> ScreenedProposal | None:
         return self.ranked[0] if self.ranked else None
 
+    def digest(self, screened_by: str | None = None, parent_utility: float | None = None) -> ScreeningSummary:
+        """What the winner's proposal keeps of this report: the ranked survivors reduced to the winner's merits
+        and the names of those the offline gates skipped."""
+        return ScreeningSummary(
+            parent_id=self.parent_id, acquisition=self.acquisition, threshold=self.threshold,
+            winner=self.best.merits() if self.best else None, passed=len(self.ranked), rejections=self.rejections,
+            skipped={r.proposal.name: r.skipped for r in self.ranked if r.skipped is not None},
+            screened_by=screened_by, parent_utility=parent_utility)
+
     def summary(self) -> str:
         """One line for logs: the winner, each rejection's reason, and the proposals the offline gates skipped."""
-        head = f"best {self.best.proposal.name} ({self.best.merits()})" if self.best else "no proposal passed screening"
-        rejected = "; ".join(f"{r.proposal_name}: {r.stage}: {r.reason}" for r in self.rejections)
-        skipped = "; ".join(f"{r.proposal.name}: {r.skipped}" for r in self.ranked if r.skipped is not None)
-        parts = [f"parent {self.parent_id}: {head}, {len(self.ranked)} passed"]
-        if rejected:
-            parts.append(f"rejected {rejected}")
-        if skipped:
-            parts.append(f"offline gates skipped for {skipped}")
-        return "; ".join(parts)
+        return self.digest().summary()
 
 
 # ------------------------------------------------------------------------------------------- acquisition

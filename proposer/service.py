@@ -131,17 +131,15 @@ class ProposerService:
 
     def _screened(self, proposal: Proposal | None, report: ScreeningReport, config: RunConfig, work: WorkPropose,
                   parent: Node, by: str | None = None) -> Proposal:
-        """The winner with its screening note; ValueError naming every rejection when there is none."""
+        """The winner with its screening summary; ValueError naming every rejection when there is none."""
         from proposer.selection import seed_mean
 
         if proposal is None:
             raise ValueError(f"no proposal passed screening: {report.summary()}")
         log.info("%s: %s", work.node_id, report.summary())
-        incumbent = seed_mean(parent)
-        note = "; ".join([report.summary(), *([by] if by else []),
-                          *([f"parent utility {incumbent:.4f}"] if incumbent is not None else [])])
+        screening = report.digest(screened_by=by, parent_utility=seed_mean(parent))
         return proposal.model_copy(update={"parent_ids": list(work.parent_ids), "directive": config.objective.directive,
-                                           "screening": note[:4000]})
+                                           "screening": screening})
 
 
 def propose_child(config: RunConfig, work: WorkPropose, parent, archive: ArchiveStore):

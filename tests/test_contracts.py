@@ -256,6 +256,31 @@ def make_run_config() -> RunConfig:
     )
 
 
+def make_screening() -> contracts.ScreeningSummary:
+    return contracts.ScreeningSummary(
+        parent_id="n0003", acquisition="ei", threshold=0.05,
+        winner=contracts.ScreeningMerits(name="VM-AV-GRPO", expected_improvement=0.012, predicted_mean=0.01,
+                                         predicted_std=0.004, llm_score=0.8, nearest_id="n0003", distance=0.31),
+        passed=2,
+        rejections=[contracts.Rejection(proposal_name="grpo@eps=1e-07", stage="novelty", reason="behaves like n0000",
+                                        nearest_id="n0000", distance=0.001)],
+        skipped={"p~median": "new mechanisms scale:median_abs_dev (the LLM coder implements them)"},
+        screened_by="screened by the offline gates", parent_utility=0.4213,
+    )
+
+
+def make_screened_proposal() -> Proposal:
+    return make_proposal().model_copy(update={"screening": make_screening()})
+
+
+def make_limits() -> contracts.SandboxLimits:
+    return contracts.SandboxLimits(wall_s=120.0, stall_s=30.0, memory_bytes=2 << 30)
+
+
+def make_train_report() -> contracts.TrainReport:
+    return contracts.TrainReport(status="ok", trajectory=make_trajectory(), isolation=["no seccomp filter (EPERM)"])
+
+
 DOCUMENT_FACTORIES: dict[str, Callable[[], BaseModel]] = {
     "genealogy": make_genealogy,
     "mechanism": make_mechanism,
@@ -278,6 +303,29 @@ DOCUMENT_FACTORIES: dict[str, Callable[[], BaseModel]] = {
     "objective": Objective,
     "backends": Backends,
     "run_config": make_run_config,
+    "rejection": lambda: make_screening().rejections[0],
+    "screening_merits": lambda: make_screening().winner,
+    "screening": make_screening,
+    "screened_proposal": make_screened_proposal,
+    "legacy_screening": lambda: contracts.LegacyScreening(note="parent n0003: best VM-AV-GRPO (EI 0.012), 3 passed"),
+    "sandbox_limits": make_limits,
+    "sandbox_payload": lambda: contracts.SandboxPayload(limits=make_limits()),
+    "sandbox_report": lambda: contracts.SandboxReport(isolation=["no PID namespace"], traceback="Traceback ..."),
+    "verify_payload": lambda: contracts.VerifyPayload(source=SOURCE, base_path="/ckpt/base", seed=3,
+                                                      smoke_protocol={"name": "smoke-tiny", "steps": 3}),
+    "verify_report": lambda: contracts.VerifyReport(checks=[make_check()], isolation=[]),
+    "fingerprint_payload": lambda: contracts.FingerprintPayload(source=SOURCE, limits=make_limits()),
+    "fingerprint_report": lambda: contracts.FingerprintReport(
+        checks=[make_check()], loss_agg_mode="token-mean", hparams={"clip_eps": 0.2, "kl": False},
+        fingerprint=[0.0, -1.5, math.inf]),
+    "train_payload": lambda: contracts.TrainPayload(protocol={"name": "tiny", "steps": 2}, seed=1, source=SOURCE,
+                                                    name="n0007", base_path="/ckpt/base", out_dir="/work/n0007"),
+    "train_step_event": lambda: contracts.TrainStepEvent(step=make_step()),
+    "train_report": make_train_report,
+    "probe_payload": lambda: contracts.ProbePayload(code="result = 1", ending="deadline"),
+    "probe_report": lambda: contracts.ProbeReport(notes=[], raised="OSError", errno=30, result={"a": [1, "b"]}),
+    "run_settings": lambda: contracts.RunSettings(budget=8, objective=Objective(kind="length")),
+    "run_request": lambda: contracts.RunRequest(run_id=RUN, budget=8, backends=Backends(llm="anthropic:m")),
 }
 
 MESSAGE_FACTORIES: dict[str, Callable[[], Message]] = {
@@ -650,3 +698,110 @@ def test_run_config_defaults_are_usable() -> None:
 def test_ids_are_restricted_to_a_safe_charset(bad_id: str) -> None:
     with pytest.raises(ValidationError):
         WorkReflect(run_id=RUN, node_id=bad_id)
+
+
+# ------------------------------------------------------------------------------------- Phase I screening
+
+
+def test_a_proposal_keeps_its_screening_typed_and_its_line_reads_as_before() -> None:
+    proposal = Proposal.model_validate_json(make_screened_proposal().model_dump_json())
+    screening = proposal.screening
+    assert isinstance(screening, contracts.ScreeningSummary)
+    assert screening.winner.llm_score == 0.8 and screening.rejections[0].stage == "novelty"
+    assert screening.summary() == (
+        "parent n0003: best VM-AV-GRPO (LLM screen 0.80, EI 0.012), 2 passed; rejected grpo@eps=1e-07: novelty: "
+        "behaves like n0000; offline gates skipped for p~median: new mechanisms scale:median_abs_dev (the LLM coder "
+        "implements them); screened by the offline gates; parent utility 0.4213")
+
+
+def test_a_screening_line_from_an_old_archive_still_reads() -> None:
+    line = "parent n0003: best VM-AV-GRPO (EI 0.012), 3 passed; rejected grpo@eps=1e-07: novelty: ..."
+    document = json.loads(make_node().model_dump_json())
+    document["proposal"]["screening"] = line  # what archives stored before screening was typed
+    node = Node.model_validate_json(json.dumps(document))
+    assert node.proposal.screening == contracts.LegacyScreening(note=line)
+    assert node.proposal.screening.summary() == line
+    assert Node.model_validate_json(node.model_dump_json()) == node  # and written again, it reads again
+    assert make_proposal().screening.summary() == make_proposal().model_dump()["screening"]["note"]
+
+
+def test_an_old_sqlite_archive_with_screening_lines_stays_readable(tmp_path) -> None:
+    import sqlite3
+
+    from archive.sqlite_store import SQLiteStore
+
+    path = tmp_path / "archive.sqlite"
+    with SQLiteStore(path) as store:
+        store.put_run(RunConfig(run_id=RUN))
+        store.insert_node(make_node())
+    document = json.loads(make_node().model_dump_json())
+    document["proposal"]["screening"] = "parent n0003: best VM-AV-GRPO (EI 0.012), 3 passed"
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE nodes SET doc = ?", (json.dumps(document),))
+    with SQLiteStore(path) as store:
+        (node,) = store.nodes(RUN)
+    assert node.proposal.screening.summary() == "parent n0003: best VM-AV-GRPO (EI 0.012), 3 passed"
+
+
+# ------------------------------------------------------------------------------------- sandboxed children
+
+
+def test_sandbox_limits_are_frozen_and_positive() -> None:
+    limits = contracts.SandboxLimits()
+    assert (limits.wall_s, limits.stall_s, limits.memory_bytes) == (600.0, None, 8 << 30)
+    with pytest.raises(ValidationError):
+        limits.wall_s = 1.0
+    with pytest.raises(ValidationError):
+        contracts.SandboxLimits(wall_s=0)
+
+
+def test_a_run_request_gives_only_the_settings_it_sets_and_refuses_recorded_ones() -> None:
+    request = contracts.RunRequest.model_validate({"run_id": RUN, "budget": 8, "objective": {"kind": "length"}})
+    assert request.given() == {"budget": 8, "objective": Objective(kind="length").model_dump(mode="json")}
+    assert contracts.RunRequest(run_id=RUN).given() == {}
+    with pytest.raises(ValidationError, match="protocol_sha256"):
+        contracts.RunRequest(run_id=RUN, protocol_sha256="0" * 64)
+    # RunConfig = the settings + the run's id + what the archive records; nothing else.
+    settings = set(contracts.RunSettings.model_fields)
+    assert set(RunConfig.model_fields) == settings | {"run_id", *contracts.RECORDED_SETTINGS}
+    assert set(contracts.RunRequest.model_fields) == settings | {"run_id"}
+
+
+def test_a_payload_refuses_fields_its_child_does_not_know() -> None:
+    with pytest.raises(ValidationError, match="smoke"):
+        contracts.FingerprintPayload(source=SOURCE, smoke_protocol={})
+    payload = contracts.TrainPayload.model_validate_json(FACTORY_JSON["train_payload"])
+    assert payload.base_path.is_absolute() and payload.limits == contracts.SandboxLimits()
+
+
+FACTORY_JSON = {name: DOCUMENT_FACTORIES[name]().model_dump_json() for name in ("train_payload",)}
+
+
+@pytest.mark.parametrize("report", [
+    {"status": "ok", "isolation": []},  # no trajectory
+    {"status": "error", "steps": []},  # no reason
+    {"status": "candidate_error", "reason": "x", "trajectory": json.loads(make_trajectory().model_dump_json())},
+    {"status": "finished", "reason": "x"},
+])
+def test_a_training_report_says_how_it_ended_consistently(report: dict) -> None:
+    with pytest.raises(ValidationError):
+        contracts.TrainReport.model_validate(report)
+
+
+@pytest.mark.parametrize("forged", [
+    {"checks": [1]},
+    {"checks": [], "fingerprint": "zeros"},
+    {"checks": [], "hparams": ["not", "a", "dict"]},
+    {"checks": [], "extra": True},
+    "not a dict",
+    None,
+])
+def test_a_result_that_does_not_validate_is_a_failed_run_with_the_reason(forged: object) -> None:
+    from poise.sandbox import SandboxResult
+
+    run = SandboxResult(returncode=0, wall_s=0.1, result=None)
+    run.record_result(forged, contracts.FingerprintReport)
+    assert not run.ok and run.result is None
+    assert run.failure_reason().startswith("the child's result is malformed: not a valid FingerprintReport (")
+    run.record_result({"checks": [], "isolation": ["no seccomp filter"]}, contracts.FingerprintReport)
+    assert run.ok and run.malformed is None and run.result.isolation == ["no seccomp filter"]

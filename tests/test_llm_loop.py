@@ -129,7 +129,7 @@ def test_a_run_with_llm_agents_proposes_implements_corrects_and_reflects(tmp_pat
 
     for child in children:
         assert child.proposal.generator == f"anthropic:{PROPOSER}"
-        assert child.proposal.name in replay.sources and "screened by" in child.proposal.screening
+        assert child.proposal.name in replay.sources and "screened by" in child.proposal.screening.summary()
         attempts = child.implementation.attempts
         assert [a.passed for a in attempts] == [False, True], "the broken first draft is corrected once"
         assert "undefined_helper" in attempts[0].source and "undefined_helper" not in attempts[1].source

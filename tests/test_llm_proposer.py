@@ -132,8 +132,11 @@ def test_population_answer_becomes_a_screened_proposal_with_its_calls_on_the_eve
     assert child.rationale.startswith("Direction: remedy. ")
     assert "length:correct_shorter" in proposal_description(child).names
     compile_proposal(child)  # written the way the offline implementer reads it
-    assert child.screening.startswith("parent n001: best p+shorter (LLM screen 0.80, EI ")
-    assert "3 passed" in child.screening and f"screened by {CLAUDE} and the offline gates" in child.screening
+    assert child.screening.summary().startswith("parent n001: best p+shorter (LLM screen 0.80, EI ")
+    assert "3 passed" in child.screening.summary()
+    assert f"screened by {CLAUDE} and the offline gates" in child.screening.summary()
+    assert child.screening.winner.name == "p+shorter" and child.screening.winner.llm_score == 0.8
+    assert child.screening.parent_id == "n001" and child.screening.passed == 3
 
     assert [(c.operator, c.prompt, c.ok) for c in event.llm_calls] == [("propose", "propose@v1", True),
                                                                        ("screen", "screen@v1", True)]
@@ -154,7 +157,7 @@ def test_unknown_mechanism_with_the_offline_implementer_gets_a_repair_round(stor
 
     assert isinstance(event, EvtProposed), event
     assert event.proposal.name in ("p~clip_higher", "p+shorter")
-    assert "screened by the offline gates" in event.proposal.screening
+    assert "screened by the offline gates" in event.proposal.screening.summary()
     assert [(c.operator, c.attempt, c.ok) for c in event.llm_calls] == [("propose", 1, False), ("propose", 2, True)]
     assert "unknown mechanism 'clip:magic'" in event.llm_calls[0].error
     repair = sent_text(fake.requests[1])
@@ -197,7 +200,8 @@ def test_openai_compatible_endpoint_proposes_with_offline_screening(store):
     assert isinstance(event, EvtProposed), event
     assert event.proposal.generator == f"openai:{LOCAL}"
     assert event.proposal.name in ("p~clip_higher", "p+shorter", "p@entropy_coef=0.02")
-    assert event.proposal.screening.startswith("parent n001: best ") and "LLM screen" not in event.proposal.screening
+    assert event.proposal.screening.summary().startswith("parent n001: best ")
+    assert "LLM screen" not in event.proposal.screening.summary()
     (call,) = event.llm_calls
     assert call.provider == "openai" and call.operator == "propose" and call.ok and not call.priced
     assert fake.requests[0].body["response_format"]["type"] == "json_schema"
@@ -214,7 +218,9 @@ def test_a_proposal_the_screen_rejects_is_recorded_with_stage_and_reason(store):
     assert isinstance(event, EvtProposed), event
     assert event.proposal.name == "p+shorter"
     assert "1 passed; rejected p~clip_higher: llm_screen: feasibility 0.10: needs a value network" \
-        in event.proposal.screening
+        in event.proposal.screening.summary()
+    assert [(r.proposal_name, r.stage) for r in event.proposal.screening.rejections] == [("p~clip_higher",
+                                                                                          "llm_screen")]
 
 
 def test_with_an_llm_implementer_new_mechanisms_pass_and_skip_the_offline_gates(store):
@@ -227,9 +233,11 @@ def test_with_an_llm_implementer_new_mechanisms_pass_and_skip_the_offline_gates(
     child = event.proposal
     assert child.name == "p~median_abs_dev" and [c.attempt for c in event.llm_calls] == [1, 1]  # no repair
     assert {"name": "scale:median_abs_dev", "params": {"floor": 0.05}} in [s.model_dump() for s in child.mechanisms]
-    assert child.screening.startswith("parent n001: best p~median_abs_dev (LLM screen 0.90, not compiled offline)")
+    assert child.screening.summary().startswith(
+        "parent n001: best p~median_abs_dev (LLM screen 0.90, not compiled offline)")
     assert ("offline gates skipped for p~median_abs_dev: new mechanisms scale:median_abs_dev (the LLM coder "
-            "implements them)") in child.screening
+            "implements them)") in child.screening.summary()
+    assert child.screening.skipped["p~median_abs_dev"].startswith("new mechanisms scale:median_abs_dev")
     assert "Offline screening: not run, new mechanisms scale:median_abs_dev" in sent_text(fake.requests[1])
 
 
@@ -258,4 +266,5 @@ def test_offline_runs_keep_the_offline_population_and_make_no_calls(store):
 
     assert isinstance(event, EvtProposed), event
     assert event.proposal.generator == "offline" and event.llm_calls == []
-    assert event.proposal.screening.startswith("parent n001: best ") and "LLM" not in event.proposal.screening
+    assert event.proposal.screening.summary().startswith("parent n001: best ")
+    assert "LLM" not in event.proposal.screening.summary()

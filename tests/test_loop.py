@@ -251,7 +251,8 @@ def test_phase_one_selection_runs_the_loop_with_screened_proposals(tmp_path):
     assert_lineage_is_valid(nodes)
     children = [n for n in nodes if n.node_id != ROOT]
     assert all(n.status == NodeStatus.REFLECTED for n in children)
-    assert all(n.proposal.screening and n.proposal.screening.startswith(f"parent {n.genealogy.parent_ids[0]}")
-               for n in children)
+    assert all(n.proposal.screening and n.proposal.screening.summary().startswith(
+        f"parent {n.genealogy.parent_ids[0]}") for n in children)
+    assert all(n.proposal.screening.parent_id == n.genealogy.parent_ids[0] for n in children)
     assert len({description_key(n.proposal) for n in nodes}) == len(nodes)
     assert any((run_dir / "fingerprints").iterdir()), "fingerprints are cached with the run"

@@ -373,8 +373,12 @@ def test_fingerprint_cache_persists_definitive_results_only(fingerprints, monkey
 ])
 def test_a_forged_child_report_is_a_failure_not_a_crash(forged, monkeypatch, tmp_path):
     # The candidate shares the child's stdout: it can print a result line of its own and exit 0.
-    monkeypatch.setattr("proposer.fingerprint.run_sandboxed",
-                        lambda *a, **k: SandboxResult(returncode=0, wall_s=0.1, result=forged))
+    def forging_child(*args, report_type, **kwargs) -> SandboxResult:
+        run = SandboxResult(returncode=0, wall_s=0.1, result=None)
+        run.record_result(forged, report_type)  # what run_sandboxed does with the child's result line
+        return run
+
+    monkeypatch.setattr("proposer.fingerprint.run_sandboxed", forging_child)
     result = fingerprint_in_sandbox("x = 1", tmp_path)
     assert not result.ok and result.failure.startswith("fingerprint: ")
 

@@ -44,7 +44,10 @@ from poise.contracts import (
     Phase,
     Proposal,
     Reflection,
+    Rejection,
     RunConfig,
+    ScreeningMerits,
+    ScreeningSummary,
     SuiteResult,
     TrainingStep,
     TrainingTrajectory,
@@ -461,6 +464,27 @@ def test_node_text_of_a_failed_and_a_pending_node() -> None:
     assert "not implemented yet" in section(pending, "code")
     assert "no verification attempts recorded" in section(pending, "verification")
     assert "not evaluated yet" in section(pending, "metrics") and "not reflected yet" in section(pending, "reflection")
+
+
+def test_node_text_shows_the_screening_the_proposal_won_typed_or_as_an_old_line() -> None:
+    node = archive_nodes()["n1"]
+    screening = ScreeningSummary(
+        parent_id="n0", acquisition="ei", threshold=0.05, passed=2,
+        winner=ScreeningMerits(name="variant-n1", expected_improvement=0.012, nearest_id="n0", distance=0.31),
+        rejections=[Rejection(proposal_name="copy", stage="novelty", reason="behaves like n0 (distance 0.001)")],
+        skipped={"p~new": "new mechanisms scale:x (the LLM coder implements them)"},
+        screened_by="screened by the offline gates", parent_utility=0.4)
+    typed = node.model_copy(update={"proposal": node.proposal.model_copy(update={"screening": screening})})
+    proposal = section(render_node_text(typed), "proposal")
+    assert "screening:\n    parent n0 · 2 passed · ranked by ei · near-duplicate below distance 0.05" in proposal
+    assert "winner variant-n1: EI 0.012 · nearest n0 at 0.31" in proposal
+    assert "rejected copy at novelty: behaves like n0 (distance 0.001)" in proposal
+    assert "offline gates skipped for p~new: new mechanisms scale:x" in proposal
+    assert "screened by the offline gates" in proposal and "parent utility 0.4" in proposal
+    old = Proposal.model_validate({**node.proposal.model_dump(mode="json"), "screening": "parent n0: best x"})
+    text = render_node_text(node.model_copy(update={"proposal": old}))
+    assert "screening:\n    parent n0: best x" in section(text, "proposal")
+    assert "screening" not in section(render_node_text(node), "proposal")
 
 
 def test_node_text_lists_each_agent_llm_request_and_the_nodes_total() -> None:

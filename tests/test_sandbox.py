@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import poise
-from poise.sandbox import WATCHDOG_GRACE_S, SandboxLimits, run_sandboxed, thread_cap
+from poise.contracts import FingerprintPayload, ProbePayload, ProbeReport
+from poise.sandbox import WATCHDOG_GRACE_S, SandboxLimits, SandboxResult, run_sandboxed, thread_cap
 
 PROBE = "poise.sandbox_probe"
 LIMITS = SandboxLimits(wall_s=60.0, memory_bytes=2 << 30)
@@ -34,10 +35,15 @@ ISOLATED = _privileged()
 isolated = pytest.mark.skipif(not ISOLATED, reason="namespaces and mounts need CAP_SYS_ADMIN (root)")
 
 
+def run_probe(code: str, workdir: Path, limits: SandboxLimits = LIMITS, **payload) -> SandboxResult[ProbeReport]:
+    return run_sandboxed(PROBE, ProbePayload(code=code, **payload), workdir, limits, threads=1,
+                         report_type=ProbeReport)
+
+
 def probe(code: str, workdir: Path, limits: SandboxLimits = LIMITS, **payload) -> dict:
-    run = run_sandboxed(PROBE, {"code": textwrap.dedent(code), **payload}, workdir, limits, threads=1)
+    run = run_probe(textwrap.dedent(code), workdir, limits, **payload)
     assert run.ok, f"{run.failure_reason()}\n{run.stderr_tail}"
-    return run.result
+    return run.result.model_dump()
 
 
 @pytest.fixture
@@ -261,7 +267,7 @@ def test_the_parent_environment_does_not_reach_the_child(workdir, monkeypatch):
 
 
 def test_an_infinite_loop_is_killed_at_the_wall_deadline(workdir):
-    run = run_sandboxed(PROBE, {"code": "while True:\n    pass\n"}, workdir, SandboxLimits(wall_s=3.0), threads=1)
+    run = run_probe("while True:\n    pass\n", workdir, SandboxLimits(wall_s=3.0))
     assert run.timed_out and not run.ok and run.result is None
     assert 3.0 <= run.wall_s < 3.0 + WATCHDOG_GRACE_S
     assert "deadline" in run.failure_reason()
@@ -271,12 +277,12 @@ def test_the_stall_deadline_spares_a_child_that_reports_progress_and_kills_a_sil
     limits = SandboxLimits(wall_s=60.0, stall_s=2.0)
     ticking = "import time\nfrom poise.sandbox import emit\nfor i in range(6):\n    emit({'tick': i})\n" \
               "    time.sleep(0.8)\nresult = 'done'\n"
-    run = run_sandboxed(PROBE, {"code": ticking}, workdir, limits, threads=1)
-    assert run.ok and run.result["result"] == "done" and [e["tick"] for e in run.events] == list(range(6))
+    run = run_probe(ticking, workdir, limits)
+    assert run.ok and run.result.result == "done" and [e["tick"] for e in run.events] == list(range(6))
     assert run.wall_s > 4.0 and not run.stalled  # longer than the stall deadline, in steps shorter than it
     silent = "import sys, time\nprint('a stray line is not progress', file=sys.__stdout__, flush=True)\n" \
              "time.sleep(50)\n"
-    run = run_sandboxed(PROBE, {"code": silent}, tmp_path / "silent", limits, threads=1)
+    run = run_probe(silent, tmp_path / "silent", limits)
     assert run.timed_out and run.stalled and not run.ok and run.result is None
     assert run.wall_s < 2.0 + 30.0  # not the 60 s wall deadline (the rest: starting the child, the grace)
     assert run.failure_reason().startswith("killed after 2 s without progress")
@@ -302,7 +308,7 @@ def test_forks_that_leave_the_process_group_do_not_outlive_the_sandbox(workdir, 
                 time.sleep(1)
         """
     limits = SandboxLimits(wall_s=3.0 if ending == "deadline" else 60.0)
-    run = run_sandboxed(PROBE, {"code": textwrap.dedent(code), "ending": ending}, workdir, limits, threads=1)
+    run = run_probe(textwrap.dedent(code), workdir, limits, ending=ending)
     assert run.timed_out == (ending == "deadline")
     beats = (workdir / "beat").read_text()
     assert len(beats) >= 3  # the fork did run
@@ -382,10 +388,27 @@ def test_a_dead_fork_server_is_replaced(workdir, tmp_path, monkeypatch):
 
 
 def test_the_exit_status_and_errors_come_back_through_the_fork_server(workdir, tmp_path):
-    run = run_sandboxed("poise.no_such_harness", {}, workdir, LIMITS, threads=1)
+    run = run_sandboxed("poise.no_such_harness", ProbePayload(code=""), workdir, LIMITS, threads=1,
+                        report_type=ProbeReport)
     assert run.returncode == 1 and "No module named" in run.stderr_tail
-    run = run_sandboxed(PROBE, {"code": "import os\nos._exit(3)"}, tmp_path / "exit", LIMITS, threads=1)
+    run = run_probe("import os\nos._exit(3)", tmp_path / "exit")
     assert run.returncode == 3 and "status 3" in run.failure_reason()
+
+
+def test_a_result_that_is_not_the_report_type_fails_the_run_with_the_reason(workdir):
+    # The candidate shares the child's process: it can print a result line of its own and exit 0.
+    run = run_probe("import os\nfrom poise.sandbox import emit\nemit({'result': {'notes': 5}})\nos._exit(0)", workdir)
+    assert run.returncode == 0 and not run.ok and run.result is None
+    assert run.malformed.startswith("not a valid ProbeReport (notes: ")
+    assert run.failure_reason().startswith("the child's result is malformed: not a valid ProbeReport")
+
+
+def test_a_payload_that_is_not_the_childs_type_ends_it_before_anything_runs(workdir):
+    run = run_sandboxed(PROBE, FingerprintPayload(source="x = 1"), workdir, LIMITS, threads=1,
+                        report_type=ProbeReport)
+    assert run.returncode == 2 and not run.ok
+    assert run.failure_reason() == ("child exited with status 2 without a result: sandbox: the payload is not a "
+                                    "valid ProbePayload (code: Field required)")
 
 
 def test_when_the_parent_dies_the_fork_server_and_its_children_go_too(tmp_path):
@@ -394,9 +417,11 @@ def test_when_the_parent_dies_the_fork_server_and_its_children_go_too(tmp_path):
     script = textwrap.dedent(f"""
         import sys, textwrap
         from pathlib import Path
+        from poise.contracts import ProbePayload, ProbeReport
         from poise.sandbox import SandboxLimits, run_sandboxed
         code = "import time\\nwhile True:\\n    open('beat', 'a').write('.')\\n    time.sleep(0.05)\\n"
-        run_sandboxed({PROBE!r}, {{"code": code}}, Path(sys.argv[1]), SandboxLimits(wall_s=120), threads=1)
+        run_sandboxed({PROBE!r}, ProbePayload(code=code), Path(sys.argv[1]), SandboxLimits(wall_s=120), threads=1,
+                      report_type=ProbeReport)
         """)
     work, temp = tmp_path / "work", tmp_path / "temp"
     temp.mkdir()

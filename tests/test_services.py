@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 
 from app.serve import HttpServer, build_app, bus_check, serve, store_check
 from archive.api import NOT_FOUND_HEADER, archive_router, store_unavailable
-from archive.runs import RunRefused, resolve_run
 from archive.client import ArchiveClient, ReadOnlyArchive
+from archive.runs import RunRefused, resolve_run
 from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
 from poise.bus import InProcBus
@@ -43,6 +43,7 @@ from poise.contracts import (
     Phase,
     Proposal,
     RunConfig,
+    RunRequest,
     SuiteResult,
     TrainingStep,
     TrainingTrajectory,
@@ -204,9 +205,8 @@ def test_a_store_failure_is_a_503_not_a_crash(store: SQLiteStore):
 def test_post_runs_starts_a_run_and_refuses_conflicts_with_409(store: SQLiteStore):
     started: list[RunConfig] = []
 
-    def start_run(config: RunConfig) -> RunConfig:
-        given = config.model_dump(mode="json", include=config.model_fields_set)
-        resolved = resolve_run(store, config.run_id, given, Backends(bus="nats"))
+    def start_run(request: RunRequest) -> RunConfig:
+        resolved = resolve_run(store, request.run_id, request.given(), Backends(bus="nats"))
         started.append(resolved)
         return resolved
 
@@ -220,6 +220,26 @@ def test_post_runs_starts_a_run_and_refuses_conflicts_with_409(store: SQLiteStor
     assert conflict.status_code == 409 and "seed=0 (asked 7)" in conflict.json()["detail"]
     assert client.post("/api/runs", json={"run_id": "bad id!"}).status_code == 422
     assert [c.budget for c in started] == [2, 5]
+
+
+def test_post_runs_refuses_a_field_a_client_may_not_set_with_a_clear_422(store: SQLiteStore):
+    asked: list[RunRequest] = []
+    client = TestClient(api_app(store, lambda request: asked.append(request) or RunConfig(run_id=request.run_id)))
+    for body, problem in [
+        ({"run_id": "r", "budjet": 2}, "budjet: Extra inputs are not permitted"),
+        ({"run_id": "r", "protocol_sha256": "0" * 64}, "protocol_sha256: Extra inputs are not permitted"),
+        ({"run_id": "r", "objective": {"kind": "length", "tolerance": 0.1}}, "objective.tolerance: Extra inputs"),
+        ({"run_id": "r", "budget": 0}, "budget: Input should be greater than or equal to 1"),
+        ({"budget": 2}, "run_id: Field required"),
+    ]:
+        response = client.post("/api/runs", json=body)
+        detail = response.json()["detail"]
+        assert response.status_code == 422 and detail.startswith("not a valid run request: ") and problem in detail
+        assert "a client may set budget, parallel, " in detail and detail.endswith("run_id; see RunRequest in "
+                                                                                   "poise/contracts.py)")
+    assert asked == []
+    assert client.post("/api/runs", json={"run_id": "r", "seed": 3}).status_code == 202
+    assert asked[0].given() == {"seed": 3} and asked[0].run_id == "r"
 
 
 def test_post_runs_is_absent_from_a_read_only_api(store: SQLiteStore):

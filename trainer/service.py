@@ -7,13 +7,11 @@ fresh-seed replicate); the checkpoint URI in the trajectory points there.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from poise.bus import Bus
-from poise.contracts import EvtTrained, TrainingStep, WorkTrain
+from poise.contracts import EvtTrained, SandboxLimits, TrainingStep, WorkTrain
 from poise.metrics import ABORTED, FAILED, METRICS, OK, observed
-from poise.sandbox import SandboxLimits
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import Protocol, get_protocol
 from poise.timing import PhaseClock
@@ -37,7 +35,7 @@ class TrainerService:
         """`training_limits(protocol)`, its hard wall deadline replaced by the service's `wall_s` when set (the
         stall deadline stays: a hung candidate still dies without waiting for the wall)."""
         limits = training_limits(protocol)
-        return limits if self.wall_s is None else replace(limits, wall_s=self.wall_s)
+        return limits if self.wall_s is None else limits.model_copy(update={"wall_s": self.wall_s})
 
     @observed("train")
     def handle(self, work: WorkTrain) -> str:

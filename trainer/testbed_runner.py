@@ -6,8 +6,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from poise.contracts import TrainingStep, TrainingTrajectory
-from poise.sandbox import SandboxLimits, run_sandboxed
+from pydantic import ValidationError
+
+from poise.contracts import (
+    SandboxLimits,
+    TrainingStep,
+    TrainingTrajectory,
+    TrainPayload,
+    TrainReport,
+    TrainStepEvent,
+)
+from poise.sandbox import run_sandboxed
 from poise.testbed.protocol import Protocol
 from poise.testbed.training import CHECKPOINT_NAME
 
@@ -54,18 +63,20 @@ def train_candidate(
     """Train `source` under `protocol` in the sandbox; the checkpoint lands in workdir/policy. Default limits:
     `training_limits`."""
     limits = limits or training_limits(protocol)
-    payload = {"protocol": protocol.as_dict(), "seed": seed, "source": source, "name": name,
-               "base_path": str(base_path.resolve()), "out_dir": str(workdir.resolve())}
+    payload = TrainPayload(protocol=protocol.as_dict(), seed=seed, source=source, name=name,
+                           base_path=base_path.resolve(), out_dir=workdir.resolve())
 
     def forward(event: dict) -> None:
-        if on_step and "step" in event:
-            on_step(TrainingStep.model_validate(event["step"]))
+        step = _step_of(event)
+        if on_step and step is not None:
+            on_step(step)
 
-    run = run_sandboxed(CHILD_MODULE, payload, workdir, limits, threads=protocol.threads, on_event=forward)
-    result = run.result or {}
-    notes = list(result.get("isolation", []))
-    if run.ok and result.get("status") == "ok":
-        trajectory = TrainingTrajectory.model_validate(result["trajectory"])
+    run = run_sandboxed(CHILD_MODULE, payload, workdir, limits, threads=protocol.threads, on_event=forward,
+                        report_type=TrainReport)
+    report = run.result
+    notes = list(report.isolation) if report is not None else []
+    if run.ok and report is not None and report.trajectory is not None:
+        trajectory = report.trajectory
         expected = (workdir / CHECKPOINT_NAME).resolve()
         if Path(trajectory.checkpoint_uri or "").resolve() != expected:
             trajectory.checkpoint_uri = None
@@ -73,9 +84,18 @@ def train_candidate(
                                 isolation_notes=notes, wall_s=run.wall_s)
         return TrainOutcome(trajectory, isolation_notes=notes, wall_s=run.wall_s)
     # Failed: keep the curve up to the failure, without a checkpoint.
-    steps = [TrainingStep.model_validate(e["step"]) for e in run.events if "step" in e]
-    reason = result["reason"] if result.get("status") in ("candidate_error", "error") else run.failure_reason()
+    steps = [step for step in map(_step_of, run.events) if step is not None]
+    reason = report.reason if report is not None and report.reason else run.failure_reason()
     partial = TrainingTrajectory(protocol=protocol.name, seed=seed, steps=steps, aborted=True, abort_reason=reason,
                                  wall_s=run.wall_s)
-    detail = str(result.get("traceback") or run.stderr_tail)[-4000:]
+    detail = ((report.traceback if report is not None else None) or run.stderr_tail)[-4000:]
     return TrainOutcome(partial, reason, detail=detail, isolation_notes=notes, wall_s=run.wall_s)
+
+
+def _step_of(event: dict) -> TrainingStep | None:
+    """The step a progress line of the child reports; None for any other line (the candidate shares the child's
+    process, so a line that does not validate is ignored, never trusted)."""
+    try:
+        return TrainStepEvent.model_validate(event).step
+    except ValidationError:
+        return None
