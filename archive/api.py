@@ -2,9 +2,10 @@
 
     GET  /api/runs                                        every run's RunConfig, oldest first
     POST /api/runs                                        start or resume a run (body: RunRequest); 202
-    GET  /api/runs/{run_id}                               {"config": RunConfig, "status": run_status(...)}
+    GET  /api/runs/{run_id}                               {"config": RunConfig, "status": RunStatus}
     GET  /api/runs/{run_id}/config                        RunConfig
     GET  /api/runs/{run_id}/counts                        {status: number of nodes} for every status
+    GET  /api/runs/{run_id}/counters                      RunCounters (counts, evaluated, spend, ...)
     GET  /api/runs/{run_id}/nodes[?status=evaluated]      the run's nodes in insertion order
     GET  /api/runs/{run_id}/nodes/{node_id}               one Node
     GET  /api/runs/{run_id}/nodes/{node_id}/children      the nodes bred from it
@@ -36,7 +37,7 @@ from pydantic import BaseModel
 
 from archive.runs import RunRefused
 from archive.status import run_status
-from poise.contracts import Node, NodeStatus, RunConfig, RunRequest, validation_problems
+from poise.contracts import Node, NodeStatus, RunConfig, RunCounters, RunRequest, RunStatus, validation_problems
 from poise.store import ArchiveError, ArchiveStore
 
 NOT_FOUND_HEADER = "X-Poise-Not-Found"
@@ -49,7 +50,7 @@ class RunView(BaseModel):
     """A run as the API shows it: its configuration and where it stands (archive/status.py)."""
 
     config: RunConfig
-    status: dict[str, Any]
+    status: RunStatus
 
 
 def finite(value: Any) -> Any:
@@ -148,6 +149,11 @@ def archive_router(store: ArchiveStore, start_run: Callable[[RunRequest], RunCon
     def get_counts(run_id: str) -> Response:
         config_of(run_id)
         return respond({status.value: n for status, n in store.counts(run_id).items()})
+
+    @router.get("/runs/{run_id}/counters", response_model=RunCounters)
+    def get_counters(run_id: str, nonfinite: Nonfinite = "null") -> Response:
+        config_of(run_id)
+        return respond(store.counters(run_id), nonfinite)
 
     @router.get("/runs/{run_id}/nodes", response_model=list[Node])
     def list_nodes(run_id: str, status: NodeStatus | None = None, nonfinite: Nonfinite = "null") -> Response:

@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from poise.agents import Agents, archived_llm_usd, default_agents
+from poise.agents import Agents, default_agents
 from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtProposed, Failure, Node, Phase, Proposal, RunConfig, WorkPropose
 from poise.description.proposals import description_key
@@ -110,7 +110,7 @@ class ProposerService:
         from proposer.selection import UtilityGP
 
         nodes = self.archive.nodes(work.run_id)
-        spent = archived_llm_usd(nodes)
+        spent = self.archive.counters(work.run_id).llm_usd  # kept by the archive: no pass over the nodes
         proposer = self.agents.client(config, "propose", spent_usd=spent)
         screener = self.agents.client(config, "screen", spent_usd=spent)
         context = build_context(parent, nodes, config)

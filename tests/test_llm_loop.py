@@ -151,6 +151,6 @@ def test_a_run_with_llm_agents_proposes_implements_corrects_and_reflects(tmp_pat
     assert corrections and "NameError" in str(corrections[0].body["messages"])
     # The long stable context (interface, library, priors) is sent as cacheable system blocks and read back.
     assert any("cache_control" in block for r in requests for block in r.body.get("system", []))
-    assert summary.status["llm"]["calls"] == sum(len(n.llm_calls) for n in nodes.values())
-    assert summary.status["llm"]["usd"] == pytest.approx(sum(n.cost.llm_usd for n in nodes.values()))
-    assert summary.status["llm"]["usd"] < config.llm_budget_usd
+    assert summary.status.llm.calls == sum(len(n.llm_calls) for n in nodes.values())
+    assert summary.status.llm.usd == pytest.approx(sum(n.cost.llm_usd for n in nodes.values()))
+    assert summary.status.llm.usd < config.llm_budget_usd

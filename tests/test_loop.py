@@ -58,7 +58,7 @@ def finished_run(tmp_path_factory):
 def test_a_tiny_run_grows_six_fully_documented_candidates(finished_run):
     run_dir, summary, nodes = finished_run
     children = [n for n in nodes if n.node_id != ROOT and n.status == NodeStatus.REFLECTED]
-    assert len(children) >= 6 and summary.status["budget"]["evaluated"] == 6
+    assert len(children) >= 6 and summary.status.budget.evaluated == 6
     for node in [n for n in nodes if n.status == NodeStatus.REFLECTED]:
         z, rho, tau, y, r = node.proposal, node.implementation, node.trajectory, node.evaluation, node.reflection
         assert z.rationale and z.mechanisms
@@ -75,12 +75,12 @@ def test_the_root_is_trained_with_several_seeds_and_the_best_is_confirmed(finish
     run_dir, summary, nodes = finished_run
     root = next(n for n in nodes if n.node_id == ROOT)
     assert [r.seed for r in root.replicates] == [replicate_seed(5, 1)]
-    best = summary.status["best"]
-    assert best is not None and best["seeds"] >= 2 and len(best["interval"]) == 2
+    best = summary.status.best
+    assert best is not None and best.seeds >= 2 and len(best.interval) == 2
     confirmed = [n for n in nodes if n.node_id != ROOT and n.replicates]
     assert 1 <= len(confirmed) <= 2
     assert all(sorted(r.seed for r in n.replicates) == [1005, 2005] for n in confirmed)
-    assert "GRPO" in best["verdict"]
+    assert "GRPO" in best.verdict
 
 
 def test_status_show_and_report_read_the_run(finished_run, capsys):
@@ -167,7 +167,7 @@ def test_a_run_killed_with_sigkill_resumes_with_no_node_lost_or_duplicated(tmp_p
     assert_lineage_is_valid(nodes)
     assert len({description_key(n.proposal) for n in nodes}) == len(nodes)
     children = [n for n in nodes if n.node_id != ROOT]
-    assert status["budget"]["evaluated"] == 1 and len(children) == 1, [n.status for n in children]
+    assert status.budget.evaluated == 1 and len(children) == 1, [n.status for n in children]
     assert all(n.status == NodeStatus.REFLECTED for n in nodes)
 
 
@@ -233,7 +233,7 @@ def test_hostile_candidates_are_stopped_recorded_and_the_loop_goes_on(tmp_path, 
     assert "Read-only file system" in kinds["escape"] or "Permission denied" in kinds["escape"]
     assert not escape.exists()
     assert all(n.failure.phase == "implement" for n in failed)
-    assert summary.status["budget"]["evaluated"] == 1  # the loop went on to a real candidate
+    assert summary.status.budget.evaluated == 1  # the loop went on to a real candidate
     everything = [(run_dir / "archive.db").read_bytes(), (run_dir / "run.log").read_bytes(), "".join(log).encode()]
     everything += [p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".db-wal", ".log")]
     assert not any(SECRET.encode() in blob for blob in everything)
@@ -247,7 +247,7 @@ def test_phase_one_selection_runs_the_loop_with_screened_proposals(tmp_path):
                               parent_selection="poise"), run_dir)
     with SQLiteStore.in_run_dir(run_dir) as store:
         nodes = store.nodes("phase1")
-    assert summary.stop_reason == "budget reached" and summary.status["budget"]["evaluated"] == 1
+    assert summary.stop_reason == "budget reached" and summary.status.budget.evaluated == 1
     assert_lineage_is_valid(nodes)
     children = [n for n in nodes if n.node_id != ROOT]
     assert all(n.status == NodeStatus.REFLECTED for n in children)

@@ -264,9 +264,10 @@ def test_the_client_reads_exactly_what_the_store_holds(api: str, store: SQLiteSt
         assert [n.node_id for n in client.nodes(RUN, NodeStatus.PROPOSED)] == ["n002"]
         assert [n.node_id for n in client.children(RUN, "n000")] == ["n001", "n002"]
         assert client.counts(RUN) == store.counts(RUN)
+        assert client.counters(RUN) == store.counters(RUN) and client.counters(RUN).evaluated == 1
         # the store contract for unknown ids: empty lists and zero counts, not errors
         assert client.nodes("nope") == [] and client.children(RUN, "n999") == []
-        assert set(client.counts("nope").values()) == {0}
+        assert set(client.counts("nope").values()) == {0} and set(client.counters("nope").counts.values()) == {0}
     finally:
         client.close()
 
