@@ -15,7 +15,7 @@ from typing import Any
 from archive.runs import resolve_run
 from archive.service import ArchiveService
 from poise.bus import Bus
-from poise.contracts import Backends, Message, RunConfig
+from poise.contracts import Backends, Message, RunConfig, RunRequest
 from poise.metrics import METRICS
 from poise.store import ArchiveStore
 
@@ -36,10 +36,9 @@ class ArchiveHost:
         self.runs: dict[str, ArchiveService] = {}
         self._pending: queue.SimpleQueue[RunConfig] = queue.SimpleQueue()
 
-    def request(self, config: RunConfig) -> RunConfig:
+    def request(self, request: RunRequest) -> RunConfig:
         """POST /api/runs: store the run now (refusing conflicts), start it on the loop thread soon."""
-        given = config.model_dump(mode="json", include=config.model_fields_set)
-        resolved = resolve_run(self.store, config.run_id, given, self.backends)
+        resolved = resolve_run(self.store, request.run_id, request.given(), self.backends)
         self._pending.put(resolved)
         return resolved
 
