@@ -24,6 +24,7 @@ from archive.update import ArchiveUpdater, Outcome, UpdateResult, next_work
 from poise.bus import Bus
 from poise.contracts import (
     ROOT_ID,
+    EvtEvaluated,
     EvtFailed,
     EvtProposed,
     Failure,
@@ -73,6 +74,13 @@ def dead_letter_failure(message: Message, reason: str) -> EvtFailed | None:
                      replicate=getattr(message, "replicate", 0), failure=failure)
 
 
+def evaluation_clock(nodes: list[Node]) -> int:
+    """The run's evaluation clock from its stored nodes: the highest `archive_seq`, or the number of evaluations
+    when some were stored before stamps existed (their stamp-less evaluations stay visible to every request)."""
+    evaluations = [e for n in nodes for e in ((n.evaluation,) if n.evaluation else ()) + tuple(n.replicates)]
+    return max([len(evaluations), *(e.archive_seq or 0 for e in evaluations)])
+
+
 class ArchiveService:
     def __init__(self, bus: Bus, store: ArchiveStore, config: RunConfig,
                  on_result: Callable[[Message, UpdateResult], None] | None = None) -> None:
@@ -80,6 +88,7 @@ class ArchiveService:
         self.store = store
         self.config = config
         self.updater = ArchiveUpdater(store)
+        self._evaluations: int | None = None  # the run's stored evaluations, the clock of `Evaluation.archive_seq`
         self.state = RunState(proposals={}, replicates=set(), replicate_tries=Counter())
         self.on_result = on_result
         self.backend = backend_name(store)
@@ -93,6 +102,7 @@ class ArchiveService:
     def start(self) -> int:
         """Publish the root or the work every stored node waits for; returns how many nodes are resumed."""
         nodes = self.store.nodes(self.run_id)
+        self._evaluations = evaluation_clock(nodes)
         if not nodes:
             proposal = root_proposal().model_copy(update={"directive": self.config.objective.directive})
             self.bus.publish(EvtProposed(run_id=self.run_id, node_id=ROOT_ID, proposal=proposal))
@@ -108,7 +118,10 @@ class ArchiveService:
     @observed("update")
     def handle(self, event: Message) -> str:
         """Apply one event, publish what follows, and refill the pipeline."""
+        event = self._stamped(event)
         result = self.updater.apply(event)
+        if isinstance(event, EvtEvaluated) and result.outcome == Outcome.APPLIED:
+            self._evaluations = event.evaluation.archive_seq
         self._settle(event, result)
         for work in result.next_work:
             self.bus.publish(work)
@@ -117,6 +130,15 @@ class ArchiveService:
         self.pump()
         self._observe(event, result)
         return METRIC_OUTCOME[result.outcome]
+
+    def _stamped(self, event: Message) -> Message:
+        """An evaluation gets the next tick of the run's evaluation clock (kept only if the event applies)."""
+        if not isinstance(event, EvtEvaluated):
+            return event
+        if self._evaluations is None:  # handle() before start(): read the clock once
+            self._evaluations = evaluation_clock(self.store.nodes(self.run_id))
+        evaluation = event.evaluation.model_copy(update={"archive_seq": self._evaluations + 1})
+        return event.model_copy(update={"evaluation": evaluation})
 
     def dead_letter(self, message: Message, reason: str) -> None:
         """A message no handler could process: its node fails in that phase (NATS dead-letter equivalent)."""
@@ -196,7 +218,8 @@ class ArchiveService:
                and in_flight < self.config.parallel):
             node_id = f"n{next_number:03d}"
             # The proposer chooses the parent (lineage prioritization is part of the proposal operator).
-            work = WorkPropose(run_id=self.run_id, node_id=node_id, attempt=1 + self.state.propose_failures)
+            work = WorkPropose(run_id=self.run_id, node_id=node_id, attempt=1 + self.state.propose_failures,
+                               as_of=self._evaluations)
             self.state.proposals[node_id] = work
             self.bus.publish(work)
             next_number += 1

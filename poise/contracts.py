@@ -428,6 +428,9 @@ class Evaluation(Contract):
     seed: int
     utility: float | None = None
     constraints_satisfied: bool | None = None
+    archive_seq: int | None = Field(None, ge=1, description="stamped by the archive when it stores the evaluation: "
+                                    "how many evaluations (replicates included) the run held then; lineage "
+                                    "prioritization reads the archive as of a request's `as_of` by it")
 
     @model_validator(mode="after")
     def _check_suite_keys(self) -> Evaluation:
@@ -890,6 +893,8 @@ class WorkPropose(Message):
 
     subject: ClassVar[str] = "work.propose"
     parent_ids: list[Id] = Field(default_factory=list, description="empty: the proposer chooses the parent")
+    as_of: int | None = Field(None, ge=0, description="the run's stored evaluations when the archive asked: the "
+                              "proposer chooses the parent from the archive as it stood then (Evaluation.archive_seq)")
     round: int = Field(0, ge=0)
 
 

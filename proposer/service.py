@@ -89,7 +89,7 @@ class ProposerService:
         if work.parent_ids:
             return self.archive.get_node(work.run_id, work.parent_ids[0])
         try:
-            return choose_parent(self.archive.nodes(work.run_id), config, work.node_id)
+            return choose_parent(self.archive.nodes(work.run_id), config, work.node_id, work.as_of)
         except ValueError as err:
             log.warning("%s: no parent: %s", work.node_id, err)
             return None
