@@ -57,8 +57,8 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long the current handler may finish")
     verify_wall_s: float = Field(120.0, gt=0, description="implementer: wall limit of one sandboxed verification")
     train_wall_s: float | None = Field(None, gt=0, description="trainer: wall limit of one sandboxed training run "
-                                                               "(default: trainer/testbed_runner.py training_limits, 30 s per "
-                                                               "protocol step + 300 s)")
+                                       "(default: trainer/testbed_runner.py training_limits, 30 s per protocol step "
+                                       "+ 300 s)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     run_id: str | None = Field(None, description="archive: the run to start or resume at start-up")
