@@ -21,7 +21,7 @@ def test_bench_archive_writes_a_report_for_each_size_and_backend(tmp_path: Path)
     for backend in ("sqlite", "mongomock"):
         measured = entry[backend]
         assert measured["nodes"] == 50 and measured["document_bytes"] > 20_000 and measured["depth"] >= 4
-        assert set(measured["per_event"]) == {"all", *EVENT_KINDS}
+        assert set(measured["per_event"]) == {"start_s", "all", *EVENT_KINDS}
         assert measured["per_event"]["all"]["n"] == 9 and measured["per_event"]["all"]["median_ms"] > 0
         assert measured["run_status"]["n"] == 3
     greedy = entry["selection"]["greedy"]
