@@ -11,7 +11,6 @@ Run it alone on the machine: contention changes timings several-fold (never the 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import platform
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from scipy import stats
 
+from app.reports import invoked_command, write_json_report
 from evaluator.testbed import evaluate_checkpoint
 from poise.algorithms import REFERENCE_ALGORITHMS
 from poise.testbed.checkpoints import base_checkpoint
@@ -174,7 +174,7 @@ def bench_testbed(protocol: Protocol, seeds: int, algorithms: Sequence[str], jso
                   workdir: Path | None = None, log=print) -> dict:
     base = base_checkpoint(protocol.base_checkpoint)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="poise-bench-"))
-    report: dict = {"command": " ".join(["poise", *sys.argv[1:]]), "protocol": protocol.as_dict(),
+    report: dict = {"command": invoked_command(), "protocol": protocol.as_dict(),
                     "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                 "threads": protocol.threads, "platform": platform.platform()},
                     "seeds": list(range(seeds))}
@@ -208,9 +208,7 @@ def bench_testbed(protocol: Protocol, seeds: int, algorithms: Sequence[str], jso
                 f"eval {record['eval_s']:.0f} s" + (f"  [{record['abort_reason']}]" if record["aborted"] else ""))
             report["algorithms"] = {n: _arm_report(runs) for n, runs in arms.items()}
             report.update(summarize(arms, report["base"]["overall"]))
-            if json_path:
-                json_path.parent.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps(report, indent=1))
+            write_json_report(json_path, report)
     return report
 
 
@@ -267,7 +265,7 @@ def bench_search(seeds: Sequence[int], budget: int = 45, selectors: Sequence[str
     selectors = tuple(selectors or SELECTORS)
     started = time.perf_counter()
     results = compare(seeds, budget, selectors)
-    report: dict = {"command": " ".join(["poise", *sys.argv[1:]]), "seeds": list(seeds), "budget": budget,
+    report: dict = {"command": invoked_command(), "seeds": list(seeds), "budget": budget,
                     "selectors": {}, "pairs": []}
     for metric in ("best_true", "reported_true"):
         values = {name: [getattr(run, metric) for run in runs] for name, runs in results.items()}
@@ -293,9 +291,7 @@ def _finish(report: dict, started: float, markdown, json_path: Path | None, log)
     """Stamp the wall time, log the report as markdown and write it as JSON when asked."""
     report["wall_s"] = time.perf_counter() - started
     log(markdown(report))
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=1))
+    write_json_report(json_path, report)
     return report
 
 
@@ -324,7 +320,7 @@ def bench_search_ablation(seeds: Sequence[int], budget: int = 45, json_path: Pat
         log(f"{selector} + {proposer}: {len(runs)} worlds, {time.perf_counter() - started:.0f} s so far")
         arms[f"{selector}+{proposer}"] = {metric: [getattr(run, metric) for run in runs]
                                           for metric in ("best_true", "reported_true")}
-    report: dict = {"command": " ".join(["poise", *sys.argv[1:]]), "seeds": list(seeds), "budget": budget,
+    report: dict = {"command": invoked_command(), "seeds": list(seeds), "budget": budget,
                     "arms": {}, "pairs": []}
     for name, metrics in arms.items():
         report["arms"][name] = {metric: {"mean": statistics.fmean(values),
@@ -437,7 +433,7 @@ def selector_search(selector: str, budget: int, search_seeds: int, first_seed: i
                   if any(i < len(c) and c[i] is not None for c in curves) else None
                   for i in range(max(map(len, curves), default=0))]
     best = [e["best_utility"] for e in per_seed]
-    return {"command": " ".join(["poise", *sys.argv[1:]]), "selector": selector, "budget": budget,
+    return {"command": invoked_command(), "selector": selector, "budget": budget,
             "search_seeds": search_seeds, "seeds": seeds, "landscape": landscape,
             "protocol": protocol if landscape == "testbed" else None,
             "best_utility": best, "best_utility_mean": statistics.fmean(best),

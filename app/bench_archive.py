@@ -34,6 +34,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from app.reports import invoked_command, write_json_report
 from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
 from archive.status import run_status
@@ -362,7 +363,7 @@ def bench_archive(sizes: Sequence[int] = DEFAULT_SIZES, backends: Sequence[str] 
                   selections: Sequence[str] = SELECTIONS, selection_timeout_s: float = 600.0,
                   json_path: Path | None = None, log: Callable[[str], None] = print) -> dict:
     """The report: per size, per backend, the build, per-event and status timings; parent selection on SQLite."""
-    report: dict = {"command": " ".join(["poise", *sys.argv[1:]]), "python": platform.python_version(),
+    report: dict = {"command": invoked_command(), "python": platform.python_version(),
                     "machine": platform.machine(), "live_events_per_kind": live, "sizes": {}}
     for size in sizes:
         entry: dict = {}
@@ -376,8 +377,7 @@ def bench_archive(sizes: Sequence[int] = DEFAULT_SIZES, backends: Sequence[str] 
                                                                                    selection_timeout_s)
                         log(f"sqlite {size}: choose_parent {selection}: {result}")
         report["sizes"][str(size)] = entry
-        if json_path is not None:
-            json_path.write_text(json.dumps(report, indent=1))
+        write_json_report(json_path, report)
     return report
 
 

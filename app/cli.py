@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from app.reports import invoked_command, write_json_report
 from poise.algorithm import check_passed, describe_problems, structural_check
 from poise.algorithms import REFERENCE_ALGORITHMS
 from poise.contracts import Backends, BestStatus, Objective, RootStatus, RunConfig
@@ -278,7 +279,7 @@ def cmd_bench_sampler(args: argparse.Namespace) -> int:
     from poise.testbed.protocol import get_protocol
 
     protocol = get_protocol(args.protocol)
-    report = {"command": " ".join(["poise", *sys.argv[1:]]),
+    report = {"command": invoked_command(),
               **sampler_speedup(base_checkpoint(protocol.base_checkpoint), protocol, repeats=args.repeats)}
     for label in ("sampled", "greedy"):
         timing = report[label]
@@ -286,8 +287,7 @@ def cmd_bench_sampler(args: argparse.Namespace) -> int:
               f"(best of {report['repeats']}), speedup {timing['speedup']:.2f}x (median of the paired ratios; "
               f"best-of {timing['speedup_best_of']:.2f}x, of medians {timing['speedup_of_medians']:.2f}x; "
               f"{report['rows']} rows, up to {report['max_new_tokens']} tokens)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    write_json_report(args.json, report)
     return 0
 
 
@@ -302,12 +302,11 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         config = RunConfig(run_id="bench-loop", budget=args.budget, protocol=args.protocol, seed=args.seed,
                            root_seeds=args.root_seeds, replicate_seeds=args.replicate_seeds, parallel=1)
         summary = run(config, Path(tmp), stream=sys.stdout)
-    report = {"command": " ".join(["poise", *sys.argv[1:]]), **summary.as_dict()}
+    report = {"command": invoked_command(), **summary.as_dict()}
     print(f"wall {summary.wall_s:.1f} s, phase work {summary.work_s:.1f} s "
           f"({', '.join(f'{k} {v:.1f} s' for k, v in summary.phase_seconds.items())}), "
           f"orchestration overhead {summary.wall_s - summary.work_s:.2f} s = {100 * summary.overhead_fraction:.2f}%")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    write_json_report(args.json, report)
     return 0
 
 
@@ -331,9 +330,7 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
           + (f" ± {report['best_utility_sd']:.4f} (SD over searches)" if report["best_utility_sd"] else "")
           + (f"; mean best-found after 0/{len(curve) // 2}/{len(curve) - 1} children: "
              + " / ".join(f"{curve[i]:.4f}" for i in (0, len(curve) // 2, len(curve) - 1)) if curve else ""))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    write_json_report(args.json, report)
     return 0
 
 

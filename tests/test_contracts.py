@@ -281,6 +281,28 @@ def make_train_report() -> contracts.TrainReport:
     return contracts.TrainReport(status="ok", trajectory=make_trajectory(), isolation=["no seccomp filter (EPERM)"])
 
 
+def make_run_status() -> contracts.RunStatus:
+    """Where a run stands, every optional part present (archive/status.py builds these)."""
+    spend = contracts.OperatorSpend(calls=3, failed=1, unpriced=0, usd=0.042)
+    return contracts.RunStatus(
+        run_id=RUN, protocol="tb-v1", seed=0,
+        counts={status: i for i, status in enumerate(NodeStatus)},
+        budget=contracts.BudgetStatus(total=64, evaluated=12, parallel=3), depth=4,
+        root=contracts.RootStatus(node_id="n000", status=NodeStatus.REFLECTED, scores=[0.41, 0.43, 0.40], mean=0.413,
+                                  sd=0.015, n=3, ci_low=0.375, ci_high=0.451),
+        objective=contracts.ObjectiveStatus(kind="length", accuracy_tolerance=0.01, description="shorter answers"),
+        best=contracts.BestStatus(node_id="n007", name="VM-AV-GRPO", mechanisms=["scale:analytic_variance"],
+                                  utility=0.45, interval=(0.42, 0.48), seeds=3, scores=[0.44, 0.46, 0.45],
+                                  selection_score=0.47, confirmed=True, gain_over_root=0.037, p_vs_root=0.01,
+                                  verdict="better than GRPO (Welch p = 0.010)", overall=0.45, mean_length=88.5,
+                                  constraints_satisfied=True),
+        leader=contracts.LeaderStatus(node_id="n009", name="grpo+kl", utility=0.47, seeds=1),
+        llm=contracts.LlmSpendStatus(agents={"propose": "anthropic:m"}, calls=3, usd=0.042, unpriced_calls=0,
+                                     cap_usd=20.0, per_operator={"propose": spend}),
+        constraints=contracts.ConstraintsStatus(satisfied=["n007"], violated=["n009"]),
+    )
+
+
 DOCUMENT_FACTORIES: dict[str, Callable[[], BaseModel]] = {
     "genealogy": make_genealogy,
     "mechanism": make_mechanism,
@@ -326,6 +348,19 @@ DOCUMENT_FACTORIES: dict[str, Callable[[], BaseModel]] = {
     "probe_report": lambda: contracts.ProbeReport(notes=[], raised="OSError", errno=30, result={"a": [1, "b"]}),
     "run_settings": lambda: contracts.RunSettings(budget=8, objective=Objective(kind="length")),
     "run_request": lambda: contracts.RunRequest(run_id=RUN, budget=8, backends=Backends(llm="anthropic:m")),
+    "run_status": make_run_status,
+    "budget_status": lambda: make_run_status().budget,
+    "root_status": lambda: make_run_status().root,
+    "best_status": lambda: make_run_status().best,
+    "leader_status": lambda: make_run_status().leader,
+    "llm_spend_status": lambda: make_run_status().llm,
+    "operator_spend": lambda: make_run_status().llm.per_operator["propose"],
+    "objective_status": lambda: make_run_status().objective,
+    "constraints_status": lambda: make_run_status().constraints,
+    "node_score": lambda: contracts.NodeScore(node_id="n007", utility=0.45, replicate_utilities=[0.44, 0.46],
+                                              seeds=2, constraints_satisfied=None),
+    "run_counters": lambda: contracts.RunCounters(counts={status: 2 for status in NodeStatus}, evaluated=5,
+                                                  llm_usd=0.3, max_number=12, depth=4),
 }
 
 MESSAGE_FACTORIES: dict[str, Callable[[], Message]] = {
