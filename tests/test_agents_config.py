@@ -12,7 +12,7 @@ from app.cli import build_parser, run_config
 from app.runner import RunError, open_run
 from archive.service import ROOT_ID, ArchiveService
 from archive.sqlite_store import SQLiteStore
-from poise.agents import Agents, archived_llm_usd
+from poise.agents import Agents
 from poise.agents.prompts import Prompt, PromptError, load_prompt
 from poise.algorithms import reference_algorithm
 from poise.bus import InProcBus
@@ -132,7 +132,7 @@ def test_the_archive_stops_proposing_once_the_runs_nodes_have_spent_the_cap(tmp_
     store.put_run(config)
     store.insert_node(evaluated_root("r"))
     store.insert_node(spending_child("r", 0.06))
-    assert archived_llm_usd(store.nodes("r")) == pytest.approx(0.06)
+    assert store.counters("r").llm_usd == pytest.approx(0.06)
     bus = InProcBus()
     proposals: list[WorkPropose] = []
     bus.subscribe(WorkPropose.subject, proposals.append)

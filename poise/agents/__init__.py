@@ -15,14 +15,13 @@ already recorded; the archive's check over all nodes is the run-wide one.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from typing import Any
 
 from poise.agents.prompts import Prompt, PromptError, load_prompt
-from poise.contracts import LlmOperator, Node, RunConfig
+from poise.contracts import LlmOperator, RunConfig
 from poise.llm import CostMeter, LLMClient, make_client
 
-__all__ = ["Agents", "Prompt", "PromptError", "archived_llm_usd", "default_agents", "describe_agents", "load_prompt"]
+__all__ = ["Agents", "Prompt", "PromptError", "default_agents", "describe_agents", "load_prompt"]
 OPERATORS: tuple[LlmOperator, ...] = ("propose", "screen", "implement", "reflect")
 
 
@@ -62,11 +61,6 @@ def default_agents() -> Agents:
         if _DEFAULT is None:
             _DEFAULT = Agents()
         return _DEFAULT
-
-
-def archived_llm_usd(nodes: Iterable[Node]) -> float:
-    """What a run's nodes have recorded spending on the agent LLM (seeds a meter with `Agents.client`)."""
-    return sum(node.cost.llm_usd for node in nodes)
 
 
 def describe_agents(config: RunConfig) -> str:
