@@ -56,7 +56,9 @@ class ProposerService:
     def handle(self, work: WorkPropose) -> str | None:
         ids = {"run_id": work.run_id, "node_id": work.node_id, "attempt": work.attempt}
         config = self.archive.get_run(work.run_id)
-        parent = self._parent(config, work) if config is not None else None
+        # The whole archive, read once per proposal: parent choice, context, screening and duplicate keys share it.
+        nodes = self.archive.nodes(work.run_id) if config is not None else []
+        parent = self._parent(config, work, nodes) if config is not None else None
         if parent is None:
             named = f"parent {work.parent_ids[0]}" if work.parent_ids else "an evaluated parent"
             failure = Failure(phase=Phase.PROPOSE, reason=f"{named} of run {work.run_id} is not in the archive")
@@ -67,11 +69,11 @@ class ProposerService:
         with collect_calls() as calls:
             try:
                 if config.backends.llm_for("propose") != "offline":
-                    proposal = self._propose_with_llm(config, work, parent)
+                    proposal = self._propose_with_llm(config, work, parent, nodes)
                 elif config.parent_selection == "poise":
-                    proposal = self._propose_screened(config, work, parent)
+                    proposal = self._propose_screened(config, work, parent, nodes)
                 else:
-                    proposal = propose_child(config, work, parent.proposal, self.archive)
+                    proposal = propose_child(config, work, parent.proposal, nodes)
             except LLMError as err:
                 from proposer.llm_agent import failure_reason
 
@@ -84,32 +86,31 @@ class ProposerService:
             return FAILED
         self.bus.publish(EvtProposed(**ids, proposal=proposal, llm_calls=calls))
 
-    def _parent(self, config: RunConfig, work: WorkPropose) -> Node | None:
+    @staticmethod
+    def _parent(config: RunConfig, work: WorkPropose, nodes: list[Node]) -> Node | None:
         """The parent `work` names, or the one lineage prioritization chooses (proposer/parents.py)."""
         if work.parent_ids:
-            return self.archive.get_node(work.run_id, work.parent_ids[0])
+            return next((n for n in nodes if n.node_id == work.parent_ids[0]), None)
         try:
-            return choose_parent(self.archive.nodes(work.run_id), config, work.node_id, work.as_of)
+            return choose_parent(nodes, config, work.node_id, work.as_of)
         except ValueError as err:
             log.warning("%s: no parent: %s", work.node_id, err)
             return None
 
-    def _propose_screened(self, config: RunConfig, work: WorkPropose, parent: Node) -> Proposal:
+    def _propose_screened(self, config: RunConfig, work: WorkPropose, parent: Node, nodes: list[Node]) -> Proposal:
         """Phase I for one parent; ValueError (a failed proposal, with the rejections) when nothing passes."""
         from proposer.screening import phase_one
 
-        nodes = self.archive.nodes(work.run_id)
         rng = random.Random(f"{config.seed}/{work.node_id}/{work.attempt}")
         proposal, report, _ = phase_one(parent, nodes, config, rng, self._fingerprinter())
         return self._screened(proposal, report, config, work, parent)
 
-    def _propose_with_llm(self, config: RunConfig, work: WorkPropose, parent: Node) -> Proposal:
+    def _propose_with_llm(self, config: RunConfig, work: WorkPropose, parent: Node, nodes: list[Node]) -> Proposal:
         """Phase I with the run's propose LLM (and screen LLM, if any); LLMError or ValueError as above."""
         from proposer.context import build_context
         from proposer.llm_agent import llm_population, llm_screen
         from proposer.selection import UtilityGP
 
-        nodes = self.archive.nodes(work.run_id)
         spent = self.archive.counters(work.run_id).llm_usd  # kept by the archive: no pass over the nodes
         proposer = self.agents.client(config, "propose", spent_usd=spent)
         screener = self.agents.client(config, "screen", spent_usd=spent)
@@ -142,9 +143,10 @@ class ProposerService:
                                            "screening": screening})
 
 
-def propose_child(config: RunConfig, work: WorkPropose, parent, archive: ArchiveStore):
-    """One mutation of the parent's description, new to the archive; deterministic in (run seed, node, attempt)."""
+def propose_child(config: RunConfig, work: WorkPropose, parent: Proposal, nodes: list[Node]) -> Proposal:
+    """One mutation of the parent's description, new to the archive's `nodes`; deterministic in (run seed, node,
+    attempt)."""
     rng = random.Random(f"{config.seed}/{work.node_id}/{work.attempt}")
-    seen = {description_key(n.proposal) for n in archive.nodes(work.run_id)}
+    seen = {description_key(n.proposal) for n in nodes}
     child = mutate(parent, rng, seen)
     return child.model_copy(update={"parent_ids": list(work.parent_ids), "directive": config.objective.directive})
