@@ -287,22 +287,12 @@ class MongoStore(ArchiveStore):
         self._saw(key, written["rev"])
         return True
 
-    def counts(self, run_id: str) -> dict[NodeStatus, int]:
-        with self._op(f"counts of run {run_id}"):
-            rows = list(
-                self._nodes.aggregate(
-                    [{"$match": {"run_id": run_id}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
-                )
-            )
-        found = {row["_id"]: row["n"] for row in rows}
-        unknown = sorted(set(found) - set(NodeStatus), key=str)
-        if unknown:
-            raise ArchiveError(f"run {run_id} in {self.where} has nodes at unknown statuses {unknown}")
-        return {status: found.get(status.value, 0) for status in NodeStatus}
-
     def counters(self, run_id: str) -> RunCounters:
         with self._op(f"counters of run {run_id}"):
             groups = self._tally_groups(run_id)
+        unknown = sorted({group["_id"] for group in groups} - set(NodeStatus), key=str)
+        if unknown:
+            raise ArchiveError(f"run {run_id} in {self.where} has nodes at unknown statuses {unknown}")
         counts = dict.fromkeys(NodeStatus, 0)
         for group in groups:
             counts[NodeStatus(group["_id"])] = group["nodes"]

@@ -301,9 +301,6 @@ class SQLiteStore(ArchiveStore):
                 self._write_spend(db, node)
         return written == 1
 
-    def counts(self, run_id: str) -> dict[NodeStatus, int]:
-        return self.counters(run_id).counts
-
     def counters(self, run_id: str) -> RunCounters:
         rows = self._read("SELECT status, nodes, evaluated, llm_usd, max_number, max_depth FROM tallies "
                           "WHERE run_id = ?", (run_id,))

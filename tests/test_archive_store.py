@@ -507,6 +507,17 @@ def test_mongo_a_corrupted_document_raises_naming_it(open_mongo: Callable[[], Mo
         store.get_run(RUN)
 
 
+def test_mongo_counters_name_a_status_this_poise_does_not_know(open_mongo: Callable[[], MongoStore]) -> None:
+    store = open_mongo()
+    store.put_run(run_config())
+    store.insert_node(root_node("n0"))
+    store.database["nodes"].update_one({"_id": f"{RUN}/n0"}, {"$set": {"status": "archived"}})
+    with pytest.raises(ArchiveError, match=r"unknown statuses \['archived'\]"):
+        store.counters(RUN)
+    with pytest.raises(ArchiveError, match="unknown statuses"):
+        store.counts(RUN)
+
+
 def test_mongo_ping_answers_until_the_store_is_closed(open_mongo: Callable[[], MongoStore]) -> None:
     store = open_mongo()
     assert store.ping() is True
