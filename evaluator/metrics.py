@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from math import comb
 
 import numpy as np
+
+from poise.contracts import Evaluation, MetricKind, SuiteResult
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,3 +46,46 @@ def bootstrap_intervals(
     suites = {name: (float(np.quantile(m, alpha)), float(np.quantile(m, 1 - alpha))) for name, m in means.items()}
     overall = sum(weights[name] * means[name] for name in weights)
     return suites, (float(np.quantile(overall, alpha)), float(np.quantile(overall, 1 - alpha)))
+
+
+def suite_score(kind: str, n: int, k: int, correct: int) -> float:
+    """A prompt's score from its n samples of which `correct` were right: unbiased pass@k, or acc@1 (n = 1)."""
+    return pass_at_k(n, correct, k) if kind == "pass@k" else float(correct)
+
+
+def assemble_evaluation(suites: Sequence[SuiteOutcome], resamples: int, seed: int, backend: str) -> Evaluation:
+    """The Evaluation of one pass over all suites: per-suite values with bootstrap intervals over prompts,
+    the weighted Overall with its interval, and the weighted mean response length. Every backend builds its
+    Evaluation here, so the testbed sampler and vLLM report the same metrics in the same way."""
+    weights = {s.name: s.weight for s in suites}
+    per_prompt = {s.name: s.scores for s in suites}
+    suite_ci, overall_ci = bootstrap_intervals(per_prompt, weights, resamples, seed)
+    results = {}
+    for s in suites:
+        low, high = suite_ci[s.name]
+        results[s.name] = SuiteResult(
+            suite=s.name, kind=MetricKind(s.kind), k=s.k if s.kind == "pass@k" else 1,
+            value=float(sum(s.scores) / len(s.scores)), ci_low=low, ci_high=high,
+            n_prompts=len(s.scores), n_samples=s.n, mean_length=float(sum(s.lengths) / len(s.lengths)),
+            format_valid_rate=float(sum(s.format_valid) / len(s.format_valid)), weight=s.weight)
+    return Evaluation(
+        suites=results,
+        overall=weighted_overall({n: r.value for n, r in results.items()}, weights),
+        overall_ci=overall_ci,
+        mean_length=weighted_overall({n: r.mean_length for n, r in results.items()}, weights),
+        seed=seed, backend=backend,
+    )
+
+
+@dataclass
+class SuiteOutcome:
+    """What one backend measured on one suite: a score per prompt, a length and format flag per sample."""
+
+    name: str
+    kind: str            # "pass@k" or "acc@1"
+    k: int
+    n: int               # samples per prompt
+    weight: float
+    scores: list[float]
+    lengths: list[int]
+    format_valid: list[bool]

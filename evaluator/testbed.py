@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from evaluator.metrics import bootstrap_intervals, pass_at_k, weighted_overall
-from poise.contracts import Evaluation, MetricKind, SuiteResult
+from evaluator.metrics import SuiteOutcome, assemble_evaluation, suite_score
+from poise.contracts import Evaluation
 from poise.sandbox import thread_cap
 from poise.testbed.model import load_model
 from poise.testbed.protocol import Protocol
@@ -40,41 +40,18 @@ def evaluate_checkpoint(checkpoint: Path, protocol: Protocol, seed: int) -> tupl
     model, _ = load_model(checkpoint)
     model.eval()
     stats = EvalStats()
-    per_prompt: dict[str, list[float]] = {}
-    results: dict[str, SuiteResult] = {}
-    weights = {suite.name: suite.weight for suite in protocol.suites}
+    outcomes = []
     for suite in protocol.suites:
-        scores, lengths, valid, pass1 = _run_suite(model, suite, protocol, seed, stats)
-        per_prompt[suite.name] = scores
+        outcome, pass1 = _run_suite(model, suite, protocol, seed, stats)
+        outcomes.append(outcome)
         stats.per_suite_pass_at_1[suite.name] = pass1
-        results[suite.name] = SuiteResult(
-            suite=suite.name,
-            kind=MetricKind(suite.kind),
-            k=suite.k if suite.kind == "pass@k" else 1,
-            value=float(sum(scores) / len(scores)),
-            ci_low=0.0, ci_high=1.0,  # replaced below once every suite is in
-            n_prompts=len(scores),
-            n_samples=protocol.eval_samples if suite.kind == "pass@k" else 1,
-            mean_length=float(sum(lengths) / len(lengths)),
-            format_valid_rate=float(sum(valid) / len(valid)),
-            weight=suite.weight,
-        )
-    suite_ci, overall_ci = bootstrap_intervals(per_prompt, weights, protocol.bootstrap_resamples, seed)
-    for name, (low, high) in suite_ci.items():
-        results[name] = results[name].model_copy(update={"ci_low": low, "ci_high": high})
-    evaluation = Evaluation(
-        suites=results,
-        overall=weighted_overall({n: r.value for n, r in results.items()}, weights),
-        overall_ci=overall_ci,
-        mean_length=weighted_overall({n: r.mean_length for n, r in results.items()}, weights),
-        seed=seed,
-    )
+    evaluation = assemble_evaluation(outcomes, protocol.bootstrap_resamples, seed, backend="testbed")
     stats.wall_s = time.perf_counter() - started
     return evaluation, stats
 
 
-def _run_suite(model, suite: SuiteSpec, protocol: Protocol, seed: int, stats: EvalStats):
-    """Per-prompt scores, per-sample lengths and format validity, and the mean pass@1 of the suite."""
+def _run_suite(model, suite: SuiteSpec, protocol: Protocol, seed: int, stats: EvalStats) -> tuple[SuiteOutcome, float]:
+    """The suite's outcome (per-prompt scores, per-sample lengths and format validity) and its mean pass@1."""
     problems = eval_problems(suite)
     sampled = suite.kind == "pass@k"
     n = protocol.eval_samples if sampled else 1
@@ -86,9 +63,9 @@ def _run_suite(model, suite: SuiteSpec, protocol: Protocol, seed: int, stats: Ev
     grades = [grade(p, text, bool(eos)) for p, text, eos in zip(expanded, out.texts(), out.ended_with_eos,
                                                                 strict=True)]
     correct = torch.tensor([g.correct for g in grades], dtype=torch.long).view(len(problems), n).sum(-1)
-    if sampled:
-        scores = [pass_at_k(n, int(c), suite.k) for c in correct]
-    else:
-        scores = [float(c) for c in correct]
+    scores = [suite_score(suite.kind, n, suite.k, int(c)) for c in correct]
     pass1 = float(correct.sum()) / (len(problems) * n)
-    return scores, out.response_lengths.tolist(), [g.format_valid for g in grades], pass1
+    outcome = SuiteOutcome(name=suite.name, kind=suite.kind, k=suite.k if sampled else 1, n=n, weight=suite.weight,
+                           scores=scores, lengths=out.response_lengths.tolist(),
+                           format_valid=[g.format_valid for g in grades])
+    return outcome, pass1

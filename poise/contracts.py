@@ -428,6 +428,8 @@ class Evaluation(Contract):
     seed: int
     utility: float | None = None
     constraints_satisfied: bool | None = None
+    backend: str | None = Field(None, description="the evaluator backend that sampled it: testbed or vllm "
+                                "(None in archives written before it was recorded)")
     archive_seq: int | None = Field(None, ge=1, description="stamped by the archive when it stores the evaluation: "
                                     "how many evaluations (replicates included) the run held then; lineage "
                                     "prioritization reads the archive as of a request's `as_of` by it")

@@ -2,8 +2,11 @@
 
 Checkpoint folder layout (what `save_model` writes and `load_model` reads):
 
-    model.safetensors   weights (the tied lm_head is stored once, as model.embed_tokens.weight)
+    model.safetensors   weights under their Hugging Face names; the tied lm_head is stored once, as
+                        model.embed_tokens.weight (the name HF-compatible loaders such as vLLM read)
     spec.json           {"spec": ModelSpec fields, "vocab": [...]}: enough to rebuild the model
+    config.json, generation_config.json, tokenizer.json, tokenizer_config.json
+                        the Hugging Face layout (`hf_layout.py`), so vLLM serves the same folder
 
 Sequence layout shared by the sampler, the SFT and the RL trainer: a LEFT-padded prompt block
 (B, P) followed by a RIGHT-padded response block (B, L); `attention_mask` is 1 on real tokens of
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from poise.testbed.hf_layout import write_hf_files
 from poise.testbed.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, VOCAB_SIZE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -66,9 +70,17 @@ def build_model(spec: ModelSpec = ModelSpec(), seed: int = 0) -> LlamaForCausalL
 def save_model(model: LlamaForCausalLM, spec: ModelSpec, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_model(model, str(out_dir / WEIGHTS_FILE))  # drops the tied duplicate
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    if spec_ties_embeddings(model):
+        del state["lm_head.weight"]  # the tied duplicate; loaders re-tie it to model.embed_tokens.weight
+    safetensors.torch.save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_hf_files(out_dir, model.config)
     (out_dir / SPEC_FILE).write_text(json.dumps({"spec": asdict(spec), "vocab": list(VOCAB)}, indent=2))
     return out_dir
+
+
+def spec_ties_embeddings(model: LlamaForCausalLM) -> bool:
+    return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def load_model(path: str | Path) -> tuple[LlamaForCausalLM, ModelSpec]:
