@@ -57,8 +57,15 @@ def run_config(args: argparse.Namespace, stored: RunConfig | None, run_id: str) 
                                    ("directive", args.directive)) if v is not None}
     if objective:
         given["objective"] = (stored.objective if stored else Objective()).model_copy(update=objective)
-    if args.llm:
-        given["backends"] = (stored.backends if stored else Backends()).model_copy(update=llm_settings(args.llm))
+    backends: dict[str, object] = llm_settings(args.llm) if args.llm else {}
+    evaluator = getattr(args, "evaluator", None)
+    if evaluator is not None:
+        if stored is not None and stored.backends.evaluator != evaluator:
+            raise ValueError(f"the run was evaluated with {stored.backends.evaluator!r}; --evaluator {evaluator} "
+                             "would make its nodes incomparable (start a run in another --run-dir)")
+        backends["evaluator"] = evaluator
+    if backends:
+        given["backends"] = (stored.backends if stored else Backends()).model_copy(update=backends)
     config = stored.model_copy(update=given) if stored else RunConfig(run_id=run_id, **given)
     return RunConfig.model_validate(config.model_dump())
 
@@ -86,6 +93,7 @@ def llm_settings(values: list[str]) -> dict[str, object]:
 def cmd_run(args: argparse.Namespace) -> int:
     from app.runner import RunError, run
     from archive.sqlite_store import SQLiteStore
+    from evaluator.backends import build_evaluator
     from poise.testbed.protocol import PROTOCOLS
 
     if args.protocol is not None and args.protocol not in PROTOCOLS:
@@ -102,8 +110,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"invalid run settings: {err}", file=sys.stderr)
         return 2
+    if (args.vllm_url or args.vllm_command) and config.backends.evaluator != "vllm":
+        print("--vllm-url and --vllm-command need --evaluator vllm", file=sys.stderr)
+        return 2
     try:
-        summary = run(config, run_dir, stream=sys.stdout)
+        evaluator = build_evaluator(config.backends.evaluator, run_dir.resolve(), vllm_url=args.vllm_url,
+                                    vllm_command=args.vllm_command, startup_timeout_s=args.vllm_startup_timeout)
+    except ValueError as err:
+        print(f"invalid evaluator settings: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(config, run_dir, stream=sys.stdout, evaluator=evaluator)
     except RunError as err:
         print(str(err), file=sys.stderr)
         return 2
@@ -371,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "--llm anthropic:claude-opus-5 --llm screen=anthropic:claude-haiku-4-5")
     run.add_argument("--llm-budget-usd", type=float,
                      help="stop proposing once the agent LLM has cost this much (default: no cap)")
+    run.add_argument("--evaluator", choices=("testbed", "vllm"),
+                     help="who scores checkpoints: the testbed sampler in this process (default), or a vLLM server "
+                          "(recorded with the run; docs/evaluation.md)")
+    run.add_argument("--vllm-url", help="--evaluator vllm: a vLLM server you run (VLLM_SERVER_DEV_MODE=1, able to "
+                                        "read the run directory); default: POISE starts its own")
+    run.add_argument("--vllm-command", help="--evaluator vllm: the command that starts a server, with {python} "
+                                            "{model} {port} {served_name} (default: evaluator/vllm_server.py)")
+    run.add_argument("--vllm-startup-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="how long a started vLLM server may take to answer (default 600)")
     run.set_defaults(handler=cmd_run)
     for name, handler, text in (("status", cmd_status, "where a run stands"),
                                 ("report", cmd_report, "write a self-contained HTML report of a run")):

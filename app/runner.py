@@ -21,6 +21,7 @@ from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
 from archive.status import run_status
 from archive.update import Outcome, UpdateResult
+from evaluator.backends import EvaluatorBackend, build_evaluator
 from evaluator.service import EvaluatorService
 from implementer.service import ImplementerService
 from poise.agents import OPERATORS, Agents, default_agents, describe_agents
@@ -201,13 +202,21 @@ def _clock(seconds: float) -> str:
 
 
 def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_wall_s: float = 120.0,
-        coder=None, max_messages: int | None = None, agents: Agents | None = None) -> RunSummary:
+        coder=None, max_messages: int | None = None, agents: Agents | None = None,
+        evaluator: EvaluatorBackend | None = None) -> RunSummary:
     """Run (or resume) the search in `run_dir` until its budget is evaluated; returns the summary. `agents`:
-    the agent-LLM clients of the run's operators (this process's by default)."""
+    the agent-LLM clients of the run's operators (this process's by default); `evaluator`: the backend that
+    scores checkpoints (default: the run's `backends.evaluator` with default settings). The run closes it."""
     run_dir = run_dir.resolve()
     agents = agents or default_agents()
     check_agents(config, agents)
     store, config = open_run(run_dir, config)
+    if evaluator is None:
+        evaluator = build_evaluator(config.backends.evaluator, run_dir)
+    elif evaluator.name != config.backends.evaluator:
+        store.close()
+        raise RunError(f"run {config.run_id} records evaluator {config.backends.evaluator!r}, but a {evaluator.name!r} "
+                       f"evaluator was given; its nodes would not be comparable")
     clock = PhaseClock()
     started = time.monotonic()
     handler = logging.FileHandler(run_dir / "run.log")
@@ -226,7 +235,7 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
             ImplementerService(bus, workroot, config.protocol, config.max_correction_attempts, coder=coder,
                                verify_wall_s=verify_wall_s, clock=clock, config=config, archive=store, agents=agents),
             TrainerService(bus, workroot, clock=clock, on_step=progress.on_step),
-            EvaluatorService(bus, clock=clock),
+            EvaluatorService(bus, clock=clock, backend=evaluator),
             ReflectorService(bus, store, agents=agents),
         ]
         for service in services:
@@ -258,6 +267,7 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
         (run_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=1))
         return summary
     finally:
+        evaluator.close()
         logger.removeHandler(handler)
         handler.close()
         store.close()

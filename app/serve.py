@@ -274,13 +274,23 @@ def trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
 
 
 def evaluator_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
-    if settings.evaluator_backend != "testbed":
-        raise ServeError(f"POISE_EVALUATOR_BACKEND={settings.evaluator_backend}: no evaluator service for it in "
-                         "this build (evaluator/service.py runs the CPU testbed); use testbed")
     from evaluator.service import EvaluatorService
 
-    evaluator = EvaluatorService(bus)
-    return Runtime({evaluator.subject: evaluator.handle}, forward_dead_letter(bus), counter_label=evaluator.subject)
+    backend = evaluator_backend(settings)
+    evaluator = EvaluatorService(bus, backend=backend)
+    checks = {backend.name: backend.check} if backend.name != "testbed" else {}
+    return Runtime({evaluator.subject: evaluator.handle}, forward_dead_letter(bus), checks=checks,
+                   closers=[backend.close], counter_label=evaluator.subject)
+
+
+def evaluator_backend(settings: ServiceSettings):
+    """The evaluator backend the settings describe (evaluator/backends.py); nothing is started yet."""
+    from evaluator.backends import build_evaluator
+
+    return build_evaluator(settings.evaluator_backend, Path(settings.work_dir), vllm_url=settings.vllm_url,
+                           vllm_command=settings.vllm_command, vllm_python=settings.vllm_python,
+                           startup_timeout_s=settings.vllm_startup_timeout_s, concurrency=settings.vllm_concurrency,
+                           request_timeout_s=settings.vllm_request_timeout_s, bench_data=settings.bench_data)
 
 
 # One builder per service of poise/settings.py SERVICES: adding a service is a builder and a line here

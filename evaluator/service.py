@@ -1,28 +1,35 @@
 """The evaluator bound to the bus: work.evaluate → evt.evaluated (or evt.failed in phase evaluate).
 
 It loads only the checkpoint's weights (safetensors), never candidate code, and scores them on the
-protocol's held-out suites.
+protocol's held-out suites with its backend: the testbed sampler in this process, or a vLLM server
+(evaluator/backends.py, docs/evaluation.md).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from evaluator.testbed import evaluate_checkpoint
+from evaluator.backends import EvaluatorBackend
 from poise.bus import Bus
 from poise.contracts import EvtEvaluated, EvtFailed, Failure, Phase, WorkEvaluate
 from poise.metrics import FAILED, observed
-from poise.testbed.protocol import get_protocol
 from poise.timing import PhaseClock
+
+log = logging.getLogger("poise." + __name__)
 
 
 class EvaluatorService:
     subject = WorkEvaluate.subject
-    backend = "testbed"
 
-    def __init__(self, bus: Bus, clock: PhaseClock | None = None) -> None:
+    def __init__(self, bus: Bus, clock: PhaseClock | None = None, backend: EvaluatorBackend | None = None) -> None:
+        if backend is None:
+            from evaluator.testbed import TestbedEvaluator
+
+            backend = TestbedEvaluator()
         self.bus = bus
         self.clock = clock or PhaseClock()
+        self.backend = backend
 
     @observed("evaluate")
     def handle(self, work: WorkEvaluate) -> str | None:
@@ -34,9 +41,12 @@ class EvaluatorService:
             return FAILED
         try:
             with self.clock.phase("evaluate"):
-                evaluation, _ = evaluate_checkpoint(checkpoint, get_protocol(work.protocol), work.seed)
-        except (OSError, ValueError) as err:  # an unreadable or corrupt checkpoint is this node's failure
-            failure = Failure(phase=Phase.EVALUATE, reason=f"{type(err).__name__}: {err}", detail=repr(err))
+                evaluation = self.backend.evaluate(checkpoint, work.protocol, work.seed)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            # an unreadable or corrupt checkpoint, a vLLM server that cannot start or answer, missing benchmark
+            # data: this node's failure, with the reason; the run goes on
+            log.warning("evaluation of %s failed: %s", work.node_id, err)
+            failure = Failure(phase=Phase.EVALUATE, reason=f"{type(err).__name__}: {err}", detail=str(err)[:8000])
             self.bus.publish(EvtFailed(**ids, failure=failure))
             return FAILED
         self.bus.publish(EvtEvaluated(**ids, evaluation=evaluation))

@@ -19,7 +19,7 @@ from evaluator.metrics import SuiteOutcome, assemble_evaluation, suite_score
 from poise.contracts import Evaluation
 from poise.sandbox import thread_cap
 from poise.testbed.model import load_model
-from poise.testbed.protocol import Protocol
+from poise.testbed.protocol import Protocol, get_protocol
 from poise.testbed.sampler import sample
 from poise.testbed.tasks import SuiteSpec, eval_problems, grade
 from poise.testbed.tokenizer import encode_prompts
@@ -69,3 +69,18 @@ def _run_suite(model, suite: SuiteSpec, protocol: Protocol, seed: int, stats: Ev
                            scores=scores, lengths=out.response_lengths.tolist(),
                            format_valid=[g.format_valid for g in grades])
     return outcome, pass1
+
+
+class TestbedEvaluator:
+    """The testbed backend behind the evaluator service: the checkpoint sampled in this process (torch)."""
+
+    name = "testbed"
+
+    def evaluate(self, checkpoint: Path, protocol: str, seed: int) -> Evaluation:
+        return evaluate_checkpoint(checkpoint, get_protocol(protocol), seed)[0]
+
+    def check(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass

@@ -49,7 +49,18 @@ class ServiceSettings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="/healthz, /metrics and (archive) /api/; 0: any free")
     trainer_backend: Literal["testbed", "verl"] = "testbed"
     evaluator_backend: Literal["testbed", "vllm"] = "testbed"
-    vllm_url: str | None = Field(None, description="the vLLM OpenAI-compatible server; needed with vllm")
+    vllm_url: str | None = Field(None, description="evaluator with vllm: a vLLM server someone else runs (dev mode "
+                                 "on, reads the checkpoints); unset: the evaluator starts its own (docs/evaluation.md)")
+    vllm_command: str | None = Field(None, description="evaluator with vllm and no URL: the command that starts a "
+                                     "server, with {python} {model} {port} {served_name} (default: "
+                                     "evaluator/vllm_server.py DEFAULT_COMMAND)")
+    vllm_python: str | None = Field(None, description="the interpreter that has vLLM (default: .vllm-venv, else "
+                                    "this one)")
+    vllm_startup_timeout_s: float = Field(600.0, gt=0, description="how long a started vLLM server may take to "
+                                          "answer /health")
+    vllm_concurrency: int = Field(8, ge=1, description="vLLM requests in flight at once")
+    vllm_request_timeout_s: float = Field(600.0, gt=0, description="one vLLM request (n samples of one prompt)")
+    bench_data: str | None = Field(None, description="directory of the benchmark files (poise/benchmarks)")
     llm: str | None = Field(None, description="agent LLM spec (offline, anthropic:<model>, openai:<url>#<model>)")
     ack_wait_s: float = Field(300.0, gt=0, description="JetStream ack wait; handlers heartbeat within it")
     max_deliver: int = Field(3, ge=1, description="deliveries of a message before it is dead-lettered")
@@ -102,8 +113,6 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ServiceSettings:
-        if self.evaluator_backend == "vllm" and not self.vllm_url:
-            raise ValueError("POISE_EVALUATOR_BACKEND=vllm needs POISE_VLLM_URL (e.g. http://vllm:8000)")
         given = self.run_settings()
         if given and self.run_id is None:
             names = ", ".join(ENV_PREFIX + k.upper() for k in given)
