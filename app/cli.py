@@ -93,7 +93,8 @@ def llm_settings(values: list[str]) -> dict[str, object]:
 def cmd_run(args: argparse.Namespace) -> int:
     from app.runner import RunError, run
     from archive.sqlite_store import SQLiteStore
-    from evaluator.backends import build_evaluator
+    from evaluator.backends import build_evaluator, preflight
+    from evaluator.vllm_server import ServerError
     from poise.testbed.protocol import PROTOCOLS
 
     if args.protocol is not None and args.protocol not in PROTOCOLS:
@@ -116,7 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         evaluator = build_evaluator(config.backends.evaluator, run_dir.resolve(), vllm_url=args.vllm_url,
                                     vllm_command=args.vllm_command, startup_timeout_s=args.vllm_startup_timeout)
-    except ValueError as err:
+        preflight(evaluator)
+    except (ValueError, ServerError) as err:
         print(f"invalid evaluator settings: {err}", file=sys.stderr)
         return 2
     try:
@@ -200,6 +202,53 @@ def cmd_status(args: argparse.Namespace) -> int:
         per = ", ".join(f"{op} ${v.usd:.4f} ({v.calls} requests, {v.failed} failed)"
                         for op, v in llm.per_operator.items())
         print(f"agent LLM: ${llm.usd:.4f}{cap} in {llm.calls} requests — {per}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from evaluator.backends import build_evaluator, preflight
+    from evaluator.vllm_server import ServerError
+    from poise.testbed.protocol import PROTOCOLS
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        print(f"no checkpoint folder at {checkpoint}", file=sys.stderr)
+        return 2
+    if args.evaluator == "testbed" and args.protocol not in PROTOCOLS:
+        print(f"the testbed evaluator scores testbed protocols ({', '.join(PROTOCOLS)}); benchmark protocols such "
+              f"as {args.protocol!r} need --evaluator vllm", file=sys.stderr)
+        return 2
+    if (args.vllm_url or args.vllm_command) and args.evaluator != "vllm":
+        print("--vllm-url and --vllm-command need --evaluator vllm", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="poise-evaluate-") as work:
+        try:
+            backend = build_evaluator(args.evaluator, Path(work), vllm_url=args.vllm_url,
+                                      vllm_command=args.vllm_command, bench_data=args.bench_data)
+            preflight(backend)
+        except (ValueError, ServerError) as err:
+            print(f"invalid evaluator settings: {err}", file=sys.stderr)
+            return 2
+        try:
+            evaluation = backend.evaluate(checkpoint.resolve(), args.protocol, args.seed)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            print(f"evaluation failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        finally:
+            backend.close()
+    if args.json:
+        print(evaluation.model_dump_json(indent=1))
+        return 0
+    print(f"{checkpoint} under {args.protocol} ({evaluation.backend}, seed {evaluation.seed}):")
+    for name, suite in evaluation.suites.items():
+        metric = f"pass@{suite.k}" if suite.kind == "pass@k" else "acc@1"
+        print(f"  {name:<14} {metric:<8} {suite.value:.4f} [{suite.ci_low:.4f}, {suite.ci_high:.4f}]  "
+              f"{suite.n_prompts} prompts x {suite.n_samples}, mean length {suite.mean_length:.1f}, "
+              f"format-valid {suite.format_valid_rate:.3f}, weight {suite.weight:g}")
+    low, high = evaluation.overall_ci or (float("nan"), float("nan"))
+    print(f"  Overall {evaluation.overall:.4f} [{low:.4f}, {high:.4f}], mean length {evaluation.mean_length:.1f}")
     return 0
 
 
@@ -305,6 +354,26 @@ def cmd_bench_sampler(args: argparse.Namespace) -> int:
               f"best-of {timing['speedup_best_of']:.2f}x, of medians {timing['speedup_of_medians']:.2f}x; "
               f"{report['rows']} rows, up to {report['max_new_tokens']} tokens)")
     write_json_report(args.json, report)
+    return 0
+
+
+def cmd_bench_evaluator(args: argparse.Namespace) -> int:
+    from app.bench_evaluator import bench_evaluator
+    from evaluator.vllm_server import ServerError
+
+    if args.repeats < 1 or args.threads < 1 or args.concurrency < 1:
+        print("--repeats, --threads and --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        report = bench_evaluator(args.protocol, args.repeats, args.threads, args.concurrency, args.vllm_command,
+                                 Path(args.json) if args.json else None)
+    except (ServerError, KeyError) as err:
+        print(f"bench evaluator: {err}", file=sys.stderr)
+        return 1
+    print(f"testbed sampler {report['testbed_median_tokens_per_s']:.0f} tok/s, "
+          f"vLLM {report['vllm_median_tokens_per_s']:.0f} tok/s (medians of {args.repeats}; "
+          f"vLLM/testbed {report['vllm_over_testbed_median']:.2f}x); vLLM start-up "
+          f"{report['vllm_startup_s']:.1f} s once, weight reload {max(report['vllm_reload_s']):.2f} s per checkpoint")
     return 0
 
 
@@ -421,6 +490,19 @@ def build_parser() -> argparse.ArgumentParser:
     algorithms = commands.add_parser("algorithms", help="list the reference algorithms (literature priors)")
     algorithms.set_defaults(handler=cmd_algorithms)
 
+    evaluate = commands.add_parser("evaluate", help="score one checkpoint under a protocol (testbed suites, or the "
+                                                    "paper's six benchmarks with --protocol paper --evaluator vllm)")
+    evaluate.add_argument("checkpoint", help="a checkpoint folder in the Hugging Face layout")
+    evaluate.add_argument("--protocol", default="default", help="a testbed protocol, or a benchmark protocol name or "
+                                                                 "TOML file (paper: poise/benchmarks/paper.toml)")
+    evaluate.add_argument("--evaluator", choices=("testbed", "vllm"), default="testbed")
+    evaluate.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
+    evaluate.add_argument("--vllm-url", help="a vLLM server you run (VLLM_SERVER_DEV_MODE=1); default: start one")
+    evaluate.add_argument("--vllm-command", help="the command that starts a vLLM server (docs/evaluation.md)")
+    evaluate.add_argument("--bench-data", help="directory of the benchmark files (default: POISE_BENCH_DATA, else "
+                                               "the hub)")
+    evaluate.add_argument("--json", action="store_true", help="print the Evaluation as JSON")
+    evaluate.set_defaults(handler=cmd_evaluate)
     testbed = commands.add_parser("testbed", help="the CPU testbed").add_subparsers(dest="testbed", required=True)
     build = testbed.add_parser("build", help="rebuild the base checkpoint deterministically from a seed")
     build.add_argument("--seed", type=int, default=0)
@@ -444,6 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sampler.add_argument("--repeats", type=int, default=9)
     bench_sampler.add_argument("--json", help="write the report here")
     bench_sampler.set_defaults(handler=cmd_bench_sampler)
+    bench_evaluator = bench.add_parser("evaluator", help="tokens/s of the vLLM backend vs the testbed sampler on "
+                                       "the same checkpoint and prompts (needs vLLM: scripts/vllm_venv.sh)")
+    bench_evaluator.add_argument("--protocol", default="default", help="testbed protocol whose suites are sampled")
+    bench_evaluator.add_argument("--repeats", type=int, default=3, help="evaluation passes per backend (default 3)")
+    bench_evaluator.add_argument("--threads", type=int, default=2, help="CPU threads of each backend (default 2)")
+    bench_evaluator.add_argument("--concurrency", type=int, default=8, help="vLLM requests in flight (default 8)")
+    bench_evaluator.add_argument("--vllm-command", help="the server command (default: eager mode on CPU)")
+    bench_evaluator.add_argument("--json", help="write the report here")
+    bench_evaluator.set_defaults(handler=cmd_bench_evaluator)
     bench_search = bench.add_parser("search", help="whole searches with one parent selector: best-found utility "
                                                    "per budget")
     bench_search.add_argument("--selector", choices=("poise", "greedy", "random"), default="poise")

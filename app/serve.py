@@ -274,9 +274,16 @@ def trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
 
 
 def evaluator_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    from evaluator.backends import preflight
     from evaluator.service import EvaluatorService
+    from evaluator.vllm_server import ServerError
 
     backend = evaluator_backend(settings)
+    try:
+        preflight(backend)
+    except ServerError as err:
+        backend.close()
+        raise ServeError(f"POISE_EVALUATOR_BACKEND={settings.evaluator_backend}: {err}") from err
     evaluator = EvaluatorService(bus, backend=backend)
     checks = {backend.name: backend.check} if backend.name != "testbed" else {}
     return Runtime({evaluator.subject: evaluator.handle}, forward_dead_letter(bus), checks=checks,

@@ -43,3 +43,11 @@ def build_evaluator(kind: str, work_dir: Path, vllm_url: str | None = None, vllm
                                 server_env, startup_timeout_s))
         return VLLMEvaluator(server, concurrency=concurrency, timeout_s=request_timeout_s, data_dir=bench_data)
     raise ValueError(f"unknown evaluator backend {kind!r}; known: {', '.join(EVALUATOR_BACKENDS)}")
+
+
+def preflight(backend: EvaluatorBackend) -> None:
+    """Raise (evaluator.vllm_server.ServerError) when the backend cannot work at all, e.g. no vLLM installed for a
+    server it would start; called when a run or a service starts, so the mistake shows before any node."""
+    server = getattr(backend, "server", None)
+    if server is not None and hasattr(server, "preflight"):
+        server.preflight()

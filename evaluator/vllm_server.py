@@ -48,7 +48,7 @@ DEFAULT_COMMAND = ("{python} -m vllm.entrypoints.openai.api_server --model {mode
                    " --host 127.0.0.1 --port {port} --dtype {dtype} --generation-config vllm --seed 0")
 PLACEHOLDERS = ("python", "model", "port", "served_name", "dtype")
 # What the server's environment may inherit from the evaluator's: nothing else (API keys stay out).
-PASSED_ENV_PREFIXES = ("VLLM_", "CUDA_", "NVIDIA_", "HF_", "OMP_", "KMP_", "LD_", "TORCH", "NCCL_", "XDG_")
+PASSED_ENV_PREFIXES = ("VLLM_", "CUDA_", "NVIDIA_", "HF_", "OMP_", "KMP_", "LD_", "TORCH", "NCCL_", "XDG_", "TRITON_")
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "TRANSFORMERS_OFFLINE")
 # Files that must be equal for a checkpoint to be reloaded into a server started on another one.
 ARCHITECTURE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -174,6 +174,17 @@ class ManagedServer(VLLMServer):
         if "{model}" not in command or "{port}" not in command:
             raise ValueError(f"the vLLM command {command!r} must contain {{model}} and {{port}}")
 
+    def preflight(self) -> None:
+        """ServerError unless the interpreter can import vLLM: said at start-up, not at the first checkpoint."""
+        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+        try:
+            found = subprocess.run([self.python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise ServerError(f"cannot run {self.python} to look for vLLM: {err}") from err
+        if not found:
+            raise ServerError(f"{self.python} has no vLLM: on a CPU machine run scripts/vllm_venv.sh (it makes "
+                              ".vllm-venv, found on its own), else install vllm or set POISE_VLLM_PYTHON")
+
     # --------------------------------------------------------------------------------------- lifecycle
     def ensure(self, checkpoint: Path) -> str:
         checkpoint = Path(checkpoint).resolve()
@@ -206,7 +217,9 @@ class ManagedServer(VLLMServer):
         # no lock: /healthz must answer while an evaluation holds the server (a start can take minutes)
         process, base_url = self.process, self.base_url
         if process is None:
-            return self.last_error  # idle: it starts on the first evaluation
+            # idle: it starts on the next evaluation. A start that failed is that node's failure (its reason
+            # carries the server's log), not the service's: a restarted evaluator would fail the same way.
+            return None
         if process.poll() is not None:
             return f"the vLLM server exited with status {process.returncode}"
         if self.checkpoint is None:
@@ -248,7 +261,8 @@ class ManagedServer(VLLMServer):
         self.starts += 1
         port = free_port()
         argv = self._argv(checkpoint, port)
-        log_path = self.work_dir / f"server-{self.starts}.log"
+        # replicas may share the work volume: host and pid keep their logs apart
+        log_path = self.work_dir / f"server-{socket.gethostname()}-{os.getpid()}-{self.starts}.log"
         log.info("vLLM: starting %s (log %s)", " ".join(argv), log_path)
         started = time.monotonic()
         with open(log_path, "wb") as log_file:
@@ -263,8 +277,10 @@ class ManagedServer(VLLMServer):
         deadline = started + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                tail = _tail(log_path)
                 self.last_error = (f"the vLLM server exited with status {self.process.returncode} while starting "
-                                   f"on {checkpoint}; last lines of {log_path}:\n{_tail(log_path)}")
+                                   f"on {checkpoint} ({tail.splitlines()[-1] if tail else 'no output'}); last lines "
+                                   f"of {log_path}:\n{tail}")
                 self._stop()
                 raise ServerError(self.last_error)
             if _healthy(self._http, self.base_url):
@@ -349,7 +365,7 @@ class RemoteServer(VLLMServer):
 
 def _tail(path: Path, lines: int = 15) -> str:
     try:
-        text = path.read_text(errors="replace").splitlines()
+        text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
-        return "(no log)"
+        return ""
     return "\n".join(text[-lines:])

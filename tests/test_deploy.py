@@ -8,7 +8,8 @@ schema, `kubectl kustomize` (renders offline) and kubernetes-validate (bundled O
 `kubectl apply --dry-run=client` is not used because it needs a cluster. A test whose tool is missing is
 skipped and says which tool; on the development machine all of them are installed (.venv, kubectl on PATH).
 Everything else (cross-references, security posture, scrape targets, dashboard queries) is checked here in
-Python.
+Python. The evaluator and trainer of every compose profile and k8s overlay are also built from their settings
+by the builders `poise serve` uses (app/serve.py), which start nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.serve import ServeError, evaluator_runtime, trainer_runtime
+from poise.bus import InProcBus
 from poise.settings import SERVICES, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +43,9 @@ OVERLAYS = sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomiz
 K8S_VERSION = "1.32"  # the cluster's minor version; kubernetes-validate bundles the schemas of each release
 
 PROFILES = ("cpu", "gpu")
+# (trainer, evaluator) backend of each compose profile and k8s overlay
+BACKENDS = {"cpu": ("testbed", "testbed"), "gpu": ("verl", "vllm"),
+            "workstation": ("testbed", "testbed"), "cluster": ("verl", "vllm")}
 # The metric names of poise/metrics.py the dashboard may query (a contract with that module).
 METRICS = {
     "poise_phase_duration_seconds": "histogram",
@@ -105,6 +111,27 @@ def interpolate(value: str) -> str:
     return INTERPOLATION.sub(substitute, value)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice, where PyYAML silently keeps the last one (compose
+    refuses such a file; an overlooked duplicate would override the line a reader sees first)."""
+
+
+def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` is how keys are meant to be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError("in a mapping", node.start_mark, f"duplicate key {key!r}",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 @cache
 def compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())  # PyYAML resolves the << merge keys as compose does
@@ -164,6 +191,24 @@ def settings_under(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: s
         return load_settings()
     except SettingsError as err:
         pytest.fail(f"{name}: poise/settings.py refuses its environment: {err}")
+
+DEPLOY_YAML = [COMPOSE_FILE, ROOT / "docker-compose.llm-implementer.yml", *sorted(K8S_DIR.rglob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", DEPLOY_YAML, ids=lambda path: str(path.relative_to(ROOT)))
+def test_deploy_yaml_has_no_duplicate_keys(path):
+    try:
+        list(yaml.load_all(path.read_text(), Loader=UniqueKeyLoader))
+    except yaml.constructor.ConstructorError as err:
+        pytest.fail(f"{path.relative_to(ROOT)}: {err}")
+
+
+def test_unique_key_loader_rejects_a_duplicate_but_not_a_merge():
+    merged = "x: &x {a: 1}\ny:\n  <<: *x\n  a: 2\n"
+    assert yaml.load(merged, Loader=UniqueKeyLoader)["y"] == {"a": 2}
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'a'"):
+        yaml.load("y:\n  a: 1\n  b: 2\n  a: 3\n", Loader=UniqueKeyLoader)
+
 
 def test_compose_file_matches_the_compose_spec():
     checker = tool("check-jsonschema")
@@ -238,7 +283,6 @@ def test_compose_profiles_are_cpu_or_gpu_and_each_runs_all_six_services():
 
 
 def test_compose_poise_services_have_healthchecks_and_their_settings(monkeypatch):
-    backends = {"cpu": ("testbed", "testbed"), "gpu": ("verl", "vllm")}
     for name, svc in services().items():
         role = poise_role(svc)
         if role is None:
@@ -256,7 +300,7 @@ def test_compose_poise_services_have_healthchecks_and_their_settings(monkeypatch
         if role in ("proposer", "implementer", "reflector"):
             assert env.get("POISE_ARCHIVE_URL") == "http://archive:8000", f"{name}: needs POISE_ARCHIVE_URL"
         for profile in svc.get("profiles", []):
-            trainer, evaluator = backends[profile]
+            trainer, evaluator = BACKENDS[profile]
             if role == "trainer":
                 assert env.get("POISE_TRAINER_BACKEND") == trainer, f"{name}: the {profile} trainer is {trainer}"
             if role == "evaluator":
@@ -281,21 +325,39 @@ def test_compose_build_contexts_and_dockerfiles_exist():
         context = ROOT / build.get("context", ".")
         assert context.is_dir(), f"{name}: build context {context} missing"
         assert (context / build.get("dockerfile", "Dockerfile")).is_file(), f"{name}: Dockerfile missing"
-    gpu_images = {svc["build"].get("dockerfile") for svc in active("gpu").values()
-                  if "build" in svc and poise_role(svc) == "trainer"}
-    assert gpu_images == {"Dockerfile.gpu"}, "the gpu profile's trainer must be built from Dockerfile.gpu"
+    for role in ("trainer", "evaluator"):  # the evaluator runs vLLM in its own container: the GPU image
+        dockerfiles = {svc["build"].get("dockerfile") for svc in active("gpu").values()
+                       if "build" in svc and poise_role(svc) == role}
+        assert dockerfiles == {"Dockerfile.gpu"}, f"the gpu profile's {role} must be built from Dockerfile.gpu"
 
 
 def test_compose_gpu_services_reserve_gpus_and_shared_memory():
+    gpu_ids = {}
     for name, svc in active("gpu").items():
-        if name not in ("trainer-verl", "vllm"):
+        if poise_role(svc) not in ("trainer", "evaluator"):
             continue
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
         assert all("gpu" in device["capabilities"] for device in devices), f"{name}: GPU capabilities"
+        gpu_ids[name] = {interpolate(i) for device in devices for i in device.get("device_ids", [])}
+        assert gpu_ids[name], f"{name}: reserve GPUs by id (POISE_*_GPU), not every GPU of the host"
         assert svc.get("shm_size") or svc.get("ipc") == "host", f"{name}: needs a large /dev/shm"
         mounts = {v.split(":")[0]: v for v in svc["volumes"] if isinstance(v, str)}
-        assert "model-cache" in mounts and "poise-work" in mounts, f"{name}: model cache and checkpoint volume"
-    assert any(svc.get("image", "").startswith("vllm/") for svc in active("gpu").values()), "no vLLM server"
+        assert "poise-work" in mounts, f"{name}: the checkpoint volume"
+        assert mounts.get("model-cache", "").endswith(":ro"), f"{name}: the model cache, read-only"
+        assert environment(svc).get("HF_HUB_OFFLINE") == "1", f"{name}: reads the model cache, never the hub"
+    assert len(gpu_ids) == 2 and not set.intersection(*gpu_ids.values()), \
+        f"the trainer and the evaluator share a GPU by default: {gpu_ids}"
+
+
+def test_compose_gpu_evaluator_runs_its_own_vllm_server():
+    # a reload switches the weights under every client: no vLLM server shared by evaluators, no URL to one
+    (evaluator,) = [svc for svc in active("gpu").values() if poise_role(svc) == "evaluator"]
+    assert environment(evaluator)["POISE_EVALUATOR_BACKEND"] == "vllm"
+    assert "evaluator" in network_names(evaluator)["internal"].get("aliases", []), "Prometheus scrapes evaluator"
+    assert "vllm" not in hostnames(), "a service or alias named vllm"
+    for name, svc in services().items():
+        assert not svc.get("image", "").startswith("vllm/"), f"{name}: a vLLM server image"
+        assert "POISE_VLLM_URL" not in environment(svc), f"{name}: POISE_VLLM_URL (a server the evaluator shares)"
 
 
 def test_compose_images_are_pinned():
@@ -949,20 +1011,28 @@ def test_workstation_runs_the_cpu_trainer_with_one_replica_each():
         assert size.endswith("Gi") and int(size[:-2]) <= 10, f"{claim['metadata']['name']}: {size} on a workstation"
 
 
-def test_cluster_runs_verl_on_gpus_and_vllm_with_a_model_cache():
-    everything = {(obj["kind"], obj["metadata"]["name"]): obj for obj in objects("cluster")}
+def test_cluster_runs_verl_and_vllm_on_gpus_with_a_model_cache():
+    everything = by_kind_and_name("cluster")
     config = next(obj for (kind, _), obj in everything.items() if kind == "ConfigMap")["data"]
     assert config["POISE_TRAINER_BACKEND"] == "verl" and config["POISE_EVALUATOR_BACKEND"] == "vllm"
     trainer = everything["Deployment", "trainer"]["spec"]["template"]["spec"]
     assert gpus(trainer["containers"][0]) == 8
-    vllm = everything["Deployment", "vllm"]["spec"]["template"]["spec"]
-    assert gpus(vllm["containers"][0]) >= 1
-    for spec in (trainer, vllm):
-        claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
-        assert "poise-model-cache" in claims
-        assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"]), "no memory /dev/shm"
+    # the evaluator runs its own vLLM server (the GPU image, one GPU per replica); there is no shared server
+    evaluator = everything["Deployment", "evaluator"]["spec"]["template"]["spec"]
+    (container,) = evaluator["containers"]
+    assert gpus(container) == 1 and container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert container["image"].split(":")[0].endswith("/poise-gpu"), "the evaluator needs the image with vLLM"
+    assert not [key for key in everything if key[1] == "vllm" or key[1].endswith("-vllm")], "a vLLM server"
+    for name, spec in (("trainer", trainer), ("evaluator", evaluator)):
+        claims = {v["persistentVolumeClaim"]["claimName"]: v for v in spec["volumes"] if "persistentVolumeClaim" in v}
+        assert claims["poise-model-cache"]["persistentVolumeClaim"].get("readOnly") is True, name
+        mounts = {m["mountPath"]: m for c in spec["containers"] for m in c["volumeMounts"]}
+        assert mounts["/models"].get("readOnly") is True, f"{name}: the model cache must be read-only"
+        shm = mounts["/dev/shm"]["name"]
+        assert any(v["name"] == shm and v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"]), \
+            f"{name}: no memory-backed /dev/shm"
     assert ("PersistentVolumeClaim", "poise-model-cache") in everything
-    for name in ("proposer", "implementer", "evaluator"):
+    for name in ("proposer", "implementer"):
         assert everything["Deployment", name]["spec"]["replicas"] > 1, f"{name}: scale out on the cluster"
     assert everything["Deployment", "archive"]["spec"]["replicas"] == 1, "the archive is the single writer"
 
@@ -986,3 +1056,86 @@ def test_cluster_verl_job_template_is_bounded_and_isolated():
                 and selects(obj["spec"]["podSelector"], labels)]
     assert policies and not any(rule for p in policies for rule in p["spec"].get("egress", [])), \
         f"the training Job may reach: {[p['metadata']['name'] for p in policies if p['spec'].get('egress')]}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_shipped_config_points_the_evaluator_at_a_shared_vllm_server(overlay):
+    # POISE_VLLM_URL is for a server with exactly one evaluator as its client; the overlays let each evaluator
+    # start its own
+    for obj in objects(overlay):
+        if obj["kind"] == "ConfigMap":
+            assert "POISE_VLLM_URL" not in obj.get("data", {}), f"ConfigMap/{obj['metadata']['name']}"
+    for obj, template in workloads(overlay):
+        for container in template["spec"]["containers"]:
+            names = {variable["name"] for variable in container.get("env", [])}
+            assert "POISE_VLLM_URL" not in names, f"{obj['metadata']['name']}: POISE_VLLM_URL"
+
+
+# ------------------------------------------------------------------- the services as `poise serve` builds them
+
+DEPLOYMENTS = [("compose", profile) for profile in PROFILES] + [("k8s", overlay) for overlay in OVERLAYS]
+
+
+def workload_env(kind: str, where: str, role: str) -> dict[str, str]:
+    """The POISE_* environment the container of `role` gets: compose, the service's environment after
+    interpolation; k8s, the ConfigMaps its envFrom names, then its own env values."""
+    if kind == "compose":
+        (svc,) = [svc for svc in active(where).values() if poise_role(svc) == role]
+        env = {key: interpolate(value) for key, value in environment(svc).items()}
+    else:
+        configmaps = {obj["metadata"]["name"]: obj.get("data", {}) for obj in objects(where)
+                      if obj["kind"] == "ConfigMap"}
+        (container,) = [c for _, template in workloads(where) for c in template["spec"]["containers"]
+                        if c.get("args") == ["serve", role]]
+        env = {}
+        for source in container.get("envFrom", []):
+            env.update(configmaps[source["configMapRef"]["name"]])
+        env.update({v["name"]: v["value"] for v in container.get("env", []) if "value" in v})
+    return {variable: value for variable, value in env.items() if variable.startswith("POISE_")}
+
+
+def backend_params(role: str) -> list:
+    """One case per compose profile and k8s overlay; a VERL trainer is expected to be refused (issue 20)."""
+    params = []
+    for kind, where in DEPLOYMENTS:
+        trainer, evaluator = BACKENDS[where]
+        marks = ()
+        if role == "trainer" and trainer == "verl":
+            marks = pytest.mark.xfail(strict=True, raises=ServeError,
+                                      reason="the VERL trainer backend is not built yet (issue 20)")
+        params.append(pytest.param(kind, where, trainer if role == "trainer" else evaluator, marks=marks,
+                                   id=f"{kind}-{where}"))
+    return params
+
+
+@pytest.mark.parametrize(("kind", "where", "backend"), backend_params("evaluator"))
+def test_evaluator_of_every_deployment_is_built_by_serve(kind, where, backend, monkeypatch, tmp_path):
+    env = workload_env(kind, where, "evaluator")
+    settings = settings_under({**env, "POISE_WORK_DIR": str(tmp_path)}, monkeypatch, f"{kind} {where} evaluator")
+    runtime = evaluator_runtime(InProcBus(), settings)  # builds the backend; starts nothing
+    try:
+        (handle,) = runtime.subscriptions.values()
+        built = handle.__self__.backend
+        assert built.name == backend, f"{kind} {where}: the evaluator is {built.name}, expected {backend}"
+        if backend == "vllm":
+            from evaluator.vllm_server import ManagedServer
+
+            assert isinstance(built.server, ManagedServer), "each evaluator must start its own vLLM server"
+            assert built.server.process is None, "building the evaluator started a vLLM server"
+            assert runtime.checks["vllm"]() is None, "an idle evaluator (no server yet) must pass its probes"
+    finally:
+        for close in runtime.closers:
+            close()
+
+
+@pytest.mark.parametrize(("kind", "where", "backend"), backend_params("trainer"))
+def test_trainer_of_every_deployment_is_built_by_serve(kind, where, backend, monkeypatch, tmp_path):
+    env = workload_env(kind, where, "trainer")
+    settings = settings_under({**env, "POISE_WORK_DIR": str(tmp_path)}, monkeypatch, f"{kind} {where} trainer")
+    assert settings.trainer_backend == backend
+    runtime = trainer_runtime(InProcBus(), settings)
+    try:
+        assert list(runtime.subscriptions) == ["work.train"]
+    finally:
+        for close in runtime.closers:
+            close()

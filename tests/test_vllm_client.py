@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -193,7 +194,7 @@ def test_a_server_that_exits_at_start_fails_with_its_status_and_log(tmp_path):
     with pytest.raises(ServerError, match="exited with status 3") as err:
         srv.ensure(base_checkpoint())
     assert "no GPU here" in str(err.value)
-    assert srv.check() and "exited with status 3" in srv.check()
+    assert srv.check() is None   # the node fails with the reason; the service stays healthy for the next one
 
 
 def test_a_server_that_never_becomes_healthy_is_killed_and_the_node_fails_with_the_reason(tmp_path):
@@ -271,3 +272,32 @@ def test_the_paper_protocol_is_sampled_by_chat_and_math_graded(stand_in, tmp_pat
     assert {b["max_tokens"] for b in chats} == {4096}
     assert {(b["n"], b["temperature"]) for b in chats} == {(32, 1.0), (1, 0.0)}
     assert all("\\boxed{}" in b["messages"][0]["content"] for b in chats)
+
+
+def test_a_missing_vllm_is_said_at_start_with_what_to_do(tmp_path, capsys, monkeypatch):
+    from app.cli import main
+    from app.serve import ServeError
+
+    srv = ManagedServer(tmp_path, python=sys.executable)   # the project's venv has no vLLM
+    with pytest.raises(ServerError, match="has no vLLM: on a CPU machine run scripts/vllm_venv.sh"):
+        srv.preflight()
+    settings = ServiceSettings(evaluator_backend="vllm", work_dir=tmp_path, vllm_python=sys.executable)
+    with pytest.raises(ServeError, match="POISE_EVALUATOR_BACKEND=vllm: .* has no vLLM"):
+        evaluator_runtime(InProcBus(), settings)
+    monkeypatch.setenv("POISE_VLLM_PYTHON", sys.executable)
+    assert main(["evaluate", str(base_checkpoint()), "--evaluator", "vllm"]) == 2
+    assert "has no vLLM" in capsys.readouterr().err
+    assert main(["run", "--run-dir", str(tmp_path / "run"), "--evaluator", "vllm"]) == 2
+    assert "has no vLLM" in capsys.readouterr().err and not (tmp_path / "run" / "archive.db").exists()
+
+
+def test_poise_evaluate_scores_a_checkpoint_and_refuses_what_it_cannot(capsys, tmp_path):
+    from app.cli import main
+
+    assert main(["evaluate", str(base_checkpoint()), "--protocol", "tiny", "--json"]) == 0
+    evaluation = json.loads(capsys.readouterr().out)
+    assert evaluation["backend"] == "testbed" and len(evaluation["suites"]) == 6
+    assert main(["evaluate", str(tmp_path / "nope")]) == 2
+    assert "no checkpoint folder" in capsys.readouterr().err
+    assert main(["evaluate", str(base_checkpoint()), "--protocol", "paper"]) == 2
+    assert "need --evaluator vllm" in capsys.readouterr().err
