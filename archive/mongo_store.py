@@ -29,6 +29,7 @@ contract suite checks this module without a server and against one when MONGO_UR
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ from poise.contracts import (
     node_number,
 )
 from poise.scoring import node_score
-from poise.store import ArchiveError, ArchiveStore, check_same_node, node_spend
+from poise.store import ArchiveError, ArchiveStore, LineageEntry, check_same_node, node_spend
 
 DEFAULT_DATABASE = "poise"
 DEFAULT_TIMEOUT_MS = 10_000  # server selection; a URL's own serverSelectionTimeoutMS wins
@@ -252,6 +253,23 @@ class MongoStore(ArchiveStore):
         if status is not None:
             query["status"] = NodeStatus(status).value
         return self._find_nodes(query, f"listing of run {run_id}")
+
+    def lineage(self, run_id: str) -> list[LineageEntry]:
+        projection = {"_id": 0, "node_id": 1, "parent_ids": 1, "status": 1, "depth": 1, "score.utility": 1,
+                      "failure.phase": 1, "proposal.name": 1, "proposal.screening.winner.expected_improvement": 1}
+        with self._op(f"lineage of run {run_id}"):
+            docs = list(self._nodes.find({"run_id": run_id}, projection).sort("seq", ASCENDING))
+        entries = []
+        for doc in docs:
+            utility = (doc.get("score") or {}).get("utility")
+            winner = ((doc.get("proposal") or {}).get("screening") or {}).get("winner") or {}
+            entries.append(LineageEntry(
+                id=doc["node_id"], parents=tuple(doc.get("parent_ids") or ()), status=doc["status"],
+                depth=doc.get("depth", 0),
+                utility=utility if isinstance(utility, (int, float)) and math.isfinite(utility) else None,
+                failed_phase=(doc.get("failure") or {}).get("phase"),
+                selection_score=winner.get("expected_improvement"), name=doc["proposal"]["name"]))
+        return entries
 
     def children(self, run_id: str, node_id: str) -> list[Node]:
         return self._find_nodes({"run_id": run_id, "parent_ids": node_id}, f"children of {node_key(run_id, node_id)}")

@@ -14,6 +14,7 @@ filled from the stored documents).
 from __future__ import annotations
 
 import itertools
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 
 from poise.contracts import LlmOperator, Node, NodeScore, NodeStatus, OperatorSpend, RunConfig, RunCounters, node_number
 from poise.scoring import node_score
-from poise.store import ArchiveError, ArchiveStore, check_same_node, node_spend
+from poise.store import ArchiveError, ArchiveStore, LineageEntry, check_same_node, node_spend
 
 DB_FILENAME = "archive.db"
 SCHEMA_VERSION = 2
@@ -113,20 +114,37 @@ def derived_columns(node: Node) -> tuple[int, int, float, float | None, int, str
 class SQLiteStore(ArchiveStore):
     """An `ArchiveStore` in one SQLite file, safe to share between the threads of one process."""
 
-    def __init__(self, path: str | Path, timeout_s: float = 30.0) -> None:
+    def __init__(self, path: str | Path, timeout_s: float = 30.0, read_only: bool = False) -> None:
+        """`read_only`: a reader beside the process that writes (`poise ui` beside `poise run`): the file must
+        exist with this POISE's schema; nothing is created, migrated or written, and writes raise ArchiveError."""
         self.path = Path(path)
+        self.read_only = read_only
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: no implicit transactions; _write opens them explicitly.
-            self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+            if read_only:
+                if not self.path.is_file():
+                    raise ArchiveError(f"no archive at {self.path}")
+                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s,
+                                           isolation_level=None, check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # isolation_level=None: no implicit transactions; _write opens them explicitly.
+                self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None,
+                                           check_same_thread=False)
         except (OSError, sqlite3.Error) as err:
             raise ArchiveError(f"cannot open the archive at {self.path}: {err}") from err
         try:
-            self._configure()
+            self._check_schema() if read_only else self._configure()
         except BaseException:
             self._db.close()
             raise
+
+    def _check_schema(self) -> None:
+        with self._errors("open"):
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise ArchiveError(f"{self.path} has archive schema {version}, this POISE reads {SCHEMA_VERSION}: "
+                               "open it once with `poise status` (which migrates it), or use the POISE that wrote it")
 
     def _configure(self) -> None:
         with self._errors("open"):
@@ -187,6 +205,8 @@ class SQLiteStore(ArchiveStore):
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One atomic write transaction; IMMEDIATE takes the write lock up front so a CAS cannot interleave."""
+        if self.read_only:
+            raise ArchiveError(f"{self.path} is open read-only")
         with self._lock, self._errors("write"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -279,6 +299,36 @@ class SQLiteStore(ArchiveStore):
                 "SELECT doc FROM nodes WHERE run_id = ? AND status = ? ORDER BY seq", (run_id, NodeStatus(status).value)
             )
         return [self._node(doc) for (doc,) in rows]
+
+    def lineage(self, run_id: str) -> list[LineageEntry]:
+        parents: dict[str, list[str]] = {}
+        for node_id, parent_id in self._read("SELECT node_id, parent_id FROM parents WHERE run_id = ?", (run_id,)):
+            parents.setdefault(node_id, []).append(parent_id)
+        # SQLite's JSON reads the fields without building documents; a document holding NaN (a nan metric) is
+        # not JSON to SQLite, so those few rows are read by Python's parser instead (json_valid = 0)
+        rows = self._read(
+            "SELECT node_id, status, depth, utility, ok, "
+            "CASE WHEN ok THEN json_extract(doc, '$.failure.phase') END, "
+            "CASE WHEN ok THEN json_extract(doc, '$.proposal.screening.winner.expected_improvement') END, "
+            "CASE WHEN ok THEN json_extract(doc, '$.proposal.name') END, "
+            "CASE WHEN ok THEN json_extract(doc, '$.genealogy.parent_ids') END, "
+            "CASE WHEN ok THEN NULL ELSE doc END "
+            "FROM (SELECT seq, node_id, status, depth, utility, doc, json_valid(doc) AS ok FROM nodes "
+            "WHERE run_id = ?) ORDER BY seq", (run_id,))
+        entries = []
+        for node_id, status, depth, utility, _, phase, selection, name, parent_ids, raw in rows:
+            if raw is not None:
+                doc = json.loads(raw)
+                phase = (doc.get("failure") or {}).get("phase")
+                winner = ((doc["proposal"].get("screening") or {}).get("winner") or {})
+                selection, name = winner.get("expected_improvement"), doc["proposal"]["name"]
+                parent_ids = json.dumps(doc["genealogy"].get("parent_ids") or [])
+            # the parents table has no order; the document's list keeps it (first parent first)
+            ordered = tuple(json.loads(parent_ids)) if parent_ids else tuple(sorted(parents.get(node_id, ())))
+            entries.append(LineageEntry(id=node_id, parents=ordered, status=status, depth=depth,
+                                        utility=utility if status != NodeStatus.FAILED.value else None,
+                                        failed_phase=phase, selection_score=selection, name=name))
+        return entries
 
     def children(self, run_id: str, node_id: str) -> list[Node]:
         rows = self._read(

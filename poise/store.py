@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import get_args
 
@@ -34,6 +35,34 @@ from poise.contracts import (
     node_number,
 )
 from poise.scoring import node_score
+
+
+@dataclass(frozen=True)
+class LineageEntry:
+    """What a lineage view needs of one node, without its document: ids, status, depth, its score's utility
+    (None unless evaluated and not failed; nan as None), the phase it failed in, Phase I's expected improvement
+    of the winning proposal (None without screening), and its name."""
+
+    id: str
+    parents: tuple[str, ...]
+    status: str
+    depth: int
+    utility: float | None
+    failed_phase: str | None
+    selection_score: float | None
+    name: str
+
+
+def lineage_entry(node: Node) -> LineageEntry:
+    score = node_score(node)
+    screening = node.proposal.screening
+    winner = getattr(screening, "winner", None)
+    utility = score.utility if score is not None and math.isfinite(score.utility) else None
+    return LineageEntry(id=node.node_id, parents=tuple(node.genealogy.parent_ids), status=node.status.value,
+                        depth=node.genealogy.depth, utility=utility,
+                        failed_phase=node.failure.phase.value if node.failure else None,
+                        selection_score=winner.expected_improvement if winner is not None else None,
+                        name=node.proposal.name)
 
 
 class ArchiveError(Exception):
@@ -102,6 +131,11 @@ class ArchiveStore(ABC):
     def llm_spend(self, run_id: str) -> dict[LlmOperator, OperatorSpend]:
         """The run's agent-LLM requests per operator that made any, in the order of `LlmOperator`."""
         return spend_of(self.nodes(run_id))
+
+    def lineage(self, run_id: str) -> list[LineageEntry]:
+        """Every node of the run as a `LineageEntry`, in insertion order: what the web UI's tree draws. Stores
+        answer it from their columns or a projection, without building the documents (docs/ui.md)."""
+        return [lineage_entry(node) for node in self.nodes(run_id)]
 
     @abstractmethod
     def close(self) -> None:

@@ -782,6 +782,7 @@ def reference_matches(store: ArchiveStore, run_id: str = RUN) -> None:
         slow = ArchiveStore.scores(store, run_id, min_seeds=min_seeds, limit=limit)
         assert [s.model_dump_json() for s in fast] == [s.model_dump_json() for s in slow], (min_seeds, limit)
     assert store.llm_spend(run_id) == ArchiveStore.llm_spend(store, run_id)
+    assert store.lineage(run_id) == ArchiveStore.lineage(store, run_id)
 
 
 def evaluate(updater: ArchiveUpdater, node_id: str, overall: float, parent_ids: list[str] | None = None,
@@ -826,6 +827,12 @@ def test_counters_scores_and_spend_follow_every_write(updater: ArchiveUpdater) -
     assert list(spend) == ["propose", "implement"]
     assert (spend["implement"].calls, spend["implement"].failed, spend["propose"].usd) == (2, 1, pytest.approx(0.01))
     assert store.counters("other-run").counts == {s: 0 for s in NodeStatus}
+    lineage = {entry.id: entry for entry in store.lineage(RUN)}
+    assert list(lineage) == ["n000", "n001", "n002", "n003", "n004", "n005", "n007"]
+    n004 = lineage["n004"]
+    assert (n004.status, n004.failed_phase, n004.utility) == ("failed", "reflect", None)
+    assert (lineage["n002"].parents, lineage["n002"].depth, lineage["n002"].utility) == (("n001",), 2, 0.55)
+    assert lineage["n003"].utility is None and lineage["n007"].failed_phase == "propose"
 
 
 def test_a_schema_1_sqlite_archive_is_migrated_when_opened(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,105 @@ def test_a_server_killed_mid_evaluation_is_restarted_and_the_evaluation_complete
         evaluator.close()
     assert srv.starts == 2 and evaluator.client.stats.recoveries >= 1
     assert evaluation == expected   # nothing lost, nothing sampled twice differently
+
+
+def test_the_distributed_evaluator_serves_healthz_with_its_server_and_evaluates_over_nats(vllm_python, checkpoints,
+                                                                                          tmp_path):
+    """`poise serve evaluator` with POISE_EVALUATOR_BACKEND=vllm on a real nats-server: healthy before and after
+    it starts its vLLM server, and a work.evaluate comes back as evt.evaluated scored by vLLM."""
+    import httpx
+
+    from poise.contracts import EvtEvaluated, EvtFailed, WorkEvaluate
+    from poise.nats_bus import NatsBus
+    from test_nats_bus import NatsServer, drain_until, free_port
+
+    nats = NatsServer(tmp_path / "js", tmp_path / "nats.log").start()
+    port = free_port()
+    env = {**os.environ, **SERVER_ENV, "POISE_NATS_URL": nats.url, "POISE_WORK_DIR": str(tmp_path / "work"),
+           "POISE_HTTP_HOST": "127.0.0.1", "POISE_HTTP_PORT": str(port), "POISE_EVALUATOR_BACKEND": "vllm",
+           "POISE_VLLM_COMMAND": TEST_COMMAND, "POISE_VLLM_PYTHON": vllm_python,
+           "POISE_VLLM_STARTUP_TIMEOUT_S": str(STARTUP_S), "POISE_ACK_WAIT_S": "60"}
+    log = tmp_path / "evaluator.log"
+    with log.open("wb") as out:
+        service = subprocess.Popen([sys.executable, "-m", "app.serve", "evaluator"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    bus = NatsBus(nats.url, ack_wait_s=60.0, max_deliver=3, nak_delay_s=0.2, publish_timeout_s=10.0)
+    try:
+        def health() -> dict | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+            except httpx.HTTPError:
+                return None
+
+        deadline = time.monotonic() + 120
+        while (answer := health()) is None or answer["status"] != "ok":
+            assert service.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        assert answer["checks"]["vllm"] == "ok"   # idle: its server starts with the first checkpoint
+        bus.connect()
+        results = []
+        bus.subscribe(EvtEvaluated.subject, results.append)
+        bus.subscribe(EvtFailed.subject, results.append)
+        bus.publish(WorkEvaluate(run_id="d", node_id="n001", attempt=1, checkpoint_uri=str(checkpoints["base"]),
+                                 protocol="tiny", seed=0))
+        drain_until(bus, lambda: results, timeout_s=STARTUP_S + 120)
+        (result,) = results
+        assert isinstance(result, EvtEvaluated), result
+        assert result.evaluation.backend == "vllm" and result.evaluation.overall > 0.2
+        answer = health()
+        assert answer["status"] == "ok" and answer["checks"]["vllm"] == "ok"   # now asks the running server
+    finally:
+        bus.close()
+        service.send_signal(signal.SIGTERM)
+        service.wait(90)
+        nats.stop()
+    assert not _running_in(tmp_path / "work" / "vllm"), "the evaluator left its vLLM server running"
+
+
+def _running_in(directory: Path) -> list[int]:
+    """Processes whose working directory is `directory` (a managed server and its engine run there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == directory:
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_server_that_cannot_be_restarted_fails_that_node_and_the_run_goes_on(vllm_python, tmp_path):
+    """The server dies after the root's evaluation and cannot start again for the next node (its start exits,
+    as on a GPU out of memory); that node fails in `evaluate` with the reason, the next one gets a fresh server
+    and the run reaches its budget. (A server that never answers is failed the same way: test_vllm_client.py.)"""
+    flag = tmp_path / "refuse-start"
+    command = f"bash -c 'if [ -e {flag} ]; then echo simulated: CUDA out of memory; exit 1; fi; exec \"$@\"' _ " \
+        + TEST_COMMAND
+    srv = ManagedServer(tmp_path / "vllm", command, vllm_python, SERVER_ENV, STARTUP_S)
+    evaluator = VLLMEvaluator(srv, concurrency=4)
+    original = evaluator.evaluate
+    calls = []
+
+    def evaluate(checkpoint, protocol, seed):
+        calls.append(Path(checkpoint).parts[-3])   # nodes/<id>/train/policy
+        if len(calls) == 2:                        # after the root: the server dies and cannot come back
+            flag.touch()
+            os.killpg(srv.process.pid, signal.SIGKILL)
+            srv.process.wait()
+        if len(calls) == 3:
+            flag.unlink()
+        return original(checkpoint, protocol, seed)
+
+    evaluator.evaluate = evaluate
+    config = RunConfig(run_id="f", budget=2, parallel=1, protocol="tiny", root_seeds=1, replicate_seeds=1,
+                       backends={"evaluator": "vllm"})
+    summary = run(config, tmp_path / "run", evaluator=evaluator)
+    assert "budget" in (summary.stop_reason or "")
+    with SQLiteStore.in_run_dir(tmp_path / "run") as store:
+        nodes = {n.node_id: n for n in store.nodes("f")}
+    failed = nodes[calls[1]]
+    assert failed.failure is not None and failed.failure.phase == "evaluate"
+    assert "exited with status 1" in failed.failure.reason and "CUDA out of memory" in failed.failure.reason
+    evaluated = [n for n in nodes.values() if n.evaluation is not None]
+    assert len(evaluated) >= 2 and all(n.evaluation.backend == "vllm" for n in evaluated)
+    assert srv.starts == 3
