@@ -205,6 +205,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from app.serve import ServeError
+    from app.ui import serve_ui
+    from poise.store import ArchiveError
+
+    if not 0 <= args.port <= 65535:
+        print(f"--port {args.port}: a port is 0-65535", file=sys.stderr)
+        return 2
+
+    def ready(address: str) -> None:
+        print(f"POISE UI of {args.run_dir}: {address}  (Ctrl-C stops it)", flush=True)
+
+    try:
+        serve_ui(Path(args.run_dir), args.host, args.port, on_ready=ready)
+    except (ArchiveError, ServeError) as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -377,6 +399,16 @@ def cmd_bench_evaluator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ui(args: argparse.Namespace) -> int:
+    from app.bench_ui import bench_ui
+
+    if args.repeats < 1 or any(n < 40 for n in args.nodes):
+        print("--repeats must be at least 1 and every --nodes at least 40", file=sys.stderr)
+        return 2
+    bench_ui(args.nodes, args.repeats, Path(args.json) if args.json else None)
+    return 0
+
+
 def cmd_bench_loop(args: argparse.Namespace) -> int:
     """A fresh run in a temporary directory: how much of the wall time is orchestration, not phase work."""
     import tempfile
@@ -490,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     algorithms = commands.add_parser("algorithms", help="list the reference algorithms (literature priors)")
     algorithms.set_defaults(handler=cmd_algorithms)
 
+    ui = commands.add_parser("ui", help="the web UI of a run directory's runs, live beside a running `poise run`")
+    ui.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"(default {DEFAULT_RUN_DIR})")
+    ui.add_argument("--port", type=int, default=8420, help="HTTP port (default 8420; 0 picks a free one)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.set_defaults(handler=cmd_ui)
     evaluate = commands.add_parser("evaluate", help="score one checkpoint under a protocol (testbed suites, or the "
                                                     "paper's six benchmarks with --protocol paper --evaluator vllm)")
     evaluate.add_argument("checkpoint", help="a checkpoint folder in the Hugging Face layout")
@@ -535,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_evaluator.add_argument("--vllm-command", help="the server command (default: eager mode on CPU)")
     bench_evaluator.add_argument("--json", help="write the report here")
     bench_evaluator.set_defaults(handler=cmd_bench_evaluator)
+    bench_ui = bench.add_parser("ui", help="response times of the web UI's live endpoints on synthetic archives")
+    bench_ui.add_argument("--nodes", type=int, nargs="+", default=[1_000, 10_000], help="archive sizes")
+    bench_ui.add_argument("--repeats", type=int, default=7, help="timed requests per endpoint (default 7)")
+    bench_ui.add_argument("--json", help="write the report here")
+    bench_ui.set_defaults(handler=cmd_bench_ui)
     bench_search = bench.add_parser("search", help="whole searches with one parent selector: best-found utility "
                                                    "per budget")
     bench_search.add_argument("--selector", choices=("poise", "greedy", "random"), default="poise")

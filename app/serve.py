@@ -64,8 +64,10 @@ class ServeError(Exception):
 
 
 def build_app(service: str, checks: Mapping[str, Check], stopping: threading.Event | None = None,
-              router: APIRouter | None = None, before_scrape: Callable[[], None] | None = None) -> FastAPI:
-    """The service's HTTP app: /healthz, /metrics and, for the archive, the /api router."""
+              router: APIRouter | None = None, before_scrape: Callable[[], None] | None = None,
+              ui: APIRouter | None = None) -> FastAPI:
+    """The service's HTTP app: /healthz, /metrics and, for the archive, the /api router and the web UI at /
+    (included last: its catch-all page for unknown paths must not shadow the others)."""
     app = FastAPI(title=f"POISE {service}", docs_url="/api/docs" if router else None, redoc_url=None,
                   openapi_url="/api/openapi.json" if router else None)
     app.add_exception_handler(ArchiveError, store_unavailable)
@@ -91,6 +93,8 @@ def build_app(service: str, checks: Mapping[str, Check], stopping: threading.Eve
     app.get("/metrics/", include_in_schema=False)(metrics)
     if router is not None:
         app.include_router(router)
+    if ui is not None:
+        app.include_router(ui)
     return app
 
 
@@ -206,12 +210,15 @@ class Runtime:
     dead_letter: Callable[[Message, str], None]
     checks: dict[str, Check] = field(default_factory=dict)
     router: APIRouter | None = None
+    ui: APIRouter | None = None   # the web UI (archive): mounted at / after everything else
     between: Callable[[], None] | None = None  # run on the loop thread between fetches (archive)
     closers: list[Callable[[], None]] = field(default_factory=list)
     counter_label: str = ""
 
 
 def archive_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    from archive.ui.app import ui_router
+
     store = open_store(settings)
     try:
         host = ArchiveHost(bus, store, settings.backends())
@@ -221,7 +228,8 @@ def archive_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
         raise ServeError(str(err)) from err
     return Runtime(subscriptions={subject: host.handle for subject in EVENT_SUBJECTS},
                    dead_letter=host.dead_letter, checks={"store": store_check(store)},
-                   router=archive_router(store, start_run=host.request), between=host.run_pending,
+                   router=archive_router(store, start_run=host.request), ui=ui_router(store),
+                   between=host.run_pending,
                    closers=[store.close], counter_label="evt.*")
 
 
@@ -410,7 +418,8 @@ def serve(service: str, settings: ServiceSettings, stop: threading.Event | None 
         runtime = build_runtime(service, bus, settings)
         counters = BusCounters(bus, runtime.counter_label)
         checks = {"bus": bus_check(bus, settings.nats_url), **runtime.checks}
-        app = build_app(service, checks, stop, runtime.router, counters.sync)  # stop set: /healthz says so
+        # while `stop` is set, /healthz says so
+        app = build_app(service, checks, stop, runtime.router, counters.sync, ui=runtime.ui)
         http = HttpServer(app, settings.http_host, settings.http_port).start()
         log.info("%s serving /healthz and /metrics on port %d", service, http.port)
         if on_ready is not None:

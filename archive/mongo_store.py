@@ -51,7 +51,7 @@ from poise.contracts import (
     node_number,
 )
 from poise.scoring import node_score
-from poise.store import ArchiveError, ArchiveStore, LineageEntry, check_same_node, node_spend
+from poise.store import ArchiveError, ArchiveStore, LineageEntry, check_same_node, node_spend, selection_score
 
 DEFAULT_DATABASE = "poise"
 DEFAULT_TIMEOUT_MS = 10_000  # server selection; a URL's own serverSelectionTimeoutMS wins
@@ -256,19 +256,19 @@ class MongoStore(ArchiveStore):
 
     def lineage(self, run_id: str) -> list[LineageEntry]:
         projection = {"_id": 0, "node_id": 1, "parent_ids": 1, "status": 1, "depth": 1, "score.utility": 1,
-                      "failure.phase": 1, "proposal.name": 1, "proposal.screening.winner.expected_improvement": 1}
+                      "failure.phase": 1, "proposal.name": 1, "proposal.screening.winner": 1}
         with self._op(f"lineage of run {run_id}"):
             docs = list(self._nodes.find({"run_id": run_id}, projection).sort("seq", ASCENDING))
         entries = []
         for doc in docs:
             utility = (doc.get("score") or {}).get("utility")
-            winner = ((doc.get("proposal") or {}).get("screening") or {}).get("winner") or {}
+            winner = ((doc.get("proposal") or {}).get("screening") or {}).get("winner")
             entries.append(LineageEntry(
                 id=doc["node_id"], parents=tuple(doc.get("parent_ids") or ()), status=doc["status"],
                 depth=doc.get("depth", 0),
                 utility=utility if isinstance(utility, (int, float)) and math.isfinite(utility) else None,
                 failed_phase=(doc.get("failure") or {}).get("phase"),
-                selection_score=winner.get("expected_improvement"), name=doc["proposal"]["name"]))
+                selection_score=selection_score(winner), name=doc["proposal"]["name"]))
         return entries
 
     def children(self, run_id: str, node_id: str) -> list[Node]:

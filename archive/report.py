@@ -99,6 +99,9 @@ def _num(value: float | None, digits: int = 3) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+format_number = _num  # the public name the live UI (archive/ui) formats numbers with
+
+
 # ---------------------------------------------------------------------------------------- the analysis
 
 
@@ -225,6 +228,9 @@ def _colour(t: float) -> str:
     f = t - i
     a, b = (tuple(int(stop[j : j + 2], 16) for j in (1, 3, 5)) for stop in SCALE_STOPS[i : i + 2])
     return "#" + "".join(f"{round(x + (y - x) * f):02x}" for x, y in zip(a, b, strict=True))
+
+
+scale_colour = _colour  # the public name the live UI (archive/ui) colours utilities with
 
 
 @dataclass(frozen=True)
@@ -848,3 +854,17 @@ def _llm_lines(node: Node) -> list[str]:
     lines.append(f"  total: {len(node.llm_calls)} requests, {cost.llm_input_tokens} input and "
                  f"{cost.llm_output_tokens} output tokens, ${cost.llm_usd:.4f}")
     return lines
+
+
+# Public names of the helpers above that the live UI (archive/ui/node_pages.py) draws and writes with; the
+# report's own code keeps calling the private names.
+Scale = _Scale
+ticks = _ticks
+svg_tag = _tag
+svg_text = _text
+svg_line = _line
+svg_points = _points
+is_finite = _finite
+overall_text = _ci
+node_tooltip = _node_tooltip
+printable = _plain

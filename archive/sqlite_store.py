@@ -26,7 +26,14 @@ from pydantic import ValidationError
 
 from poise.contracts import LlmOperator, Node, NodeScore, NodeStatus, OperatorSpend, RunConfig, RunCounters, node_number
 from poise.scoring import node_score
-from poise.store import ArchiveError, ArchiveStore, LineageEntry, check_same_node, node_spend
+from poise.store import (
+    ArchiveError,
+    ArchiveStore,
+    LineageEntry,
+    check_same_node,
+    node_spend,
+    selection_score,
+)
 
 DB_FILENAME = "archive.db"
 SCHEMA_VERSION = 2
@@ -309,7 +316,7 @@ class SQLiteStore(ArchiveStore):
         rows = self._read(
             "SELECT node_id, status, depth, utility, ok, "
             "CASE WHEN ok THEN json_extract(doc, '$.failure.phase') END, "
-            "CASE WHEN ok THEN json_extract(doc, '$.proposal.screening.winner.expected_improvement') END, "
+            "CASE WHEN ok THEN json_extract(doc, '$.proposal.screening.winner') END, "
             "CASE WHEN ok THEN json_extract(doc, '$.proposal.name') END, "
             "CASE WHEN ok THEN json_extract(doc, '$.genealogy.parent_ids') END, "
             "CASE WHEN ok THEN NULL ELSE doc END "
@@ -320,14 +327,17 @@ class SQLiteStore(ArchiveStore):
             if raw is not None:
                 doc = json.loads(raw)
                 phase = (doc.get("failure") or {}).get("phase")
-                winner = ((doc["proposal"].get("screening") or {}).get("winner") or {})
-                selection, name = winner.get("expected_improvement"), doc["proposal"]["name"]
+                winner = (doc["proposal"].get("screening") or {}).get("winner")
+                name = doc["proposal"]["name"]
                 parent_ids = json.dumps(doc["genealogy"].get("parent_ids") or [])
+            else:
+                winner = json.loads(selection) if selection else None
             # the parents table has no order; the document's list keeps it (first parent first)
             ordered = tuple(json.loads(parent_ids)) if parent_ids else tuple(sorted(parents.get(node_id, ())))
             entries.append(LineageEntry(id=node_id, parents=ordered, status=status, depth=depth,
                                         utility=utility if status != NodeStatus.FAILED.value else None,
-                                        failed_phase=phase, selection_score=selection, name=name))
+                                        failed_phase=phase, selection_score=selection_score(winner),
+                                        name=name))
         return entries
 
     def children(self, run_id: str, node_id: str) -> list[Node]:

@@ -55,14 +55,24 @@ class LineageEntry:
 
 def lineage_entry(node: Node) -> LineageEntry:
     score = node_score(node)
-    screening = node.proposal.screening
-    winner = getattr(screening, "winner", None)
-    utility = score.utility if score is not None and math.isfinite(score.utility) else None
+    winner = getattr(node.proposal.screening, "winner", None)
     return LineageEntry(id=node.node_id, parents=tuple(node.genealogy.parent_ids), status=node.status.value,
-                        depth=node.genealogy.depth, utility=utility,
+                        depth=node.genealogy.depth, utility=_finite(score.utility if score else None),
                         failed_phase=node.failure.phase.value if node.failure else None,
-                        selection_score=winner.expected_improvement if winner is not None else None,
+                        selection_score=selection_score(winner.model_dump() if winner else None),
                         name=node.proposal.name)
+
+
+def selection_score(winner: dict | None) -> float | None:
+    """The expected improvement the winning proposal of a Phase I screening was ranked by (a dump of its
+    `ScreeningMerits`); None where no surrogate ranked it (without one every score is 0)."""
+    if not winner or winner.get("skipped") is not None or winner.get("predicted_mean") is None:
+        return None
+    return _finite(winner.get("expected_improvement"))
+
+
+def _finite(value: float | None) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 class ArchiveError(Exception):
