@@ -167,10 +167,10 @@ def test_the_distributed_evaluator_serves_healthz_with_its_server_and_evaluates_
     """`poise serve evaluator` with POISE_EVALUATOR_BACKEND=vllm on a real nats-server: healthy before and after
     it starts its vLLM server, and a work.evaluate comes back as evt.evaluated scored by vLLM."""
     import httpx
+    from test_nats_bus import NatsServer, drain_until, free_port
 
     from poise.contracts import EvtEvaluated, EvtFailed, WorkEvaluate
     from poise.nats_bus import NatsBus
-    from test_nats_bus import NatsServer, drain_until, free_port
 
     nats = NatsServer(tmp_path / "js", tmp_path / "nats.log").start()
     port = free_port()
