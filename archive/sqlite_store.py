@@ -26,17 +26,10 @@ from pydantic import ValidationError
 
 from poise.contracts import LlmOperator, Node, NodeScore, NodeStatus, OperatorSpend, RunConfig, RunCounters, node_number
 from poise.scoring import node_score
-from poise.store import (
-    ArchiveError,
-    ArchiveStore,
-    LineageEntry,
-    check_same_node,
-    node_spend,
-    selection_score,
-)
+from poise.store import ArchiveError, ArchiveStore, LineageEntry, check_same_node, lineage_entry, node_spend
 
 DB_FILENAME = "archive.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns schema 2 added to `nodes` (name, declaration), filled from the documents when an older file opens.
 _DERIVED_COLUMNS = (
     ("number", "INTEGER NOT NULL DEFAULT -1"),   # n012 -> 12
@@ -45,6 +38,11 @@ _DERIVED_COLUMNS = (
     ("utility", "REAL"),                          # the score's utility (NULL for nan), for ranking
     ("seeds", "INTEGER NOT NULL DEFAULT 0"),      # the score's finite seed scores
     ("score", "TEXT"),                            # NodeScore JSON; NULL unless evaluated and not failed
+    # schema 3: what the web UI's tree reads of every node (`lineage`), so it never touches the documents
+    ("name", "TEXT"),                             # proposal.name
+    ("parent_list", "TEXT"),                      # genealogy.parent_ids as JSON, in their order
+    ("failed_phase", "TEXT"),                     # failure.phase
+    ("selection", "REAL"),                        # poise.store.selection_score
 )
 _TALLY_ADD = """
     INSERT INTO tallies (run_id, status, nodes, evaluated, llm_usd, max_number, max_depth)
@@ -74,6 +72,8 @@ _SCHEMA = (
     "WHERE score IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS nodes_by_seeds ON nodes (run_id, seeds, utility DESC, seq, score) "
     "WHERE score IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS nodes_lineage ON nodes (run_id, seq, node_id, status, depth, utility, name, "
+    "parent_list, failed_phase, selection)",
     """CREATE TABLE IF NOT EXISTS parents (
         run_id    TEXT NOT NULL,
         parent_id TEXT NOT NULL,
@@ -111,11 +111,13 @@ _SCHEMA = (
 )
 
 
-def derived_columns(node: Node) -> tuple[int, int, float, float | None, int, str | None]:
+def derived_columns(node: Node) -> tuple:
     """The values of `_DERIVED_COLUMNS` for `node`, in that order."""
     score = node_score(node)
+    entry = lineage_entry(node)
     return (node_number(node.node_id), int(node.evaluation is not None), node.cost.llm_usd,
-            score.utility if score else None, score.seeds if score else 0, score.model_dump_json() if score else None)
+            score.utility if score else None, score.seeds if score else 0, score.model_dump_json() if score else None,
+            entry.name, json.dumps(list(entry.parents)), entry.failed_phase, entry.selection_score)
 
 
 class SQLiteStore(ArchiveStore):
@@ -308,37 +310,14 @@ class SQLiteStore(ArchiveStore):
         return [self._node(doc) for (doc,) in rows]
 
     def lineage(self, run_id: str) -> list[LineageEntry]:
-        parents: dict[str, list[str]] = {}
-        for node_id, parent_id in self._read("SELECT node_id, parent_id FROM parents WHERE run_id = ?", (run_id,)):
-            parents.setdefault(node_id, []).append(parent_id)
-        # SQLite's JSON reads the fields without building documents; a document holding NaN (a nan metric) is
-        # not JSON to SQLite, so those few rows are read by Python's parser instead (json_valid = 0)
+        # one covering index holds every field: the documents (and their overflow pages) are never read
         rows = self._read(
-            "SELECT node_id, status, depth, utility, ok, "
-            "CASE WHEN ok THEN json_extract(doc, '$.failure.phase') END, "
-            "CASE WHEN ok THEN json_extract(doc, '$.proposal.screening.winner') END, "
-            "CASE WHEN ok THEN json_extract(doc, '$.proposal.name') END, "
-            "CASE WHEN ok THEN json_extract(doc, '$.genealogy.parent_ids') END, "
-            "CASE WHEN ok THEN NULL ELSE doc END "
-            "FROM (SELECT seq, node_id, status, depth, utility, doc, json_valid(doc) AS ok FROM nodes "
-            "WHERE run_id = ?) ORDER BY seq", (run_id,))
-        entries = []
-        for node_id, status, depth, utility, _, phase, selection, name, parent_ids, raw in rows:
-            if raw is not None:
-                doc = json.loads(raw)
-                phase = (doc.get("failure") or {}).get("phase")
-                winner = (doc["proposal"].get("screening") or {}).get("winner")
-                name = doc["proposal"]["name"]
-                parent_ids = json.dumps(doc["genealogy"].get("parent_ids") or [])
-            else:
-                winner = json.loads(selection) if selection else None
-            # the parents table has no order; the document's list keeps it (first parent first)
-            ordered = tuple(json.loads(parent_ids)) if parent_ids else tuple(sorted(parents.get(node_id, ())))
-            entries.append(LineageEntry(id=node_id, parents=ordered, status=status, depth=depth,
-                                        utility=utility if status != NodeStatus.FAILED.value else None,
-                                        failed_phase=phase, selection_score=selection_score(winner),
-                                        name=name))
-        return entries
+            "SELECT node_id, status, depth, utility, name, parent_list, failed_phase, selection "
+            "FROM nodes INDEXED BY nodes_lineage WHERE run_id = ? ORDER BY seq", (run_id,))
+        return [LineageEntry(id=node_id, parents=tuple(json.loads(parents)), status=status, depth=depth,
+                             utility=utility if status != NodeStatus.FAILED.value else None, failed_phase=phase,
+                             selection_score=selection, name=name)
+                for node_id, status, depth, utility, name, parents, phase, selection in rows]
 
     def children(self, run_id: str, node_id: str) -> list[Node]:
         rows = self._read(
