@@ -249,21 +249,23 @@ def test_killed_workers_lose_and_duplicate_nothing_and_their_work_is_redelivered
     run_id = "faults"
     cluster.post_run(run_settings(run_id, budget=1, seed=4))
 
-    def kill_while(status: NodeStatus, service: str) -> dict[str, str]:
-        """SIGKILL `service` while the root waits in `status` (its work is being handled), then restart it."""
+    def kill_while(status: NodeStatus, service: str, working: Path) -> dict[str, str]:
+        """SIGKILL `service` inside its handler of the root's job, then restart it. The moment is not a guess:
+        the handler's sandboxed child creates `working` when it starts, and the job (a verification with a
+        smoke RL run, or a training run) lasts seconds after that, so a kill within the 20 ms poll lands in it."""
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not any(n.node_id == ROOT and n.status == status for n in cluster.nodes(run_id)):
-            assert time.monotonic() < deadline, f"the root never reached {status}:\n{cluster.diagnose()}"
-            time.sleep(0.2)
-        time.sleep(1.0)  # the worker has fetched the message and is inside its handler
+        while not working.exists():
+            assert time.monotonic() < deadline, f"{service} never started on the root:\n{cluster.diagnose()}"
+            time.sleep(0.02)
+        cluster[service].kill()
         before = {n.node_id: n.status.value for n in cluster.nodes(run_id)}
         assert before[ROOT] == status, f"the root moved on before {service} could be killed mid-job"
-        cluster[service].kill()
         cluster.restart(service)
         return before
 
-    before = kill_while(NodeStatus.PROPOSED, "implementer")
-    before |= kill_while(NodeStatus.IMPLEMENTED, "trainer")
+    root_dir = cluster.work_dir / "runs" / run_id / "nodes" / ROOT
+    before = kill_while(NodeStatus.PROPOSED, "implementer", root_dir / "verify-1")
+    before |= kill_while(NodeStatus.IMPLEMENTED, "trainer", root_dir / "train")
     cluster.wait_finished(run_id)
     nodes = cluster.nodes(run_id)
     assert set(before) <= {n.node_id for n in nodes}, "a node was lost"
