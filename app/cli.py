@@ -93,8 +93,6 @@ def llm_settings(values: list[str]) -> dict[str, object]:
 def cmd_run(args: argparse.Namespace) -> int:
     from app.runner import RunError, run
     from archive.sqlite_store import SQLiteStore
-    from evaluator.backends import build_evaluator, preflight
-    from evaluator.vllm_server import ServerError
     from poise.testbed.protocol import PROTOCOLS
 
     if args.protocol is not None and args.protocol not in PROTOCOLS:
@@ -111,15 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"invalid run settings: {err}", file=sys.stderr)
         return 2
-    if (args.vllm_url or args.vllm_command) and config.backends.evaluator != "vllm":
-        print("--vllm-url and --vllm-command need --evaluator vllm", file=sys.stderr)
-        return 2
-    try:
-        evaluator = build_evaluator(config.backends.evaluator, run_dir.resolve(), vllm_url=args.vllm_url,
-                                    vllm_command=args.vllm_command, startup_timeout_s=args.vllm_startup_timeout)
-        preflight(evaluator)
-    except (ValueError, ServerError) as err:
-        print(f"invalid evaluator settings: {err}", file=sys.stderr)
+    evaluator = _evaluator(args, config.backends.evaluator, run_dir.resolve(),
+                           startup_timeout_s=args.vllm_startup_timeout)
+    if evaluator is None:
         return 2
     try:
         summary = run(config, run_dir, stream=sys.stdout, evaluator=evaluator)
@@ -227,11 +219,27 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluator(args: argparse.Namespace, kind: str, work_dir: Path, **settings):
+    """The evaluator backend `kind` with the --vllm-* flags, checked before anything runs (evaluator/backends.py);
+    None after printing what is wrong with the flags or the installation."""
+    from evaluator.backends import build_evaluator, preflight
+    from evaluator.vllm_server import ServerError
+
+    if (args.vllm_url or args.vllm_command) and kind != "vllm":
+        print("--vllm-url and --vllm-command need --evaluator vllm", file=sys.stderr)
+        return None
+    try:
+        backend = build_evaluator(kind, work_dir, vllm_url=args.vllm_url, vllm_command=args.vllm_command, **settings)
+        preflight(backend)
+    except (ValueError, ServerError) as err:
+        print(f"invalid evaluator settings: {err}", file=sys.stderr)
+        return None
+    return backend
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from evaluator.backends import build_evaluator, preflight
-    from evaluator.vllm_server import ServerError
     from poise.testbed.protocol import PROTOCOLS
 
     checkpoint = Path(args.checkpoint)
@@ -242,16 +250,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"the testbed evaluator scores testbed protocols ({', '.join(PROTOCOLS)}); benchmark protocols such "
               f"as {args.protocol!r} need --evaluator vllm", file=sys.stderr)
         return 2
-    if (args.vllm_url or args.vllm_command) and args.evaluator != "vllm":
-        print("--vllm-url and --vllm-command need --evaluator vllm", file=sys.stderr)
-        return 2
     with tempfile.TemporaryDirectory(prefix="poise-evaluate-") as work:
-        try:
-            backend = build_evaluator(args.evaluator, Path(work), vllm_url=args.vllm_url,
-                                      vllm_command=args.vllm_command, bench_data=args.bench_data)
-            preflight(backend)
-        except (ValueError, ServerError) as err:
-            print(f"invalid evaluator settings: {err}", file=sys.stderr)
+        backend = _evaluator(args, args.evaluator, Path(work), bench_data=args.bench_data)
+        if backend is None:
             return 2
         try:
             evaluation = backend.evaluate(checkpoint.resolve(), args.protocol, args.seed)

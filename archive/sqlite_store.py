@@ -315,7 +315,7 @@ class SQLiteStore(ArchiveStore):
             "SELECT node_id, status, depth, utility, name, parent_list, failed_phase, selection "
             "FROM nodes INDEXED BY nodes_lineage WHERE run_id = ? ORDER BY seq", (run_id,))
         return [LineageEntry(id=node_id, parents=tuple(json.loads(parents)), status=status, depth=depth,
-                             utility=utility if status != NodeStatus.FAILED.value else None, failed_phase=phase,
+                             utility=utility, failed_phase=phase,
                              selection_score=selection, name=name)
                 for node_id, status, depth, utility, name, parents, phase, selection in rows]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import comb
 
 import numpy as np
@@ -75,6 +75,15 @@ def assemble_evaluation(suites: Sequence[SuiteOutcome], resamples: int, seed: in
         mean_length=weighted_overall({n: r.mean_length for n, r in results.items()}, weights),
         seed=seed, backend=backend,
     )
+
+
+@dataclass
+class EvalStats:
+    """Throughput of one evaluation pass, for benchmarks (`poise bench sampler`, `poise bench evaluator`)."""
+
+    wall_s: float = 0.0
+    generated_tokens: int = 0
+    per_suite_pass_at_1: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

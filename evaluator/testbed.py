@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from evaluator.metrics import SuiteOutcome, assemble_evaluation, suite_score
+from evaluator.metrics import EvalStats, SuiteOutcome, assemble_evaluation, suite_score
 from poise.contracts import Evaluation
 from poise.sandbox import thread_cap
 from poise.testbed.model import load_model
@@ -23,15 +22,6 @@ from poise.testbed.protocol import Protocol, get_protocol
 from poise.testbed.sampler import sample
 from poise.testbed.tasks import SuiteSpec, eval_problems, grade
 from poise.testbed.tokenizer import encode_prompts
-
-
-@dataclass
-class EvalStats:
-    """Throughput of one evaluation, for benchmarks."""
-
-    wall_s: float = 0.0
-    generated_tokens: int = 0
-    per_suite_pass_at_1: dict[str, float] = field(default_factory=dict)
 
 
 def evaluate_checkpoint(checkpoint: Path, protocol: Protocol, seed: int) -> tuple[Evaluation, EvalStats]:

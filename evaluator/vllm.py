@@ -22,13 +22,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from evaluator.metrics import SuiteOutcome, assemble_evaluation, suite_score
+from evaluator.metrics import EvalStats, SuiteOutcome, assemble_evaluation, suite_score
 from evaluator.vllm_server import SERVED_NAME, ServerError, VLLMServer
 from poise.contracts import Evaluation
 
@@ -256,13 +256,6 @@ def plan_for(protocol_name: str, data_dir: str | Path | None = None) -> EvalPlan
 # ----------------------------------------------------------------------------------------- the backend
 
 
-@dataclass
-class EvalRunStats:
-    wall_s: float = 0.0
-    generated_tokens: int = 0
-    per_suite_pass_at_1: dict[str, float] = field(default_factory=dict)
-
-
 class VLLMEvaluator:
     """Scores checkpoints through one vLLM server (managed or remote); one evaluation at a time."""
 
@@ -278,18 +271,18 @@ class VLLMEvaluator:
     def evaluate(self, checkpoint: Path, protocol: str, seed: int) -> Evaluation:
         return self.evaluate_with_stats(checkpoint, protocol, seed)[0]
 
-    def evaluate_with_stats(self, checkpoint: Path, protocol: str, seed: int) -> tuple[Evaluation, EvalRunStats]:
+    def evaluate_with_stats(self, checkpoint: Path, protocol: str, seed: int) -> tuple[Evaluation, EvalStats]:
         started = time.perf_counter()
         tokens_before = self.client.stats.generated_tokens
         plan = self._plans.get(protocol) or self._plans.setdefault(protocol, plan_for(protocol, self.data_dir))
-        self.server.ensure(Path(checkpoint))
-        stats = EvalRunStats()
+        stats = EvalStats()
         outcomes = []
         for suite in plan.suites:
             requests = [Request(prompt=item.prompt, n=suite.n, temperature=suite.temperature, top_p=suite.top_p,
                                 max_tokens=suite.max_tokens, seed=request_seed(seed, suite.name, item.id),
                                 stop=suite.stop, skip_special_tokens=suite.skip_special_tokens)
                         for item in suite.items]
+            # each suite asks again: a server restarted mid-evaluation serves the same checkpoint at a new port
             self.server.ensure(Path(checkpoint))
             answers = self.client.sample(requests)
             grades = iter(suite.grade([(item.answer, s) for item, samples in zip(suite.items, answers, strict=True)

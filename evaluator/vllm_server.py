@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -93,27 +94,28 @@ def check_checkpoint(checkpoint: Path) -> None:
                           "(testbed checkpoints written by this version have it)")
 
 
-class VLLMServer:
+class VLLMServer(ABC):
     """A server that serves one checkpoint at a time under the name `SERVED_NAME`."""
 
     name = "vllm"
     base_url: str | None = None   # where it listens now (no /v1); a restarted managed server moves
 
+    @abstractmethod
     def ensure(self, checkpoint: Path) -> str:
         """Make the server serve `checkpoint`; returns its base URL (no /v1). Raises ServerError."""
-        raise NotImplementedError
 
     def recover(self) -> bool:
         """After a connection error: make the server serve its current checkpoint again if possible;
         False when this kind of server cannot be recovered from here (the caller retries or gives up)."""
         return False
 
+    @abstractmethod
     def check(self) -> str | None:
         """None when healthy (or idle), else the problem in words (for /healthz)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
-        pass
+        """Stop what this object started (a managed server) and release its connections."""
 
 
 def _reload(client: httpx.Client, base_url: str, checkpoint: Path, timeout_s: float) -> str | None:

@@ -93,6 +93,9 @@ class Fixed(VLLMServer):
     def check(self):
         return None
 
+    def close(self) -> None:
+        pass
+
 
 @pytest.fixture
 def stand_in():

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from importlib import resources
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from archive.api import finite
@@ -106,7 +106,7 @@ def ui_router(store: ArchiveStore) -> APIRouter:
                         headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
 
     @router.api_route("/{path:path}", methods=["GET"], response_class=HTMLResponse)
-    def unknown(path: str, request: Request) -> Response:
+    def unknown(path: str) -> Response:
         if path.startswith("api/"):  # the JSON API keeps JSON answers
             return JSONResponse({"detail": f"no API route /{path}; see /api/docs"}, status_code=404)
         return HTMLResponse(message_page("Not found", f"There is no page at /{path}.",

@@ -427,6 +427,3 @@ def render_tree_page(store: ArchiveStore, run_id: str) -> str:
     )
     return page(f"tree of {run_id}", body, run_id=run_id, live={"tree": tree_json_url(run_id)}, active="tree")
 
-
-def _finite_or_none(value: float | None) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
