@@ -25,7 +25,9 @@ esac
 
 stamp="$venv/.poise-$profile.stamp"
 want=$(cat "$root/pyproject.toml" "$root/constraints/cpu.txt" | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+current() { [ -f "$venv/.poise-$1.stamp" ] && [ "$(cat "$venv/.poise-$1.stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; }
+# the test profile installs everything the run profile does, so after `bin/test` `bin/poise` starts at once
+if current "$profile" || { [ "$profile" = run ] && current test; }; then
     exit 0
 fi
 
