@@ -2,7 +2,7 @@
 
 One process per container (docs/operations.md, "A service process"): it reads its settings from `POISE_*` variables
 (poise/settings.py), connects to NATS JetStream (`NatsBus`), builds its service and serves HTTP on
-POISE_HTTP_PORT with one uvicorn worker in a thread:
+POISE_HTTP_PORT, else on the service's own port (`SERVICE_PORTS`), with one uvicorn worker in a thread:
 
 - `GET /healthz`: 200 when the bus is connected (and, for the archive, the store answers); otherwise 503
   with a JSON body naming each problem. It is also 503 while the service shuts down.
@@ -17,6 +17,13 @@ The archive owns runs: at start-up it resumes every run in its store and starts 
 describes; POST /api/runs starts more. Its store is MongoDB (POISE_MONGO_URL) or, without it, SQLite at
 POISE_WORK_DIR/archive.db.
 
+An address it cannot reach is reported with the setting that holds it. NATS (POISE_NATS_URL) is retried until
+it answers, since it may start after the service (compose and k8s start everything at once): every failed try
+is logged with the pause before the next. A store the archive cannot open (POISE_MONGO_URL, or POISE_WORK_DIR
+for SQLite) and a work directory a worker cannot write (POISE_WORK_DIR) stop the service at start-up with exit
+status 2 (an orchestrator restarts it). The archive's API (POISE_ARCHIVE_URL) is tried once at start-up by
+the services that read it; a problem is logged, not fatal, as the archive may come later.
+
 SIGTERM / SIGINT: the service stops fetching, lets the current handler finish for up to
 POISE_SHUTDOWN_GRACE_S, closes the bus and the store, and exits 0. A handler still running after the grace
 period is abandoned unacknowledged; JetStream redelivers its message after the ack wait.
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
@@ -46,13 +54,20 @@ from archive.host import ArchiveHost
 from archive.runs import RunRefused
 from poise.contracts import MESSAGE_TYPES, Message
 from poise.metrics import METRICS, REGISTRY
-from poise.settings import SERVICES, ServiceSettings, SettingsError, load_settings
+from poise.settings import SERVICE_PORTS, SERVICES, ServiceSettings, SettingsError, load_settings
 from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("app.serve")
 
 EVENT_SUBJECTS = tuple(subject for subject in MESSAGE_TYPES if subject.startswith("evt."))
 LOOP_TICK_S = 1.0
+NATS_RETRY_S = (1.0, 15.0)  # the first and the longest pause between tries to connect to NATS
+NATS_HINT = ("set POISE_NATS_URL to the server's address, e.g. POISE_NATS_URL=nats://127.0.0.1:4222 when NATS "
+             "runs on this machine")
+WORK_DIR_HINT = ("set POISE_WORK_DIR to a directory this user can write (the same one for the implementer, trainer "
+                 "and evaluator), e.g. POISE_WORK_DIR=$HOME/poise")
+ARCHIVE_HINT = (f"e.g. POISE_ARCHIVE_URL=http://127.0.0.1:{SERVICE_PORTS['archive']} when `poise serve archive` "
+                "runs on this machine")  # after a client error, which names POISE_ARCHIVE_URL
 Check = Callable[[], str | None]  # a health check: None when fine, else what is wrong
 
 
@@ -98,6 +113,15 @@ def build_app(service: str, checks: Mapping[str, Check], stopping: threading.Eve
     return app
 
 
+def naming(check: Check, setting: str) -> Check:
+    """`check`, whose problems end with the setting that holds the address it checks."""
+    def named() -> str | None:
+        problem = check()
+        return None if problem is None else f"{problem} ({setting})"
+
+    return named
+
+
 def _run_check(check: Check) -> str | None:
     try:
         return check()
@@ -115,7 +139,8 @@ class HttpServer:
             self.socket.bind((host, port))
         except OSError as err:
             self.socket.close()
-            raise ServeError(f"cannot serve HTTP on {host}:{port}: {err}; set POISE_HTTP_PORT to a free port") from err
+            raise ServeError(f"cannot serve HTTP on {host}:{port}: {err}; set POISE_HTTP_PORT to a free port (0 picks "
+                             "one)") from err
         self.port = self.socket.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", workers=1)
         self.server = uvicorn.Server(config)
@@ -141,14 +166,25 @@ class HttpServer:
 
 
 def open_store(settings: ServiceSettings) -> ArchiveStore:
-    """MongoDB when POISE_MONGO_URL is set, else SQLite at POISE_WORK_DIR/archive.db."""
-    if settings.mongo_url:
-        from archive.mongo_store import MongoStore
+    """MongoDB when POISE_MONGO_URL is set, else SQLite at POISE_WORK_DIR/archive.db; ServeError naming the
+    setting to change when it cannot be opened (MongoStore tries the server at once)."""
+    try:
+        if settings.mongo_url:
+            from archive.mongo_store import MongoStore
 
-        return MongoStore(settings.mongo_url)
-    from archive.sqlite_store import SQLiteStore
+            return MongoStore(settings.mongo_url)
+        from archive.sqlite_store import SQLiteStore
 
-    return SQLiteStore(settings.work_dir / "archive.db")
+        return SQLiteStore(settings.work_dir / "archive.db")
+    except ArchiveError as err:
+        hint = ("set POISE_MONGO_URL to a MongoDB that answers, or leave it unset for SQLite under POISE_WORK_DIR"
+                if settings.mongo_url else f"{WORK_DIR_HINT}; or POISE_MONGO_URL for MongoDB")
+        raise ServeError(f"the archive's store ({store_setting(settings)}): {err}; {hint}") from err
+
+
+def store_setting(settings: ServiceSettings) -> str:
+    """The setting that says where the archive's store is."""
+    return "POISE_MONGO_URL" if settings.mongo_url else "POISE_WORK_DIR"
 
 
 def store_check(store: ArchiveStore) -> Check:
@@ -184,6 +220,34 @@ def nodes_dir(settings: ServiceSettings, run_id: str) -> Path:
     return settings.work_dir / "runs" / run_id / "nodes"
 
 
+def work_dir_ready(settings: ServiceSettings) -> None:
+    """Make POISE_WORK_DIR if need be: a worker that cannot write there says so now, not in its first handler."""
+    work_dir = settings.work_dir
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(work_dir, os.W_OK | os.X_OK):
+            raise PermissionError(f"{work_dir} is not writable by this user")
+    except OSError as err:
+        raise ServeError(f"cannot use POISE_WORK_DIR={work_dir} ({err}); {WORK_DIR_HINT}") from err
+
+
+def archive_reachable(url: str) -> Check:
+    """One quick read of the archive's API: None if it answers, else what is wrong and which setting to change."""
+    from archive.client import ArchiveClient
+
+    def check() -> str | None:
+        probe = ArchiveClient(url, timeout_s=3.0, retries=0)
+        try:
+            probe.run_ids()
+        except ArchiveError as err:
+            return f"{err}; {ARCHIVE_HINT}"
+        finally:
+            probe.close()
+        return None
+
+    return check
+
+
 def forward_dead_letter(bus: Any) -> Callable[[Message, str], None]:
     """A worker's dead letters: the node fails in that phase (the archive applies the evt.failed)."""
     from archive.service import dead_letter_failure
@@ -214,6 +278,8 @@ class Runtime:
     between: Callable[[], None] | None = None  # run on the loop thread between fetches (archive)
     closers: list[Callable[[], None]] = field(default_factory=list)
     counter_label: str = ""
+    # tried once at start-up; a problem is logged, not fatal (the other side may come later)
+    probes: dict[str, Check] = field(default_factory=dict)
 
 
 def archive_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
@@ -227,7 +293,7 @@ def archive_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
         store.close()
         raise ServeError(str(err)) from err
     return Runtime(subscriptions={subject: host.handle for subject in EVENT_SUBJECTS},
-                   dead_letter=host.dead_letter, checks={"store": store_check(store)},
+                   dead_letter=host.dead_letter, checks={"store": naming(store_check(store), store_setting(settings))},
                    router=archive_router(store, start_run=host.request), ui=ui_router(store),
                    between=host.run_pending,
                    closers=[store.close], counter_label="evt.*")
@@ -240,7 +306,7 @@ def proposer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     client = ArchiveClient(settings.archive_url)
     worker = ProposerService(bus, client, fingerprint_dir=Path(settings.work_dir) / "fingerprints")
     return Runtime({worker.subject: worker.handle}, forward_dead_letter(bus), closers=[client.close],
-                   counter_label=worker.subject)
+                   counter_label=worker.subject, probes={"archive": archive_reachable(settings.archive_url)})
 
 
 def reflector_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
@@ -250,13 +316,14 @@ def reflector_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     client = ArchiveClient(settings.archive_url)
     worker = ReflectorService(bus, client)
     return Runtime({worker.subject: worker.handle}, forward_dead_letter(bus), closers=[client.close],
-                   counter_label=worker.subject)
+                   counter_label=worker.subject, probes={"archive": archive_reachable(settings.archive_url)})
 
 
 def implementer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     from archive.client import ArchiveClient
     from implementer.service import ImplementerService
 
+    work_dir_ready(settings)
     client = ArchiveClient(settings.archive_url)
 
     def implementer(run_id: str) -> ImplementerService:
@@ -268,7 +335,8 @@ def implementer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
                                   config=config, archive=client)
 
     return Runtime({"work.implement": PerRun(implementer).handle}, forward_dead_letter(bus),
-                   closers=[client.close], counter_label="work.implement")
+                   closers=[client.close], counter_label="work.implement",
+                   probes={"archive": archive_reachable(settings.archive_url)})
 
 
 def trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
@@ -277,6 +345,7 @@ def trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
                          "build (trainer/service.py runs the CPU testbed); use testbed")
     from trainer.service import TrainerService
 
+    work_dir_ready(settings)
     trainers = PerRun(lambda run_id: TrainerService(bus, nodes_dir(settings, run_id), wall_s=settings.train_wall_s))
     return Runtime({"work.train": trainers.handle}, forward_dead_letter(bus), counter_label="work.train")
 
@@ -286,6 +355,7 @@ def evaluator_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     from evaluator.service import EvaluatorService
     from evaluator.vllm_server import ServerError
 
+    work_dir_ready(settings)
     backend = evaluator_backend(settings)
     try:
         preflight(backend)
@@ -293,9 +363,14 @@ def evaluator_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
         backend.close()
         raise ServeError(f"POISE_EVALUATOR_BACKEND={settings.evaluator_backend}: {err}") from err
     evaluator = EvaluatorService(bus, backend=backend)
-    checks = {backend.name: backend.check} if backend.name != "testbed" else {}
+    checks: dict[str, Check] = {}
+    probes: dict[str, Check] = {}
+    if backend.name != "testbed":
+        checks[backend.name] = backend.check  # idle until the first checkpoint starts its own server
+        if settings.vllm_url:  # a server someone else runs: it should answer from the start
+            checks[backend.name] = probes[backend.name] = naming(backend.check, "POISE_VLLM_URL")
     return Runtime({evaluator.subject: evaluator.handle}, forward_dead_letter(bus), checks=checks,
-                   closers=[backend.close], counter_label=evaluator.subject)
+                   closers=[backend.close], counter_label=evaluator.subject, probes=probes)
 
 
 def evaluator_backend(settings: ServiceSettings):
@@ -358,7 +433,7 @@ class BusCounters:
 
 def bus_check(bus: Any, url: str) -> Check:
     def check() -> str | None:
-        return None if bus.healthy() else f"not connected to NATS JetStream at {url}"
+        return None if bus.healthy() else f"not connected to NATS JetStream at {url} (POISE_NATS_URL)"
 
     return check
 
@@ -371,18 +446,26 @@ def make_bus(service: str, settings: ServiceSettings, dead_letter: Callable[[Mes
 
 
 def connect(bus: Any, stop: threading.Event, url: str) -> bool:
-    """Connect, retrying with backoff until it works (True) or `stop` is set (False)."""
-    delay = 0.5
+    """Connect, retrying with backoff until it works (True) or `stop` is set (False). There is no limit: NATS may
+    start after the service, and a service that waits costs nothing; each failed try names the setting."""
+    delay, longest = NATS_RETRY_S
     while not stop.is_set():
         try:
             bus.connect()
             return True
-        except Exception as err:  # noqa: BLE001 - NATS not up yet (compose start order); keep trying
-            log.warning("cannot connect to NATS at %s (%s: %s); retrying in %.1f s", url, type(err).__name__, err,
+        except Exception as err:  # noqa: BLE001 - NATS not up yet, or at another address; keep trying
+            log.warning("%s; retrying in %.0f s, until NATS answers or the service is stopped", nats_problem(url, err),
                         delay)
             stop.wait(delay)
-            delay = min(delay * 2, 15.0)
+            delay = min(delay * 2, longest)
     return False
+
+
+def nats_problem(url: str, err: Exception) -> str:
+    """What went wrong connecting to NATS at `url`, and what to change."""
+    if isinstance(err, OSError):  # ConnectionError, TimeoutError: nothing answered at that address
+        return f"cannot connect to NATS ({err}); {NATS_HINT}"
+    return f"cannot use NATS at {url} ({type(err).__name__}: {err})"
 
 
 def bus_loop(bus: Any, stop: threading.Event, between: Callable[[], None] | None) -> None:
@@ -420,10 +503,15 @@ def serve(service: str, settings: ServiceSettings, stop: threading.Event | None 
         checks = {"bus": bus_check(bus, settings.nats_url), **runtime.checks}
         # while `stop` is set, /healthz says so
         app = build_app(service, checks, stop, runtime.router, counters.sync, ui=runtime.ui)
-        http = HttpServer(app, settings.http_host, settings.http_port).start()
+        http = HttpServer(app, settings.http_host, settings.port_of(service)).start()
         log.info("%s serving /healthz and /metrics on port %d", service, http.port)
         if on_ready is not None:
             on_ready(http)
+        for name, probe in runtime.probes.items():
+            problem = _run_check(probe)
+            if problem is not None:
+                log.warning("%s: %s (not fatal: messages that need it fail and are retried until it answers)", name,
+                            problem)
         if connect(bus, stop, settings.nats_url):
             for subject, handler in runtime.subscriptions.items():
                 bus.subscribe(subject, handler)

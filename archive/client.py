@@ -78,8 +78,9 @@ class ArchiveClient(ArchiveStore):
                 log.warning("GET %s failed (%s); retry %d/%d in %.1f s", url, problem, attempt + 1, self.retries,
                             delay)
                 time.sleep(delay)
-        raise ArchiveError(f"the archive at {self.base_url} did not answer GET {path} after "
-                           f"{self.retries + 1} tries: {problem}")
+        tries = f"{self.retries + 1} tries" if self.retries else "1 try"
+        raise ArchiveError(f"the archive at {self.base_url} did not answer GET {path} after {tries}: {problem} "
+                           "(POISE_ARCHIVE_URL)")
 
     def _parse(self, adapter: TypeAdapter[T], response: httpx.Response) -> T:
         try:

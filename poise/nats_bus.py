@@ -97,6 +97,7 @@ STREAMS = (
 STREAM_EXISTS = 10058  # JetStream error code: the stream exists with another configuration
 
 CONNECT_TIMEOUT_S = 10.0  # connect() gives up after this (serve.connect retries with backoff)
+REACH_TIMEOUT_S = 3.0     # of which reaching a server, per server in the URL: a wrong address shows soon
 REQUEST_TIMEOUT_S = 5.0   # one JetStream API request, publish or ack
 FETCH_S = 2.0             # one pull request's expiry: short, so a closed bus leaves no long pull behind
 RETRY_S = 0.5             # pause before retrying after a connection problem
@@ -196,8 +197,7 @@ class NatsBus:
             self._call(self._connect(), self.connect_timeout_s)
         except TimeoutError as err:
             self._call(self._drop_connection(), CLOSE_TIMEOUT_S)
-            raise ConnectionError(f"no NATS server answered at {self.url} within {self.connect_timeout_s:.0f} s"
-                                  ) from err
+            raise ConnectionError(self._unanswered(self.connect_timeout_s)) from err
         except BaseException:
             self._call(self._drop_connection(), CLOSE_TIMEOUT_S)
             raise
@@ -393,6 +393,9 @@ class NatsBus:
             future.cancel()
             raise
 
+    def _unanswered(self, waited_s: float) -> str:
+        return f"no NATS server answered at {self.url} within {waited_s:g} s"
+
     def _start_loop(self) -> None:
         if self._thread is not None:
             return
@@ -405,7 +408,7 @@ class NatsBus:
 
     async def _connect(self) -> None:
         async def disconnected() -> None:
-            if not self._closing:
+            if not self._closing and self._nc is not None:  # not a connect() that failed and is being undone
                 log.warning("disconnected from NATS at %s; reconnecting", self.url)
 
         async def reconnected() -> None:
@@ -416,12 +419,22 @@ class NatsBus:
                 level = logging.DEBUG if isinstance(err, TRANSIENT) else logging.WARNING
                 log.log(level, "NATS at %s: %s: %s", self.url, type(err).__name__, err)
 
-        self._nc = await nats.connect(
-            self.servers, name=self.name, connect_timeout=2, reconnect_time_wait=1, max_reconnect_attempts=-1,
-            ping_interval=20, max_outstanding_pings=3, disconnected_cb=disconnected, reconnected_cb=reconnected,
-            error_cb=error)
+        # nats-py retries an unreachable server every second, forever (max_reconnect_attempts=-1 covers the first
+        # connect too): give up sooner, so that the caller can say which setting holds the address
+        reach_s = min(REACH_TIMEOUT_S * len(self.servers), self.connect_timeout_s)
+        try:
+            self._nc = await asyncio.wait_for(nats.connect(
+                self.servers, name=self.name, connect_timeout=2, reconnect_time_wait=1, max_reconnect_attempts=-1,
+                ping_interval=20, max_outstanding_pings=3, disconnected_cb=disconnected, reconnected_cb=reconnected,
+                error_cb=error), reach_s)
+        except TimeoutError as err:
+            raise ConnectionError(self._unanswered(reach_s)) from err
         self._js = self._nc.jetstream(timeout=REQUEST_TIMEOUT_S)
-        await self._declare_streams()
+        try:
+            await self._declare_streams()
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as err:
+            raise RuntimeError(f"NATS at {self.url} answered but has no JetStream ({type(err).__name__}); start "
+                               "nats-server with JetStream on (-js)") from err
         await self._start_consumers(self._consumers)
         log.info("connected to NATS JetStream at %s", self.url)
 

@@ -1,8 +1,10 @@
 """What a service reads from its environment in distributed mode (`poise serve`): `POISE_*` variables.
 
-Every variable is optional; the defaults suit docker compose (service names as hosts). An empty variable
-counts as unset, so compose files can pass `POISE_MONGO_URL: ${MONGO_URL:-}`. Bad values are refused at
-start-up with one line per variable (`load_settings` raises `SettingsError`), never deep inside a handler.
+Every variable is optional; the default hosts suit docker compose (service names as hosts), and each service
+has an HTTP port of its own (`SERVICE_PORTS`), so that services started by hand on one machine do not collide
+(compose and k8s set POISE_HTTP_PORT=8000 in every container). An empty variable counts as unset, so compose
+files can pass `POISE_MONGO_URL: ${MONGO_URL:-}`. Bad values are refused at start-up with one line per variable
+(`load_settings` raises `SettingsError`), never deep inside a handler.
 
 The archive also reads the run it owns: `POISE_RUN_ID` and, optionally, any `RunConfig` setting
 (`POISE_BUDGET`, `POISE_PARALLEL`, `POISE_SEED`, `POISE_PROTOCOL`, ...). Without `POISE_RUN_ID` it waits
@@ -20,7 +22,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from poise.contracts import Backends, RunConfig, parse_llm_spec
 
 ENV_PREFIX = "POISE_"
-SERVICES = ("archive", "proposer", "implementer", "trainer", "evaluator", "reflector")  # `poise serve SERVICE`
+# `poise serve SERVICE` and the port it serves HTTP on without POISE_HTTP_PORT: one each, clear of `poise ui` (8420)
+SERVICE_PORTS = {"archive": 8400, "proposer": 8401, "implementer": 8402, "trainer": 8403, "evaluator": 8404,
+                 "reflector": 8405}
+SERVICES = tuple(SERVICE_PORTS)
 # RunConfig settings the archive takes from the environment (POISE_<NAME>); run_id names the run.
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
                 "max_correction_attempts")
@@ -44,9 +49,11 @@ class ServiceSettings(BaseSettings):
     nats_url: str = Field("nats://nats:4222", description="NATS server(s), comma-separated")
     mongo_url: str | None = Field(None, description="the archive's MongoDB; unset: SQLite under work_dir")
     work_dir: Path = Field(Path("/var/lib/poise"), description="shared volume: node directories, checkpoints")
-    archive_url: str = Field("http://archive:8000", description="the archive's HTTP API, for proposer/reflector")
+    archive_url: str = Field(f"http://archive:{SERVICE_PORTS['archive']}",
+                             description="the archive's HTTP API, for proposer, implementer and reflector")
     http_host: str = "0.0.0.0"
-    http_port: int = Field(8000, ge=0, le=65535, description="/healthz, /metrics and (archive) /api/; 0: any free")
+    http_port: int | None = Field(None, ge=0, le=65535, description="/healthz, /metrics and (archive) /api/; 0: any "
+                                  "free; unset: the service's own port (SERVICE_PORTS)")
     trainer_backend: Literal["testbed", "verl"] = "testbed"
     evaluator_backend: Literal["testbed", "vllm"] = "testbed"
     vllm_url: str | None = Field(None, description="evaluator with vllm: a vLLM server someone else runs (dev mode "
@@ -119,6 +126,10 @@ class ServiceSettings(BaseSettings):
             raise ValueError(f"{names} set without POISE_RUN_ID; name the run they describe")
         self.run_config()  # a run described by the environment must be a valid RunConfig now, not later
         return self
+
+    def port_of(self, service: str) -> int:
+        """Where `service` serves HTTP: POISE_HTTP_PORT, else the service's own port."""
+        return SERVICE_PORTS[service] if self.http_port is None else self.http_port
 
     def run_settings(self) -> dict[str, object]:
         """The RunConfig settings given in the environment (not the defaults)."""

@@ -32,7 +32,7 @@ from poise.contracts import (
     SuiteResult,
     WorkTrain,
 )
-from poise.nats_bus import DLQ_STREAM, REASON_HEADER, WORK_STREAM, NatsBus, dlq_subject
+from poise.nats_bus import DLQ_STREAM, REACH_TIMEOUT_S, REASON_HEADER, WORK_STREAM, NatsBus, dlq_subject
 
 pytestmark = pytest.mark.nats
 
@@ -210,6 +210,37 @@ def test_connect_without_a_server_raises_and_a_publish_before_connect_says_so():
     with pytest.raises(RuntimeError, match="not connected"):
         bus.publish(work_train())
     bus.close()
+
+
+def test_connect_reports_an_address_where_nothing_answers_within_seconds():
+    bus = NatsBus(f"nats://127.0.0.1:{free_port()}")  # the default connect timeout, which covers stream set-up too
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"no NATS server answered at .* within {REACH_TIMEOUT_S:g} s"):
+        bus.connect()
+    assert time.monotonic() - started < REACH_TIMEOUT_S + 3
+    bus.close()
+
+
+def test_a_server_without_jetstream_is_named_as_such(tmp_path: Path):
+    port = free_port()
+    server = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nats-server did not start"
+                time.sleep(0.05)
+        bus = NatsBus(f"nats://127.0.0.1:{port}")
+        with pytest.raises(RuntimeError, match=r"answered but has no JetStream .*\(-js\)"):
+            bus.connect()
+        bus.close()
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_several_processes_declaring_streams_and_consumers_at_once_all_succeed(make_bus):

@@ -9,8 +9,15 @@ in flight — belongs to the `nats` integration tests.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +28,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.serve import HttpServer, build_app, bus_check, serve, store_check
+from app.serve import HttpServer, ServeError, build_app, bus_check, serve, store_check
 from archive.api import NOT_FOUND_HEADER, archive_router, store_unavailable
 from archive.client import ArchiveClient, ReadOnlyArchive
 from archive.runs import RunRefused, resolve_run
@@ -49,7 +56,7 @@ from poise.contracts import (
     TrainingTrajectory,
 )
 from poise.metrics import FAILED, METRICS, OK, PHASE_BUCKETS, REGISTRY, observed, tokens_per_second
-from poise.settings import ServiceSettings, SettingsError, load_settings
+from poise.settings import SERVICE_PORTS, SERVICES, ServiceSettings, SettingsError, load_settings
 from poise.store import ArchiveError, ArchiveStore
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
@@ -457,7 +464,7 @@ def test_healthz_is_200_only_when_the_bus_is_connected():
     down = client.get("/healthz")
     assert down.status_code == 503
     assert down.json() == {"status": "unhealthy", "service": "proposer",
-                           "checks": {"bus": "not connected to NATS JetStream at nats://nats:4222"}}
+                           "checks": {"bus": "not connected to NATS JetStream at nats://nats:4222 (POISE_NATS_URL)"}}
     bus.connect()
     up = client.get("/healthz")
     assert up.status_code == 200 and up.json()["status"] == "ok"
@@ -676,3 +683,108 @@ def test_every_service_has_one_runtime_builder():
     from poise.settings import SERVICES
 
     assert tuple(RUNTIMES) == SERVICES
+
+
+# --------------------------------------------------------------------------------------- started by hand
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_service_has_a_default_port_of_its_own_clear_of_poise_ui(monkeypatch):
+    from app.ui import serve_ui
+
+    monkeypatch.delenv("POISE_HTTP_PORT", raising=False)
+    ports = [load_settings().port_of(service) for service in SERVICES]
+    assert len(set(ports)) == len(SERVICES), f"two services share a default port: {ports}"
+    assert inspect.signature(serve_ui).parameters["port"].default not in ports
+    assert load_settings().archive_url.endswith(f":{SERVICE_PORTS['archive']}")
+    monkeypatch.setenv("POISE_HTTP_PORT", "9100")
+    assert {load_settings().port_of(service) for service in SERVICES} == {9100}
+
+
+def _taken(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_the_archive_and_a_proposer_started_by_hand_with_default_ports_both_serve(tmp_path: Path, monkeypatch,
+                                                                                   caplog):
+    monkeypatch.delenv("POISE_HTTP_PORT", raising=False)
+    ports = {service: SERVICE_PORTS[service] for service in ("archive", "proposer")}
+    if taken := [port for port in ports.values() if _taken(port)]:
+        pytest.skip(f"default ports {taken} are in use on this machine")
+    settings = ServiceSettings(work_dir=tmp_path, http_host="127.0.0.1",
+                               archive_url=f"http://127.0.0.1:{ports['archive']}")
+    started = {service: _serve_in_thread(service, settings, FakeBus()) for service in ports}  # archive first
+    try:
+        for service, (_, _, _, url) in started.items():
+            assert url == f"http://127.0.0.1:{ports[service]}"
+            _wait_for(lambda url=url: httpx.get(f"{url}/healthz").status_code == 200)
+            assert httpx.get(f"{url}/healthz").json()["service"] == service
+    finally:
+        for stop, thread, _, _ in started.values():
+            stop.set()
+            thread.join(10)
+    assert [result for _, _, result, _ in started.values()] == [[0], [0]]
+    assert "POISE_ARCHIVE_URL" not in caplog.text, "the proposer's start-up probe did not reach the archive"
+
+
+def _serve_by_hand(service: str, tmp_path: Path, **settings: str) -> subprocess.Popen:
+    """`poise serve SERVICE` as a newcomer starts it: a process of its own, its settings from the environment."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("POISE_")}
+    env.update(POISE_WORK_DIR=str(tmp_path), POISE_HTTP_HOST="127.0.0.1", POISE_HTTP_PORT="0", **settings)
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "serve", service], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_a_service_started_by_hand_without_nats_says_to_set_poise_nats_url_and_keeps_trying(tmp_path: Path):
+    process = _serve_by_hand("proposer", tmp_path, POISE_NATS_URL="nats://127.0.0.1:1",
+                             POISE_ARCHIVE_URL="http://127.0.0.1:1")
+    lines: queue.Queue[tuple[float, str]] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put((time.monotonic(), line)) for line in process.stdout],
+                     daemon=True).start()
+    seen: list[str] = []
+    serving_at = None
+    deadline = time.monotonic() + 60  # start-up imports on a loaded machine; the retry itself comes within seconds
+    try:
+        while not any("POISE_NATS_URL" in line for line in seen):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(seen)
+            try:
+                at, line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if "serving /healthz" in line:
+                serving_at = at
+        assert serving_at is not None and at - serving_at < 10, "".join(seen)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(30)
+    text = "".join(seen)
+    assert "cannot connect to NATS" in text and "nats://127.0.0.1:1" in text and "retrying in 1 s" in text
+    assert "POISE_ARCHIVE_URL" in text, "the archive probe at start-up named no setting"
+    assert status == 0
+
+
+def test_an_archive_started_by_hand_without_its_mongodb_exits_2_naming_poise_mongo_url(tmp_path: Path):
+    process = _serve_by_hand("archive", tmp_path, POISE_NATS_URL="nats://127.0.0.1:1",
+                             POISE_MONGO_URL="mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert "Traceback" not in output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("poise serve archive: the archive's store (POISE_MONGO_URL)") and "127.0.0.1:1" in last
+
+
+@pytest.mark.parametrize("service", ["archive", "implementer", "trainer", "evaluator"])
+def test_a_work_dir_that_cannot_be_made_stops_the_service_naming_poise_work_dir(service: str, tmp_path: Path):
+    (tmp_path / "a-file").write_text("")
+    settings = ServiceSettings(work_dir=tmp_path / "a-file" / "work", http_port=0, http_host="127.0.0.1")
+    bus = FakeBus()
+    with pytest.raises(ServeError, match="set POISE_WORK_DIR to a directory this user can write"):
+        serve(service, settings, threading.Event(), bus_factory=lambda *a: bus)
+    assert bus.closed

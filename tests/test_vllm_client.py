@@ -233,7 +233,8 @@ def test_serve_builds_the_vllm_evaluator_and_its_health_check(tmp_path):
         close()
     remote = evaluator_runtime(InProcBus(), ServiceSettings(evaluator_backend="vllm", work_dir=tmp_path,
                                                             vllm_url="http://127.0.0.1:9/v1"))
-    assert "does not answer /health" in remote.checks["vllm"]()
+    assert "does not answer /health" in remote.checks["vllm"]() and "(POISE_VLLM_URL)" in remote.checks["vllm"]()
+    assert remote.probes == remote.checks  # a server someone else runs is tried at start-up too
     with pytest.raises(ValueError, match="unknown placeholder"):
         evaluator_runtime(InProcBus(), ServiceSettings(evaluator_backend="vllm", work_dir=tmp_path,
                                                        vllm_command="{python} {model} {port} {nope}"))
