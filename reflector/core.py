@@ -7,7 +7,9 @@ proposer reading it later sees why).
 
 Training curves are means over one rollout batch per step and are noisy step to step, so start, end, min
 and max are read from a moving average; spikes are read from the raw values, which averaging would hide.
-Evaluation differences are measured in units of a noise scale (bootstrap CI half-widths by default).
+An Overall difference is "within noise" unless a two-sided test at p < 0.05 says otherwise, against the
+run's seed noise (the root's seed SD) where it was measured (`Difference`); a mechanism is credited or blamed
+only for a difference beyond noise, with a confidence no larger than the test supports.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from poise.contracts import (
     Proposal,
     Reflection,
     Scalar,
+    SuiteResult,
     TrainingTrajectory,
 )
 from poise.description.mechanisms import MECHANISMS
+from poise.scoring import ALPHA, confirmation_evaluations
 
 GENERATOR = "offline"
 
@@ -81,12 +85,10 @@ LENGTH_DRIFT_FRACTION = 0.2
 VALIDITY_DROP = 0.05
 
 # Scores are fractions in [0, 1]; differences under half a point are immaterial, and a zero-width interval
-# (no bootstrap) must not make every difference look real.
+# (no bootstrap) or identical seeds must not make every difference look real.
 NOISE_FLOOR = 0.005
-# With no interval on either side: the pooled seed sd of testbed Overall (bench/results/testbed.log).
+# With no seeds and no interval on either side: the pooled seed sd of testbed Overall (bench/results/testbed.log).
 DEFAULT_NOISE_SD = 0.019
-# A CI half-width is about two standard errors, so one noise unit already separates a change from chance.
-EFFECT_Z = 1.0
 
 
 @dataclass(frozen=True)
@@ -303,9 +305,81 @@ def _changes_text(changes: Mapping[str, tuple[Scalar | None, Scalar | None]]) ->
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def overall_noise(evaluation: Evaluation, reference: Evaluation, noise_sd: float | None = None) -> float:
-    """The scale an Overall difference is judged against: `noise_sd` if given, else the mean bootstrap CI
-    half-width of the two evaluations (DEFAULT_NOISE_SD when neither has one), at least NOISE_FLOOR.
+@dataclass(frozen=True)
+class Noise:
+    """The seed-to-seed SD of one evaluation's Overall, which Overall differences are judged against.
+
+    `seeds`: how many of the root's seeds measured it; None when seed noise was not measured and `sd` stands
+    in for it (the mean bootstrap CI half-width of the two evaluations, or DEFAULT_NOISE_SD).
+    """
+
+    sd: float
+    seeds: int | None = None
+    source: str = "measured"
+
+    def text(self) -> str:
+        """E.g. "noise SD 0.004 over 3 root seeds"."""
+        return f"noise SD {self.sd:.3f} {self.source}"
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Overall of a node (mean over `n` seeds) minus a reference's (mean over `m` seeds), against the noise.
+
+    The rule: every seed's Overall varies with SD σ (`noise.sd`), so the difference of the two means has the
+    standard error σ·√(1/n + 1/m); it is beyond noise when a two-sided test rejects "no difference" at
+    poise/scoring.py's ALPHA (0.05). With σ measured over k root seeds the test is a pooled t-test with k − 1
+    degrees of freedom (3 seeds, one seed against one: |Δ| > 4.3·σ·√2); with σ not measured, a z-test
+    (|Δ| > 1.96·σ·√2). `p` is that test's p-value.
+    """
+
+    delta: float
+    noise: Noise
+    n: int = 1
+    m: int = 1
+
+    @property
+    def standard_error(self) -> float:
+        return self.noise.sd * math.sqrt(1 / self.n + 1 / self.m)
+
+    @property
+    def p(self) -> float:
+        statistic = abs(self.delta) / self.standard_error
+        seeds = self.noise.seeds
+        if seeds and seeds >= 2:
+            from scipy.special import stdtr  # scipy costs a quarter second to import: only where a test is made
+
+            return float(2 * stdtr(seeds - 1, -statistic))
+        return 2 * statistics.NormalDist().cdf(-statistic)
+
+    @property
+    def beyond_noise(self) -> bool:
+        return self.p < ALPHA
+
+    @property
+    def units(self) -> float:
+        """The difference in units of one seed's noise SD."""
+        return self.delta / self.noise.sd
+
+    def detail(self, against: str = "") -> str:
+        """E.g. "Δ +0.003 vs the parent, noise SD 0.004 over 3 root seeds, p = 0.620"."""
+        versus = f" vs {against}" if against else ""
+        return f"Δ {self.delta:+.3f}{versus}, {self.noise.text()}, {p_text(self.p)}"
+
+    def text(self, against: str = "") -> str:
+        """E.g. "within noise (Δ +0.003 vs the parent, noise SD 0.004 over 3 root seeds, p = 0.620)"."""
+        return f"{'beyond' if self.beyond_noise else 'within'} noise ({self.detail(against)})"
+
+
+def p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def overall_noise(evaluation: Evaluation, reference: Evaluation, noise_sd: float | None = None,
+                  noise_seeds: int | None = None) -> Noise:
+    """The noise an Overall difference is judged against: `noise_sd`, measured over `noise_seeds` root seeds,
+    if given; else the mean bootstrap CI half-width of the two evaluations (DEFAULT_NOISE_SD when neither
+    has one), taken as known. Always at least NOISE_FLOOR.
 
     A seed sd of 0 (identical seeds) is floored like a zero-width interval; a nan one counts as not given.
     """
@@ -313,52 +387,85 @@ def overall_noise(evaluation: Evaluation, reference: Evaluation, noise_sd: float
         if noise_sd < 0:
             raise ValueError(f"noise_sd must be a non-negative standard deviation, got {noise_sd}")
         if math.isfinite(noise_sd):
-            return max(noise_sd, NOISE_FLOOR)
+            source = f"over {noise_seeds} root seeds" if noise_seeds else "(the run's seed noise)"
+            if noise_sd < NOISE_FLOOR:
+                source = f"{source} [measured {noise_sd:.4f}, raised to the floor]"
+            return Noise(max(noise_sd, NOISE_FLOOR), noise_seeds, source)
     half_widths = [(high - low) / 2 for e in (evaluation, reference) if e.overall_ci for low, high in [e.overall_ci]]
-    return max(statistics.fmean(half_widths), NOISE_FLOOR) if half_widths else DEFAULT_NOISE_SD
+    if half_widths:
+        return Noise(max(statistics.fmean(half_widths), NOISE_FLOOR), None,
+                     "(bootstrap CI half-width; seed noise not measured)")
+    return Noise(DEFAULT_NOISE_SD, None, "(testbed default; seed noise not measured)")
 
 
-def compare_evaluations(evaluation: Evaluation, reference: Evaluation, against: str, noise: float) -> list[Finding]:
-    """Overall and per-suite gains and losses of `evaluation` over `reference` ("parent" or "root").
+def seed_overall(node: Node) -> tuple[float, int] | None:
+    """The node's Overall as a mean over its seeds (those poise/scoring.py confirms it on: every seed of the
+    root, only the fresh-seed replicates of a confirmed node), and how many; None when it is not evaluated."""
+    if node.evaluation is None:
+        return None
+    values = [e.overall for e in confirmation_evaluations(node, node.genealogy.depth == 0) if math.isfinite(e.overall)]
+    return (statistics.fmean(values), len(values)) if values else (node.evaluation.overall, 1)
 
-    Overall is judged against `noise`; a suite against the mean of its two CI half-widths. Tags carry the
-    suite name and, against the root, a "_vs_root" suffix: "suite_gain:chain8", "suite_loss_vs_root:chain5",
+
+def compare_overall(node: Node, reference: Node, noise: Noise) -> Difference:
+    """The node's seed-mean Overall against the reference's; both must be evaluated."""
+    (ours, n), (theirs, m) = seed_overall(node), seed_overall(reference)
+    return Difference(ours - theirs, noise, n, m)
+
+
+def suite_margin(suite: SuiteResult, before: SuiteResult, noise: Noise) -> float:
+    """How far apart two single-seed scores of one suite must be to be beyond noise: the 95% interval of their
+    difference, from each one's bootstrap interval (evaluation sampling) and, where measured, the run's seed
+    noise (a suite's own seed noise is not measured; Overall's stands in for it). At least NOISE_FLOOR."""
+    z = statistics.NormalDist().inv_cdf(1 - ALPHA / 2)
+    sampling = ((suite.ci_high - suite.ci_low) / 2) ** 2 + ((before.ci_high - before.ci_low) / 2) ** 2
+    seeds = 2 * noise.sd**2 if noise.seeds else 0.0
+    return max(math.sqrt(sampling + z**2 * seeds), NOISE_FLOOR)
+
+
+def compare_evaluations(node: Node, reference: Node, against: str, noise: Noise) -> tuple[list[Finding], Difference]:
+    """Overall and per-suite gains and losses of `node` over `reference` ("parent" or "root"), both evaluated.
+
+    Overall is judged by `Difference` (seed means against the noise); a suite by `suite_margin`. Tags carry
+    the suite name and, against the root, a "_vs_root" suffix: "suite_gain:chain8", "suite_loss_vs_root:chain5",
     "overall_loss_vs_root".
     """
+    evaluation, before_all = node.evaluation, reference.evaluation
     suffix = "" if against == "parent" else f"_vs_{against}"
-    delta = evaluation.overall - reference.overall
+    difference = compare_overall(node, reference, noise)
     findings: list[Finding] = []
-    overall = f"Overall {evaluation.overall:.3f} vs {against} {reference.overall:.3f} ({delta:+.3f}"
-    if abs(delta) > EFFECT_Z * noise:
-        kind = "gain" if delta > 0 else "loss"
-        findings.append(Finding(f"overall_{kind}{suffix}", (
-            f"{overall}, a {kind} of {abs(delta) / noise:.1f} noise units of {noise:.3f}).")))
+    ours, theirs = (f" (mean of {k} seeds)" if k > 1 else "" for k in (difference.n, difference.m))
+    overall = (f"Overall {seed_overall(node)[0]:.3f}{ours} vs {against} {seed_overall(reference)[0]:.3f}{theirs}: "
+               f"{difference.text()}")
+    if difference.beyond_noise:
+        kind = "gain" if difference.delta > 0 else "loss"
+        findings.append(Finding(f"overall_{kind}{suffix}", f"{overall}, a {kind}."))
     else:
-        findings.append(Finding("", f"{overall}, within the noise of {noise:.3f})."))
+        findings.append(Finding("", f"{overall}."))
     moved: dict[str, list[str]] = {"gains": [], "losses": []}
     steady: list[str] = []
     for name, suite in evaluation.suites.items():
-        before = reference.suites.get(name)
+        before = before_all.suites.get(name)
         if before is None:
             continue
         suite_delta = suite.value - before.value
-        suite_noise = max(((suite.ci_high - suite.ci_low) + (before.ci_high - before.ci_low)) / 4, NOISE_FLOOR)
-        if abs(suite_delta) <= EFFECT_Z * suite_noise:
+        margin = suite_margin(suite, before, noise)
+        if abs(suite_delta) <= margin:
             steady.append(name)
             continue
         kind = "gain" if suite_delta > 0 else "loss"
         findings.append(Finding(f"suite_{kind}{suffix}:{name}"))
         moved["gains" if suite_delta > 0 else "losses"].append(
-            f"{name} {before.value:.3f} -> {suite.value:.3f} ({suite_delta:+.3f}, CI half-width {suite_noise:.3f})")
+            f"{name} {before.value:.3f} -> {suite.value:.3f} ({suite_delta:+.3f}, noise margin ±{margin:.3f})")
     parts = [f"{kind}: {'; '.join(items)}" for kind, items in moved.items() if items]
     if steady:
         parts.append(f"within noise: {', '.join(steady)}")
-    unmatched = sorted(evaluation.suites.keys() ^ reference.suites.keys())
+    unmatched = sorted(evaluation.suites.keys() ^ before_all.suites.keys())
     if unmatched:
         parts.append(f"not in both evaluations: {', '.join(unmatched)}")
     if parts:
         findings.append(Finding("", f"Suites vs {against}: {'; '.join(parts)}."))
-    return findings
+    return findings, difference
 
 
 def _evaluation_sentence(evaluation: Evaluation) -> str:
@@ -380,19 +487,22 @@ def _length_sentence(evaluation: Evaluation, reference: Evaluation, against: str
 # ---------------------------------------------------------------------------------------------- effects
 
 
-def judge_effects(delta: MechanismDelta, overall_delta: float, noise: float) -> list[MechanismEffect]:
-    """One effect per mechanism added, changed or removed, judged from the Overall delta vs the parent.
+def judge_effects(delta: MechanismDelta, difference: Difference) -> list[MechanismEffect]:
+    """One effect per mechanism added, changed or removed, judged from the Overall difference vs the parent.
 
-    A delta beyond EFFECT_Z noise units is helped (or hurt); a removed mechanism gets the opposite verdict,
-    since removing it is what moved Overall. Confidence is erf(|z| / sqrt 2), the chance a normal draw lies
-    within |z| units of zero, divided by the number of simultaneous changes that share the credit.
+    A difference beyond noise (`Difference`) is helped (or hurt), with confidence 1 − p divided by the number of
+    simultaneous changes that share the credit; a removed mechanism gets the opposite verdict, since removing
+    it is what moved Overall. A difference within noise is neutral with confidence 0: the data cannot tell an
+    effect from none, so the verdict claims nothing.
     """
-    z = overall_delta / noise
-    verdict = Effect.HELPED if z > EFFECT_Z else Effect.HURT if z < -EFFECT_Z else Effect.NEUTRAL
+    if difference.beyond_noise:
+        verdict = Effect.HELPED if difference.delta > 0 else Effect.HURT
+    else:
+        verdict = Effect.NEUTRAL
     opposite = {Effect.HELPED: Effect.HURT, Effect.HURT: Effect.HELPED}.get(verdict, verdict)
     changes = max(delta.n_changes, 1)
-    confidence = math.erf(abs(z) / math.sqrt(2)) / changes
-    numbers = f"Overall {overall_delta:+.3f} vs the parent ({z:+.1f} noise units of {noise:.3f})"
+    confidence = (1 - difference.p) / changes if difference.beyond_noise else 0.0
+    numbers = f"Overall {difference.text('the parent')}"
     shared = f"; one of {changes} simultaneous changes, which share the credit" if changes > 1 else ""
     removal = {Effect.HELPED: "its removal helped", Effect.HURT: "its removal hurt",
                Effect.NEUTRAL: "its removal made no measurable difference"}[verdict]
@@ -412,13 +522,14 @@ def judge_effects(delta: MechanismDelta, overall_delta: float, noise: float) -> 
 # -------------------------------------------------------------------------------------------- reflection
 
 
-def reflect(node: Node, parent: Node | None, root: Node | None, *, noise_sd: float | None = None) -> Reflection:
+def reflect(node: Node, parent: Node | None, root: Node | None, *, noise_sd: float | None = None,
+            noise_seeds: int | None = None) -> Reflection:
     """The reflection r of `node`: what changed from `parent` (Δz), what training did (τ), how evaluation
     compares with the parent and the root (y), per-mechanism effects, and a verdict.
 
     `parent` and `root` may be None (a root reflects against nothing) or the same node; missing
-    trajectories and evaluations are named in the text and tags instead of failing. `noise_sd` overrides
-    the Overall noise scale (see `overall_noise`).
+    trajectories and evaluations are named in the text and tags instead of failing. `noise_sd` is the run's
+    seed SD of Overall, measured over `noise_seeds` root seeds (see `overall_noise`).
     """
     parent, root = comparison_nodes(node, parent, root)
     header = f"Node {node.node_id} ({node.proposal.name})"
@@ -431,17 +542,26 @@ def reflect(node: Node, parent: Node | None, root: Node | None, *, noise_sd: flo
         text = [f"{header} vs parent {parent.node_id} ({parent.proposal.name}). Change: {delta.describe()}."]
 
     findings = _training_findings(node.trajectory)
-    evaluation_findings, versus_parent = _evaluation_findings(node, parent, root, noise_sd)
+    evaluation_findings, versus_parent = _evaluation_findings(node, parent, root, noise_sd, noise_seeds)
     findings += evaluation_findings
     gap = _transfer_gap(node.trajectory, versus_parent)
     if gap:
         findings.append(gap)
 
-    effects = judge_effects(delta, *versus_parent) if delta is not None and versus_parent is not None else []
+    effects = judge_effects(delta, versus_parent) if delta is not None and versus_parent is not None else []
     tags = list(dict.fromkeys(f.tag for f in findings if f.tag))
     text += [f.sentence for f in findings if f.sentence]
     text.append(_verdict(node, parent, delta, versus_parent, tags))
     return Reflection(text=" ".join(text), effects=effects, diagnoses=tags, generator=GENERATOR)
+
+
+def root_noise(root: Node | None) -> tuple[float | None, int | None]:
+    """(seed SD of Overall, seeds) over the root's seeds (its own and its replicates); (None, None) with fewer
+    than two: the noise `reflect` judges differences against."""
+    if root is None:
+        return None, None
+    overall = [e.overall for e in confirmation_evaluations(root, True) if math.isfinite(e.overall)]
+    return (statistics.stdev(overall), len(overall)) if len(overall) >= 2 else (None, None)
 
 
 def comparison_nodes(node: Node, parent: Node | None, root: Node | None) -> tuple[Node | None, Node | None]:
@@ -460,9 +580,9 @@ def _training_findings(trajectory: TrainingTrajectory | None) -> list[Finding]:
     return [Finding("", _training_sentence(trajectory)), *diagnose_training(trajectory)]
 
 
-def _evaluation_findings(node: Node, parent: Node | None, root: Node | None,
-                         noise_sd: float | None) -> tuple[list[Finding], tuple[float, float] | None]:
-    """Findings about y, and (Overall delta, noise) against the parent where both were evaluated."""
+def _evaluation_findings(node: Node, parent: Node | None, root: Node | None, noise_sd: float | None,
+                         noise_seeds: int | None) -> tuple[list[Finding], Difference | None]:
+    """Findings about y, and the Overall difference from the parent where both were evaluated."""
     evaluation = node.evaluation
     if evaluation is None:
         return [Finding("missing_evaluation", "The node has no evaluation, so no mechanism can be credited or "
@@ -473,33 +593,32 @@ def _evaluation_findings(node: Node, parent: Node | None, root: Node | None,
         findings.append(Finding("missing_parent_evaluation",
                                 f"Parent {parent.node_id} has no evaluation to compare against."))
     elif parent is not None:
-        noise = overall_noise(evaluation, parent.evaluation, noise_sd)
-        versus_parent = (evaluation.overall - parent.evaluation.overall, noise)
-        findings += compare_evaluations(evaluation, parent.evaluation, "parent", noise)
+        noise = overall_noise(evaluation, parent.evaluation, noise_sd, noise_seeds)
+        parent_findings, versus_parent = compare_evaluations(node, parent, "parent", noise)
+        findings += parent_findings
         findings.append(Finding("", _length_sentence(evaluation, parent.evaluation, "parent")))
     if root is not None and root.evaluation is not None:
-        noise = overall_noise(evaluation, root.evaluation, noise_sd)
-        findings += compare_evaluations(evaluation, root.evaluation, "root", noise)
+        noise = overall_noise(evaluation, root.evaluation, noise_sd, noise_seeds)
+        findings += compare_evaluations(node, root, "root", noise)[0]
     return findings, versus_parent
 
 
-def _transfer_gap(trajectory: TrainingTrajectory | None, versus_parent: tuple[float, float] | None) -> Finding | None:
-    """Training reward rose clearly, but Overall did not beat the parent's by more than the noise."""
+def _transfer_gap(trajectory: TrainingTrajectory | None, versus_parent: Difference | None) -> Finding | None:
+    """Training reward rose clearly, but Overall did not beat the parent's beyond noise."""
     reward = _trend(trajectory, "reward_mean") if trajectory else None
     if reward is None or versus_parent is None:
         return None
     rise = reward["end"] - reward["start"]
-    overall_delta, noise = versus_parent
-    if rise < REWARD_CLEAR_RISE or overall_delta > EFFECT_Z * noise:
+    if rise < REWARD_CLEAR_RISE or (versus_parent.beyond_noise and versus_parent.delta > 0):
         return None
     return Finding("reward_up_eval_flat", (
         f"Training reward rose by {rise:+.3f} ({reward['start']:.3f} -> {reward['end']:.3f}) but Overall did not "
-        f"beat the parent's ({overall_delta:+.3f} against noise {noise:.3f}): the gain is specific to the "
-        "training prompts or to the reward."))
+        f"beat the parent's: {versus_parent.text()}; the gain is specific to the training prompts or to the "
+        "reward."))
 
 
 def _verdict(node: Node, parent: Node | None, delta: MechanismDelta | None,
-             versus_parent: tuple[float, float] | None, tags: list[str]) -> str:
+             versus_parent: Difference | None, tags: list[str]) -> str:
     training = [t for t in tags if not t.startswith(("overall_", "suite_", "missing_"))]
     flags = f" Flags: {', '.join(training)}." if training else ""
     if node.evaluation is None:
@@ -509,13 +628,10 @@ def _verdict(node: Node, parent: Node | None, delta: MechanismDelta | None,
                 f"descendants.{flags}")
     if versus_parent is None:
         return f"Verdict: no comparison with the parent is possible.{flags}"
-    overall_delta, noise = versus_parent
-    z = overall_delta / noise
-    if z > EFFECT_Z:
-        outcome = f"better than the parent by {overall_delta:+.3f} Overall ({z:.1f} noise units)"
-    elif z < -EFFECT_Z:
-        outcome = f"worse than the parent by {overall_delta:+.3f} Overall ({z:.1f} noise units)"
+    if versus_parent.beyond_noise:
+        outcome = f"{'better' if versus_parent.delta > 0 else 'worse'} than the parent"
     else:
-        outcome = f"within noise of the parent ({overall_delta:+.3f} Overall, {z:+.1f} noise units)"
+        outcome = "within noise of the parent"
+    outcome += f" (Overall {versus_parent.detail()})"
     cause = f", after it {delta.describe(with_params=False)}" if delta is not None and delta.n_changes else ""
     return f"Verdict: {outcome}{cause}.{flags}"

@@ -30,10 +30,13 @@ from poise.objective import describe as describe_objective
 from reflector.core import (
     MAIN_CURVES,
     MechanismDelta,
+    compare_overall,
     comparison_nodes,
     mechanism_delta,
     overall_noise,
+    p_text,
     reflect,
+    seed_overall,
     summarize_trajectory,
 )
 
@@ -112,7 +115,7 @@ def changed_mechanisms(delta: MechanismDelta | None) -> list[str]:
 
 
 def llm_reflect(client: LLMClient, node: Node, parent: Node | None, root: Node | None, noise_sd: float | None,
-                config: RunConfig) -> Reflection:
+                config: RunConfig, noise_seeds: int | None = None) -> Reflection:
     """The reflection of `node` by `client`'s model; raises LLMError (its `calls` attached) when there is none.
 
     The stored diagnoses are the offline tags followed by the model's new ones. The archive and the proposer
@@ -120,7 +123,7 @@ def llm_reflect(client: LLMClient, node: Node, parent: Node | None, root: Node |
     the same in every run only if a tag is a measured threshold crossing whichever reflector ran; the model
     may add tags, but cannot drop or rename a measured one.
     """
-    offline = reflect(node, parent, root, noise_sd=noise_sd)
+    offline = reflect(node, parent, root, noise_sd=noise_sd, noise_seeds=noise_seeds)
     parent, root = comparison_nodes(node, parent, root)
     delta = mechanism_delta(node.proposal, parent.proposal) if parent is not None else None
     changed = changed_mechanisms(delta)
@@ -130,7 +133,7 @@ def llm_reflect(client: LLMClient, node: Node, parent: Node | None, root: Node |
         node=_node_section(node, parent, root),
         change=_change_section(delta, changed),
         training=_training_section(node, parent),
-        evaluation=_evaluation_section(node, parent, root, noise_sd),
+        evaluation=_evaluation_section(node, parent, root, noise_sd, noise_seeds),
         diagnoses="\n".join(f"- {tag}" for tag in offline.diagnoses) or "None.",
         changed=", ".join(changed) if changed else "none changed, so `effects` is an empty list",
     )
@@ -207,40 +210,46 @@ def _training_section(node: Node, parent: Node | None) -> str:
     return "\n".join(lines)
 
 
-def _evaluation_section(node: Node, parent: Node | None, root: Node | None, noise_sd: float | None) -> str:
+def _evaluation_section(node: Node, parent: Node | None, root: Node | None, noise_sd: float | None,
+                        noise_seeds: int | None) -> str:
     evaluation = node.evaluation
     if evaluation is None:
         return "The node was not evaluated."
-    references = [(role, other.evaluation) for role, other in (("parent", parent), ("root", root))
+    references = [(role, other) for role, other in (("parent", parent), ("root", root))
                   if other is not None and other.evaluation is not None]
-    noises = [overall_noise(evaluation, reference, noise_sd) for _, reference in references]
+    differences = [compare_overall(node, other, overall_noise(evaluation, other.evaluation, noise_sd, noise_seeds))
+                   for _, other in references]
     if not references:
         lines = ["There is no evaluated parent or root to compare with."]
     else:
-        lines = ["Overall differences are judged against the noise scale " + ", ".join(
-            f"{noise:.3f} vs the {role}" for (role, _), noise in zip(references, noises, strict=True))
-                 + " (the root's seed sd where known, else the mean bootstrap CI half-width); a suite's against its "
-                 "CI half-widths."]
+        lines = ["An Overall difference is judged against the run's seed noise (the SD of one seed's Overall: "
+                 + ", ".join(f"{d.noise.text()} vs the {role}" for (role, _), d in zip(references, differences,
+                                                                                    strict=True))
+                 + "): it is beyond noise only when a two-sided test gives p < 0.05, else within noise, which is "
+                 "no evidence of an effect either way. A suite's difference is judged against its two CI half-widths "
+                 "and the seed noise."]
     header = "| metric | node |" + "".join(f" {role} | node − {role} |" for role, _ in references)
     lines += ["", header, "|---|---|" + "---|---|" * len(references)]
 
-    def row(label: str, ours: float | None, theirs: list[float | None], noises: list[float] | None = None) -> str:
+    def row(label: str, ours: float | None, theirs: list[float | None]) -> str:
         cells = [f"{ours:.3f}" if ours is not None else "—"]
-        for i, value in enumerate(theirs):
-            if value is None or ours is None:
-                cells += ["—", "—"]
-                continue
-            units = f" ({(ours - value) / noises[i]:+.1f} noise units)" if noises else ""
-            cells += [f"{value:.3f}", f"{ours - value:+.3f}{units}"]
+        for value in theirs:
+            cells += ["—", "—"] if value is None or ours is None else [f"{value:.3f}", f"{ours - value:+.3f}"]
         return f"| {label} | {' | '.join(cells)} |"
 
+    overall_cells = [f"{seed_overall(node)[0]:.3f}"]
+    for (_, other), difference in zip(references, differences, strict=True):
+        mean, seeds = seed_overall(other)
+        overall_cells += [f"{mean:.3f}" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""),
+                          f"{difference.delta:+.3f} ({difference.units:+.1f} noise units; "
+                          f"{'beyond' if difference.beyond_noise else 'within'} noise, {p_text(difference.p)})"]
     interval = f" [{evaluation.overall_ci[0]:.3f}, {evaluation.overall_ci[1]:.3f}]" if evaluation.overall_ci else ""
-    lines.append(row(f"Overall{interval}", evaluation.overall, [r.overall for _, r in references], noises))
-    lines.append(row("utility", evaluation.utility, [r.utility for _, r in references]))
-    lines.append(row("mean length (tokens)", evaluation.mean_length, [r.mean_length for _, r in references]))
+    lines.append(f"| Overall{interval} | {' | '.join(overall_cells)} |")
+    lines.append(row("utility", evaluation.utility, [r.evaluation.utility for _, r in references]))
+    lines.append(row("mean length (tokens)", evaluation.mean_length, [r.evaluation.mean_length for _, r in references]))
     for name, suite in evaluation.suites.items():
         kind = suite.kind.value.replace("@k", f"@{suite.k}")
         label = f"{name} ({kind}, CI ±{(suite.ci_high - suite.ci_low) / 2:.3f})"
-        lines.append(row(label, suite.value, [r.suites[name].value if name in r.suites else None
-                                              for _, r in references]))
+        lines.append(row(label, suite.value, [r.evaluation.suites[name].value if name in r.evaluation.suites
+                                              else None for _, r in references]))
     return "\n".join(lines)

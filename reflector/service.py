@@ -1,7 +1,8 @@
 """The reflector bound to the bus: work.reflect → evt.reflected.
 
 It reads the node, its first parent and the run's root through a read-only archive view, and passes the
-run's seed noise (the root's seed SD) so verdicts are judged against noise, not bootstrap width alone.
+run's seed noise (the SD of the root's Overall over its seeds, and how many) so verdicts are judged against
+noise, not bootstrap width alone.
 
 The run's config picks the reflector: the offline one (the default), or the LLM reflector when
 `backends.llm_for("reflect")` names a model. Every agent-LLM request made while handling the message is
@@ -23,9 +24,8 @@ from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtReflected, Failure, Node, Phase, Reflection, RunConfig, WorkReflect
 from poise.llm import LLMClient, LLMError, collect_calls
 from poise.metrics import FAILED, observed
-from poise.scoring import seed_scores, summarize
 from poise.store import ArchiveStore
-from reflector.core import reflect
+from reflector.core import reflect, root_noise
 from reflector.llm_reflector import fallback_reflection, llm_reflect
 
 log = logging.getLogger(__name__)
@@ -52,21 +52,21 @@ class ReflectorService:
             parent = self.archive.get_node(work.run_id, work.parent_ids[0]) if work.parent_ids else None
             root_id = node.genealogy.ancestors[0] if node.genealogy.ancestors else node.node_id
             root = self.archive.get_node(work.run_id, root_id)
-            noise = summarize(seed_scores(root)) if root is not None else None
-            reflection = self._reflect(node, parent, root, noise.sd if noise else None)
+            reflection = self._reflect(node, parent, root, *root_noise(root))
         self.bus.publish(EvtReflected(**ids, reflection=reflection, llm_calls=calls))
 
-    def _reflect(self, node: Node, parent: Node | None, root: Node | None, noise_sd: float | None) -> Reflection:
+    def _reflect(self, node: Node, parent: Node | None, root: Node | None, noise_sd: float | None,
+                 noise_seeds: int | None) -> Reflection:
         """The LLM reflection when the run configures one, else (or when it fails) the offline reflection."""
         config = self.archive.get_run(node.run_id)
         client = self._client(config) if config is not None else None
         if client is None:
-            return reflect(node, parent, root, noise_sd=noise_sd)
+            return reflect(node, parent, root, noise_sd=noise_sd, noise_seeds=noise_seeds)
         try:
-            return llm_reflect(client, node, parent, root, noise_sd, config)
+            return llm_reflect(client, node, parent, root, noise_sd, config, noise_seeds)
         except LLMError as err:
             log.warning("node %s: the LLM reflection failed, keeping the offline reflection: %s", node.node_id, err)
-            return fallback_reflection(reflect(node, parent, root, noise_sd=noise_sd), err)
+            return fallback_reflection(reflect(node, parent, root, noise_sd=noise_sd, noise_seeds=noise_seeds), err)
 
     def _client(self, config: RunConfig) -> LLMClient | None:
         """The run's reflect client, its meter seeded with what the run's nodes have spent; None when offline.

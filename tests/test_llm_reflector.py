@@ -153,7 +153,7 @@ def test_an_llm_reflection_is_stored_with_its_model_effects_and_calls(tmp_path, 
     assert request.body["tool_choice"] == {"type": "tool", "name": "submit_reflectionanswer"}
     assert "Added validity:mask (invalid_penalty=-1.0); changed clip:symmetric (clip_ratio 0.2 -> 0.3)" in prompt
     assert "| entropy | 0.1309 | 0.02436 | 0.02436 | 0.1309 | 0.1353 -> 0.1046 |" in prompt
-    assert "+0.060 (+3.0 noise units)" in prompt and "- entropy_collapse" in prompt
+    assert "+0.060 (+3.0 noise units; beyond noise, p = 0.034)" in prompt and "- entropy_collapse" in prompt
     assert "maximize the weighted Overall" in prompt
 
 

@@ -25,9 +25,12 @@ from reflector.core import (
     DEFAULT_NOISE_SD,
     ENTROPY_COLLAPSE_FRACTION,
     NOISE_FLOOR,
+    Difference,
+    Noise,
     mechanism_delta,
     overall_noise,
     reflect,
+    root_noise,
     summarize_trajectory,
 )
 
@@ -207,14 +210,35 @@ def test_suite_gains_and_losses_are_judged_against_their_intervals_vs_parent_and
 
 
 def test_noise_is_the_mean_ci_half_width_unless_given():
-    assert overall_noise(evaluation(0.5, half_width=0.02), evaluation(0.5, half_width=0.04)) == pytest.approx(0.03)
-    assert overall_noise(evaluation(0.5, half_width=None), evaluation(0.5, half_width=0.04)) == pytest.approx(0.04)
-    assert overall_noise(evaluation(0.5, half_width=None), evaluation(0.5, half_width=None)) == DEFAULT_NOISE_SD
-    assert overall_noise(evaluation(0.5), evaluation(0.5), noise_sd=0.1) == 0.1
-    assert overall_noise(evaluation(0.5), evaluation(0.5), noise_sd=0.0) == NOISE_FLOOR  # identical seeds
-    assert overall_noise(evaluation(0.5), evaluation(0.5), noise_sd=float("nan")) == pytest.approx(0.02)
+    def sd(*args, **kwargs) -> float:
+        return overall_noise(*args, **kwargs).sd
+
+    assert sd(evaluation(0.5, half_width=0.02), evaluation(0.5, half_width=0.04)) == pytest.approx(0.03)
+    assert sd(evaluation(0.5, half_width=None), evaluation(0.5, half_width=0.04)) == pytest.approx(0.04)
+    assert sd(evaluation(0.5, half_width=None), evaluation(0.5, half_width=None)) == DEFAULT_NOISE_SD
+    assert sd(evaluation(0.5), evaluation(0.5), noise_sd=0.1) == 0.1
+    assert sd(evaluation(0.5), evaluation(0.5), noise_sd=0.0) == NOISE_FLOOR  # identical seeds
+    assert sd(evaluation(0.5), evaluation(0.5), noise_sd=float("nan")) == pytest.approx(0.02)
+    assert overall_noise(evaluation(0.5), evaluation(0.5), noise_sd=0.01, noise_seeds=3).seeds == 3
+    assert overall_noise(evaluation(0.5), evaluation(0.5)).seeds is None  # an interval is not a seed measurement
     with pytest.raises(ValueError, match="non-negative"):
         overall_noise(evaluation(0.5), evaluation(0.5), noise_sd=-0.1)
+
+
+def test_a_difference_is_beyond_noise_only_where_a_two_sided_test_says_so():
+    measured = Noise(0.01, seeds=3)  # σ from 3 root seeds: a t-test with 2 degrees of freedom
+    critical = 4.303 * 0.01 * math.sqrt(2)  # t(0.975, 2) · σ · √(1/1 + 1/1)
+    assert not Difference(0.98 * critical, measured).beyond_noise
+    assert Difference(1.02 * critical, measured).beyond_noise
+    assert Difference(-1.02 * critical, measured).beyond_noise
+    assert Difference(0.98 * critical, measured).p == pytest.approx(0.052, abs=0.002)
+    # more seeds on the reference side shrink the standard error: σ·√(1/1 + 1/3)
+    assert Difference(0.9 * critical, measured, n=1, m=3).beyond_noise
+    # σ taken as known (not measured over seeds): a z-test, |Δ| > 1.96·σ·√2
+    known = Noise(0.01)
+    assert not Difference(0.027, known).beyond_noise and Difference(0.029, known).beyond_noise
+    assert Difference(0.003, Noise(0.004, 3, "over 3 root seeds")).text() == (
+        "within noise (Δ +0.003, noise SD 0.004 over 3 root seeds, p = 0.649)")
 
 
 # ------------------------------------------------------------------------------------------------ Δz
@@ -274,14 +298,14 @@ def test_a_removed_mechanism_that_hurt_is_credited_with_the_opposite_of_its_remo
     child = evaluated("n1", 0.58, parent=parent)
     (verdict,) = reflect(child, parent, parent).effects
     assert (verdict.mechanism, verdict.effect) == ("entropy:bonus", Effect.HURT)
-    assert verdict.evidence.startswith("removed; Overall +0.080 vs the parent")
+    assert verdict.evidence.startswith("removed; Overall beyond noise (Δ +0.080 vs the parent")
     assert "its removal helped and the mechanism itself is judged hurt" in verdict.evidence
 
 
-def test_confidence_grows_with_the_delta_in_noise_units_and_is_shared_between_changes(root):
+def test_confidence_is_one_minus_p_beyond_noise_and_is_shared_between_changes(root):
     small, large = (reflect(evaluated("n1", o, parent=root, mechanisms=[*GRPO, "validity:mask"]), root, root)
-                    .effects[0].confidence for o in (0.53, 0.60))
-    assert 0 < small < large <= 1
+                    .effects[0].confidence for o in (0.57, 0.60))
+    assert 0.95 < small < large <= 1  # beyond noise means p < 0.05
     mechanisms = [*GRPO, "validity:mask", "entropy:bonus"]
     shared = reflect(evaluated("n2", 0.60, parent=root, mechanisms=mechanisms), root, root).effects
     assert [e.confidence for e in shared] == pytest.approx([large / 2, large / 2])
@@ -289,9 +313,30 @@ def test_confidence_grows_with_the_delta_in_noise_units_and_is_shared_between_ch
 
 
 def test_an_explicit_noise_sd_can_turn_a_gain_into_noise(root):
-    child = evaluated("n1", 0.53, parent=root, mechanisms=[*GRPO, "validity:mask"])
-    assert reflect(child, root, root).effects[0].effect == Effect.HELPED  # +0.03 against half-widths of 0.02
+    child = evaluated("n1", 0.58, parent=root, mechanisms=[*GRPO, "validity:mask"])
+    assert reflect(child, root, root).effects[0].effect == Effect.HELPED  # +0.08 against half-widths of 0.02
     assert reflect(child, root, root, noise_sd=0.05).effects[0].effect == Effect.NEUTRAL
+
+
+def test_a_difference_within_the_runs_seed_noise_is_neutral_with_no_confidence(root):
+    """The tiny protocol's case: a few thousandths between nodes whose seeds differ by as much."""
+    seeded = root.model_copy(update={"replicates": [evaluation(0.497), evaluation(0.503)]})
+    child = evaluated("n1", 0.506, parent=seeded, mechanisms=[*GRPO, "validity:mask"])
+    reflection = reflect(child, seeded, seeded, noise_sd=0.004, noise_seeds=3)
+    (verdict,) = reflection.effects
+    assert (verdict.effect, verdict.confidence) == (Effect.NEUTRAL, 0.0)
+    assert ("within noise (Δ +0.006 vs the parent, noise SD 0.005 over 3 root seeds [measured 0.0040, raised to "
+            "the floor], p = " in verdict.evidence)
+    assert "vs parent 0.500 (mean of 3 seeds)" in reflection.text  # the root's seed mean, not its first seed
+    assert "Verdict: within noise of the parent (Overall Δ +0.006" in reflection.text
+    assert not [t for t in reflection.diagnoses if t.startswith("overall_")]
+
+
+def test_the_run_noise_is_the_sd_of_the_roots_overall_over_its_seeds(root):
+    assert root_noise(root) == (None, None)  # one seed measures no noise
+    seeded = root.model_copy(update={"replicates": [evaluation(0.49), evaluation(0.51)]})
+    assert root_noise(seeded) == (pytest.approx(0.01), 3)
+    assert root_noise(None) == (None, None)
 
 
 def test_a_changed_param_gets_an_effect():

@@ -20,14 +20,23 @@ from pathlib import Path
 import pytest
 
 from archive.report import (
+    CHAR_PX,
+    LABEL_HEIGHT_PX,
     SCALE_STOPS,
+    Scale,
+    coincident,
     cumulative_best,
     lineage_layout,
+    min_span,
+    place_labels,
     render_node_text,
+    tick_labels,
+    ticks,
     top_variants,
     write_report,
 )
 from archive.sqlite_store import SQLiteStore
+from archive.status import run_status
 from poise.contracts import (
     CallRecord,
     CheckResult,
@@ -54,6 +63,7 @@ from poise.contracts import (
     VerificationAttempt,
 )
 from poise.llm.cost import llm_cost
+from poise.scoring import confirmation_evaluations, confirmation_scores, utility
 from poise.store import ArchiveError
 
 RUN = "run-report"
@@ -277,9 +287,11 @@ def test_report_has_the_four_figures_and_a_row_per_node(page: str) -> None:
     cells = {r.attrs["data-node-id"]: [td.all_text() for td in r.find_all("td")] for r in rows}
     assert cells["n4"][1:5] == ["variant-n4", "2", "n1, n2", "evaluated"]
     assert cells["n4"][5:7] == ["0.5 [0.47, 0.53]", "42"]
-    assert cells["n4"][8] == "—"  # the overall objective has no constraints
-    assert cells["n4"][9] == "analytic_variance_scaling"
-    assert cells["n2"][4] == "failed" and cells["n2"][10].startswith("train: <img")
+    assert cells["n4"][8] == "1 seed"
+    assert cells["n0"][8] == "0.4000 ± 0.0497, 3 seeds"  # the mean and 95% CI over the root's seeds
+    assert cells["n4"][9] == "—"  # the overall objective has no constraints
+    assert cells["n4"][10] == "analytic_variance_scaling"
+    assert cells["n2"][4] == "failed" and cells["n2"][11].startswith("train: <img")
     assert cells["n5"][5] == "—"
 
 
@@ -328,7 +340,7 @@ def test_dynamics_draw_root_and_top_three_skipping_non_finite_points(page: str) 
     assert series["response_length"] == [root, "n4", "n1", "n3"]
     n3_reward = next(c for c in panels["reward_mean"].find_all("polyline", "curve") if c.attrs["data-series"] == "n3")
     assert len(polyline_points(n3_reward)) == 2  # of 0.2, nan, 0.4, inf
-    legend = [g.all_text() for g in dynamics.find_all("g", "legend-entry")]
+    legend = [g.find_all("text")[0].text for g in dynamics.find_all("g", "legend-entry")]
     assert legend == [root, "n4", "n1", "n3"]
 
 
@@ -393,7 +405,7 @@ def test_report_follows_a_custom_utility(archive: SQLiteStore, tmp_path: Path) -
 
     figs = figures(Tree(write_report(archive, RUN, tmp_path / "r.html", utility=shorter).read_text()).root)
     assert figs["fig-frontier"].find_all("polyline", "frontier")[0].attrs["data-best"] == "0:-60 1:-50 2:-42 3:-42"
-    legend = [g.all_text() for g in figs["fig-dynamics"].find_all("g", "legend-entry")]
+    legend = [g.find_all("text")[0].text for g in figs["fig-dynamics"].find_all("g", "legend-entry")]
     assert legend == ["root (GRPO) n0", "n4", "n3", "n1"]
 
 
@@ -401,6 +413,123 @@ def test_report_of_an_unknown_run_is_an_error(store: SQLiteStore, tmp_path: Path
     with pytest.raises(ArchiveError, match="no run 'nope'"):
         write_report(store, "nope", tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_frontier_draws_seed_means_with_intervals_and_single_seeds_hollow(page: str) -> None:
+    frontier_fig = figures(Tree(page).root)["fig-frontier"]
+    points = {c.attrs["data-node-id"]: c for c in frontier_fig.find_all("circle", "utility-point")}
+    root = points["n0"]  # 0.40 with replicates 0.38 and 0.42: the mean of three seeds, with its interval
+    assert (root.attrs["data-seeds"], root.attrs["data-value"]) == ("3", "0.4")
+    assert "seed-mean" in root.attrs["class"] and "one-seed" in points["n1"].attrs["class"]
+    assert "0.4000 ± 0.0497 (95% CI, 3 seeds)" in titles(root)
+    bars = {line.attrs["x1"] for line in frontier_fig.find_all("line", "seed-interval")
+            if line.attrs["x1"] == line.attrs["x2"]}  # the bar, not its caps
+    assert bars == {root.attrs["cx"]}  # only the root has several seeds
+    (band,) = frontier_fig.find_all("rect", "root-band")
+    assert float(band.attrs["height"]) > 0
+    legend = frontier_fig.all_text()
+    assert "bar = 95% CI" in legend and "1 seed" in legend
+
+
+def test_the_frontier_labels_the_best_node_with_the_summarys_value(store: SQLiteStore, tmp_path: Path) -> None:
+    nodes = archive_nodes()
+    # n4's first seed (0.50) is the lucky one it was picked on; the runner re-trained it with three fresh seeds
+    fresh = [evaluation(u, 42.0, seed=1000 * (i + 1)) for i, u in enumerate((0.46, 0.48, 0.47))]
+    nodes["n4"] = nodes["n4"].model_copy(update={"replicates": fresh})
+    store.put_run(RunConfig(run_id=RUN, budget=12, seed=7, protocol="testbed-v1"))
+    for node in nodes.values():
+        store.insert_node(node)
+    best = run_status(store, RUN).best
+    figs = figures(Tree(write_report(store, RUN, tmp_path / "r.html").read_text()).root)
+    (label,) = figs["fig-frontier"].find_all("text", "best-label")
+    half = (best.interval[1] - best.interval[0]) / 2
+    assert label.text == f"n4 (best): {best.utility:.4f} ± {half:.4f}, {best.seeds} seeds"
+    assert label.text.startswith("n4 (best): 0.4700 ± ")  # the fresh seeds' mean, not the lucky first seed
+    n4 = next(c for c in figs["fig-frontier"].find_all("circle", "utility-point") if c.attrs["data-node-id"] == "n4")
+    assert n4.attrs["data-value"] == "0.47"
+
+
+def test_confirmation_evaluations_are_the_evaluations_confirmation_scores_score() -> None:
+    nodes = archive_nodes()
+    confirmed = nodes["n4"].model_copy(update={"replicates": [evaluation(0.46), evaluation(0.48)]})
+    for node, is_root in ((nodes["n0"], True), (nodes["n1"], False), (confirmed, False), (nodes["n5"], False)):
+        scores = [utility(e) for e in confirmation_evaluations(node, is_root)]
+        assert scores == confirmation_scores(node, is_root)
+
+
+def test_identical_curves_get_distinct_dashes_and_are_named_in_the_legend(page: str) -> None:
+    dynamics = figures(Tree(page).root)["fig-dynamics"]
+    entropy = next(g for g in dynamics.find_all("g", "panel") if g.attrs["data-metric"] == "entropy")
+    styles = [(c.attrs.get("stroke-dasharray"), c.attrs["stroke-width"]) for c in entropy.find_all("polyline")]
+    assert len(set(styles)) == len(styles)  # n4 and n1 log the same entropy; their curves still differ in dash
+    notes = {g.find_all("text")[0].text: g.all_text() for g in dynamics.find_all("g", "legend-entry")}
+    # n4 and n1 share the fixture's entropy and length curves but not their rewards
+    assert notes["n1"].endswith("= n4 in entropy, response length (identical)")
+    assert "identical" not in notes["n4"]
+
+
+def test_a_variant_identical_to_the_root_is_named_as_such(store: SQLiteStore, tmp_path: Path) -> None:
+    root = evaluated("n0", [], 0.40, 60.0)
+    store.insert_node(root)
+    store.insert_node(evaluated("n1", [root], 0.45, 60.0, trajectory=root.trajectory))
+    dynamics = figures(Tree(write_report(store, RUN, tmp_path / "r.html").read_text()).root)["fig-dynamics"]
+    assert "n1= root (GRPO) n0 (identical curves)" in [g.all_text() for g in dynamics.find_all("g", "legend-entry")]
+
+
+def test_an_axis_over_a_tiny_spread_is_widened_and_its_labels_are_distinct_and_fit() -> None:
+    lengths = [56.100, 56.103, 56.106]
+    x = Scale.fit(lengths, 70, 570, min_span=min_span(lengths))
+    assert x.hi - x.lo >= 0.01 * 56.1  # not 56.100-56.106 drawn across the whole axis
+    values = ticks(x.lo, x.hi)
+    labels = tick_labels(values)
+    assert len(set(labels)) == len(labels) >= 3
+    assert all(len(label.split(".")[-1]) <= 2 for label in labels)  # no digits the step does not resolve
+    spacing = min(abs(x(b) - x(a)) for a, b in zip(values, values[1:], strict=False))
+    assert spacing > max(len(label) for label in labels) * CHAR_PX
+    # the run's measured seed noise widens it further: ±2 SD at least
+    assert min_span([0.6300, 0.6305], noise_sd=0.004) == pytest.approx(0.016)
+    assert tick_labels([0.61, 0.62, 0.63]) == ["0.61", "0.62", "0.63"]
+    assert tick_labels([0.0, 10.0, 20.0]) == ["0", "10", "20"]
+
+
+def test_the_scatter_of_a_tiny_protocol_run_has_readable_axes_and_labels(store: SQLiteStore, tmp_path: Path) -> None:
+    """The tiny protocol: every length within 56.100-56.106, two nodes at the same place."""
+    root = evaluated("n0", [], 0.500, 56.103, replicates=[evaluation(0.497, 56.101, 8), evaluation(0.504, 56.105, 9)])
+    nodes = [root, evaluated("n1", [root], 0.503, 56.100), evaluated("n2", [root], 0.503, 56.100),
+             evaluated("n3", [root], 0.502, 56.1005), evaluated("n4", [root], 0.5015, 56.106)]
+    for node in nodes:
+        store.insert_node(node)
+    scatter = figures(Tree(write_report(store, RUN, tmp_path / "r.html").read_text()).root)["fig-scatter"]
+    ticks_text = [t.text for t in scatter.find_all("text", "tick") if t.attrs.get("text-anchor") == "middle"]
+    assert len(set(ticks_text)) == len(ticks_text) >= 3
+    labels = {t.text: t for t in scatter.find_all("text", "point-label")}
+    assert set(labels) == {"n0", "n1 = n2", "n3", "n4"}  # the coincident pair shares one label
+    boxes = [label_box(t) for t in labels.values()]
+    assert not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    root_point = next(c for c in scatter.find_all("circle", "point") if c.attrs["data-node-id"] == "n0")
+    assert root_point.attrs["data-seeds"] == "3" and scatter.find_all("line", "seed-interval")
+
+
+def label_box(text: Element) -> tuple[float, float, float, float]:
+    x, y, width = float(text.attrs["x"]), float(text.attrs["y"]), len(text.text) * CHAR_PX
+    left = x - width if text.attrs.get("text-anchor") == "end" else x
+    return left, y - LABEL_HEIGHT_PX + 2, left + width, y + 2
+
+
+def overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def test_labels_of_crowded_points_are_placed_apart() -> None:
+    anchors = [(100.0, 100.0 + 2 * i, f"n00{i}") for i in range(5)]  # five points within 8 px
+    placed = place_labels(anchors, (0, 0, 400, 400))
+    boxes = []
+    for (_, _, text), (x, y, anchor) in zip(anchors, placed, strict=True):
+        width = len(text) * CHAR_PX
+        left = x - width if anchor == "end" else x
+        boxes.append((left, y - LABEL_HEIGHT_PX + 2, left + width, y + 2))
+    assert not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert coincident([("a", 1.0, 1.0), ("b", 1.5, 1.2), ("c", 9.0, 1.0)]) == [["a", "b"], ["c"]]
 
 
 # ------------------------------------------------------------------------------------------- node text
