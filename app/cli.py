@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shlex
+import sqlite3
 import sys
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
+from typing import NoReturn
+
+from pydantic import ValidationError
 
 from app.reports import invoked_command, write_json_report
-from poise.algorithm import check_passed, describe_problems, structural_check
-from poise.algorithms import REFERENCE_ALGORITHMS
-from poise.contracts import Backends, BestStatus, Objective, RootStatus, RunConfig
+from poise.contracts import ROOT_ID, Backends, BestStatus, NodeStatus, Objective, RootStatus, RunConfig
 from poise.settings import SERVICES
-from poise.testbed.sft import DEFAULT_SFT_STEPS
+
+# torch, transformers, sklearn and scipy cost seconds to import: commands import them where they are used, so
+# that --help, status and show start in a fraction of a second (tests/test_cli.py checks the module stays light).
 
 
 def selfcheck() -> int:
     """Structural check of every reference algorithm; exit status 1 if any fails."""
+    from poise.algorithm import check_passed, describe_problems, structural_check
+    from poise.algorithms import REFERENCE_ALGORITHMS
+
     failed = 0
     for algorithm in REFERENCE_ALGORITHMS.values():
         started = time.perf_counter()
@@ -42,6 +53,8 @@ DEFAULT_RUN_DIR = "runs/default"
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
                 "llm_budget_usd")
 LLM_OPERATORS = ("propose", "screen", "implement", "reflect")
+# The flag that sets each RunConfig field whose name is not its flag's (the others: --field-name).
+FLAG_OF_FIELD = {"kind": "--objective", "agents": "--llm"}
 
 
 def _run_id(run_dir: Path) -> str:
@@ -66,8 +79,23 @@ def run_config(args: argparse.Namespace, stored: RunConfig | None, run_id: str) 
         backends["evaluator"] = evaluator
     if backends:
         given["backends"] = (stored.backends if stored else Backends()).model_copy(update=backends)
-    config = stored.model_copy(update=given) if stored else RunConfig(run_id=run_id, **given)
-    return RunConfig.model_validate(config.model_dump())
+    try:
+        config = stored.model_copy(update=given) if stored else RunConfig(run_id=run_id, **given)
+        return RunConfig.model_validate(config.model_dump())
+    except ValidationError as err:
+        raise ValueError(settings_error_text(err)) from None
+
+
+def settings_error_text(err: ValidationError) -> str:
+    """pydantic's errors as `--flag: what is wrong (got VALUE)`, one per problem, without its documentation links."""
+    problems = []
+    for error in err.errors():
+        field = str(error["loc"][-1]) if error["loc"] else ""
+        flag = FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-")) if field else "settings"
+        message = error["msg"].removeprefix("Value error, ")  # a validator's own message says what it got
+        got = "" if error["type"] == "value_error" else f" (got {error['input']!r})"
+        problems.append(f"{flag}: {message}{got}")
+    return "; ".join(problems)
 
 
 def llm_settings(values: list[str]) -> dict[str, object]:
@@ -86,7 +114,10 @@ def llm_settings(values: list[str]) -> dict[str, object]:
     settings: dict[str, object] = {"agents": agents} if agents else {}
     if llm is not None:
         settings["llm"] = llm
-    Backends.model_validate(settings)  # each spec is checked here, with the spec's own error message
+    try:
+        Backends.model_validate(settings)  # each spec is checked here, with the spec's own error message
+    except ValidationError as err:
+        raise ValueError(settings_error_text(err)) from None
     return settings
 
 
@@ -109,12 +140,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"invalid run settings: {err}", file=sys.stderr)
         return 2
+    problem = _run_dir_problem(run_dir)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     evaluator = _evaluator(args, config.backends.evaluator, run_dir.resolve(),
                            startup_timeout_s=args.vllm_startup_timeout)
     if evaluator is None:
         return 2
     try:
-        summary = run(config, run_dir, stream=sys.stdout, evaluator=evaluator)
+        summary = run(config, run_dir, stream=sys.stdout, evaluator=evaluator, force=args.force)
     except RunError as err:
         print(str(err), file=sys.stderr)
         return 2
@@ -122,7 +157,62 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; `poise run --run-dir {run_dir}` resumes the run where it stopped", file=sys.stderr)
         return 130
     _print_outcome(summary)
+    shortfall = _shortfall(summary)
+    if shortfall:
+        print(shortfall, file=sys.stderr)
+        return 1
+    _print_next(args.run_dir)
     return 0
+
+
+def _print_next(run_dir: str) -> None:
+    """What to look at after a run, as commands the user can paste: `bin/poise` when started through it."""
+    prog = os.environ.get("POISE_PROG") or "poise"
+    where = "" if run_dir == DEFAULT_RUN_DIR else f" --run-dir {shlex.quote(run_dir)}"
+    print("next:")
+    for command, what in (("status", "where the run stands"), ("show best", "the best node: proposal, code, curves, "
+                                                                            "metrics, reflection"),
+                          ("report", "an HTML report with the lineage and the figures"),
+                          ("ui", "the web UI, live beside a running `poise run`")):
+        print(f"  {prog} {command}{where}   # {what}")
+
+
+def _run_dir_problem(run_dir: Path) -> str | None:
+    """Why `poise run` cannot write in `run_dir` (made when missing), or None. A path that is a file is left to the
+    runner's check of the directory (app/rundir.py), which says so."""
+    import tempfile
+
+    if run_dir.exists() and not run_dir.is_dir():
+        return None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):  # as root, os.access says yes even on a read-only filesystem
+            pass
+    except OSError as err:
+        return f"cannot write in --run-dir {run_dir} ({err.strerror or err}); choose another --run-dir"
+    return None
+
+
+def _shortfall(summary) -> str | None:
+    """Why a finished run did not do its job, or None: its root failed, every proposal failed, or it stopped
+    before its budget was evaluated (the agent-LLM cost cap excepted: that stop is the user's own setting)."""
+    from archive.sqlite_store import DB_FILENAME, SQLiteStore
+
+    status = summary.status
+    if status.root is not None and status.root.status == NodeStatus.FAILED:
+        return f"the run could not start: {summary.stop_reason}"
+    proposals = sum(status.counts.values()) - 1
+    if proposals and status.counts.get(NodeStatus.FAILED, 0) == proposals:
+        with SQLiteStore(summary.run_dir / DB_FILENAME, read_only=True) as store:
+            failed = store.nodes(summary.run_id, status=NodeStatus.FAILED)
+        reasons = Counter(n.failure.reason for n in failed if n.failure) or Counter({"no reason recorded": proposals})
+        reason, times = reasons.most_common(1)[0]
+        return f"every proposal failed: {reason}" + (f" ({times} of {proposals})" if times < proposals else "")
+    budget, llm = status.budget, status.llm
+    capped = llm.cap_usd is not None and llm.usd >= llm.cap_usd
+    if budget.evaluated < budget.total and not capped:
+        return f"the run stopped with {budget.evaluated} of {budget.total} candidates evaluated: {summary.stop_reason}"
+    return None
 
 
 def _print_outcome(summary) -> None:
@@ -275,12 +365,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from app.doctor import doctor
+
+    return doctor(Path(args.run_dir), repair_archive=args.repair)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from archive.report import render_node_text
 
     store, run_id = _open_run_store(Path(args.run_dir))
     with store:
-        node = store.get_node(run_id, args.node)
+        node_id = _named_node(store, run_id, args.node)
+        node = store.get_node(run_id, node_id) if node_id else None
+        if node is None and args.node in ("best", "root"):
+            print(f"run {run_id} has no {args.node} node yet; `poise status` says where it stands", file=sys.stderr)
+            return 2
         if node is None:
             known = ", ".join(n.node_id for n in store.nodes(run_id)) or "none"
             print(f"no node {args.node!r} in run {run_id}; nodes: {known}", file=sys.stderr)
@@ -291,6 +391,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         print(render_node_text(node, parent))
     return 0
+
+
+def _named_node(store, run_id: str, name: str) -> str | None:
+    """`root`, `best` (the confirmed best, else the leader on one seed) or a node id, as a node id."""
+    if name == "root":
+        return ROOT_ID
+    if name == "best":
+        from archive.status import run_status
+
+        status = run_status(store, run_id)
+        best = status.best or status.leader
+        return best.node_id if best else None
+    return name
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -315,6 +428,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
+    from poise.algorithms import REFERENCE_ALGORITHMS
+
     for algorithm in REFERENCE_ALGORITHMS.values():
         print(f"{algorithm.name}  [{', '.join(algorithm.mechanisms)}]\n  {algorithm.reference}\n"
               f"  {algorithm.description}\n")
@@ -323,11 +438,12 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
 
 def cmd_testbed_build(args: argparse.Namespace) -> int:
     from poise.testbed.checkpoints import BASE_DIR
-    from poise.testbed.sft import build_base_checkpoint
+    from poise.testbed.sft import DEFAULT_SFT_STEPS, build_base_checkpoint
 
     out = Path(args.out) if args.out else BASE_DIR / args.name
-    print(f"building the base checkpoint: seed {args.seed}, {args.steps} SFT steps -> {out}")
-    path = build_base_checkpoint(out, seed=args.seed, steps=args.steps, log=print)
+    steps = DEFAULT_SFT_STEPS if args.steps is None else args.steps
+    print(f"building the base checkpoint: seed {args.seed}, {steps} SFT steps -> {out}")
+    path = build_base_checkpoint(out, seed=args.seed, steps=steps, log=print)
     recipe = json.loads((path / "recipe.json").read_text())
     print(f"done: weights sha256 {recipe['weights_sha256']}, final loss {recipe['final_loss']:.4f}")
     return 0
@@ -335,6 +451,7 @@ def cmd_testbed_build(args: argparse.Namespace) -> int:
 
 def cmd_bench_testbed(args: argparse.Namespace) -> int:
     from app.bench import CONTROL, bench_testbed
+    from poise.algorithms import REFERENCE_ALGORITHMS
     from poise.testbed.protocol import get_protocol
 
     algorithms = args.algorithms or [*REFERENCE_ALGORITHMS, CONTROL]
@@ -438,6 +555,14 @@ def cmd_bench_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_cli(args: argparse.Namespace) -> int:
+    """Start-up time of the first commands a person types, each a fresh process (app/bench_cli.py)."""
+    from app.bench_cli import bench_cli
+
+    bench_cli(Path(args.run_dir) if args.run_dir else None, args.repeats, Path(args.json) if args.json else None)
+    return 0
+
+
 def cmd_bench_search(args: argparse.Namespace) -> int:
     from app.bench import selector_search
 
@@ -459,12 +584,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_service(args.service)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error in two lines, what was wrong and where the options are: the full usage of
+    `poise run` is a screenful. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poise", description="Autonomous discovery of LLM-RL algorithms.")
+    parser = Parser(prog="poise", description="Autonomous discovery of LLM-RL algorithms.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an unexpected error, and libraries' warnings")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="grow a lineage of algorithms from GRPO (embedded mode); resumes a run")
-    run.add_argument("--budget", type=int, help="evaluated candidates, the root excluded (default 64)")
-    run.add_argument("--parallel", type=int, help="candidates in the pipeline at once (default 3)")
+    run.add_argument("--budget", type=positive_int, help="evaluated candidates, the root excluded (default 64)")
+    run.add_argument("--parallel", type=positive_int,
+                     help="candidates in the pipeline at once (default 3); in this embedded mode, up to that many "
+                          "trainings run side by side with one verification and one evaluation, each with its share "
+                          "of the cores; 1: one step at a time, reproducible message for message")
     run.add_argument("--seed", type=int, help="the run's seed: proposals, training and evaluation (default 0)")
     run.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"where the archive lives (default {DEFAULT_RUN_DIR})")
     run.add_argument("--protocol", help="testbed protocol: default; ema or iterate (the earlier defaults, 45 steps "
@@ -474,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="greedy or random: the baseline proposer (default greedy); poise: Phase I acquisition "
                           "over Pareto strength, utility, diversity and a descendant-gain GP, and per parent a "
                           "population screened by fingerprint novelty and a utility GP's expected improvement")
-    run.add_argument("--root-seeds", type=int, help="seeds the root (GRPO) is trained with, for the noise (3)")
-    run.add_argument("--replicate-seeds", type=int, help="fresh seeds a node is re-trained with before it is "
+    run.add_argument("--root-seeds", type=positive_int, help="seeds the root (GRPO) is trained with, for the noise (3)")
+    run.add_argument("--replicate-seeds", type=positive_int, help="fresh seeds a node is re-trained with before it is "
                                                           "reported as the best (3)")
     run.add_argument("--objective", choices=("overall", "length"),
                      help="utility: the weighted Overall (default), or shorter responses at Overall within "
@@ -499,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "{model} {port} {served_name} (default: evaluator/vllm_server.py)")
     run.add_argument("--vllm-startup-timeout", type=float, default=600.0, metavar="SECONDS",
                      help="how long a started vLLM server may take to answer (default 600)")
+    run.add_argument("--force", action="store_true", help="start a run in a directory that holds other files")
     run.set_defaults(handler=cmd_run)
     for name, handler, text in (("status", cmd_status, "where a run stands"),
                                 ("report", cmd_report, "write a self-contained HTML report of a run")):
@@ -510,10 +660,16 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--out", help="default: RUN_DIR/report.html")
     show = commands.add_parser("show", help="one node: proposal, code, verification, curves, metrics, reflection")
-    show.add_argument("node")
+    show.add_argument("node", help="a node id (n003), root, or best (the confirmed best, else the leader)")
     show.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_show)
+    doctor = commands.add_parser("doctor", help="check a run directory: lock, archive and backup integrity; "
+                                                "--repair restores a damaged archive")
+    doctor.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    doctor.add_argument("--repair", action="store_true", help="move a damaged archive.db aside and restore the "
+                                                              "backup, with the newer work still readable in it")
+    doctor.set_defaults(handler=cmd_doctor)
     serve = commands.add_parser("serve", help="run one service of the distributed mode (settings: POISE_* "
                                               "variables; see app/serve.py)")
     serve.add_argument("service", choices=SERVICES)
@@ -544,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     testbed = commands.add_parser("testbed", help="the CPU testbed").add_subparsers(dest="testbed", required=True)
     build = testbed.add_parser("build", help="rebuild the base checkpoint deterministically from a seed")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--steps", type=int, default=DEFAULT_SFT_STEPS, help="SFT steps (a budget, never seconds)")
+    build.add_argument("--steps", type=int, help="SFT steps, a budget, never seconds (default: the base recipe's, "
+                                                 "poise/testbed/sft.py)")
     build.add_argument("--name", default="default", help="checkpoint name under poise/testbed/base/")
     build.add_argument("--out", help="write somewhere else instead")
     build.set_defaults(handler=cmd_testbed_build)
@@ -613,12 +770,50 @@ def build_parser() -> argparse.ArgumentParser:
                                help="seconds before a selection is reported as timed out (default 600)")
     bench_archive.add_argument("--json", help="write the report here")
     bench_archive.set_defaults(handler=cmd_bench_archive)
+    bench_cli = bench.add_parser("cli", help="start-up time of --help, run --help, status and show, each a fresh "
+                                             "process")
+    bench_cli.add_argument("--repeats", type=positive_int, default=10, help="runs of each command (default 10)")
+    bench_cli.add_argument("--run-dir", help="the run status and show read (default: a small synthetic archive)")
+    bench_cli.add_argument("--json", help="write the report here")
+    bench_cli.set_defaults(handler=cmd_bench_cli)
     return parser
 
 
+# Where poise's own warnings come from; every other module's are libraries', shown only with --debug.
+OWN_MODULES = r"(app|archive|evaluator|implementer|poise|proposer|reflector|trainer)(\.|$)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. An expected failure is a line or two on stderr (the command's own, or
+    here: a damaged archive, or any other error as its type and message); --debug lets the traceback through."""
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.filterwarnings("ignore")
+                warnings.filterwarnings("default", module=OWN_MODULES)
+            return args.handler(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(failure_text(err, getattr(args, "run_dir", None)), file=sys.stderr)
+        return 1
+
+
+def failure_text(err: Exception, run_dir: str | None) -> str:
+    """What `main` prints for an error no command handled."""
+    from poise.store import ArchiveError
+
+    if isinstance(err, ArchiveError):  # its message names the archive and, for a damaged file, `poise doctor`
+        return f"poise: {err}"
+    if isinstance(err, sqlite3.DatabaseError):
+        where = f" --run-dir {run_dir}" if run_dir else ""
+        return (f"poise: the archive cannot be read ({err}); run `poise doctor{where}` to check it and restore the "
+                "last good copy")
+    return f"poise: {type(err).__name__}: {err}\n(run `poise --debug ...` for the traceback)"
 
 
 if __name__ == "__main__":

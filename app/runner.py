@@ -1,7 +1,8 @@
 """The embedded runner behind `poise run`: the six services in one process on the in-process bus.
 
 The run directory holds everything: `archive.db` (the SQLite genealogical archive, the run's config included),
-`nodes/<id>/` (verification attempts, training directories and checkpoints) and `run.log`. Starting a run
+`nodes/<id>/` (verification attempts, training directories and checkpoints), `run.log`, and the lock `run.lock` and
+the backup `archive.db.bak` (app/rundir.py: one run at a time, foreign directories refused). Starting a run
 in a directory that already holds one resumes it: the stored config is used (a different protocol or seed
 is refused; a larger budget extends the run), and the work of every unfinished node is redone.
 """
@@ -10,17 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from app.progress import Progress, clock_text
+from app.rundir import Backups, RunDirError, RunDirLock, check_run_dir
 from archive.runs import RunRefused, resolve_run
 from archive.service import ArchiveService
-from archive.sqlite_store import SQLiteStore
+from archive.sqlite_store import SQLiteStore, damaged
 from archive.status import run_status
-from archive.update import Outcome, UpdateResult
+from archive.update import UpdateResult
 from evaluator.backends import EvaluatorBackend, build_evaluator
 from evaluator.service import EvaluatorService
 from implementer.service import ImplementerService
@@ -29,13 +34,11 @@ from poise.bus import InProcBus
 from poise.contracts import (
     RECORDED_SETTINGS,
     Message,
-    NodeStatus,
     RunConfig,
     RunStatus,
-    TrainingStep,
-    WorkTrain,
 )
 from poise.objective import describe as describe_objective
+from poise.sandbox import MAX_THREADS_ENV
 from poise.timing import PhaseClock
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
@@ -75,6 +78,9 @@ def open_run(run_dir: Path, config: RunConfig) -> tuple[SQLiteStore, RunConfig]:
     run_dir.mkdir(parents=True, exist_ok=True)
     store = SQLiteStore.in_run_dir(run_dir)
     try:
+        problems = store.check()  # quick_check: ~10 ms per 1,000 nodes; a damaged file is never written to
+        if problems:
+            raise damaged(store.path, problems[0])
         stored = store.run_ids()
         run_id = config.run_id if not stored or config.run_id in stored else stored[0]
         given = config.model_dump(mode="json", exclude={"run_id", *RECORDED_SETTINGS})
@@ -88,104 +94,6 @@ def open_run(run_dir: Path, config: RunConfig) -> tuple[SQLiteStore, RunConfig]:
         raise
 
 
-class Progress:
-    """Line-oriented progress: one line per finished phase, a status line after each evaluation."""
-
-    def __init__(self, stream: TextIO | None, store: SQLiteStore, config: RunConfig, clock: PhaseClock) -> None:
-        self.stream = stream
-        self.store = store
-        self.config = config
-        self.clock = clock
-        self.started = time.monotonic()
-        self.evaluated_at_start: int | None = None
-
-    def say(self, text: str) -> None:
-        if self.stream is not None:
-            elapsed = time.monotonic() - self.started
-            print(f"[{_clock(elapsed)}] {text}", file=self.stream, flush=True)
-
-    def on_result(self, event: Message, result: UpdateResult) -> None:
-        if result.outcome != Outcome.APPLIED or result.node is None:
-            if result.outcome == Outcome.REJECTED:
-                self.say(f"{event.node_id}: {event.subject} rejected: {result.reason}")
-            return
-        node = result.node
-        name = node.proposal.name
-        replicate = getattr(event, "replicate", 0)
-        if replicate:
-            if event.subject == "evt.evaluated":
-                evaluation = event.evaluation
-                self.say(f"{node.node_id} {name}: fresh-seed replicate {replicate} (seed {evaluation.seed}): "
-                         f"Overall {evaluation.overall:.4f}")
-            elif event.subject != "evt.trained" or not result.next_work:
-                self.say(f"{node.node_id} {name}: replicate {replicate}: {result.reason}")
-            return
-        match event.subject:
-            case "evt.proposed":
-                parents = ",".join(node.genealogy.parent_ids) or "none (root)"
-                self.say(f"{node.node_id} proposed: {name} (parent {parents}, depth {node.genealogy.depth}, by "
-                         f"{node.proposal.generator}) — {node.proposal.rationale[:160]}")
-            case "evt.implemented" if node.implementation is not None:
-                impl = node.implementation
-                verdict = "verified" if impl.verified else "NOT verified"
-                self.say(f"{node.node_id} {verdict} after {len(impl.attempts)} attempt(s)")
-            case "evt.trained" if node.trajectory is not None:
-                t = node.trajectory
-                last = t.steps[-1] if t.steps else None
-                reward = f", reward {last.reward_mean:.3f}" if last and last.reward_mean is not None else ""
-                self.say(f"{node.node_id} trained {len(t.steps)} steps in {t.wall_s:.0f} s{reward}"
-                         + (f" — aborted: {t.abort_reason}" if t.aborted else ""))
-            case "evt.evaluated" if node.evaluation is not None:
-                self.say(f"{node.node_id} evaluated: Overall {node.evaluation.overall:.4f}, "
-                         f"mean length {node.evaluation.mean_length:.1f}")
-                self.status_line()
-            case "evt.reflected" if node.reflection is not None:
-                tags = ", ".join(node.reflection.diagnoses) or "no issues"
-                self.say(f"{node.node_id} reflected: {tags}")
-        calls = getattr(event, "llm_calls", [])
-        if calls:
-            self.say(f"{node.node_id} {event.subject}: {len(calls)} agent-LLM request(s), "
-                     f"${sum(c.cost_usd for c in calls):.4f}; node total ${node.cost.llm_usd:.4f}")
-        if node.status == NodeStatus.FAILED and node.failure is not None:
-            self.say(f"{node.node_id} FAILED in {node.failure.phase}: {node.failure.reason}")
-
-    def on_step(self, work: WorkTrain, step: TrainingStep) -> None:
-        every = 10
-        if step.step % every == every - 1:
-            reward = f"{step.reward_mean:.3f}" if step.reward_mean is not None else "-"
-            tag = f" r{work.replicate}" if work.replicate else ""
-            self.say(f"{work.node_id}{tag} step {step.step + 1}: reward {reward}")
-
-    def status_line(self) -> None:
-        status = run_status(self.store, self.config.run_id)
-        counts = status.counts
-        done = status.budget.evaluated
-        if self.evaluated_at_start is None:
-            self.evaluated_at_start = done
-        elapsed = time.monotonic() - self.started
-        new = done - self.evaluated_at_start
-        eta = ""
-        if new > 0 and done < self.config.budget:  # fresh-seed confirmation of the best comes on top
-            eta = f", ETA ~{_clock(elapsed / new * (self.config.budget - done))} + confirmation"
-        best = status.best
-        leader = status.leader
-        in_pipeline = (NodeStatus.PROPOSED, NodeStatus.IMPLEMENTED, NodeStatus.TRAINED)
-        parts = [f"evaluated {done}/{self.config.budget}",
-                 "in pipeline " + " ".join(f"{s} {counts[s]}" for s in in_pipeline),
-                 f"failed {counts[NodeStatus.FAILED]}"]
-        if leader:
-            root_mean = status.root.mean if status.root else None
-            gain = f" ({leader.utility - root_mean:+.4f} vs GRPO)" if root_mean is not None else ""
-            parts.append(f"leader {leader.node_id} {leader.utility:.4f}{gain} (1 seed)")
-        if best and best.confirmed:
-            parts.append(f"best {best.node_id} {best.utility:.4f} — {best.verdict}")
-        llm = status.llm
-        if llm.calls:
-            cap = f" of ${llm.cap_usd:.2f}" if llm.cap_usd is not None else ""
-            parts.append(f"agent LLM ${llm.usd:.4f}{cap} ({llm.calls} requests)")
-        self.say(" · ".join(parts) + f" · elapsed {_clock(elapsed)}{eta}")
-
-
 def check_agents(config: RunConfig, agents: Agents) -> None:
     """Build every operator's agent-LLM client before anything starts: RunError (and nothing written) for a
     spec the process cannot serve, such as a missing API key."""
@@ -196,25 +104,60 @@ def check_agents(config: RunConfig, agents: Agents) -> None:
             raise RunError(f"the {operator} agent ({config.backends.llm_for(operator)}) cannot start: {err}") from err
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(seconds) if math.isfinite(seconds) else 0
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def concurrent_work(parallel: int) -> dict[str, int]:
+    """The work the bus handles on worker threads when `parallel` > 1, and how much of each at once: its time is
+    spent in sandboxed children or in torch, outside the GIL. The trainer keeps nothing between messages, so up to
+    `parallel` trainings run side by side; the implementer (whose coder may keep state) and the evaluator (whose
+    backend holds one model: vLLM reloads its server's weights per checkpoint) take one message at a time, as one
+    replica of their deployed service does."""
+    return {"work.implement": 1, "work.train": parallel, "work.evaluate": 1}
+
+
+@contextmanager
+def thread_share(workers: int) -> Iterator[None]:
+    """Each of `workers` pieces of work side by side gets its share of the cores: POISE_MAX_THREADS (read by
+    poise/sandbox.py's thread_cap, for the sandboxed children and the evaluator) is lowered to cores // workers
+    while the run goes on, unless it is lower already. Two trainings of 2 threads each on 2 cores would spin
+    against each other."""
+    before = os.environ.get(MAX_THREADS_ENV)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cores // workers)
+    if workers > 1 and not (before is not None and before.isdigit() and 0 < int(before) <= share):
+        os.environ[MAX_THREADS_ENV] = str(share)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MAX_THREADS_ENV, None)
+        else:
+            os.environ[MAX_THREADS_ENV] = before
 
 
 def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_wall_s: float = 120.0,
         coder=None, max_messages: int | None = None, agents: Agents | None = None,
-        evaluator: EvaluatorBackend | None = None) -> RunSummary:
+        evaluator: EvaluatorBackend | None = None, force: bool = False) -> RunSummary:
     """Run (or resume) the search in `run_dir` until its budget is evaluated; returns the summary. `agents`:
     the agent-LLM clients of the run's operators (this process's by default); `evaluator`: the backend that
-    scores checkpoints (default: the run's `backends.evaluator` with default settings). The run closes it."""
+    scores checkpoints (default: the run's `backends.evaluator` with default settings). The run closes it.
+    The run holds `run_dir`'s lock and backs its archive up (app/rundir.py); `force`: start in a foreign directory."""
     run_dir = run_dir.resolve()
     agents = agents or default_agents()
     check_agents(config, agents)
-    store, config = open_run(run_dir, config)
+    try:
+        check_run_dir(run_dir, force)
+        lock = RunDirLock(run_dir, "poise run")
+    except RunDirError as err:
+        raise RunError(str(err)) from err
+    try:
+        store, config = open_run(run_dir, config)
+    except BaseException:
+        lock.release()
+        raise
     if evaluator is None:
         evaluator = build_evaluator(config.backends.evaluator, run_dir)
     elif evaluator.name != config.backends.evaluator:
         store.close()
+        lock.release()
         raise RunError(f"run {config.run_id} records evaluator {config.backends.evaluator!r}, but a {evaluator.name!r} "
                        f"evaluator was given; its nodes would not be comparable")
     clock = PhaseClock()
@@ -224,10 +167,21 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
     logger = logging.getLogger("poise")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    progress: Progress | None = None
     try:
-        progress = Progress(stream, store, config, clock)
-        bus = InProcBus()
-        archive = ArchiveService(bus, store, config, on_result=progress.on_result)
+        workers = config.parallel
+        bus = InProcBus(workers=workers, concurrent=concurrent_work(workers))
+        progress = Progress(stream, store, config, clock, bus=bus, workers=workers)
+        if lock.taken_over is not None:
+            progress.say(f"taking over the lock of pid {lock.taken_over.pid} (no longer running)")
+        backups = Backups(store, progress.say)
+        backups.take()  # the archive as opened, checked sound
+
+        def on_result(event: Message, result: UpdateResult) -> None:
+            progress.on_result(event, result)
+            backups.on_result(event, result)
+
+        archive = ArchiveService(bus, store, config, on_result=on_result)
         bus.dead_letter = archive.dead_letter
         workroot = run_dir / "nodes"
         services = [
@@ -251,10 +205,12 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
                          f"seed {config.seed}, parent selection {config.parent_selection}; objective: "
                          f"{describe_objective(config.objective)}; agents: {describe_agents(config)}")
         delivered = 0
-        while bus.step():
-            delivered += 1
-            if max_messages is not None and delivered >= max_messages:
-                break
+        with thread_share(workers):
+            while bus.step():
+                delivered += 1
+                if max_messages is not None and delivered >= max_messages:
+                    bus.join()  # work on worker threads ends before the caller resumes the run
+                    break
         if not archive.state.finished and max_messages is None:
             archive.pump()
         wall = time.monotonic() - started
@@ -262,12 +218,18 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
         summary = RunSummary(config.run_id, run_dir, wall, clock.total(), dict(clock.seconds), status,
                              archive.state.stop_reason, resumed)
         if archive.state.finished:
-            progress.say(f"run finished ({archive.state.stop_reason}) in {_clock(wall)}")
+            progress.finished = True
+            progress.say(f"run finished ({archive.state.stop_reason}) in {clock_text(wall)}")
             progress.status_line()
         (run_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=1))
+        backups.take()
+        progress.close()
         return summary
     finally:
+        if progress is not None:
+            progress.close(erase=False)  # interrupted: its last state stays on screen
         evaluator.close()
         logger.removeHandler(handler)
         handler.close()
         store.close()
+        lock.release()

@@ -90,6 +90,7 @@ RESULT_KEY = "result"
 MAX_OUTPUT_BYTES = 8 << 20
 STDERR_TAIL_BYTES = 16 << 10
 FORK_SERVER_ENV = "POISE_SANDBOX_FORK_SERVER"  # "0": a fresh interpreter for every child
+MAX_THREADS_ENV = "POISE_MAX_THREADS"  # a cap on every child's (and the evaluator's) threads: thread_cap
 FORK_SERVER_DIR_PREFIX = "poise-forkserver-"
 WATCHDOG_GRACE_S = 5.0  # how long the parent waits for the watchdog to kill the sandbox before killing the group
 
@@ -151,7 +152,7 @@ def thread_cap(threads: int) -> int:
     """`threads`, capped by POISE_MAX_THREADS when it is set: processes that share the cores (parallel test
     workers, several services on one host) each get fewer threads instead of OpenMP threads spinning against
     each other, which slows every one of them several-fold."""
-    cap = os.environ.get("POISE_MAX_THREADS", "").strip()
+    cap = os.environ.get(MAX_THREADS_ENV, "").strip()
     return max(1, min(threads, int(cap))) if cap.isdigit() and int(cap) > 0 else threads
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from scipy import stats
-
+from poise import student_t
 from poise.contracts import Evaluation, Node, NodeScore, NodeStatus
 from poise.objective import satisfies
 
@@ -59,6 +58,13 @@ def confirmation_scores(node: Node | NodeScore, is_root: bool = False) -> list[f
     return fresh
 
 
+def confirmation_evaluations(node: Node, is_root: bool = False) -> list[Evaluation]:
+    """The evaluations `confirmation_scores` scores, for what else they measured (Overall, length)."""
+    scored = [e for e in (node.evaluation, *node.replicates) if e is not None and _finite([utility(e)])]
+    fresh = [e for e in node.replicates if _finite([utility(e)])]
+    return scored if is_root or len(fresh) < 2 else fresh
+
+
 def node_score(node: Node) -> NodeScore | None:
     """What ranking the node needs, as the store keeps it beside the document; None unless it is evaluated and
     did not fail."""
@@ -101,18 +107,30 @@ def summarize(scores: list[float]) -> SeedSummary | None:
     mean = sum(scores) / n
     if n < 2:
         return SeedSummary(mean, None, n, None, None)
-    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1))
-    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * sd / math.sqrt(n)
+    sd = math.sqrt(_sample_variance(scores, mean))
+    half = student_t.quantile(1 - ALPHA / 2, n - 1) * sd / math.sqrt(n)
     return SeedSummary(mean, sd, n, mean - half, mean + half)
 
 
+def _sample_variance(scores: list[float], mean: float) -> float:
+    return sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)
+
+
 def welch_p(a: list[float], b: list[float]) -> float | None:
-    """Two-sided Welch t-test p-value of two seed samples; None when either has fewer than 2 seeds."""
+    """Two-sided Welch t-test p-value of two seed samples; None when either has fewer than 2 seeds.
+
+    Written out rather than scipy.stats.ttest_ind, which warns of precision loss whenever one sample's seeds
+    tie (common: the testbed's scores are fractions of a few hundred prompts), though the test is well defined
+    there: a sample without spread adds nothing to the standard error."""
     if len(a) < 2 or len(b) < 2:
         return None
     if max(a) == min(a) and max(b) == min(b):
         return 1.0 if a[0] == b[0] else 0.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    se2_a, se2_b = _sample_variance(a, mean_a) / len(a), _sample_variance(b, mean_b) / len(b)
+    t = (mean_a - mean_b) / math.sqrt(se2_a + se2_b)
+    dof = (se2_a + se2_b) ** 2 / (se2_a**2 / (len(a) - 1) + se2_b**2 / (len(b) - 1))  # Welch–Satterthwaite
+    return student_t.two_sided_p(t, dof)
 
 
 def pooled_sd(samples: list[list[float]]) -> float | None:

@@ -13,6 +13,7 @@ class PhaseClock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+        self.first: dict[str, float] = {}  # each phase's first measurement, which pays start-up costs
         self._lock = threading.Lock()
 
     @contextmanager
@@ -21,9 +22,11 @@ class PhaseClock:
         try:
             yield
         finally:
+            elapsed = time.perf_counter() - started
             with self._lock:
-                self.seconds[name] += time.perf_counter() - started
+                self.seconds[name] += elapsed
                 self.counts[name] += 1
+                self.first.setdefault(name, elapsed)
 
     def total(self) -> float:
         return sum(self.seconds.values())

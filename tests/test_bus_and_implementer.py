@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from implementer.core import CodegenError, OfflineCoder, implement, repair_proposal, sandbox_verifier
@@ -85,6 +88,58 @@ def test_bus_refuses_an_oversized_message_and_unknown_subjects():
     assert bus.pending() == 0
     bus.publish(EvtFailed(**IDS, failure=Failure(phase=Phase.TRAIN, reason="x")))
     assert bus.pending("evt.failed") == 1
+
+
+def train_work(node_id: str) -> WorkTrain:
+    return WorkTrain(run_id="r", node_id=node_id, source="x", protocol="tiny", seed=0)
+
+
+def test_a_bus_with_workers_handles_concurrent_work_side_by_side_and_events_on_the_calling_thread():
+    bus = InProcBus(workers=2, concurrent={"work.train": 2})
+    both_started = threading.Barrier(2, timeout=10)  # broken (an error) unless two trainings run at once
+    events = []
+
+    def train(work):
+        both_started.wait()
+        bus.publish(EvtFailed(run_id="r", node_id=work.node_id, failure=Failure(phase=Phase.TRAIN, reason="x")))
+
+    bus.subscribe("work.train", train)
+    bus.subscribe("evt.failed", lambda event: events.append((event.node_id, threading.current_thread())))
+    for node_id in ("n001", "n002"):
+        bus.publish(train_work(node_id))
+    while bus.step():
+        pass
+    assert sorted(node_id for node_id, _ in events) == ["n001", "n002"]
+    assert {thread for _, thread in events} == {threading.current_thread()}
+    assert bus.active() == [] and bus.pending() == 0
+
+
+def test_a_bus_with_workers_keeps_to_each_subjects_share_and_retries_and_dead_letters_on_the_calling_thread():
+    dead = []
+    bus = InProcBus(workers=3, concurrent={"work.train": 1},
+                    dead_letter=lambda message, reason: dead.append((message.node_id, threading.current_thread())))
+    running, most, calls = [], [], []
+    lock = threading.Lock()
+
+    def train(work):
+        with lock:
+            running.append(work.node_id)
+            most.append(len(running))
+            calls.append(work.node_id)
+        time.sleep(0.05)
+        with lock:
+            running.remove(work.node_id)
+        if work.node_id == "n002":
+            raise RuntimeError("disk on fire")
+
+    bus.subscribe("work.train", train)
+    bus.publish(train_work("n001"))
+    bus.publish(train_work("n002"))
+    while bus.step():
+        pass
+    assert max(most) == 1
+    assert calls.count("n002") == 3 and calls.count("n001") == 1
+    assert dead == [("n002", threading.current_thread())]
 
 
 # ------------------------------------------------------------------------------------ correction loop

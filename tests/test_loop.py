@@ -8,7 +8,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from archive.status import run_status
 from implementer.core import OfflineCoder
 from poise.contracts import NodeStatus, RunConfig
 from poise.scoring import replicate_seed
+from poise.timing import PhaseClock
 from proposer.baseline import description_key
 
 pytestmark = pytest.mark.slow
@@ -169,6 +172,31 @@ def test_a_run_killed_with_sigkill_resumes_with_no_node_lost_or_duplicated(tmp_p
     children = [n for n in nodes if n.node_id != ROOT]
     assert status.budget.evaluated == 1 and len(children) == 1, [n.status for n in children]
     assert all(n.status == NodeStatus.REFLECTED for n in nodes)
+
+
+def test_parallel_work_runs_side_by_side_and_every_node_ends_complete_or_failed_with_a_reason(tmp_path, monkeypatch):
+    phases: list[tuple[str, str, float, float]] = []  # (worker thread, phase, start, end)
+
+    class RecordingClock(PhaseClock):
+        @contextmanager
+        def phase(self, name):
+            started = time.monotonic()
+            with super().phase(name):
+                yield
+            phases.append((threading.current_thread().name, name, started, time.monotonic()))
+
+    monkeypatch.setattr("app.runner.PhaseClock", RecordingClock)
+    summary = run(tiny_config("side", budget=2, parallel=2, root_seeds=1, replicate_seeds=1), tmp_path)
+    assert summary.stop_reason == "budget reached" and summary.status.budget.evaluated == 2
+    # worker threads are named "<subject> <node id>": two nodes' phases overlapped in time
+    side_by_side = [(a, b) for a in phases for b in phases
+                    if a[0].split()[-1] < b[0].split()[-1] and a[2] < b[3] and b[2] < a[3]]
+    assert side_by_side, phases
+    with SQLiteStore.in_run_dir(tmp_path) as store:
+        nodes = store.nodes("side")
+    assert_lineage_is_valid(nodes)
+    for node in nodes:
+        assert node.status == NodeStatus.REFLECTED or (node.status == NodeStatus.FAILED and node.failure.reason)
 
 
 # ------------------------------------------------------------------------------------- hostile candidates
