@@ -39,6 +39,7 @@ from poise.contracts import (
 )
 from poise.objective import describe as describe_objective
 from poise.sandbox import MAX_THREADS_ENV
+from poise.testbed.protocol import get_protocol
 from poise.timing import PhaseClock
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
@@ -104,24 +105,32 @@ def check_agents(config: RunConfig, agents: Agents) -> None:
             raise RunError(f"the {operator} agent ({config.backends.llm_for(operator)}) cannot start: {err}") from err
 
 
-def concurrent_work(parallel: int) -> dict[str, int]:
+def concurrent_work(parallel: int, training_threads: int) -> dict[str, int]:
     """The work the bus handles on worker threads when `parallel` > 1, and how much of each at once: its time is
     spent in sandboxed children or in torch, outside the GIL. The trainer keeps nothing between messages, so up to
-    `parallel` trainings run side by side; the implementer (whose coder may keep state) and the evaluator (whose
-    backend holds one model: vLLM reloads its server's weights per checkpoint) take one message at a time, as one
-    replica of their deployed service does."""
-    return {"work.implement": 1, "work.train": parallel, "work.evaluate": 1}
+    `parallel` trainings run side by side, but no more than the cores hold at the protocol's `training_threads`
+    each: the thread count is part of the protocol (40 default-protocol steps on 1 thread and on 2 logged different
+    rewards), and two 2-thread trainings on 2 cores spun against each other, 491 s for 40 steps instead of 46 s
+    (bench/results/parallel/). The implementer (whose coder may keep state) and the evaluator (whose backend holds
+    one model: vLLM reloads its server's weights per checkpoint) take one message at a time, as one replica of
+    their deployed service does."""
+    trainings = max(1, min(parallel, _cores() // max(1, training_threads)))
+    return {"work.implement": 1, "work.train": trainings, "work.evaluate": 1}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager
 def thread_share(workers: int) -> Iterator[None]:
     """Each of `workers` pieces of work side by side gets its share of the cores: POISE_MAX_THREADS (read by
-    poise/sandbox.py's thread_cap, for the sandboxed children and the evaluator) is lowered to cores // workers
-    while the run goes on, unless it is lower already. Two trainings of 2 threads each on 2 cores would spin
-    against each other."""
+    poise/sandbox.py's thread_cap, for the evaluator and the sandboxed children's OpenMP) is lowered to
+    cores // workers while the run goes on, unless it is lower already. A training keeps its protocol's threads
+    (they are part of its numbers; concurrent_work bounds how many run at once); an evaluation's scores did not
+    change with its threads (the root's Overall was 0.6147 evaluated on 1 thread and on 2)."""
     before = os.environ.get(MAX_THREADS_ENV)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = max(1, cores // workers)
+    share = max(1, _cores() // workers)
     if workers > 1 and not (before is not None and before.isdigit() and 0 < int(before) <= share):
         os.environ[MAX_THREADS_ENV] = str(share)
     try:
@@ -170,7 +179,7 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
     progress: Progress | None = None
     try:
         workers = config.parallel
-        bus = InProcBus(workers=workers, concurrent=concurrent_work(workers))
+        bus = InProcBus(workers=workers, concurrent=concurrent_work(workers, get_protocol(config.protocol).threads))
         progress = Progress(stream, store, config, clock, bus=bus, workers=workers)
         if lock.taken_over is not None:
             progress.say(f"taking over the lock of pid {lock.taken_over.pid} (no longer running)")

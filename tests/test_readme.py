@@ -117,7 +117,7 @@ def _env() -> dict[str, str]:
 
 def _serve_ui_once(command: str, cwd: Path) -> str:
     """Start `poise ui`, fetch its front page, stop it with Ctrl-C as a person would; its output."""
-    proc = subprocess.Popen(command, shell=True, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(f"exec {command}", shell=True, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

@@ -20,7 +20,7 @@ from app.cli import build_parser, main
 from app.doctor import diagnose
 from app.rundir import BACKUP_FILENAME, LOCK_FILENAME, Backups, RunDirError, RunDirLock, check_run_dir
 from app.runner import RunError, run
-from archive.sqlite_store import ArchiveCorrupt, SQLiteStore
+from archive.sqlite_store import SCHEMA_VERSION, ArchiveCorrupt, SQLiteStore
 from archive.update import Outcome
 from poise.contracts import Node, NodeStatus, RunConfig
 
@@ -211,7 +211,7 @@ def test_a_truncated_archive_is_reported_and_doctor_restores_the_last_backup(tmp
     assert main(["doctor", "--run-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert f"PROBLEM  archive: {path} is damaged (database disk image is malformed); `poise doctor" in out
-    assert "ok       backup: sound, schema 3, run bench-archive, 20 nodes" in out
+    assert f"ok       backup: sound, schema {SCHEMA_VERSION}, run bench-archive, 20 nodes" in out
 
     assert main(["doctor", "--run-dir", str(tmp_path), "--repair"]) == 0
     out = capsys.readouterr().out
