@@ -168,6 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_next(run_dir: str) -> None:
     """What to look at after a run, as commands the user can paste: `bin/poise` when started through it."""
     prog = os.environ.get("POISE_PROG") or "poise"
+    if os.path.isabs(prog) and Path(prog).is_relative_to(Path.cwd()):
+        prog = str(Path(prog).relative_to(Path.cwd()))
     where = "" if run_dir == DEFAULT_RUN_DIR else f" --run-dir {shlex.quote(run_dir)}"
     print("next:")
     for command, what in (("status", "where the run stands"), ("show best", "the best node: proposal, code, curves, "
@@ -217,8 +219,12 @@ def _shortfall(summary) -> str | None:
 
 def _print_outcome(summary) -> None:
     best, root = summary.status.best, summary.status.root
-    print(f"wall {summary.wall_s:.0f} s, inside phase work {summary.work_s:.0f} s "
-          f"(orchestration overhead {100 * summary.overhead_fraction:.2f}%), depth {summary.status.depth}")
+    if summary.work_s > summary.wall_s > 0:  # --parallel: phases ran side by side
+        print(f"wall {summary.wall_s:.0f} s, phase work {summary.work_s:.0f} s done side by side "
+              f"({summary.work_s / summary.wall_s:.1f} phases at once on average), depth {summary.status.depth}")
+    else:
+        print(f"wall {summary.wall_s:.0f} s, inside phase work {summary.work_s:.0f} s "
+              f"(orchestration overhead {100 * summary.overhead_fraction:.2f}%), depth {summary.status.depth}")
     if root and root.mean is not None:
         print(f"GRPO (root): {_interval_text(root)}")
     if best:
@@ -563,6 +569,28 @@ def cmd_bench_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_chaos(args: argparse.Namespace) -> int:
+    """Faults injected into tiny distributed runs, the archive checked after each (app/bench_chaos.py); exit 1
+    when a trial lost, duplicated or left a node unfinished, or broke another invariant."""
+    from app.bench_chaos import bench_chaos, parse_kind
+
+    try:
+        for kind in args.kinds:
+            parse_kind(kind)
+    except ValueError as err:
+        print(f"bench chaos: {err}", file=sys.stderr)
+        return 2
+    if args.trials < 0 or args.embedded_kills < 0 or not (args.trials or args.embedded_kills):
+        print("bench chaos: --trials and --embedded-kills count (0 or more), and one must be above 0", file=sys.stderr)
+        return 2
+    report = bench_chaos(args.trials, args.seed, tuple(args.kinds), Path(args.json) if args.json else None,
+                         Path(args.work_dir) if args.work_dir else None, args.keep, args.embedded_kills)
+    broken = [t for t in report["trials"] if not t["ok"]]
+    if args.embedded_kills and not report["embedded"]["same"]:
+        broken.append(report["embedded"])
+    return 1 if broken else 0
+
+
 def cmd_bench_search(args: argparse.Namespace) -> int:
     from app.bench import selector_search
 
@@ -612,8 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", type=positive_int, help="evaluated candidates, the root excluded (default 64)")
     run.add_argument("--parallel", type=positive_int,
                      help="candidates in the pipeline at once (default 3); in this embedded mode, up to that many "
-                          "trainings run side by side with one verification and one evaluation, each with its share "
-                          "of the cores; 1: one step at a time, reproducible message for message")
+                          "trainings (as many as the cores hold at the protocol's threads: one on 2 cores) run side by "
+                          "side with one verification and one evaluation; 1: one step at a time, reproducible "
+                          "message for message")
     run.add_argument("--seed", type=int, help="the run's seed: proposals, training and evaluation (default 0)")
     run.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"where the archive lives (default {DEFAULT_RUN_DIR})")
     run.add_argument("--protocol", help="testbed protocol: default; ema or iterate (the earlier defaults, 45 steps "
@@ -776,6 +805,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_argument("--run-dir", help="the run status and show read (default: a small synthetic archive)")
     bench_cli.add_argument("--json", help="write the report here")
     bench_cli.set_defaults(handler=cmd_bench_cli)
+    bench_chaos = bench.add_parser("chaos", help="faults (SIGKILL, SIGSTOP, a NATS restart) injected into tiny "
+                                                 "distributed runs: nodes lost, duplicated, time to recover")
+    bench_chaos.add_argument("--trials", type=int, default=30, help="tiny runs, one fault each (default 30; 0 with "
+                                                                    "--embedded-kills: only those)")
+    bench_chaos.add_argument("--seed", type=int, default=0, help="the first trial's seed; trial i has seed + i")
+    bench_chaos.add_argument("--kinds", nargs="+", default=["kill", "stop", "nats"],
+                             help="fault kinds taken in turn: kill, stop, nats; kill:SERVICE or stop:SERVICE fixes "
+                                  "the service (else each trial draws it) (default: kill stop nats)")
+    bench_chaos.add_argument("--embedded-kills", type=int, default=0, metavar="N",
+                             help="also SIGKILL a tiny embedded run at N drawn moments, resuming after each, and "
+                                  "compare its archive with an uninterrupted run's (default 0: skip)")
+    bench_chaos.add_argument("--work-dir", help="where each trial's cluster and logs go (default: a temporary "
+                                                "directory, kept when a trial fails)")
+    bench_chaos.add_argument("--keep", action="store_true", help="keep the logs of trials that passed too")
+    bench_chaos.add_argument("--json", help="write the report here (updated after every trial)")
+    bench_chaos.set_defaults(handler=cmd_bench_chaos)
     return parser
 
 

@@ -22,11 +22,15 @@ it answers, since it may start after the service (compose and k8s start everythi
 is logged with the pause before the next. A store the archive cannot open (POISE_MONGO_URL, or POISE_WORK_DIR
 for SQLite) and a work directory a worker cannot write (POISE_WORK_DIR) stop the service at start-up with exit
 status 2 (an orchestrator restarts it). The archive's API (POISE_ARCHIVE_URL) is tried once at start-up by
-the services that read it; a problem is logged, not fatal, as the archive may come later.
+the services that read it; a problem is logged, not fatal, as the archive may come later. A store or a NATS
+stream that answers but holds what contracts of a major version this POISE cannot read wrote (docs/architecture.md,
+"Contract versions and rolling upgrades") stops the service at start-up the same way, naming both versions.
 
 SIGTERM / SIGINT: the service stops fetching, lets the current handler finish for up to
 POISE_SHUTDOWN_GRACE_S, closes the bus and the store, and exits 0. A handler still running after the grace
-period is abandoned unacknowledged; JetStream redelivers its message after the ack wait.
+period has its message handed back (a nak without delay: redelivered at once, to another replica or to this
+one restarted), and its sandboxed children are killed; the closed bus publishes nothing the handler reports
+after that, so the interrupted work is redone, never recorded as a failure.
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 from archive.api import archive_router, store_unavailable
 from archive.host import ArchiveHost
 from archive.runs import RunRefused
+from poise.bus import IncompatibleStream
 from poise.contracts import MESSAGE_TYPES, Message
 from poise.metrics import METRICS, REGISTRY
+from poise.sandbox import stop_children
 from poise.settings import SERVICE_PORTS, SERVICES, ServiceSettings, SettingsError, load_settings
-from poise.store import ArchiveError, ArchiveStore
+from poise.store import ArchiveError, ArchiveStore, IncompatibleArchive
 
 log = logging.getLogger("app.serve")
 
@@ -176,6 +182,8 @@ def open_store(settings: ServiceSettings) -> ArchiveStore:
         from archive.sqlite_store import SQLiteStore
 
         return SQLiteStore(settings.work_dir / "archive.db")
+    except IncompatibleArchive as err:  # it answers, but with documents of contracts this POISE cannot read
+        raise ServeError(f"the archive's store ({store_setting(settings)}): {err}") from err
     except ArchiveError as err:
         hint = ("set POISE_MONGO_URL to a MongoDB that answers, or leave it unset for SQLite under POISE_WORK_DIR"
                 if settings.mongo_url else f"{WORK_DIR_HINT}; or POISE_MONGO_URL for MongoDB")
@@ -453,6 +461,8 @@ def connect(bus: Any, stop: threading.Event, url: str) -> bool:
         try:
             bus.connect()
             return True
+        except IncompatibleStream as err:  # NATS answers, with streams this service cannot use: waiting won't help
+            raise ServeError(f"cannot use NATS at {url}: {err}") from err
         except Exception as err:  # noqa: BLE001 - NATS not up yet, or at another address; keep trying
             log.warning("%s; retrying in %.0f s, until NATS answers or the service is stopped", nats_problem(url, err),
                         delay)
@@ -518,7 +528,10 @@ def serve(service: str, settings: ServiceSettings, stop: threading.Event | None 
             status = _run_until_stopped(bus, stop, runtime.between, settings.shutdown_grace_s)
     finally:
         stop.set()
-        bus.close()
+        bus.close()  # hands back a message whose handler outlived the grace period
+        stopped = stop_children()  # after close: what the cut-short handler reports is not published
+        if stopped:
+            log.warning("killed %d sandboxed child(ren) of the unfinished handler", stopped)
         for close in runtime.closers if runtime is not None else ():
             close()
         if http is not None:
@@ -542,11 +555,12 @@ def _run_until_stopped(bus: Any, stop: threading.Event, between: Callable[[], No
     thread = threading.Thread(target=loop, name="bus", daemon=True)
     thread.start()
     stop.wait()
+    bus.stop_fetching()
     log.info("stopping: no new messages; waiting up to %.0f s for the current handler", grace_s)
     thread.join(grace_s)
     if thread.is_alive():
-        log.warning("the current handler did not finish within %.0f s; its message stays unacknowledged and "
-                    "JetStream redelivers it after the ack wait", grace_s)
+        log.warning("the current handler did not finish within %.0f s; its message is handed back to JetStream "
+                    "(redelivered at once) and any sandboxed child of it is killed", grace_s)
     return 1 if failure else 0
 
 

@@ -12,9 +12,9 @@
 
 An unknown run or node is a 404 whose `detail` says which, with the header `X-Poise-Not-Found: run|node`
 (so a client can tell "no such node" from "no POISE API at this address"). A store failure is a 503. A run
-request that is not a valid `RunRequest` (poise/contracts.py: an unknown field, a value out of range) is a 422
-whose `detail` is one line naming every problem and the fields a client may set; one the archive refuses (it
-holds the run with other settings) is a 409.
+request that is not a valid `RunRequest` (poise/contracts.py: an unknown field, a value out of range, text that
+is not JSON) is a 422 whose `detail` is one line naming every problem and the fields a client may set; one the
+archive refuses (it holds the run with other settings) is a 409.
 
 Non-finite floats: the contracts keep nan/inf (a diverging curve is data) and write them as the JSON
 constants NaN/Infinity, which browsers' `JSON.parse` rejects. Responses therefore write every non-finite
@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -90,22 +91,44 @@ def _not_found(what: Literal["run", "node"], message: str) -> HTTPException:
 
 def run_request_problems(errors: list[dict[str, Any]]) -> str:
     """The 422 `detail` of a body that is not a valid RunRequest: every problem, and what a client may set."""
-    problems = validation_problems([{**e, "loc": e["loc"][1:] if e["loc"][:1] == ("body",) else e["loc"]}
-                                    for e in errors])
+    problems = validation_problems([_in_body(e) for e in errors])
     return (f"not a valid run request: {problems} (a client may set {', '.join(RunRequest.model_fields)}; see "
             "RunRequest in poise/contracts.py)")
 
 
+def _in_body(error: dict[str, Any]) -> dict[str, Any]:
+    """A FastAPI body error located in the request body rather than in `body`; text that is not JSON says why
+    (FastAPI's own error locates it by offset and keeps the reason in `ctx`)."""
+    if error.get("type") == "json_invalid":
+        return {"loc": ("body",), "msg": f"not JSON ({error.get('ctx', {}).get('error', error['msg'])})"}
+    return {**error, "loc": error["loc"][1:] if error["loc"][:1] == ("body",) else error["loc"]}
+
+
+class _JsonRequest(Request):
+    """A request whose JSON body is parsed as a bus message is (pydantic's parser), not by Python's `json`: that
+    one takes the escape of a lone surrogate ("\\ud800"), a string no UTF-8 store, message or response can hold,
+    and the run it came with failed later, when the store wrote it."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = pydantic_core.from_json(body)
+            except ValueError as err:  # FastAPI answers a JSONDecodeError with a 422 json_invalid error
+                raise json.JSONDecodeError(str(err), body.decode(errors="replace"), 0) from err
+        return self._json
+
+
 class _RunRequestRoute(APIRoute):
     """POST /api/runs: a body that does not validate is a 422 with one readable line (run_request_problems)
-    instead of FastAPI's list of error objects."""
+    instead of FastAPI's list of error objects; its JSON is parsed strictly (_JsonRequest)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
             try:
-                return await handler(request)
+                return await handler(_JsonRequest(request.scope, request.receive))
             except RequestValidationError as err:
                 raise HTTPException(422, detail=run_request_problems(list(err.errors()))) from err
 

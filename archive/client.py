@@ -21,7 +21,7 @@ import httpx
 from pydantic import TypeAdapter, ValidationError
 
 from archive.api import NOT_FOUND_HEADER
-from poise.contracts import Node, NodeStatus, RunConfig, RunCounters
+from poise.contracts import ContractError, Node, NodeStatus, RunConfig, RunCounters, reading
 from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive.client")
@@ -84,8 +84,9 @@ class ArchiveClient(ArchiveStore):
 
     def _parse(self, adapter: TypeAdapter[T], response: httpx.Response) -> T:
         try:
-            return adapter.validate_json(response.content)
-        except ValidationError as err:
+            with reading():  # an archive one minor version ahead: its documents' new fields are kept, not refused
+                return adapter.validate_json(response.content)
+        except (ValidationError, ContractError) as err:
             raise ArchiveError(f"the archive at {self.base_url} sent a document this POISE cannot read "
                                f"({response.request.url}): {err}") from err
 

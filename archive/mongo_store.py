@@ -12,6 +12,9 @@ Collections (in the given database, "poise" by default):
 - `counters`: the insertion counters that give `seq`. MongoDB has no autoincrement and a node's
   `created_at` is its maker's clock, not the order it reached the archive, so listings sort by `seq`
   (the order SQLite's `seq` column gives).
+- `meta`: `{_id: "contract_version", version}`, the contract version of what the database holds
+  (poise/contracts.py). A database this POISE's contracts cannot read is refused when the store opens, before
+  anything is written; a database from before it was recorded holds UNVERSIONED documents.
 
 `rev` counts the writes of a document. `transition` is one `find_one_and_update` filtered on the expected
 status and, when this store has read or written the node, on the revision it last saw. So two stores
@@ -41,6 +44,7 @@ from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from poise.contracts import (
+    UNVERSIONED,
     LlmOperator,
     Node,
     NodeScore,
@@ -48,10 +52,20 @@ from poise.contracts import (
     OperatorSpend,
     RunConfig,
     RunCounters,
+    Versioned,
     node_number,
 )
 from poise.scoring import node_score
-from poise.store import ArchiveError, ArchiveStore, LineageEntry, check_same_node, node_spend, selection_score
+from poise.store import (
+    CONTRACT_KEY,
+    ArchiveError,
+    ArchiveStore,
+    LineageEntry,
+    check_contract,
+    check_same_node,
+    node_spend,
+    selection_score,
+)
 
 DEFAULT_DATABASE = "poise"
 DEFAULT_TIMEOUT_MS = 10_000  # server selection; a URL's own serverSelectionTimeoutMS wins
@@ -142,17 +156,36 @@ class MongoStore(ArchiveStore):
             self._owns_client = False
             self.where = f"{describe(url_or_client)} (database {database})"
         self.database = self._client[database]  # holds runs, nodes and counters; public for maintenance and tests
-        self._runs, self._nodes, self._counters = (self.database[name] for name in ("runs", "nodes", "counters"))
+        self._runs, self._nodes, self._counters, self._meta = (
+            self.database[name] for name in ("runs", "nodes", "counters", "meta"))
+        self.contract_version: str | None = None  # what the database records, once opened (check_contract)
         self._closed = False
         self._lock = threading.Lock()
         self._seen: dict[str, int] = {}  # node key -> the latest revision this store read or wrote
         self._mock = type(self._client).__module__.startswith("mongomock")  # see _tally_groups
         try:
+            self._check_contract()
             self._create_indexes()
             self._fill_derived()
         except BaseException:
             self.close()
             raise
+
+    def _check_contract(self) -> None:
+        """Refuse a database of a contract version this POISE cannot read, before anything is written to it; record
+        this POISE's version when it is newer than the one recorded."""
+        with self._op("contract version check"):
+            recorded = self._meta.find_one({"_id": CONTRACT_KEY})
+            if recorded is not None:
+                stored = recorded.get("version")
+            elif self._runs.find_one({}, {"_id": True}) or self._nodes.find_one({}, {"_id": True}):
+                stored = UNVERSIONED
+            else:
+                stored = None
+        self.contract_version = check_contract(stored, self.where)
+        if self.contract_version != stored:
+            with self._op("contract version record"):
+                self._meta.update_one({"_id": CONTRACT_KEY}, {"$set": {"version": self.contract_version}}, upsert=True)
 
     def _create_indexes(self) -> None:
         """Idempotent: create_index with the same name and keys is a no-op; other keys under a name fail."""
@@ -193,8 +226,11 @@ class MongoStore(ArchiveStore):
                 self._seen[key] = max(rev, self._seen.get(key, rev))
 
     def _contract(self, model: type[BaseModel], doc: dict[str, Any], extras: tuple[str, ...], what: str) -> Any:
+        fields = {k: v for k, v in doc.items() if k not in extras}
+        if issubclass(model, Versioned):  # a dict without a version reads as made by this code; stored, it is older
+            fields.setdefault("schema_version", UNVERSIONED)
         try:
-            return model.model_validate({k: v for k, v in doc.items() if k not in extras})
+            return model.model_validate(fields)
         except ValidationError as err:
             raise ArchiveError(f"{what} in {self.where} does not validate as a {model.__name__}: {err}") from err
 

@@ -39,6 +39,7 @@ from poise.contracts import (
     node_number,
 )
 from poise.description.proposals import root_proposal
+from poise.faults import fault_point
 from poise.metrics import DUPLICATE, METRICS, OK, REJECTED, backend_name, observed
 from poise.scoring import confirmation_scores, replicate_seed, summarize
 from poise.store import ArchiveError, ArchiveStore
@@ -120,6 +121,8 @@ class ArchiveService:
         """Apply one event, publish what follows, and refill the pipeline."""
         event = self._stamped(event)
         result = self.updater.apply(event)
+        if result.outcome == Outcome.APPLIED:
+            fault_point("archive.publish", f"{event.subject} {event.run_id}/{event.node_id}")
         if isinstance(event, EvtEvaluated) and result.outcome == Outcome.APPLIED:
             self._evaluations = event.evaluation.archive_seq
         self._settle(event, result)

@@ -8,7 +8,9 @@ transaction as the write, so `counters` reads a handful of rows whatever the arc
 `synchronous=FULL` makes every committed write survive a kill -9 or power loss; each write is one transaction.
 
 Schema 2 added those columns and tables; a schema-1 file is migrated when opened (columns added, then
-filled from the stored documents).
+filled from the stored documents). Schema 4 added `meta`, where the file records the contract version of what it
+holds (poise/contracts.py CONTRACT_VERSION); a file this POISE's contracts cannot read is refused when it is
+opened, before anything is written, and a POISE from before schema 4 refuses a schema-4 file as newer than it.
 
 A damaged file (SQLite's "database disk image is malformed" or "file is not a database", on any read or write, or
 found by `check`) raises `ArchiveCorrupt`, whose message names `poise doctor`. `backup_to` writes a consistent copy
@@ -30,12 +32,32 @@ from typing import get_args
 
 from pydantic import ValidationError
 
-from poise.contracts import LlmOperator, Node, NodeScore, NodeStatus, OperatorSpend, RunConfig, RunCounters, node_number
+from poise.contracts import (
+    UNVERSIONED,
+    LlmOperator,
+    Node,
+    NodeScore,
+    NodeStatus,
+    OperatorSpend,
+    RunConfig,
+    RunCounters,
+    node_number,
+)
 from poise.scoring import node_score
-from poise.store import ArchiveError, ArchiveStore, LineageEntry, check_same_node, lineage_entry, node_spend
+from poise.store import (
+    CONTRACT_KEY,
+    ArchiveError,
+    ArchiveStore,
+    LineageEntry,
+    check_contract,
+    check_same_node,
+    lineage_entry,
+    node_spend,
+)
 
 DB_FILENAME = "archive.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+DERIVED_SCHEMA = 3  # the schema that last added derived columns: an older file has them filled when it opens
 # SQLite's primary result codes for a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB.
 _DAMAGED_CODES = (11, 26)
 # Columns schema 2 added to `nodes` (name, declaration), filled from the documents when an older file opens.
@@ -108,6 +130,7 @@ _SCHEMA = (
         max_depth  INTEGER NOT NULL,
         PRIMARY KEY (run_id, status)
     ) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",  # schema 4
     f"CREATE TRIGGER IF NOT EXISTS tally_insert AFTER INSERT ON nodes BEGIN {_TALLY_ADD} END",
     f"""CREATE TRIGGER IF NOT EXISTS tally_update AFTER UPDATE ON nodes
     WHEN OLD.status IS NOT NEW.status OR OLD.evaluated IS NOT NEW.evaluated OR OLD.llm_usd IS NOT NEW.llm_usd
@@ -176,6 +199,7 @@ class SQLiteStore(ArchiveStore):
             if isinstance(err, sqlite3.Error) and is_damage(err):
                 raise damaged(self.path, err) from err
             raise ArchiveError(f"cannot open the archive at {self.path}: {err}") from err
+        self.contract_version: str | None = None  # what the file records, once opened (check_contract)
         try:
             self._check_schema() if read_only else self._configure()
         except BaseException:
@@ -185,9 +209,12 @@ class SQLiteStore(ArchiveStore):
     def _check_schema(self) -> None:
         with self._errors("open"):
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            stored = self._stored_contract(self._db, old_file=True) if version == SCHEMA_VERSION else None
         if version != SCHEMA_VERSION:
             raise ArchiveError(f"{self.path} has archive schema {version}, this POISE reads {SCHEMA_VERSION}: "
                                "open it once with `poise status` (which migrates it), or use the POISE that wrote it")
+        check_contract(stored, str(self.path))
+        self.contract_version = stored
 
     def _configure(self) -> None:
         with self._errors("open"):
@@ -205,6 +232,8 @@ class SQLiteStore(ArchiveStore):
                     f"{self.path} has archive schema {version}, newer than this POISE ({SCHEMA_VERSION}); upgrade POISE"
                 )
             old_file = bool(db.execute("SELECT 1 FROM sqlite_master WHERE name = 'nodes'").fetchall())
+            # refused before anything changes (the transaction is rolled back); recorded at the end
+            self.contract_version = check_contract(self._stored_contract(db, old_file), str(self.path))
             if old_file:
                 have = {row[1] for row in db.execute("PRAGMA table_info(nodes)")}
                 for name, declaration in _DERIVED_COLUMNS:
@@ -212,9 +241,21 @@ class SQLiteStore(ArchiveStore):
                         db.execute(f"ALTER TABLE nodes ADD COLUMN {name} {declaration}")
             for statement in _SCHEMA:
                 db.execute(statement)
-            if old_file and version < SCHEMA_VERSION:
+            if old_file and version < DERIVED_SCHEMA:
                 self._fill_derived(db)
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                       "value = excluded.value", (CONTRACT_KEY, self.contract_version))
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @staticmethod
+    def _stored_contract(db: sqlite3.Connection, old_file: bool) -> str | None:
+        """The contract version the file records: UNVERSIONED for a file from before files recorded one (schema 3
+        and older), None for a new file."""
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchall():
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (CONTRACT_KEY,)).fetchone()
+            if row is not None:
+                return row[0]
+        return UNVERSIONED if old_file else None
 
     def _fill_derived(self, db: sqlite3.Connection) -> None:
         """Migration from schema 1: fill the derived columns and per-operator spend from every document, then

@@ -13,6 +13,7 @@ from pathlib import Path
 from evaluator.backends import EvaluatorBackend
 from poise.bus import Bus
 from poise.contracts import EvtEvaluated, EvtFailed, Failure, Phase, WorkEvaluate
+from poise.faults import fault_point
 from poise.metrics import FAILED, observed
 from poise.timing import PhaseClock
 
@@ -33,6 +34,7 @@ class EvaluatorService:
 
     @observed("evaluate")
     def handle(self, work: WorkEvaluate) -> str | None:
+        fault_point("evaluator.received", f"{work.run_id}/{work.node_id}")
         ids = {"run_id": work.run_id, "node_id": work.node_id, "attempt": work.attempt, "replicate": work.replicate}
         checkpoint = Path(work.checkpoint_uri)
         if not checkpoint.is_dir():
@@ -49,4 +51,5 @@ class EvaluatorService:
             failure = Failure(phase=Phase.EVALUATE, reason=f"{type(err).__name__}: {err}", detail=str(err)[:8000])
             self.bus.publish(EvtFailed(**ids, failure=failure))
             return FAILED
+        fault_point("evaluator.publish", f"{work.run_id}/{work.node_id}")
         self.bus.publish(EvtEvaluated(**ids, evaluation=evaluation))

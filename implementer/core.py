@@ -224,7 +224,7 @@ def sandbox_verifier(base_path: Path, workdir: Path, protocol: Protocol, wall_s:
         payload = VerifyPayload(source=source, base_path=base_path.resolve(),
                                 smoke_protocol=smoke_protocol(protocol).as_dict() if smoke else None)
         run = run_sandboxed(VERIFY_MODULE, payload, attempt_dir, SandboxLimits(wall_s=wall_s),
-                            threads=protocol.threads, report_type=VerifyReport)
+                            threads=protocol.threads, report_type=VerifyReport, fault="implementer.verify")
         checks = list(run.result.checks) if run.ok and run.result is not None else []
         if not run.ok:
             checks.append(CheckResult(name="sandbox", passed=False, message=run.failure_reason()))

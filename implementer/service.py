@@ -19,6 +19,7 @@ from implementer.llm_coder import LLMCoder
 from poise.agents import Agents, default_agents
 from poise.bus import Bus
 from poise.contracts import EvtImplemented, RunConfig, WorkImplement
+from poise.faults import fault_point
 from poise.llm import collect_calls
 from poise.metrics import OK, REJECTED, observed
 from poise.store import ArchiveStore
@@ -70,11 +71,13 @@ class ImplementerService:
 
     @observed("implement")
     def handle(self, work: WorkImplement) -> str:
+        fault_point("implementer.received", f"{work.run_id}/{work.node_id}")
         base = base_checkpoint(self.protocol.base_checkpoint)
         verifier = sandbox_verifier(base, self.workroot / work.node_id, self.protocol, wall_s=self.verify_wall_s)
         with collect_calls() as calls, self.clock.phase("implement"):
             implementation, summary = implement(work.proposal, self.coder_for(work), verifier, self.max_attempts)
         log.info("%s: %s", work.node_id, summary)
+        fault_point("implementer.publish", f"{work.run_id}/{work.node_id}")
         self.bus.publish(EvtImplemented(run_id=work.run_id, node_id=work.node_id, attempt=work.attempt,
                                         implementation=implementation, llm_calls=list(calls)))
         return OK if implementation.verified else REJECTED

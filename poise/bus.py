@@ -55,6 +55,11 @@ def register_handler(handlers: dict[str, Handler], subject: str, handler: Handle
     handlers[subject] = handler
 
 
+class IncompatibleStream(RuntimeError):
+    """The bus's server holds streams this service cannot use: written by contracts it cannot read, or declared
+    with a configuration it cannot change. Retrying does not help, so `poise serve` stops with the message."""
+
+
 class Bus(Protocol):
     def publish(self, message: Message) -> None: ...
 

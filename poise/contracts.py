@@ -3,14 +3,19 @@
 The archive holds one `Node` per candidate algorithm: the paper's entry e_i = (z_i, ρ_i, τ_i, y_i, r_i)
 is `Proposal` (z), `Implementation` (ρ), `TrainingTrajectory` (τ), `Evaluation` (y) and `Reflection` (r),
 tied to the lineage by `Genealogy`. Services talk through the `Message` subclasses below, one per bus
-subject; `encode` / `decode` are the only way bytes become messages and back.
+subject; `encode` / `decode` are the only way bytes become messages and back. Messages and stored documents
+carry the contract version they were written in (`Versioned`, CONTRACT_VERSION), so that two versions of POISE can
+read each other during a rolling upgrade (docs/architecture.md, "Contract versions and rolling upgrades").
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -23,9 +28,12 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 MAX_MESSAGE_BYTES = 1 << 20  # results travel on the bus; checkpoints and other large artifacts go by URI
 MAX_REASON_CHARS = 200
@@ -48,14 +56,207 @@ def validation_problems(errors: ValidationError | Sequence[Mapping[str, Any]]) -
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in listed)
 
 
+# ---------------------------------------------------------------------------------------- contract versions
+# docs/architecture.md, "Contract versions and rolling upgrades". A version is MAJOR.MINOR. A minor version only
+# adds fields with defaults, so every minor version of a major reads every other; any other change is a major
+# version, which reads what the major before it wrote and which that one refuses.
+
+CONTRACT_VERSION = "2.0"  # 2.0: documents and messages carry schema_version (1.0 refuses it as an unknown field)
+UNVERSIONED = "1.0"  # a document or message without schema_version: written before versions existed
+VERSION_PATTERN = r"^[0-9]+\.[0-9]+$"
+Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
+
+
+def version_key(version: str) -> tuple[int, int]:
+    """"2.10" as (2, 10): versions compare by this, not as text."""
+    major, _, minor = version.partition(".")
+    return int(major), int(minor)
+
+
+def newest(*versions: str) -> str:
+    return max(versions, key=version_key)
+
+
+def unreadable(version: str) -> str | None:
+    """Why this POISE cannot read what contracts `version` wrote, in words that follow "holds documents of"; None
+    when it can. It reads its own major version, every minor one (an older one lacks only fields with defaults, a
+    newer one's unknown fields are kept), and the major version before its own."""
+    major, ours = version_key(version)[0], version_key(CONTRACT_VERSION)[0]
+    if major in (ours, ours - 1):
+        return None
+    if major > ours:
+        return (f"contracts {version}, a major version this POISE (contracts {CONTRACT_VERSION}) cannot read: "
+                f"run a POISE with contracts {major}.x")
+    return (f"contracts {version}, older than this POISE (contracts {CONTRACT_VERSION}) reads: only a POISE with "
+            f"contracts {major}.x or {major + 1}.x reads it")
+
+
+class _Kept(dict):
+    """The unknown fields of a model, kept because they came in a document of a newer minor version: `version` is
+    that version (None while the document around them is still being read)."""
+
+    version: str | None = None
+
+
+@dataclass
+class _Reading:
+    pending: int = 0  # models holding unknown fields the versioned document around them has not judged yet
+
+
+_READING: ContextVar[_Reading | None] = ContextVar("poise_reading", default=None)
+_newest_kept: str | None = None  # the newest version whose fields this process has kept (a cheap gate for writes)
+
+
+@contextmanager
+def reading() -> Iterator[None]:
+    """Validate what crosses a boundary: unknown fields met inside a document or message of a newer minor version
+    are kept, at any depth, rather than refused. `Versioned.model_validate` and `model_validate_json` read so by
+    themselves; wrap other validation of versioned documents (a TypeAdapter) in it. An unknown field that no
+    versioned document judged (one outside any) raises ContractError."""
+    state = _Reading()
+    token = _READING.set(state)
+    try:
+        yield
+    finally:
+        _READING.reset(token)
+    if state.pending:
+        raise ContractError("unknown fields outside any versioned document; a document without a version keeps none")
+
+
+def _keep(model: BaseModel, unknown: dict[str, Any], version: str | None) -> None:
+    kept = _Kept(unknown)
+    object.__setattr__(model, "__pydantic_extra__", kept)
+    if version is not None:
+        _kept_as(kept, version)
+
+
+def _kept_as(kept: _Kept, version: str) -> None:
+    global _newest_kept
+    kept.version = version
+    if _newest_kept is None or version_key(version) > version_key(_newest_kept):
+        _newest_kept = version
+
+
+def _kept_fields(value: object, loc: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], _Kept]]:
+    """Every kept set of unknown fields in `value` (a contract, or lists and dicts of them), with where it is."""
+    if isinstance(value, BaseModel):
+        if type(value.__pydantic_extra__) is _Kept:
+            yield loc, value.__pydantic_extra__
+        for name, field in value.__dict__.items():
+            yield from _kept_fields(field, (*loc, name))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _kept_fields(item, (*loc, i))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _kept_fields(item, (*loc, key))
+
+
+def _newer(version: str) -> bool:
+    return version_key(version) > version_key(CONTRACT_VERSION)
+
+
 class Contract(BaseModel):
     """Base of every contract: unknown fields are an error, and nan/inf survive JSON.
+
+    The one exception: inside a document or message of a newer minor version (`Versioned`), an unknown field, at any
+    depth, is the newer version's data. It is kept, unread, and written back unchanged with the rest. Anywhere
+    else (this version's documents and messages, an API body, a sandboxed child's report) it is the error
+    pydantic's extra="forbid" gives.
 
     A diverging training curve is data, not an error, so floats serialize as the JSON constants
     NaN / Infinity (which Python's `json` and pydantic both read back) instead of null.
     """
 
-    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
+
+    @model_validator(mode="after")
+    def _unknown_fields(self) -> Contract:
+        unknown = self.__pydantic_extra__
+        if not unknown or type(unknown) is _Kept:  # _Kept: a model passed in as it is, judged when it was read
+            return self
+        own = getattr(self, "schema_version", None) if isinstance(self, Versioned) else None
+        if own is not None and _newer(own):
+            _keep(self, unknown, own)
+            return self
+        state = _READING.get()
+        if state is None:
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type="extra_forbidden", loc=(name,), input=value) for name, value in unknown.items()])
+        _keep(self, unknown, None)  # the versioned document around it decides (Versioned._judge_unknown_fields)
+        state.pending += 1
+        return self
+
+
+class Versioned(Contract):
+    """What may meet another version of POISE: a bus `Message`, a stored `Node` or `RunConfig`, and the `RunCounters`
+    workers read over the archive's API.
+
+    `schema_version` is the contract version it was written in: CONTRACT_VERSION when this code makes one from
+    Python values, UNVERSIONED when JSON without one is read (written before versions existed; a store that reads
+    plain dicts says so itself). A major version this POISE cannot read is refused with the reason (`unreadable`).
+    Read (`reading`), a newer minor version's unknown fields are kept (`Contract`). It is written as at least this
+    version (a document read in an older one is written back in this one), or as the newer version whose fields it
+    holds: the one it was read in, or the one whose kept fields were moved into it (an evaluation of a newer event
+    stored on a node).
+    """
+
+    # None: absent; validate_default lets _read_version tell JSON from before versions from a model made here
+    schema_version: Version = Field(None, validate_default=True,  # type: ignore[assignment]
+                                    description="the contract version it was written in (JSON without one: "
+                                    f"{UNVERSIONED}, written before versions existed)")
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _read_version(cls, version: object, info: ValidationInfo) -> object:
+        if version is None:
+            return UNVERSIONED if info.mode == "json" else CONTRACT_VERSION
+        if isinstance(version, str) and re.match(VERSION_PATTERN, version) is not None:
+            problem = unreadable(version)
+            if problem is not None:
+                raise ValueError(f"a {cls.__name__} of {problem}")
+        return version  # a malformed one fails the pattern
+
+    @model_validator(mode="after")
+    def _judge_unknown_fields(self) -> Versioned:
+        """Keep the unknown fields met inside this document when it is of a newer minor version; else refuse them,
+        each where it is."""
+        state = _READING.get()
+        if state is None or not state.pending:
+            return self
+        state.pending = 0
+        pending = [(loc, kept) for loc, kept in _kept_fields(self) if kept.version is None]
+        if not _newer(self.schema_version):
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type="extra_forbidden", loc=(*loc, name), input=value)
+                for loc, kept in pending for name, value in kept.items()])
+        for _, kept in pending:
+            _kept_as(kept, self.schema_version)
+        return self
+
+    @classmethod
+    def model_validate(cls, obj: Any, **options: Any) -> Any:
+        token = _READING.set(_Reading())  # reading(), less its last check: this document judges what it holds
+        try:
+            return super().model_validate(obj, **options)
+        finally:
+            _READING.reset(token)
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **options: Any) -> Any:
+        token = _READING.set(_Reading())
+        try:
+            return super().model_validate_json(json_data, **options)
+        finally:
+            _READING.reset(token)
+
+    @field_serializer("schema_version")
+    def _written_version(self, version: str) -> str:
+        written = version if version == CONTRACT_VERSION else newest(version, CONTRACT_VERSION)
+        if _newest_kept is not None and version_key(_newest_kept) > version_key(written):  # else nothing can be newer
+            kept = [kept.version for _, kept in _kept_fields(self) if kept.version is not None]
+            written = newest(written, *kept)
+        return written
 
 
 # ---------------------------------------------------------------------------------------------- enums
@@ -562,7 +763,7 @@ STATUS_PART: dict[NodeStatus, str] = {
 }
 
 
-class Node(Contract):
+class Node(Versioned):
     """An archive entry e_i = (z, ρ, τ, y, r) with its lineage, status, failure and cost.
 
     Every status on the pipeline guarantees the parts of the phases it has passed; a failed node keeps
@@ -621,7 +822,7 @@ class SelectionWeights(Contract):
     div: NonNegative = 0.5
     bayes: NonNegative = 1.0
     gamma: NonNegative = 0.8
-    top_k: int = Field(3, ge=1)
+    top_k: int = Field(3, ge=1, le=1024)
     beta: NonNegative = 0.05
     kappa: NonNegative = 1.0
 
@@ -685,25 +886,26 @@ class Backends(Contract):
 # Settings a resumed run may change (a larger budget extends it, a larger cap lets it spend on); the others
 # define the run, and a resume that changes them is refused.
 RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd")
-# Recorded by the archive when a run is created, never given by a caller: left out of the resume comparison.
-RECORDED_SETTINGS = ("protocol_sha256",)
+# Recorded by the archive (the protocol's sha256 when a run is created, the contract version a config was written in),
+# never given by a caller: left out of the resume comparison.
+RECORDED_SETTINGS = ("protocol_sha256", "schema_version")
 
 
 class RunSettings(Contract):
     """The settings of a search run a caller chooses: every part of `RunConfig` but the run's id and what the
     archive records itself."""
 
-    budget: int = Field(64, ge=1, description="evaluated candidates, the paper's 64")
-    parallel: int = Field(3, ge=1, description="nodes in the pipeline at once")
-    parents_per_round: int = Field(3, ge=1)
+    budget: int = Field(64, ge=1, le=1_000_000, description="evaluated candidates, the paper's 64")
+    parallel: int = Field(3, ge=1, le=1024, description="nodes in the pipeline at once")
+    parents_per_round: int = Field(3, ge=1, le=1024)
     parent_selection: Literal["greedy", "random", "poise"] = Field(
         "greedy", description="baseline proposer: the best node by utility, or a uniformly random evaluated node; "
         "poise: Phase I acquisition (proposer/selection.py) with context, population and screening")
-    population_size: int = Field(4, ge=1, description="proposals sampled per parent before screening")
-    max_correction_attempts: int = Field(3, ge=1)
-    root_seeds: int = Field(3, ge=1, description="fresh-seed evaluations of the root, the yardstick")
-    replicate_seeds: int = Field(3, ge=1, description="fresh-seed re-evaluations of a promising node")
-    seed: int = 0
+    population_size: int = Field(4, ge=1, le=1024, description="proposals sampled per parent before screening")
+    max_correction_attempts: int = Field(3, ge=1, le=100)
+    root_seeds: int = Field(3, ge=1, le=1000, description="fresh-seed evaluations of the root, the yardstick")
+    replicate_seeds: int = Field(3, ge=1, le=1000, description="fresh-seed re-evaluations of a promising node")
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer (what MongoDB stores)")
     protocol: str = "default"
     objective: Objective = Field(default_factory=Objective)
     weights: SelectionWeights = Field(default_factory=SelectionWeights)
@@ -712,7 +914,7 @@ class RunSettings(Contract):
                                                                  "proposing when its nodes have spent it")
 
 
-class RunConfig(RunSettings):
+class RunConfig(RunSettings, Versioned):
     """Everything that defines a search run; stored with the run so it can be resumed."""
 
     run_id: Id
@@ -728,6 +930,8 @@ class RunRequest(RunSettings):
     keeps its settings, and only RESUMABLE_SETTINGS may differ from them (archive/runs.py). A field that is
     not a setting, including what the archive records itself (RECORDED_SETTINGS), is refused.
     """
+
+    model_config = ConfigDict(extra="forbid")  # a body has no version: an unknown field is never kept
 
     run_id: Id
 
@@ -761,9 +965,9 @@ class OperatorSpend(Contract):
     usd: NonNegative = 0.0
 
 
-class RunCounters(Contract):
+class RunCounters(Versioned):
     """A run's totals, kept current by the store as nodes are written, so reading them costs the same at ten
-    nodes as at ten thousand."""
+    nodes as at ten thousand. Versioned: workers read them over the archive's API (archive/client.py)."""
 
     counts: dict[NodeStatus, int]
     evaluated: int = Field(0, ge=0, description="nodes carrying an evaluation, failed ones included (the budget)")
@@ -861,7 +1065,7 @@ class RunStatus(Contract):
 # ------------------------------------------------------------------------------------------ messages
 
 
-class Message(Contract):
+class Message(Versioned):
     """A bus message about one node. `attempt` counts retries of the same work for the same node."""
 
     subject: ClassVar[str]
@@ -1147,6 +1351,10 @@ class ProbePayload(SandboxPayload):
     model_config = ConfigDict(extra="allow")
 
     code: str
+
+    @model_validator(mode="after")
+    def _unknown_fields(self) -> ProbePayload:  # replaces Contract's: every further field is the snippet's
+        return self
 
 
 class ProbeReport(Contract):

@@ -1,10 +1,10 @@
 """The bus of distributed mode: NATS JetStream through nats-py (docs/operations.md, "NATS JetStream").
 
 `NatsBus` has the interface of `poise.bus.InProcBus` (`publish`, `subscribe`) and the methods `poise serve`
-calls: `connect`, `drain_once`, `run_forever`, `healthy`, `close`. nats-py is asyncio; the bus runs its own
-event loop in a background thread and every public method is synchronous. Handlers and the `dead_letter`
-callback always run on the thread that calls `drain_once` / `run_forever` (the bus thread of `poise serve`),
-so a service stays single-threaded exactly as on the in-process bus.
+calls: `connect`, `drain_once`, `run_forever`, `healthy`, `stop_fetching`, `close`. nats-py is asyncio; the bus
+runs its own event loop in a background thread and every public method is synchronous. Handlers and the
+`dead_letter` callback always run on the thread that calls `drain_once` / `run_forever` (the bus thread of
+`poise serve`), so a service stays single-threaded exactly as on the in-process bus.
 
 Streams (file storage, so work survives a server restart; declared idempotently by every process):
 
@@ -37,19 +37,32 @@ sequence, copies it to the DLQ, calls `dead_letter` and deletes it from the Work
 message would otherwise stay forever. Both paths give the DLQ copy the `Nats-Msg-Id` `dlq/<stream>/<seq>`,
 so a message dead-lettered by both (say the callback failed and the advisory retried it) is stored once; the
 callback is idempotent downstream (evt.failed has a deterministic msg_id, and the archive ignores a repeat).
+A copy that would not fit the server's max payload beside its headers keeps the bytes that fit, and
+`Poise-Truncated` gives the original's size.
 
 Publishing sets `Nats-Msg-Id` to `message.msg_id`; the streams' duplicate window (20 min) drops a repeat, so a
 service that crashes after publishing and before acking republishes harmlessly. A publish that finds no
-server (a NATS restart) is retried until `publish_timeout_s`. The client reconnects forever; a pull task
-whose consumer has vanished (a server that lost its store) declares streams and consumers again.
+server (a NATS restart) is retried until `publish_timeout_s`. One whose bytes and headers exceed the server's max
+payload is refused with `ContractError` before it is sent: the server would answer with an error that closes the
+connection for good (nats-py does not reconnect after it). The client reconnects forever; a pull task whose
+consumer has vanished (a server that lost its store) declares streams and consumers again.
+
+Shutdown (`poise serve` on SIGTERM): `stop_fetching` ends every pull task once its current pull request
+expires (within FETCH_S) and makes `drain_once` return after the message in hand; `close` then hands back
+at once, with a nak without delay, every message that was fetched and not settled (one nobody handled, and
+the one a handler still holds past the grace period), so another replica, or this one restarted, gets it
+without waiting for the ack wait. A closed bus publishes nothing, so a handler cut short cannot report the
+interrupted work as its result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -64,8 +77,18 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from poise.bus import Handler, register_handler
-from poise.contracts import ContractError, Message, decode, encode
+from poise.bus import Handler, IncompatibleStream, register_handler
+from poise.contracts import (
+    CONTRACT_VERSION,
+    UNVERSIONED,
+    VERSION_PATTERN,
+    ContractError,
+    Message,
+    decode,
+    encode,
+    newest,
+    unreadable,
+)
 
 log = logging.getLogger("poise.nats_bus")
 
@@ -79,6 +102,7 @@ MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 DUPLICATE_WINDOW_S = 20 * 60.0  # covers a crash and restart between a publish and its ack
 DAY_S = 24 * 3600.0
 REASON_HEADER = "Poise-Reason"
+TRUNCATED_HEADER = "Poise-Truncated"  # on a DLQ copy cut to the server's max payload: the original's size
 
 STREAMS = (
     StreamConfig(name=WORK_STREAM, description="POISE work: one durable consumer per work.* subject",
@@ -95,6 +119,8 @@ STREAMS = (
                  retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, max_age=14 * DAY_S),
 )
 STREAM_EXISTS = 10058  # JetStream error code: the stream exists with another configuration
+# Stream metadata: the newest contract version (poise/contracts.py) that declared the stream; none: UNVERSIONED.
+CONTRACT_METADATA = "poise_contract_version"
 
 CONNECT_TIMEOUT_S = 10.0  # connect() gives up after this (serve.connect retries with backoff)
 REACH_TIMEOUT_S = 3.0     # of which reaching a server, per server in the URL: a wrong address shows soon
@@ -123,8 +149,15 @@ def dlq_subject(subject: str) -> str:
 
 
 def _one_line(text: str, limit: int = 1000) -> str:
-    """A reason fit for a header or a +TERM payload: one line, bounded."""
-    return " ".join(text.split())[:limit]
+    """A reason fit for a header or a +TERM payload: one line of ASCII, bounded. A reason quotes the message,
+    which may be any text; NATS headers are MIME-style, and nats-py reads a non-ASCII value back as an
+    `email.header.Header` instead of a string."""
+    return " ".join(text.split()).encode("ascii", "backslashreplace").decode()[:limit]
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    """The size of the header block nats-py sends for `headers`; the server counts it towards its max payload."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{key}: {value}\r\n".encode()) for key, value in headers.items())
 
 
 @dataclass
@@ -174,6 +207,7 @@ class NatsBus:
         self.naked = 0
         self.termed = 0
         self.dead_lettered = 0
+        self.handed_back = 0  # naked without delay by close(), fetched and never settled (set on the loop)
         self._handlers: dict[str, Handler] = {}
         self._consumers: list[_Consumer] = []
         self._ready: queue.Queue[_Delivery] = queue.Queue()  # fetched, waiting for the caller
@@ -183,6 +217,7 @@ class NatsBus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._closing = False
+        self._stopping = False  # stop_fetching(): no new fetches
 
     # ---------------------------------------------------------------------------------- the public API
 
@@ -237,7 +272,7 @@ class NatsBus:
             else:
                 self._deliver(delivery)
             handled += 1
-            if handled >= len(self._consumers):
+            if handled >= len(self._consumers) or self._stopping:
                 return handled
             try:
                 delivery = self._ready.get_nowait()
@@ -248,6 +283,11 @@ class NatsBus:
         """Handle messages until `stop` is set (or the bus is closed)."""
         while not self._closing and (stop is None or not stop.is_set()):
             self.drain_once(1.0)
+
+    def stop_fetching(self) -> None:
+        """SIGTERM: fetch no more messages, and return from drain_once after the message in hand; what was
+        fetched and is not settled goes back to JetStream at close()."""
+        self._stopping = True
 
     def healthy(self) -> bool:
         nc = self._nc
@@ -373,7 +413,7 @@ class NatsBus:
         except BusClosed:
             if verdict is not None:
                 verdict.close()
-            log.warning("the bus closed before %s #%d was settled; JetStream redelivers it after the ack wait",
+            log.warning("the bus closed before %s #%d was settled; close() handed it back to JetStream",
                         delivery.consumer.subject, delivery.msg.metadata.sequence.stream)
             return False
 
@@ -448,8 +488,11 @@ class NatsBus:
             await nc.close()
 
     async def _declare_streams(self) -> None:
-        """Create the streams, or update them if another version declared them differently."""
+        """Create the streams, or update them if another version declared them differently. A stream records the
+        newest contract version that declared it (CONTRACT_METADATA); one this POISE cannot read, or whose
+        configuration it cannot change, raises IncompatibleStream."""
         for config in STREAMS:
+            config = dataclasses.replace(config, metadata={CONTRACT_METADATA: await self._stream_contract(config.name)})
             try:
                 await self._js.add_stream(config)
             except nats.js.errors.BadRequestError as err:
@@ -458,9 +501,24 @@ class NatsBus:
                 try:
                     await self._js.update_stream(config)
                 except nats.js.errors.APIError as update_err:
-                    raise RuntimeError(f"stream {config.name} exists with a configuration this version cannot "
-                                       f"change ({update_err.description}); delete the stream or migrate it"
-                                       ) from update_err
+                    raise IncompatibleStream(f"stream {config.name} exists with a configuration this version cannot "
+                                             f"change ({update_err.description}); delete the stream or migrate it"
+                                             ) from update_err
+
+    async def _stream_contract(self, name: str) -> str:
+        """The contract version stream `name` is to record: this POISE's, or the newer one it records."""
+        try:
+            info = await self._js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            return CONTRACT_VERSION
+        stored = (info.config.metadata or {}).get(CONTRACT_METADATA, UNVERSIONED)
+        problem = (unreadable(stored) if re.match(VERSION_PATTERN, stored)
+                   else f"the contract version {stored!r}, which is not one")
+        if problem is not None:
+            raise IncompatibleStream(f"stream {name} at {self.url} holds messages of {problem}; a major version "
+                                     "is not a rolling upgrade (docs/architecture.md, \"Contract versions and "
+                                     "rolling upgrades\")")
+        return newest(stored, CONTRACT_VERSION)
 
     def _consumer_config(self, consumer: _Consumer) -> ConsumerConfig:
         if consumer.advisory:
@@ -482,7 +540,7 @@ class NatsBus:
 
     async def _pull(self, consumer: _Consumer) -> None:
         """Fetch one message at a time for the caller; fetch the next once it is settled."""
-        while not self._closing:
+        while not self._closing and not self._stopping:
             nc = self._nc
             if nc is None or not nc.is_connected:
                 await asyncio.sleep(RETRY_S)  # no pull requests piled up while reconnecting
@@ -569,6 +627,10 @@ class NatsBus:
         while True:
             if self._js is None or self._closing:
                 raise BusClosed(f"not connected to NATS at {self.url}; call connect() first")
+            size, limit = len(data) + _header_bytes(headers), self._nc.max_payload
+            if size > limit:  # deterministic, and the server's answer to it would close this connection for good
+                raise ContractError(f"{subject}: {size} bytes with headers exceed the NATS server's max payload of "
+                                    f"{limit} bytes; put large artifacts in storage and send their URI")
             try:
                 return await self._js.publish(subject, data, timeout=REQUEST_TIMEOUT_S, headers=headers)
             except TRANSIENT as err:
@@ -586,6 +648,11 @@ class NatsBus:
                            reason: str) -> None:
         headers = {"Nats-Msg-Id": f"dlq/{stream}/{seq}", REASON_HEADER: _one_line(reason),
                    "Poise-Stream": stream, "Poise-Stream-Seq": str(seq), "Poise-Deliveries": str(deliveries)}
+        if self._nc is not None:  # junk as large as the server allows leaves no room for the headers
+            room = self._nc.max_payload - _header_bytes({**headers, TRUNCATED_HEADER: str(len(data))})
+            if len(data) > room:
+                headers[TRUNCATED_HEADER] = str(len(data))
+                data = data[:room]
         await self._publish(dlq_subject(subject), data, headers)
 
     async def _get_msg(self, stream: str, seq: int) -> Any:
@@ -605,18 +672,16 @@ class NatsBus:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for delivery in list(self._held):  # a handler still running past the grace period: redelivered later
+        # Fetched and not settled (never handled, or a handler still running past the grace period): back to
+        # the stream now, for another replica or this one restarted, not after the ack wait.
+        for delivery in list(self._held):
             delivery.heartbeat.cancel()
-        while True:  # fetched but never handled: back to the stream now, for another replica
-            try:
-                delivery = self._ready.get_nowait()
-            except queue.Empty:
-                break
-            delivery.heartbeat.cancel()
+            self._held.discard(delivery)
             try:
                 await delivery.msg.nak()
-            except TRANSIENT:
-                pass
+                self.handed_back += 1
+            except TRANSIENT as err:  # redelivered after the ack wait instead
+                log.debug("handing back %s: %s: %s", delivery.consumer.subject, type(err).__name__, err)
         nc = self._nc
         if nc is not None and not nc.is_closed:
             try:

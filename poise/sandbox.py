@@ -85,6 +85,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from poise.contracts import SandboxLimits, SandboxPayload, validation_problems
+from poise.faults import fault_point
 
 RESULT_KEY = "result"
 MAX_OUTPUT_BYTES = 8 << 20
@@ -101,6 +102,9 @@ MALFORMED_REPORT_CHARS = 300  # how much of a validation error the failure reaso
 
 _fork_servers: dict[tuple[int, str, int], _ForkServer] = {}
 _fork_servers_lock = threading.Lock()
+# The children run_sandboxed waits on now, for stop_children (a service's graceful shutdown).
+_running: set[subprocess.Popen | _ForkedChild] = set()
+_running_lock = threading.Lock()
 
 
 @dataclass
@@ -180,9 +184,11 @@ def run_sandboxed(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     *,
     report_type: type[Report],
+    fault: str | None = None,
 ) -> SandboxResult[Report]:
     """Run `python -I -m module` in a sandboxed child with `payload` (its limits set to `limits`) as JSON on
-    stdin; the child's result comes back validated as `report_type`. Default limits: SandboxLimits()."""
+    stdin; the child's result comes back validated as `report_type`. Default limits: SandboxLimits().
+    `fault`: the fault point passed once the child runs (poise/faults.py; tests only)."""
     limits = limits or SandboxLimits()
     workdir.mkdir(parents=True, exist_ok=True)
     stdin = payload.model_copy(update={"limits": limits}).model_dump_json().encode()
@@ -193,9 +199,13 @@ def run_sandboxed(
     except TimeoutError:  # the fork server was still importing at the deadline
         result.timed_out, result.wall_s = True, time.monotonic() - started
         return result
+    with _running_lock:
+        _running.add(child)
     assert child.stdin and child.stdout and child.stderr
     child.stdin.write(stdin)
     child.stdin.close()
+    if fault is not None:
+        fault_point(fault, f"child={child.pid}")
     stdout_buffer, stderr_tail, total = b"", b"", 0
     selector = selectors.DefaultSelector()
     selector.register(child.stdout, selectors.EVENT_READ, "out")
@@ -234,6 +244,8 @@ def run_sandboxed(
     if result.timed_out or result.output_overflow:
         _stop(child)
     result.returncode = child.wait()
+    with _running_lock:
+        _running.discard(child)
     kill_group(child.pid)  # forks left behind by a child that exited still die
     child.stdout.close()
     child.stderr.close()
@@ -384,6 +396,20 @@ def _stop(child: subprocess.Popen) -> None:
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
     kill_group(child.pid)
+
+
+def stop_children() -> int:
+    """A service's graceful shutdown: kill the sandboxed children running now, as at a deadline; returns how many.
+    Their run_sandboxed calls return a killed child. One started after this dies with the process: the fork
+    server kills its children when its parent goes, and a fresh interpreter's next line hits a closed pipe."""
+    with _running_lock:
+        children = list(_running)
+    stopped = 0
+    for child in children:
+        if child.poll() is None:  # still ours: not reaped, so its pid names no other process
+            _stop(child)
+            stopped += 1
+    return stopped
 
 
 def kill_group(pid: int) -> None:

@@ -18,6 +18,7 @@ The store enforces no pipeline rules; `archive.update.ArchiveUpdater` decides wh
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from types import TracebackType
 from typing import get_args
 
 from poise.contracts import (
+    CONTRACT_VERSION,
+    VERSION_PATTERN,
     LlmOperator,
     Node,
     NodeScore,
@@ -32,7 +35,9 @@ from poise.contracts import (
     OperatorSpend,
     RunConfig,
     RunCounters,
+    newest,
     node_number,
+    unreadable,
 )
 from poise.scoring import node_score
 
@@ -77,6 +82,28 @@ def _finite(value: float | None) -> float | None:
 
 class ArchiveError(Exception):
     """The store could not do what was asked: storage failure, incompatible database, or a misuse of the API."""
+
+
+class IncompatibleArchive(ArchiveError):
+    """The store holds documents of a contract version this POISE cannot read; the message names both versions and
+    what to do. Raised when the store is opened, before anything is written to it."""
+
+
+CONTRACT_KEY = "contract_version"  # where a store records the contract version of what it holds
+
+
+def check_contract(stored: str | None, where: str) -> str:
+    """The contract version a store records once this POISE has opened it: this POISE's, or the newer one already
+    recorded. `stored` is what the store records (UNVERSIONED for a store from before stores recorded one, None
+    for an empty store); a version this POISE cannot read raises IncompatibleArchive."""
+    if stored is None:
+        return CONTRACT_VERSION
+    if not isinstance(stored, str) or re.match(VERSION_PATTERN, stored) is None:
+        raise IncompatibleArchive(f"{where} records the contract version {stored!r}, which is not one")
+    problem = unreadable(stored)
+    if problem is not None:
+        raise IncompatibleArchive(f"{where} holds documents of {problem}")
+    return newest(stored, CONTRACT_VERSION)
 
 
 class ArchiveStore(ABC):

@@ -26,6 +26,7 @@ from poise.agents import Agents, default_agents
 from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtProposed, Failure, Node, Phase, Proposal, RunConfig, WorkPropose
 from poise.description.proposals import description_key
+from poise.faults import fault_point
 from poise.llm import LLMError, collect_calls
 from poise.metrics import FAILED, observed
 from poise.store import ArchiveStore
@@ -54,6 +55,7 @@ class ProposerService:
 
     @observed("propose")
     def handle(self, work: WorkPropose) -> str | None:
+        fault_point("proposer.received", f"{work.run_id}/{work.node_id}")
         ids = {"run_id": work.run_id, "node_id": work.node_id, "attempt": work.attempt}
         config = self.archive.get_run(work.run_id)
         # The whole archive, read once per proposal: parent choice, context, screening and duplicate keys share it.
@@ -84,6 +86,7 @@ class ProposerService:
         if failure is not None:
             self.bus.publish(EvtFailed(**ids, failure=failure, llm_calls=calls, parent_ids=list(work.parent_ids)))
             return FAILED
+        fault_point("proposer.publish", f"{work.run_id}/{work.node_id}")
         self.bus.publish(EvtProposed(**ids, proposal=proposal, llm_calls=calls))
 
     @staticmethod

@@ -22,6 +22,7 @@ import logging
 from poise.agents import Agents, default_agents
 from poise.bus import Bus
 from poise.contracts import EvtFailed, EvtReflected, Failure, Node, Phase, Reflection, RunConfig, WorkReflect
+from poise.faults import fault_point
 from poise.llm import LLMClient, LLMError, collect_calls
 from poise.metrics import FAILED, observed
 from poise.store import ArchiveStore
@@ -42,6 +43,7 @@ class ReflectorService:
 
     @observed("reflect")
     def handle(self, work: WorkReflect) -> str | None:
+        fault_point("reflector.received", f"{work.run_id}/{work.node_id}")
         ids = {"run_id": work.run_id, "node_id": work.node_id, "attempt": work.attempt}
         with collect_calls() as calls:
             node = self.archive.get_node(work.run_id, work.node_id)
@@ -53,6 +55,7 @@ class ReflectorService:
             root_id = node.genealogy.ancestors[0] if node.genealogy.ancestors else node.node_id
             root = self.archive.get_node(work.run_id, root_id)
             reflection = self._reflect(node, parent, root, *root_noise(root))
+        fault_point("reflector.publish", f"{work.run_id}/{work.node_id}")
         self.bus.publish(EvtReflected(**ids, reflection=reflection, llm_calls=calls))
 
     def _reflect(self, node: Node, parent: Node | None, root: Node | None, noise_sd: float | None,

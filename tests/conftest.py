@@ -19,7 +19,8 @@ def one_thread():
 # The longest modules, longest first. `bin/test` runs two xdist workers with `--dist loadfile
 # --no-loadscope-reorder`, which hands out whole files in collection order: these go first, one per worker, and
 # the short files fill in behind them.
-LONGEST_FIRST = ("test_vllm.py", "test_loop.py", "test_distributed.py", "test_llm_loop.py")
+LONGEST_FIRST = ("test_vllm.py", "test_chaos.py", "test_loop.py", "test_distributed.py", "test_embedded_kills.py",
+                 "test_readme.py", "test_shutdown.py", "test_llm_loop.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -856,7 +856,7 @@ def test_a_schema_1_sqlite_archive_is_migrated_when_opened(tmp_path: Path) -> No
     db.commit()
     db.close()
     with SQLiteStore(path) as store:
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         reference_matches(store)
         assert store.counters(RUN).evaluated == 2 and store.counters(RUN).llm_usd == pytest.approx(0.02)
         assert [s.node_id for s in store.scores(RUN, min_seeds=2)] == ["n000"]

