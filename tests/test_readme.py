@@ -117,8 +117,11 @@ def _env() -> dict[str, str]:
 
 def _serve_ui_once(command: str, cwd: Path) -> str:
     """Start `poise ui`, fetch its front page, stop it with Ctrl-C as a person would; its output."""
+    # Ctrl-C as at a terminal: SIGINT at its default, which a process started under an xdist worker would not
+    # have (the worker ignores SIGINT, and Python keeps an ignored SIGINT ignored).
     proc = subprocess.Popen(f"exec {command}", shell=True, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         line = ""
@@ -133,7 +136,12 @@ def _serve_ui_once(command: str, cwd: Path) -> str:
         assert response.status == 200 and "first" in page
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            raise AssertionError(f"`{command}` did not stop on Ctrl-C within 30 s:\n{out[-3000:]}") from None
     assert proc.returncode in (0, 130), out
     return line + out
 
