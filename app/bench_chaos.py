@@ -24,6 +24,7 @@ poise/bus.py.)
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -393,23 +394,23 @@ def _inject_and_wait(cluster: Cluster, watch: RunWatch, fault: Fault, config: di
 # ------------------------------------------------------------------------------------------- the bench
 
 
-def kind_table(results: list[TrialResult]) -> list[dict]:
-    """Per fault kind: trials, faults that struck, runs completed, nodes lost, duplicated and failed, trials
-    with other problems, and the recovery times."""
+def kind_table(trials: list[dict]) -> list[dict]:
+    """Per fault kind, over trials as `TrialResult.as_dict` writes them: trials, faults that struck, runs
+    completed, nodes lost, duplicated and failed, trials with other problems, and the recovery times."""
     rows = []
-    for kind in dict.fromkeys(r.kind for r in results):
-        mine = [r for r in results if r.kind == kind]
-        recover = [r.recover_s for r in mine if r.recover_s is not None]
+    for kind in dict.fromkeys(t["kind"] for t in trials):
+        mine = [t for t in trials if t["kind"] == kind]
+        recover = [t["recover_s"] for t in mine if t["recover_s"] is not None]
+        runs = [t["wall_s"] for t in mine if t["completed"]]
         rows.append({
-            "kind": kind, "trials": len(mine), "struck": sum(r.injected and not r.after_finish for r in mine),
-            "completed": sum(r.completed for r in mine), "lost": sum(len(r.verdict.lost) for r in mine),
-            "duplicated": sum(len(r.verdict.duplicated) for r in mine),
-            "failed_nodes": sum(r.verdict.failed for r in mine),
-            "other_problems": sum(bool(r.verdict.problems or r.verdict.incomplete) for r in mine),
+            "kind": kind, "trials": len(mine), "struck": sum(t["injected"] and not t["after_finish"] for t in mine),
+            "completed": len(runs), "lost": sum(len(t["verdict"]["lost"]) for t in mine),
+            "duplicated": sum(len(t["verdict"]["duplicated"]) for t in mine),
+            "failed_nodes": sum(t["verdict"]["failed"] for t in mine),
+            "other_problems": sum(bool(t["verdict"]["problems"] or t["verdict"]["incomplete"]) for t in mine),
             "recover_median_s": round(statistics.median(recover), 1) if recover else None,
             "recover_max_s": round(max(recover), 1) if recover else None,
-            "run_median_s": round(statistics.median(r.wall_s for r in mine if r.completed), 1)
-            if any(r.completed for r in mine) else None,
+            "run_median_s": round(statistics.median(runs), 1) if runs else None,
         })
     return rows
 
@@ -430,28 +431,33 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def bench_chaos(trials: int, seed: int = 0, kinds: tuple[str, ...] = FAULT_KINDS, json_path: Path | None = None,
-                work_root: Path | None = None, keep: bool = False, embedded: int = 0, log: Log = print) -> dict:
+                work_root: Path | None = None, keep: bool = False, embedded: int = 0, resume: bool = False,
+                log: Log = print) -> dict:
     """`trials` trials, the kinds in turn, seeds `seed`, `seed` + 1, ...; a trial that breaks an invariant keeps
     its logs under `work_root` (default: a temporary directory, kept then). `embedded`: also SIGKILL a tiny
-    embedded run at that many moments (`embedded_kills`)."""
+    embedded run at that many moments (`embedded_kills`). `resume`: keep the trials the report at `json_path`
+    holds (same seed and kinds) and run the rest."""
     parsed = [parse_kind(k) for k in kinds]
     root = Path(work_root) if work_root else Path(tempfile.mkdtemp(prefix="poise-chaos-"))
-    report: dict = {"command": invoked_command(), "run": TINY_RUN, "ack_wait_s": ACK_WAIT_S, "trials": [], "kinds": []}
-    results: list[TrialResult] = []
-    for i in range(trials):
+    report: dict = {"command": invoked_command(), "run": TINY_RUN, "ack_wait_s": ACK_WAIT_S, "seed": seed,
+                    "kinds_in_turn": list(kinds), "trials": [], "kinds": []}
+    if resume and json_path is not None and Path(json_path).exists():
+        report["trials"] = resumable_trials(Path(json_path), seed, kinds)[:trials]
+        log(f"resuming: {len(report['trials'])} trial(s) already in {json_path}")
+    for i in range(len(report["trials"]), trials):
         kind_text = kinds[i % len(kinds)]
         kind, target = parsed[i % len(parsed)]
         workdir = root / f"trial-{i:03d}-{kind_text.replace(':', '-')}"
         result = run_trial(seed + i, kind, workdir, target)
         result.kind = kind_text
-        results.append(result)
         log(f"trial {i + 1}/{trials} {'ok  ' if result.ok else 'FAIL'} {result.line()}")
         if result.ok and not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-        report["trials"] = [r.as_dict() for r in results]
-        report["kinds"] = kind_table(results)
+        report["trials"].append(result.as_dict())
+        report["kinds"] = kind_table(report["trials"])
         write_json_report(json_path, report)
-    if results:
+    report["kinds"] = kind_table(report["trials"])
+    if report["trials"]:
         log(markdown_table(report["kinds"]))
     if embedded:
         kills = embedded_kills(seed, embedded, root / "embedded")
@@ -460,12 +466,21 @@ def bench_chaos(trials: int, seed: int = 0, kinds: tuple[str, ...] = FAULT_KINDS
         if kills.same and not keep:
             shutil.rmtree(root / "embedded", ignore_errors=True)
     write_json_report(json_path, report)
-    failing = [r for r in results if not r.ok]
-    if failing or (embedded and not report["embedded"]["same"]):
+    if any(not t["ok"] for t in report["trials"]) or (embedded and not report["embedded"]["same"]):
         log(f"logs of the failing trials: {root}")
     elif not work_root:
         shutil.rmtree(root, ignore_errors=True)
     return report
+
+
+def resumable_trials(json_path: Path, seed: int, kinds: tuple[str, ...]) -> list[dict]:
+    """The trials of an earlier report of the same schedule; ValueError if it was another."""
+    earlier = json.loads(json_path.read_text())
+    if earlier.get("seed") != seed or earlier.get("kinds_in_turn") != list(kinds):
+        raise ValueError(f"{json_path} holds trials of seed {earlier.get('seed')} and kinds "
+                         f"{earlier.get('kinds_in_turn')}, not of seed {seed} and kinds {list(kinds)}; give another "
+                         "--json or leave out --resume")
+    return earlier["trials"]
 
 
 # ---------------------------------------------------------------------------------------- embedded mode

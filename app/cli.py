@@ -583,8 +583,16 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
     if args.trials < 0 or args.embedded_kills < 0 or not (args.trials or args.embedded_kills):
         print("bench chaos: --trials and --embedded-kills count (0 or more), and one must be above 0", file=sys.stderr)
         return 2
-    report = bench_chaos(args.trials, args.seed, tuple(args.kinds), Path(args.json) if args.json else None,
-                         Path(args.work_dir) if args.work_dir else None, args.keep, args.embedded_kills)
+    if args.resume and not args.json:
+        print("bench chaos: --resume continues the report of --json; give it", file=sys.stderr)
+        return 2
+    try:
+        report = bench_chaos(args.trials, args.seed, tuple(args.kinds), Path(args.json) if args.json else None,
+                             Path(args.work_dir) if args.work_dir else None, args.keep, args.embedded_kills,
+                             args.resume)
+    except ValueError as err:  # --resume on a report of another schedule
+        print(f"bench chaos: {err}", file=sys.stderr)
+        return 2
     broken = [t for t in report["trials"] if not t["ok"]]
     if args.embedded_kills and not report["embedded"]["same"]:
         broken.append(report["embedded"])
@@ -820,6 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "directory, kept when a trial fails)")
     bench_chaos.add_argument("--keep", action="store_true", help="keep the logs of trials that passed too")
     bench_chaos.add_argument("--json", help="write the report here (updated after every trial)")
+    bench_chaos.add_argument("--resume", action="store_true", help="keep the trials already in --json (same --seed "
+                                                                   "and --kinds) and run the rest")
     bench_chaos.set_defaults(handler=cmd_bench_chaos)
     return parser
 

@@ -8,6 +8,7 @@ bench/results/chaos/README.md).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from app.bench_chaos import (
     kind_table,
     parse_kind,
     progress,
+    resumable_trials,
     run_trial,
 )
 from archive.sqlite_store import SQLiteStore
@@ -140,6 +142,25 @@ def test_archive_digests_are_compared_node_by_node():
     assert digest_differences(expected, actual) == ["n001 missing", "n002 is extra (failed)"]
 
 
+def trial(kind: str, recover_s: float | None, lost: list[str] = (), completed: bool = True) -> dict:
+    verdict = {"lost": list(lost), "duplicated": [], "incomplete": [], "problems": [], "failed": 0, "nodes": 3}
+    return {"kind": kind, "injected": True, "after_finish": False, "completed": completed, "wall_s": 60.0,
+            "recover_s": recover_s, "verdict": verdict, "ok": completed and not lost}
+
+
+def test_the_table_sums_each_fault_kind_and_a_report_resumes_only_its_own_schedule(tmp_path: Path):
+    rows = kind_table([trial("kill", 4.0), trial("nats", 2.0), trial("kill", 10.0, lost=["n002"]),
+                       trial("kill", None, completed=False)])
+    kill, nats = rows
+    assert (kill["kind"], kill["trials"], kill["completed"], kill["lost"]) == ("kill", 3, 2, 1)
+    assert (kill["recover_median_s"], kill["recover_max_s"], nats["trials"]) == (7.0, 10.0, 1)
+    report = tmp_path / "chaos.json"
+    report.write_text(json.dumps({"seed": 0, "kinds_in_turn": ["kill", "nats"], "trials": [trial("kill", 4.0)]}))
+    assert len(resumable_trials(report, 0, ("kill", "nats"))) == 1
+    with pytest.raises(ValueError, match="not of seed 1"):
+        resumable_trials(report, 1, ("kill", "nats"))
+
+
 # --------------------------------------------------------------------------------------------- trials
 
 # (fault, seed): a few trials of each kind, the archive included. Each is a regression test once it has
@@ -164,4 +185,4 @@ def test_a_fault_at_a_drawn_moment_loses_and_duplicates_no_node(fault: str, seed
     assert result.injected, "the fault never struck; draw it earlier in the run"
     assert result.completed, result.verdict.problems
     assert result.verdict.ok, result.line()
-    assert kind_table([result])[0]["lost"] == 0
+    assert kind_table([result.as_dict()])[0]["lost"] == 0
