@@ -28,10 +28,12 @@ import json
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -337,9 +339,12 @@ def run_trial(seed: int, kind: str, workdir: Path, target: str | None = None, ru
         result.verdict.problems.append(f"{type(err).__name__}: {str(err)[:3000]}")
     finally:
         cluster.stop()
-    if result.completed:
-        result.verdict = archive_verdict(cluster.work_dir / "archive.db", RUN_ID, run, watch.seen, api_nodes)
-        if result.stop_reason != "budget reached":
+    store = cluster.work_dir / "archive.db"
+    if result.completed or store.exists():  # a run that did not complete: what its archive holds, to diagnose
+        problems = result.verdict.problems
+        result.verdict = archive_verdict(store, RUN_ID, run, watch.seen, api_nodes)
+        result.verdict.problems[:0] = problems
+        if result.completed and result.stop_reason != "budget reached":
             result.verdict.problems.append(f"the run stopped: {result.stop_reason}")
     return result
 
@@ -438,6 +443,8 @@ def bench_chaos(trials: int, seed: int = 0, kinds: tuple[str, ...] = FAULT_KINDS
     embedded run at that many moments (`embedded_kills`). `resume`: keep the trials the report at `json_path`
     holds (same seed and kinds) and run the rest."""
     parsed = [parse_kind(k) for k in kinds]
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops the trial's cluster on the way out
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     root = Path(work_root) if work_root else Path(tempfile.mkdtemp(prefix="poise-chaos-"))
     report: dict = {"command": invoked_command(), "run": TINY_RUN, "ack_wait_s": ACK_WAIT_S, "seed": seed,
                     "kinds_in_turn": list(kinds), "trials": [], "kinds": []}

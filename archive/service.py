@@ -231,7 +231,9 @@ class ArchiveService:
         if in_flight or self.state.replicates:
             return
         if evaluated_children >= self.config.budget or self.state.stop_reason:
-            if not self._confirm_best():
+            # A node waiting for its reflection is not in flight (it counts towards the budget, not the
+            # parallelism) but not done either: the run finishes with its evt.reflected (or evt.failed).
+            if not self._confirm_best() and not counters.counts.get(NodeStatus.EVALUATED, 0):
                 self._finish(self.state.stop_reason or "budget reached")
 
     def _confirm_best(self) -> bool:

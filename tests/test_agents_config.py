@@ -21,6 +21,7 @@ from poise.contracts import (
     CallRecord,
     Cost,
     Evaluation,
+    EvtReflected,
     Failure,
     Genealogy,
     Implementation,
@@ -29,6 +30,7 @@ from poise.contracts import (
     NodeStatus,
     Phase,
     Proposal,
+    Reflection,
     RunConfig,
     SuiteResult,
     TrainingStep,
@@ -144,6 +146,8 @@ def test_the_archive_stops_proposing_once_the_runs_nodes_have_spent_the_cap(tmp_
     if not proposes:
         assert archive.state.stop_reason == ("the agent-LLM cost cap is reached ($0.0600 of $0.05); "
                                              "stopped proposing")
+        assert not archive.state.finished  # the root still waits for its reflection
+        archive.handle(EvtReflected(run_id="r", node_id=ROOT_ID, reflection=Reflection(text="GRPO", generator="x")))
         assert archive.state.finished
     store.close()
 

@@ -28,9 +28,25 @@ from app.bench_chaos import (
     resumable_trials,
     run_trial,
 )
+from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
-from poise.contracts import ROOT_ID, Node, NodeStatus
+from poise.bus import InProcBus
+from poise.contracts import (
+    ROOT_ID,
+    EvtEvaluated,
+    EvtImplemented,
+    EvtTrained,
+    Implementation,
+    Node,
+    NodeStatus,
+    RunConfig,
+    TrainingStep,
+    TrainingTrajectory,
+)
+from poise.scoring import replicate_seed
 from poise.settings import SERVICES
+from proposer.service import ProposerService
+from reflector.service import ReflectorService
 
 # ------------------------------------------------------------------------------------------ the schedule
 
@@ -161,11 +177,61 @@ def test_the_table_sums_each_fault_kind_and_a_report_resumes_only_its_own_schedu
         resumable_trials(report, 1, ("kill", "nats"))
 
 
+# ------------------------------------------------------------------------------------ what trials found
+
+
+def test_a_run_does_not_finish_while_a_node_waits_for_its_reflection(tmp_path: Path):
+    """Trial (stop, 16) SIGSTOPped the reflector near the end: the archive declared the run finished with a node
+    still evaluated, because a node waiting for its reflection is not in flight. It finishes with the reflection."""
+    from test_services import SOURCE, evaluation
+
+    config = RunConfig(run_id="late", protocol="tiny", budget=1, parallel=1, root_seeds=1, replicate_seeds=1)
+    store = SQLiteStore(tmp_path / "archive.db")
+    store.put_run(config)
+    bus = InProcBus()
+    archive = ArchiveService(bus, store, config)
+    for subject in ("evt.proposed", "evt.implemented", "evt.trained", "evt.evaluated", "evt.reflected", "evt.failed"):
+        bus.subscribe(subject, archive.handle)
+    bus.subscribe("work.propose", ProposerService(bus, store).handle)  # no reflector yet: it is stopped
+
+    def settle() -> None:
+        while bus.step():
+            pass
+
+    def through_evaluation(node_id: str, replicate: int = 0) -> None:
+        ids = {"run_id": "late", "node_id": node_id, "replicate": replicate}
+        seed = replicate_seed(config.seed, replicate) if replicate else config.seed
+        if not replicate:
+            bus.publish(EvtImplemented(run_id="late", node_id=node_id,
+                                       implementation=Implementation.from_source(SOURCE, verified=True)))
+            settle()
+        trajectory = TrainingTrajectory(protocol="tiny", seed=seed, checkpoint_uri=f"/ckpt/{node_id}-{replicate}",
+                                        steps=[TrainingStep(step=0, reward_mean=0.3, kl=0.0, step_time_s=1.0)])
+        bus.publish(EvtTrained(**ids, trajectory=trajectory))
+        settle()
+        bus.publish(EvtEvaluated(**ids, evaluation=evaluation(0.5 if node_id == ROOT_ID else 0.6, seed=seed)))
+        settle()
+
+    archive.start()
+    settle()
+    through_evaluation(ROOT_ID)
+    through_evaluation("n001")
+    through_evaluation("n001", replicate=1)  # the best, confirmed with a fresh seed: nothing else is in flight
+    assert [n.status for n in store.nodes("late")] == [NodeStatus.EVALUATED] * 2
+    assert not archive.state.finished
+    bus.subscribe("work.reflect", ReflectorService(bus, store).handle)  # SIGCONT
+    settle()
+    assert [n.status for n in store.nodes("late")] == [NodeStatus.REFLECTED] * 2
+    assert archive.state.finished and archive.state.stop_reason == "budget reached"
+    store.close()
+
+
 # --------------------------------------------------------------------------------------------- trials
 
 # (fault, seed): a few trials of each kind, the archive included. Each is a regression test once it has
 # found something (bench/results/chaos/README.md says what).
 TRIALS = [
+    ("stop", 16),  # SIGSTOP of the reflector at the end: the run finished before a node's reflection (fixed)
     ("kill:archive", 0),
     ("kill:implementer", 1),
     ("kill:trainer", 2),
