@@ -38,7 +38,7 @@ from poise.contracts import (
     RunStatus,
 )
 from poise.objective import describe as describe_objective
-from poise.sandbox import MAX_THREADS_ENV
+from poise.sandbox import MAX_THREADS_ENV, boundary_problem, make_undumpable
 from poise.testbed.protocol import get_protocol
 from poise.timing import PhaseClock
 from proposer.service import ProposerService
@@ -152,6 +152,10 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
     run_dir = run_dir.resolve()
     agents = agents or default_agents()
     check_agents(config, agents)
+    make_undumpable()  # keys in this process's environment stay out of reach of same-uid processes
+    problem = boundary_problem()
+    if problem is not None:
+        raise RunError(f"candidate code will not run here: {problem}")
     try:
         check_run_dir(run_dir, force)
         lock = RunDirLock(run_dir, "poise run")

@@ -59,7 +59,7 @@ from archive.runs import RunRefused
 from poise.bus import IncompatibleStream
 from poise.contracts import MESSAGE_TYPES, Message
 from poise.metrics import METRICS, REGISTRY
-from poise.sandbox import stop_children
+from poise.sandbox import boundary_problem, make_undumpable, stop_children
 from poise.settings import SERVICE_PORTS, SERVICES, ServiceSettings, SettingsError, load_settings
 from poise.store import ArchiveError, ArchiveStore, IncompatibleArchive
 
@@ -403,6 +403,17 @@ RUNTIMES: dict[str, Callable[[Any, ServiceSettings], Runtime]] = {
 }
 
 
+CANDIDATE_RUNNERS = ("proposer", "implementer", "trainer")  # services that run candidate code in the sandbox
+
+
+def sandbox_ready(service: str) -> None:
+    """A service that runs candidate code refuses to start where the sandbox has no boundary (docs/sandbox.md)."""
+    if service in CANDIDATE_RUNNERS:
+        problem = boundary_problem()
+        if problem is not None:
+            raise ServeError(f"{service} will not run candidate code here: {problem}")
+
+
 def build_runtime(service: str, bus: Any, settings: ServiceSettings) -> Runtime:
     """The service `service` on `bus`, with its health checks, HTTP routes and what to close at the end."""
     builder = RUNTIMES.get(service)
@@ -496,6 +507,8 @@ def serve(service: str, settings: ServiceSettings, stop: threading.Event | None 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: stop.set())
     runtime: Runtime | None = None
+    make_undumpable()  # keys in this process's environment stay out of reach of same-uid processes
+    sandbox_ready(service)
 
     def dead_letter(message: Message, reason: str) -> None:  # the bus exists before the service it feeds
         if runtime is None:

@@ -1260,12 +1260,21 @@ class SandboxLimits(Contract):
     memory_bytes: int = Field(8 << 30, ge=1, description="address space: torch reserves a lot of virtual memory")
     file_bytes: int = Field(256 << 20, ge=1, description="largest file the child may write (a checkpoint is ~4 MB)")
     open_files: int = Field(256, ge=1)
+    processes: int = Field(512, ge=8, description="tasks (processes and threads) of the whole sandbox: a cgroup "
+                                                   "limit where one can be made, else RLIMIT_NPROC of its uid")
+    allow_weak: bool = Field(False, description="run the candidate even when the boundary cannot be built "
+                                                "(POISE_SANDBOX_ALLOW_WEAK=1; docs/sandbox.md)")
 
 
 class SandboxPayload(Contract):
     """Base of every payload: the limits the child applies to itself (set by poise.sandbox.run_sandboxed)."""
 
     limits: SandboxLimits = Field(default_factory=SandboxLimits)
+
+    def read_only_paths(self) -> list[Path]:
+        """Files or directories outside the working directory the child must read (bound read-only into its
+        filesystem view, poise/sandbox.py); the interpreter, its libraries and the harness are always there."""
+        return []
 
 
 class SandboxReport(Contract):
@@ -1283,6 +1292,9 @@ class VerifyPayload(SandboxPayload):
     smoke_protocol: dict[str, Any] | None = Field(None, description="Protocol.as_dict() (poise/testbed/protocol.py) "
                                                                     "of the smoke run; None: no smoke run")
     seed: int = 0
+
+    def read_only_paths(self) -> list[Path]:
+        return [self.base_path]
 
 
 class VerifyReport(SandboxReport):
@@ -1318,6 +1330,9 @@ class TrainPayload(SandboxPayload):
     base_path: Path = Field(description="the base checkpoint training starts from")
     out_dir: Path = Field(description="where the checkpoint is written: the child's working directory")
 
+    def read_only_paths(self) -> list[Path]:
+        return [self.base_path]
+
 
 class TrainStepEvent(Contract):
     """A progress line of trainer/testbed_child.py: one optimizer step's metrics, sent as soon as it is logged."""
@@ -1351,6 +1366,10 @@ class ProbePayload(SandboxPayload):
     model_config = ConfigDict(extra="allow")
 
     code: str
+    readable: list[Path] = Field([], description="bound read-only into the child's view (read_only_paths)")
+
+    def read_only_paths(self) -> list[Path]:
+        return list(self.readable)
 
     @model_validator(mode="after")
     def _unknown_fields(self) -> ProbePayload:  # replaces Contract's: every further field is the snippet's

@@ -62,9 +62,12 @@ note (never silently skipped); callers report the notes with their results.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import functools
 import json
+import logging
 import os
 import re
 import resource
@@ -87,12 +90,16 @@ from pydantic import BaseModel, ValidationError
 from poise.contracts import SandboxLimits, SandboxPayload, validation_problems
 from poise.faults import fault_point
 
+log = logging.getLogger(__name__)
+
 RESULT_KEY = "result"
 MAX_OUTPUT_BYTES = 8 << 20
 STDERR_TAIL_BYTES = 16 << 10
 FORK_SERVER_ENV = "POISE_SANDBOX_FORK_SERVER"  # "0": a fresh interpreter for every child
+ALLOW_WEAK_ENV = "POISE_SANDBOX_ALLOW_WEAK"  # "1": run candidates even where the boundary cannot be built
 MAX_THREADS_ENV = "POISE_MAX_THREADS"  # a cap on every child's (and the evaluator's) threads: thread_cap
 FORK_SERVER_DIR_PREFIX = "poise-forkserver-"
+REFUSED_STATUS = 3  # a child's exit status when it refused to run without its boundary
 WATCHDOG_GRACE_S = 5.0  # how long the parent waits for the watchdog to kill the sandbox before killing the group
 
 
@@ -118,6 +125,8 @@ class SandboxResult(Generic[Report]):
     stalled: bool = False  # timed out by `stall_s` (no progress), not by the wall deadline
     stall_s: float | None = None
     output_overflow: bool = False
+    peak_tasks: int | None = None  # the most tasks (processes and threads) the child's cgroup held at once
+    memory_exceeded: bool = False  # the cgroup's memory limit was hit and the kernel killed in it
     malformed: str | None = None  # why the last result line did not validate as the report type (then no result)
 
     @property
@@ -140,6 +149,8 @@ class SandboxResult(Generic[Report]):
             return f"killed after the {self.wall_s:.0f} s wall-clock deadline"
         if self.output_overflow:
             return f"killed: wrote more than {MAX_OUTPUT_BYTES >> 20} MiB to stdout"
+        if self.memory_exceeded:
+            return "killed by the kernel at the sandbox's memory limit"
         if self.returncode is not None and self.returncode < 0:
             name = signal.Signals(-self.returncode).name if -self.returncode in signal.valid_signals() else "?"
             hint = " (CPU time limit)" if name == "SIGXCPU" else " (killed: likely a resource limit)"
@@ -150,6 +161,212 @@ class SandboxResult(Generic[Report]):
         if self.result is None:
             return f"child exited with status {self.returncode} without a result: {last[0]}"
         return f"child exited with status {self.returncode}: {last[0]}"
+
+
+class Cgroup:
+    """One sandboxed child's control group: a cap on its tasks (processes and threads: a fork storm stops
+    there), its memory and its CPU time (the cores it was given), and a way to kill everything in it.
+    cgroup v2 where the service's own cgroup can delegate the controllers, else the v1 hierarchies; `create`
+    returns None (and `unavailable` says why, logged once) where neither can be written, and the child's
+    rlimits are then the only bound (docs/sandbox.md)."""
+
+    def __init__(self, directories: list[Path], version: int) -> None:
+        self.directories, self.version = directories, version
+
+    unavailable: str | None = None
+    _counter = 0
+    _lock = threading.Lock()
+
+    @classmethod
+    def create(cls, limits: SandboxLimits, threads: int) -> Cgroup | None:
+        with cls._lock:
+            cls._counter += 1
+            name = f"poise-sandbox-{os.getpid()}-{cls._counter}"
+        for build in (cls._v2, cls._v1):
+            try:
+                cgroup = build(name, limits, threads)
+            except OSError as err:
+                reason = f"{err.strerror or err} ({err.filename or ''})"
+                if cls.unavailable != reason:
+                    log.warning("sandbox: no cgroup for sandboxed children (%s); a fork storm or a memory hog is "
+                                "bounded only by rlimits", reason)
+                cls.unavailable = reason
+                continue
+            if cgroup is not None:
+                return cgroup
+        return None
+
+    @classmethod
+    def _v2(cls, name: str, limits: SandboxLimits, threads: int) -> Cgroup | None:
+        mount = _cgroup_mounts().get("cgroup2")
+        own = _own_cgroups().get("")
+        if mount is None or own is None:
+            return None
+        parent = mount / own.lstrip("/")
+        wanted = {"pids", "memory", "cpu"}
+        if not wanted <= set((parent / "cgroup.controllers").read_text().split()):
+            return None
+        if not wanted <= set((parent / "cgroup.subtree_control").read_text().split()):
+            # A cgroup with processes cannot hand controllers down: the service moves into a leaf of its own.
+            leaf = parent / "poise-service"
+            leaf.mkdir(exist_ok=True)
+            for pid in (parent / "cgroup.procs").read_text().split():
+                try:
+                    (leaf / "cgroup.procs").write_text(pid)
+                except ProcessLookupError:
+                    pass
+            (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
+        directory = parent / name
+        directory.mkdir()
+        cgroup = cls([directory], 2)
+        try:
+            (directory / "pids.max").write_text(str(limits.processes))
+            (directory / "memory.max").write_text(str(limits.memory_bytes))
+            (directory / "memory.swap.max").write_text("0") if (directory / "memory.swap.max").exists() else None
+            (directory / "cpu.max").write_text(f"{threads * 100_000} 100000")
+        except OSError:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    @classmethod
+    def _v1(cls, name: str, limits: SandboxLimits, threads: int) -> Cgroup | None:
+        mounts, own = _cgroup_mounts(), _own_cgroups()
+        if "pids" not in mounts:
+            return None
+        directories = []
+        cgroup = cls(directories, 1)
+        try:
+            for controller, settings in (
+                ("pids", {"pids.max": limits.processes}),
+                ("memory", {"memory.limit_in_bytes": limits.memory_bytes}),
+                ("cpu", {"cpu.cfs_period_us": 100_000, "cpu.cfs_quota_us": threads * 100_000}),
+            ):
+                if controller not in mounts:
+                    continue
+                directory = mounts[controller] / own.get(controller, "/").lstrip("/") / name
+                directory.mkdir()
+                directories.append(directory)
+                for key, value in settings.items():
+                    (directory / key).write_text(str(value))
+        except OSError:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    def add(self, pid: int) -> None:
+        for directory in self.directories:
+            (directory / "cgroup.procs").write_text(str(pid))
+
+    def peak_tasks(self) -> int | None:
+        """The most tasks the cgroup held at once (pids.peak, where the kernel keeps it)."""
+        try:
+            return int((self.directories[0] / "pids.peak").read_text())
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def memory_exceeded(self) -> bool:
+        """Whether the memory limit was hit (the kernel then kills inside the cgroup)."""
+        for directory in self.directories:
+            for name in ("memory.events", "memory.oom_control"):  # v2, v1: both count "oom_kill"
+                try:
+                    values = dict(line.split()[:2] for line in (directory / name).read_text().splitlines()
+                                  if len(line.split()) >= 2)
+                except OSError:
+                    continue
+                if int(values.get("oom_kill", "0")) > 0:
+                    return True
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL every task in the cgroup, until none is left (a fork storm keeps forking meanwhile)."""
+        if not self.directories:
+            return
+        directory = self.directories[0]
+        if self.version == 2 and (directory / "cgroup.kill").exists():
+            (directory / "cgroup.kill").write_text("1")
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                pids = [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
+            except OSError:
+                return
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+
+    def remove(self) -> None:
+        """Kill what is left and remove the cgroup (retried while the killed tasks are being reaped)."""
+        self.kill()
+        for directory in self.directories:
+            for _ in range(200):
+                try:
+                    directory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+def _cgroup_mounts() -> dict[str, Path]:
+    """Controller (or "cgroup2") -> where its hierarchy is mounted."""
+    mounts: dict[str, Path] = {}
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            fstype, options = fields[separator + 1], fields[separator + 3].split(",")
+            point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+            if fstype == "cgroup2":
+                mounts.setdefault("cgroup2", point)
+            elif fstype == "cgroup":
+                for option in options:
+                    mounts.setdefault(option, point)
+    return mounts
+
+
+def _own_cgroups() -> dict[str, str]:
+    """Controller ("" for cgroup v2) -> this process's cgroup path in that hierarchy."""
+    own: dict[str, str] = {}
+    with open("/proc/self/cgroup") as cgroups:
+        for line in cgroups:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                own[controller] = path
+    return own
+
+
+@functools.cache
+def boundary_problem() -> str | None:
+    """Why a sandboxed child cannot be given its boundary here (no namespaces: neither CAP_SYS_ADMIN nor user
+    namespaces), or None when it can. With POISE_SANDBOX_ALLOW_WEAK=1 there is no problem, only a warning.
+    Services that run candidate code call it at start and refuse to start on a problem (docs/sandbox.md).
+    Asked once per process: the answer does not change while it runs."""
+    from poise.contracts import ProbePayload, ProbeReport
+
+    with tempfile.TemporaryDirectory(prefix="poise-boundary-") as directory:
+        run = run_sandboxed("poise.sandbox_probe", ProbePayload(code="result = None"), Path(directory) / "probe",
+                            SandboxLimits(wall_s=120.0), threads=1, report_type=ProbeReport)
+    if run.ok:
+        if run.result.notes:
+            log.warning("sandbox: %s", "; ".join(run.result.notes))
+        return None
+    lines = run.stderr_tail.strip().splitlines()
+    if run.returncode == REFUSED_STATUS and lines:
+        return lines[-1].removeprefix("sandbox: ")
+    return f"the sandbox probe failed: {run.failure_reason()}"
+
+
+def make_undumpable() -> None:
+    """A service's own process: not dumpable, so a process of the same uid (a candidate where the boundary is
+    weak) cannot read its /proc/<pid>/environ or memory (where keys live) nor ptrace it."""
+    prctl(load_libc(), _PR_SET_DUMPABLE, 0)
 
 
 def thread_cap(threads: int) -> int:
@@ -190,20 +407,35 @@ def run_sandboxed(
     stdin; the child's result comes back validated as `report_type`. Default limits: SandboxLimits().
     `fault`: the fault point passed once the child runs (poise/faults.py; tests only)."""
     limits = limits or SandboxLimits()
+    if os.environ.get(ALLOW_WEAK_ENV, "") == "1":
+        limits = limits.model_copy(update={"allow_weak": True})
     workdir.mkdir(parents=True, exist_ok=True)
     stdin = payload.model_copy(update={"limits": limits}).model_dump_json().encode()
     started = time.monotonic()
     result: SandboxResult[Report] = SandboxResult(returncode=None, wall_s=0.0, result=None)
+    cgroup = Cgroup.create(limits, thread_cap(threads))
     try:
         child = _start_child(module, workdir, thread_cap(threads), limits.wall_s)
     except TimeoutError:  # the fork server was still importing at the deadline
         result.timed_out, result.wall_s = True, time.monotonic() - started
+        if cgroup is not None:
+            cgroup.remove()
         return result
     with _running_lock:
         _running.add(child)
+    if cgroup is not None:
+        try:  # before the payload goes in: the child waits for it, so nothing has run yet
+            cgroup.add(child.pid)
+        except OSError as err:
+            log.warning("sandbox: child %d not put in its cgroup (%s)", child.pid, err)
     assert child.stdin and child.stdout and child.stderr
-    child.stdin.write(stdin)
-    child.stdin.close()
+    try:
+        child.stdin.write(stdin)
+        child.stdin.flush()
+    except BrokenPipeError:  # it died before reading its payload: its status and stderr say why
+        pass
+    with contextlib.suppress(BrokenPipeError):
+        child.stdin.close()
     if fault is not None:
         fault_point(fault, f"child={child.pid}")
     stdout_buffer, stderr_tail, total = b"", b"", 0
@@ -242,11 +474,16 @@ def run_sandboxed(
                 if _take_line(line, result, report_type, on_event):
                     progress = time.monotonic()
     if result.timed_out or result.output_overflow:
+        if cgroup is not None:
+            cgroup.kill()  # at once, whatever a fork storm does to the watchdog's pace
         _stop(child)
     result.returncode = child.wait()
     with _running_lock:
         _running.discard(child)
     kill_group(child.pid)  # forks left behind by a child that exited still die
+    if cgroup is not None:
+        result.peak_tasks, result.memory_exceeded = cgroup.peak_tasks(), cgroup.memory_exceeded()
+        cgroup.remove()
     child.stdout.close()
     child.stderr.close()
     if stdout_buffer and not result.output_overflow:
@@ -437,16 +674,20 @@ _CLONE_NEWNS = 0x00020000
 _CLONE_NEWIPC = 0x08000000
 _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
 _CLONE_NEW_ANY = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 _MS_REMOUNT, _MS_NOSYMFOLLOW, _MS_NOATIME, _MS_NODIRATIME = 0x20, 0x100, 0x400, 0x800
 _MS_BIND, _MS_REC, _MS_PRIVATE, _MS_STRICTATIME = 0x1000, 0x4000, 0x40000, 0x1000000
-_KEPT_MOUNT_OPTIONS = {"ro": _MS_RDONLY, "noexec": _MS_NOEXEC, "nosymfollow": _MS_NOSYMFOLLOW,
-                       "noatime": _MS_NOATIME, "nodiratime": _MS_NODIRATIME}
+_MNT_DETACH = 2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155)
+VIEW_DIR = ".sandbox-root"  # in the working directory: where the child's new root is assembled (empty inside)
+CANDIDATE_UID_BASE = 900_000  # a root service runs each child as this plus the child's pid: a uid of its own
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # the only usable device nodes inside
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 _PR_SET_SECCOMP = 22
 _PR_CAPBSET_DROP = 24
 _PR_SET_SECUREBITS = 28
@@ -492,7 +733,8 @@ def enter_sandbox(payload_type: type[Payload]) -> tuple[Payload, list[str]]:
     Must run before any candidate code is loaded. The notes list what could not be applied. With a PID
     namespace the process that called this never returns from it: it becomes the watchdog and exits with
     the sandboxed child's status; the call returns in the child, as PID 1 of the new namespace. A payload
-    that does not validate ends the child (status 2) with one line on stderr saying why, before anything runs.
+    that does not validate ends the child (status 2) with one line on stderr saying why, before anything runs;
+    so does a boundary that cannot be built (status 3), unless the payload's limits allow a weak one.
     """
     try:
         payload = payload_type.model_validate_json(sys.stdin.buffer.read())
@@ -502,32 +744,57 @@ def enter_sandbox(payload_type: type[Payload]) -> tuple[Payload, list[str]]:
         sys.exit(2)
     limits = payload.limits
     notes: list[str] = []
+    missing: list[str] = []  # parts of the boundary that could not be built
     libc = load_libc()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the watchdog too
+    os.umask(0o022)
     workdir = os.getcwd()
+    host_uid = os.geteuid()
+    # Root services run each candidate as an unprivileged uid of its own (no account needed); a non-root
+    # service's candidate keeps the service's uid, behind a user namespace and the filesystem view.
+    candidate_uid = CANDIDATE_UID_BASE + os.getpid() if host_uid == 0 else None
+    tasks_before = 0 if host_uid == 0 else _tasks_of_uid(host_uid)
     if _has_capability(_CAP_SYS_ADMIN):
+        mode = "root"
+    elif _enter_user_namespace(libc, host_uid, os.getegid(), notes):
+        mode = "user namespace"
+    else:
+        mode = None
+    if mode is not None:
         new_mounts = _unshare(libc, _CLONE_NEWNS, "mount", notes)
-        _unshare(libc, _CLONE_NEWNET, "network", notes)
+        if not _unshare(libc, _CLONE_NEWNET, "network", notes):
+            missing.append("network namespace")
         _unshare(libc, _CLONE_NEWIPC, "IPC", notes)
         pid1 = _unshare(libc, _CLONE_NEWPID, "PID", notes) and _fork_behind_watchdog(libc, notes)
-        if new_mounts:
-            _isolate_filesystem(libc, workdir, pid1, notes)
-        else:
-            notes.append("filesystem writable wherever root may write (no mount namespace)")
+        if not pid1:
+            missing.append("PID namespace")
+        owner = (candidate_uid, candidate_uid) if candidate_uid is not None else (0, 0)
+        if not (new_mounts and _build_view(libc, workdir, payload.read_only_paths(), pid1, owner, notes)):
+            missing.append("filesystem view")
     else:
-        notes.append("no namespaces (needs CAP_SYS_ADMIN): the network, the host's processes and every "
-                     f"file uid {os.geteuid()} may write stay reachable")
+        candidate_uid = None
+        missing.append("namespaces")
+        notes.append(f"no namespaces: uid {host_uid} has no CAP_SYS_ADMIN and cannot create a user namespace, so "
+                     "the network, the host's processes and every file this uid may read or write stay reachable")
     for limit, value in (
         (resource.RLIMIT_AS, limits.memory_bytes),
         (resource.RLIMIT_CPU, limits.cpu_s),
         (resource.RLIMIT_FSIZE, limits.file_bytes),
         (resource.RLIMIT_NOFILE, limits.open_files),
+        # Binds every uid but 0: the candidate's own uid (root services), else the service's, shared with it.
+        (resource.RLIMIT_NPROC, limits.processes + tasks_before),
     ):
         resource.setrlimit(limit, (value, value))
     if prctl(libc, _PR_SET_NO_NEW_PRIVS, 1) != 0:
         notes.append(f"no-new-privileges not set ({_errno()})")
-    _drop_capabilities(libc, notes)
+    if not _drop_capabilities(libc, notes, candidate_uid) and candidate_uid is not None:
+        missing.append("unprivileged uid")
     _install_seccomp_filter(libc, notes)
+    if missing and not limits.allow_weak:
+        print(f"sandbox: refused to run candidate code: the boundary could not be built (no {', no '.join(missing)}: "
+              f"{'; '.join(notes)}); POISE_SANDBOX_ALLOW_WEAK=1 runs it anyway (docs/sandbox.md)", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(REFUSED_STATUS)
     # The protocol channel moves to a private descriptor; fd 1 now goes to stderr, so whatever the
     # candidate prints cannot pass for a harness message.
     global _channel
@@ -536,12 +803,45 @@ def enter_sandbox(payload_type: type[Payload]) -> tuple[Payload, list[str]]:
     return payload, notes
 
 
+def _tasks_of_uid(uid: int) -> int:
+    """Tasks (threads included: RLIMIT_NPROC counts them) that `uid` runs now, as far as /proc shows."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                status = Path(f"/proc/{entry}/status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            if fields.get("Uid", "").split()[:1] == [str(uid)]:
+                count += int(fields.get("Threads", "1"))
+    return count
+
+
+def _enter_user_namespace(libc: ctypes.CDLL, uid: int, gid: int, notes: list[str]) -> bool:
+    """A new user namespace in which this process is root (mapped to `uid` outside) with every capability
+    over the namespaces it then creates, and none over the host."""
+    if libc.unshare(_CLONE_NEWUSER) != 0:
+        notes.append(f"no user namespace (unshare failed: {_errno()}: the kernel or the container runtime forbids "
+                     "them)")
+        return False
+    try:
+        Path("/proc/self/setgroups").write_text("deny")
+        Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+        Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+    except OSError as err:
+        notes.append(f"no user namespace (mapping uid {uid} failed: {err})")
+        return False
+    return True
+
+
 def load_libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.unshare.argtypes = [ctypes.c_int]
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
     libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     return libc
 
 
@@ -614,70 +914,147 @@ def _watch(libc: ctypes.CDLL, child: int, parent: int) -> NoReturn:
     os._exit(code)
 
 
-def _isolate_filesystem(libc: ctypes.CDLL, workdir: str, new_proc: bool, notes: list[str]) -> None:
-    """Everything read-only except the working directory (in this mount namespace only)."""
+def _build_view(libc: ctypes.CDLL, workdir: str, read_only: list[Path], new_proc: bool, owner: tuple[int, int],
+                notes: list[str]) -> bool:
+    """A new root of its own (this mount namespace only): the interpreter, its libraries, the harness's
+    packages and `read_only` paths, read-only; the working directory, writable (handed to `owner`); a
+    private /tmp and /dev/shm; harmless devices; a fresh /proc of the new PID namespace. Nothing else of the
+    host's filesystem (/root, /home, /etc/shadow, keys, service-account tokens) exists inside."""
     if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-        # Without private propagation the binds below would show up in the host's mount table.
-        notes.append(f"filesystem writable wherever root may write (making mounts private failed: {_errno()})")
-        return
-    if libc.mount(workdir.encode(), workdir.encode(), None, _MS_BIND | _MS_REC, None) != 0:
-        notes.append(f"filesystem writable wherever root may write (binding the working directory failed: "
-                     f"{_errno()})")
-        return
-    os.chdir(workdir)  # onto the new mount: relative paths must resolve through it
-    devices = set()
-    for name in DEVICES:
-        path = f"/dev/{name}"
-        try:
-            if not stat.S_ISCHR(os.stat(path).st_mode):
-                continue
-        except OSError:
-            continue
-        if libc.mount(path.encode(), path.encode(), None, _MS_BIND, None) == 0:
-            devices.add(path)
-        else:
-            notes.append(f"{path} not usable ({_errno()})")
-    if new_proc and libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None) != 0:
-        notes.append(f"the host's /proc stays visible, read-only (mounting a new one failed: {_errno()})")
-    failed, done = [], set()
-    for mount_point, options in _mount_table():
-        if mount_point in done:
-            continue  # stacked mounts: a path reaches only the top one
-        done.add(mount_point)
-        flags = _MS_REMOUNT | _MS_BIND | _MS_NOSUID
-        for option in options:
-            flags |= _KEPT_MOUNT_OPTIONS.get(option, 0)
-        if "noatime" not in options and "relatime" not in options:
-            flags |= _MS_STRICTATIME
-        if mount_point == workdir:
-            flags |= _MS_NODEV
-        elif mount_point in devices:
-            flags |= _MS_RDONLY
-        else:
-            flags |= _MS_RDONLY | _MS_NODEV
-        if libc.mount(None, mount_point.encode(), None, flags, None) != 0:
-            failed.append(f"{mount_point} ({_errno()})")
-    if failed:
-        notes.append("mounts left writable: " + ", ".join(failed))
-    if os.statvfs("/").f_flag & os.ST_RDONLY == 0:
-        notes.append("/ is still writable")
+        # Without private propagation the mounts below would show up in the host's mount table.
+        notes.append(f"no filesystem view (making mounts private failed: {_errno()})")
+        return False
+    root = os.path.join(workdir, VIEW_DIR)
+    try:
+        if os.path.lexists(root) and not stat.S_ISDIR(os.lstat(root).st_mode):
+            os.unlink(root)  # a link left by an earlier candidate: never mount through it
+        os.makedirs(root, exist_ok=True)
+        _mount(libc, "tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=8m")
+        if owner != (0, 0):
+            _hand_over(workdir, owner)
+        for scratch, size in (("/tmp", "256m"), ("/dev/shm", "64m")):  # before the binds: some lie under /tmp
+            os.makedirs(root + scratch, exist_ok=True)
+            _mount(libc, "tmpfs", root + scratch, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={size}")
+        binds = [(path, False) for path in _view_paths(read_only)] + [(workdir, True)]
+        for path, writable in sorted(binds, key=lambda bind: bind[0].count("/")):
+            _bind(libc, path, root, writable, notes)
+        os.makedirs(f"{root}/dev", exist_ok=True)
+        for name in DEVICES:
+            if os.path.exists(f"/dev/{name}") and stat.S_ISCHR(os.stat(f"/dev/{name}").st_mode):
+                _bind(libc, f"/dev/{name}", root, False, notes, device=True)
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                             ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, f"{root}/dev/{name}")
+        _write_etc(root, workdir, owner)
+        os.makedirs(f"{root}/proc", exist_ok=True)
+        if not new_proc:
+            notes.append("no /proc (no PID namespace of its own to show)")
+        elif libc.mount(b"proc", f"{root}/proc".encode(), b"proc", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                        None) != 0:
+            # A container's /proc with masked paths cannot be mounted afresh from a user namespace.
+            notes.append(f"no /proc (mounting a new one failed: {_errno()})")
+        os.chdir(root)
+        if libc.syscall(_SYS_PIVOT_ROOT, b".", b".") != 0:
+            raise OSError(ctypes.get_errno(), "pivot_root")
+        if libc.umount2(b".", _MNT_DETACH) != 0:  # the old root, stacked under the new one
+            raise OSError(ctypes.get_errno(), "detaching the old root")
+        os.chdir("/")
+        _mount(libc, None, "/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+        os.chdir(workdir)
+    except OSError as err:
+        notes.append(f"no filesystem view ({err})")
+        return False
     if os.statvfs(workdir).f_flag & os.ST_RDONLY:
         notes.append("the working directory is read-only")
+    return True
 
 
-def _mount_table() -> list[tuple[str, set[str]]]:
-    """(mount point, per-mount options) from /proc/self/mountinfo, in mount order."""
-    table = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            table.append((point, set(fields[5].split(","))))
-    return table
+def _view_paths(read_only: list[Path]) -> list[str]:
+    """What a child reads outside its working directory: system libraries, the interpreter, its import path
+    (the harness's checkout contributes only its packages, not its runs, tests or git history), `read_only`."""
+    paths = {"/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache", "/etc/localtime",
+             sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix}
+    for entry in sys.path:
+        if entry and os.path.isabs(entry) and os.path.realpath(entry) != os.path.realpath(CODE_ROOT):
+            paths.add(entry)
+    for entry in os.scandir(CODE_ROOT):
+        if entry.is_dir() and os.path.exists(os.path.join(entry.path, "__init__.py")):
+            paths.add(entry.path)
+    paths.update(str(path) for path in read_only)
+    return sorted(p for p in paths if os.path.lexists(p) and os.path.realpath(p) != "/")
 
 
-def _drop_capabilities(libc: ctypes.CDLL, notes: list[str]) -> None:
-    """Securebits, bounding set, ambient set, then effective/permitted/inheritable: all empty."""
+def _bind(libc: ctypes.CDLL, path: str, root: str, writable: bool, notes: list[str], device: bool = False) -> None:
+    """`path` at the same place in the view (its symlinks kept as symlinks): read-only unless `writable`."""
+    real = os.path.realpath(path)
+    if real != os.path.normpath(path) and not os.path.lexists(root + path):
+        os.makedirs(os.path.dirname(root + path), exist_ok=True)
+        os.symlink(os.readlink(path) if os.path.islink(path) else real, root + path)
+        if os.path.lexists(root + real):
+            return
+        path = real
+    if os.path.lexists(root + real) and os.path.ismount(root + real):
+        return
+    target = root + real
+    if not os.path.lexists(target):  # else it shows through a bind of a directory above it
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.isdir(real):
+            os.mkdir(target)
+        else:
+            open(target, "x").close()
+    _mount(libc, real, target, None, _MS_BIND)
+    flags = _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _kept_flags(real)
+    flags |= 0 if writable else _MS_RDONLY
+    flags |= 0 if device else _MS_NODEV
+    try:
+        _mount(libc, None, target, None, flags)
+    except OSError as err:
+        notes.append(f"{real} not remounted {'nodev' if writable else 'read-only'} ({err})")
+        if not writable:
+            raise
+
+
+def _kept_flags(path: str) -> int:
+    """The flags of `path`'s mount that a remount must keep (a user namespace cannot clear them: EPERM)."""
+    flag = os.statvfs(path).f_flag
+    kept = _MS_NOEXEC if flag & os.ST_NOEXEC else 0
+    kept |= _MS_NODEV if flag & os.ST_NODEV else 0
+    kept |= _MS_NOATIME if flag & os.ST_NOATIME else 0
+    kept |= _MS_NODIRATIME if flag & os.ST_NODIRATIME else 0
+    if not flag & (os.ST_NOATIME | os.ST_RELATIME):
+        kept |= _MS_STRICTATIME
+    return kept
+
+
+def _mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
+    encoded = [value.encode() if value is not None else None for value in (source, target, fstype, data)]
+    if libc.mount(encoded[0], encoded[1], encoded[2], flags, encoded[3]) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"mount of {target} failed: {errno.errorcode.get(number, number)}")
+
+
+def _hand_over(workdir: str, owner: tuple[int, int]) -> None:
+    """The working directory and what the parent put in it become the candidate uid's (links not followed)."""
+    os.chown(workdir, *owner)
+    for directory, subdirs, files in os.walk(workdir):
+        subdirs[:] = [d for d in subdirs if os.path.join(directory, d) != os.path.join(workdir, VIEW_DIR)]
+        for name in subdirs + files:
+            os.chown(os.path.join(directory, name), *owner, follow_symlinks=False)
+
+
+def _write_etc(root: str, workdir: str, owner: tuple[int, int]) -> None:
+    """A passwd and group naming only the candidate (libraries look its uid up), and a hosts file."""
+    os.makedirs(f"{root}/etc", exist_ok=True)
+    for name, line in (("passwd", f"candidate:x:{owner[0]}:{owner[1]}:POISE candidate:{workdir}:/usr/sbin/nologin"),
+                       ("group", f"candidate:x:{owner[1]}:"), ("hosts", "127.0.0.1 localhost")):
+        Path(f"{root}/etc/{name}").write_text(line + "\n")
+
+
+def _drop_capabilities(libc: ctypes.CDLL, notes: list[str], uid: int | None = None) -> bool:
+    """Securebits and the bounding set (while CAP_SETPCAP is held), then the switch to `uid` (its own group,
+    no supplementary groups), then the ambient and effective/permitted/inheritable sets: all empty. False
+    when the switch to `uid` failed."""
     if prctl(libc, _PR_SET_SECUREBITS, _SECUREBITS) != 0 and os.geteuid() == 0:
         notes.append(f"securebits not locked ({_errno()})")
     try:
@@ -687,6 +1064,15 @@ def _drop_capabilities(libc: ctypes.CDLL, notes: list[str]) -> None:
         last_cap = 63
     for cap in range(last_cap + 1):
         prctl(libc, _PR_CAPBSET_DROP, cap)
+    switched = True
+    if uid is not None:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        except OSError as err:
+            notes.append(f"still uid {os.geteuid()} (switching to uid {uid} failed: {err})")
+            switched = False
     prctl(libc, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
     header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
@@ -697,6 +1083,7 @@ def _drop_capabilities(libc: ctypes.CDLL, notes: list[str]) -> None:
             if int(status.get(key, "0"), 16)]
     if kept:
         notes.append("capabilities kept: " + ", ".join(kept))
+    return switched
 
 
 def seccomp_program() -> list[tuple[int, int, int, int]]:

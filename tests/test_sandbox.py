@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -17,7 +19,17 @@ import pytest
 
 import poise
 from poise.contracts import FingerprintPayload, ProbePayload, ProbeReport
-from poise.sandbox import WATCHDOG_GRACE_S, SandboxLimits, SandboxResult, run_sandboxed, thread_cap
+from poise.sandbox import (
+    CANDIDATE_UID_BASE,
+    REFUSED_STATUS,
+    VIEW_DIR,
+    WATCHDOG_GRACE_S,
+    Cgroup,
+    SandboxLimits,
+    SandboxResult,
+    run_sandboxed,
+    thread_cap,
+)
 
 PROBE = "poise.sandbox_probe"
 LIMITS = SandboxLimits(wall_s=60.0, memory_bytes=2 << 30)
@@ -74,8 +86,9 @@ def test_writes_outside_the_working_directory_fail_and_leave_nothing(workdir, tm
     owned = tmp_path / "owned-by-root.txt"  # root's own file, next to the working directory
     owned.write_text("original")
     owned.chmod(0o644)
-    targets = [str(tmp_path / "new.txt"), f"/tmp/poise-sandbox-probe-{uuid.uuid4().hex}",
-               str(PROJECT_DIR / f"poise-sandbox-probe-{uuid.uuid4().hex}")]
+    scratch = f"/tmp/poise-sandbox-probe-{uuid.uuid4().hex}"
+    targets = [str(tmp_path / "new.txt"), str(PROJECT_DIR / f"poise-sandbox-probe-{uuid.uuid4().hex}"),
+               f"/usr/poise-sandbox-probe-{uuid.uuid4().hex}"]
     report = probe("""
         import os
         result = {}
@@ -94,11 +107,17 @@ def test_writes_outside_the_working_directory_fail_and_leave_nothing(workdir, tm
         attempt("rename", lambda: os.rename(owned, owned + ".moved"))
         attempt("unlink", lambda: os.unlink(owned))
         attempt("mkdir", lambda: os.mkdir(owned + ".d"))
-        """, workdir, targets=targets, owned=str(owned))
+        attempt("scratch", lambda: open(payload["scratch"], "w").write("private"))
+        """, workdir, targets=targets, owned=str(owned), scratch=scratch)
     assert report["raised"] is None, report["message"]
-    assert report["result"] and all(code in DENIED for code in report["result"].values()), report["result"]
-    assert all(code == errno.EROFS for code in report["result"].values())  # the read-only mount is the barrier
-    for target in targets:
+    codes = report["result"]
+    # Next to the working directory nothing exists in the view (its parent is a bare directory of root's, where
+    # the candidate's uid may not create anything); elsewhere the view is read-only.
+    assert all(codes[key] == errno.ENOENT for key in ("truncate", "chmod", "rename", "unlink"))
+    assert codes["create0"] == codes["append"] == codes["mkdir"] == errno.EACCES
+    assert codes["create1"] == codes["create2"] == errno.EROFS
+    assert codes["scratch"] == 0  # /tmp is the child's own, gone with it
+    for target in (*targets, scratch):
         assert not Path(target).exists(), target
     assert owned.read_text() == "original" and stat.S_IMODE(owned.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["owned-by-root.txt", "work"]
@@ -139,7 +158,9 @@ def test_links_do_not_lead_out_of_the_working_directory(workdir, tmp_path):
         except OSError as err:
             result["hardlink"] = err.errno
         """, workdir, outside=str(tmp_path / "via-link.txt"), owned=str(owned))
-    assert report["result"] == {"symlink": errno.EROFS, "hardlink": errno.EXDEV}
+    # The link's target lies next to the working directory, where the view has nothing the candidate may write;
+    # the file to hard-link does not exist in the view at all.
+    assert report["result"] == {"symlink": errno.EACCES, "hardlink": errno.ENOENT}
     assert not (tmp_path / "via-link.txt").exists() and owned.read_text() == "original"
 
 
@@ -175,7 +196,7 @@ def test_the_sandbox_cannot_be_undone(workdir, tmp_path):
         """, workdir, target=str(target))
     assert report["raised"] is None, report["message"]
     result = report["result"]
-    assert result.pop("write_after") == errno.EROFS and not target.exists()
+    assert result.pop("write_after") == errno.EACCES and not target.exists()
     assert "remount_in_userns" not in result
     assert all(code == errno.EPERM for code in result.values()), result
 
@@ -197,7 +218,7 @@ def test_only_harmless_devices_open(workdir):
     assert report["raised"] is None, report["message"]
     assert report["result"]["null"] == 1 and report["result"]["urandom"] == 16
     if block:
-        assert report["result"]["block"] == errno.EACCES  # /dev is nodev: no disk under the filesystems
+        assert report["result"]["block"] == errno.ENOENT  # the view's /dev holds only the harmless devices
 
 
 @isolated
@@ -374,7 +395,7 @@ def test_children_of_the_fork_server_start_like_fresh_interpreters(workdir, tmp_
     fresh = probe(FRESH_STATE, tmp_path / "fresh")["result"]
     # The harness is this checkout's (the one the parent imported), not whatever the interpreter has installed.
     assert first["harness"] == fresh["harness"] == str(PROJECT_DIR / "poise" / "sandbox_probe.py")
-    assert first["dumpable"] == fresh["dumpable"] == 1  # the server itself is not dumpable; its children are
+    assert first["dumpable"] == fresh["dumpable"]  # the server itself is never dumpable
     assert first["fds"] == fresh["fds"]  # no descriptor of the server (its control socket) reaches the child
     assert {key: value for key, value in first["env"].items() if key not in ("HOME", "TMPDIR")} == \
         {key: value for key, value in fresh["env"].items() if key not in ("HOME", "TMPDIR")}
@@ -441,3 +462,177 @@ def test_when_the_parent_dies_the_fork_server_and_its_children_go_too(tmp_path):
     time.sleep(0.5)
     assert (work / "beat").read_text() == beats  # the child is gone
     assert list(temp.iterdir()) == []  # and the server exited cleanly
+
+
+# ------------------------------------------------------------------------------------- the boundary
+
+
+@isolated
+def test_the_child_sees_only_its_view_as_an_unprivileged_uid_of_its_own(workdir, tmp_path):
+    readable = tmp_path / "base"
+    readable.mkdir()
+    (readable / "weights.bin").write_bytes(b"w")
+    secret = tmp_path / "secret.txt"  # a file of root's next to the working directory, world-readable
+    secret.write_text("secret")
+    hidden = ["/etc/shadow", "/etc/hostname", "/home", "/var", "/root/.bashrc", "/run/secrets",
+              str(PROJECT_DIR / "tests"), str(PROJECT_DIR / "README.md"), str(PROJECT_DIR / ".git"), str(secret)]
+    visible = [str(PROJECT_DIR / "poise" / "sandbox.py"), os.path.realpath(sys.executable),
+               str(readable / "weights.bin"), "/usr/lib", "/proc/self/status", "/dev/null", "/tmp"]
+    report = probe("""
+        import os, resource
+        result = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+                  "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+                  "exists": {path: os.path.exists(path) for path in payload["hidden"] + payload["visible"]},
+                  "weights": open(payload["weights"], "rb").read().decode(),
+                  "passwd": open("/etc/passwd").read()}
+        """, workdir, readable=[str(readable)], hidden=hidden, visible=visible, weights=str(readable / "weights.bin"))
+    assert report["raised"] is None, report["message"]
+    result = report["result"]
+    assert result["uid"] >= CANDIDATE_UID_BASE and result["gid"] == result["uid"] and result["groups"] == []
+    assert result["nproc"] == LIMITS.processes  # binds: the uid is not 0, and no other process has it
+    assert {path for path, exists in result["exists"].items() if exists} == set(visible)
+    assert result["weights"] == "w" and result["passwd"].startswith(f"candidate:x:{result['uid']}:")
+    assert (workdir / VIEW_DIR).is_dir() and not any((workdir / VIEW_DIR).iterdir())  # the view left nothing
+
+
+@isolated
+def test_a_fork_storm_stays_under_the_task_limit_and_dies_at_the_deadline(workdir):
+    marker = f"poise-fork-storm-{uuid.uuid4().hex}"
+    limits = SandboxLimits(wall_s=6.0, processes=64)
+    run = run_probe(textwrap.dedent(f"""
+        import os
+        os.environ["MARKER"] = "{marker}"
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+        """), workdir, limits)
+    assert run.timed_out and run.result is None
+    assert run.wall_s - limits.wall_s < 2.0, run.wall_s  # the kill lands within 2 s of the deadline
+    if Cgroup.unavailable is None:
+        assert run.peak_tasks is not None and run.peak_tasks <= limits.processes
+    survivors = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert survivors == []
+
+
+SERVICE_UID = 10001
+# Runs as SERVICE_UID without capabilities, as the shipped containers run a service: a sandboxed probe,
+# with the agent-LLM key in this process's environment and in a key file, then prints what came back.
+AS_SERVICE = """
+import json, os, sys
+from pathlib import Path
+from poise.contracts import ProbePayload, ProbeReport
+from poise.sandbox import REFUSED_STATUS, SandboxLimits, boundary_problem, make_undumpable, run_sandboxed
+if sys.argv[3] == "no-user-namespaces":  # as a container runtime's seccomp profile that forbids them
+    from poise.sandbox import _install_seccomp_filter, _PR_SET_NO_NEW_PRIVS, load_libc, prctl
+    libc = load_libc()
+    prctl(libc, _PR_SET_NO_NEW_PRIVS, 1)
+    _install_seccomp_filter(libc, [])
+make_undumpable()
+base = Path(sys.argv[1])
+run = run_sandboxed("poise.sandbox_probe", ProbePayload(code=sys.argv[2], key_file=str(base / "key"),
+                    service=os.getpid()), base / "work", SandboxLimits(wall_s=60.0), threads=1,
+                    report_type=ProbeReport)
+print(json.dumps({"returncode": run.returncode, "report": run.result.model_dump() if run.result else None,
+                  "stderr": run.stderr_tail, "problem": boundary_problem(), "uid": os.getuid()}))
+"""
+CANARY = "sk-ant-canary-0123456789"
+
+
+def _as_service(tmp_path: Path, code: str, mode: str = "", env: dict | None = None) -> dict:
+    """Run AS_SERVICE as SERVICE_UID without capabilities. The interpreter of this machine may sit under a
+    directory that only root may enter (pyenv under /root): a private mount namespace shows that directory
+    with only the interpreter in it, as a container image holds its interpreter where its user can read it."""
+    base = tmp_path / "service"
+    base.mkdir(mode=0o755, parents=True)
+    os.chown(base, SERVICE_UID, SERVICE_UID)
+    key = base / "key"
+    key.write_text(CANARY)
+    key.chmod(0o400)
+    os.chown(key, SERVICE_UID, SERVICE_UID)
+    script = base / "as_service.py"
+    script.write_text(AS_SERVICE)
+    tmp_path.chmod(0o755)
+    for parent in tmp_path.parents:  # pytest's base temporary directory is root's alone
+        if parent != Path("/") and not parent.stat().st_mode & 0o001:
+            parent.chmod(parent.stat().st_mode | 0o001)
+    prefix = Path(sys.base_prefix).resolve()
+    closed = next((p for p in reversed(prefix.parents) if p != Path("/") and not p.stat().st_mode & 0o001), None)
+    shim = ""
+    if closed is not None:
+        inner = prefix.relative_to(closed)
+        shim = (f'hold=$(mktemp -d); mount --bind "{prefix}" "$hold"; mount -t tmpfs -o mode=755 tmpfs "{closed}"; '
+                f'mkdir -p "{closed}/{inner}"; mount --bind "$hold" "{closed}/{inner}"; ')
+    command = (f"{shim}exec setpriv --reuid {SERVICE_UID} --regid {SERVICE_UID} --clear-groups --inh-caps=-all "
+               f"--bounding-set=-all -- {sys.executable} {script} {base} \"$PROBE\" {mode or 'default'}")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", command],
+                          capture_output=True, text=True, timeout=120, cwd=PROJECT_DIR,
+                          env={"PATH": os.environ["PATH"], "HOME": str(base), "TMPDIR": str(base), "PROBE": code,
+                               "ANTHROPIC_API_KEY": CANARY, **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _user_namespaces() -> bool:
+    try:
+        return int(Path("/proc/sys/user/max_user_namespaces").read_text()) > 0
+    except (OSError, ValueError):
+        return False
+
+
+as_service = pytest.mark.skipif(not (ISOLATED and shutil.which("setpriv") and shutil.which("unshare")),
+                                reason="needs root to become a non-root service, and setpriv/unshare")
+
+REACH_FOR_THE_KEY = """
+import os, socket
+result = {"env": os.environ.get("ANTHROPIC_API_KEY"), "uid": os.getuid()}
+for name, path in (("key_file", payload["key_file"]), ("service_environ", f"/proc/{payload['service']}/environ"),
+                   ("parent_environ", f"/proc/{os.getppid()}/environ")):
+    try:
+        result[name] = open(path).read()
+    except OSError as err:
+        result[name] = err.errno
+try:
+    socket.create_connection(("127.0.0.1", 9), timeout=2)
+except OSError as err:
+    result["network"] = err.errno
+"""
+
+
+@as_service
+@pytest.mark.skipif(not _user_namespaces(), reason="user namespaces are switched off on this kernel")
+def test_a_non_root_service_without_capabilities_still_builds_the_boundary(tmp_path):
+    out = _as_service(tmp_path, REACH_FOR_THE_KEY)
+    assert out["uid"] == SERVICE_UID and out["returncode"] == 0 and out["problem"] is None, out
+    report = out["report"]
+    assert report["notes"] == [] and report["raised"] is None, report
+    result = report["result"]
+    assert result["env"] is None and result["uid"] == 0  # root of its own user namespace, the service's uid outside
+    assert result["key_file"] == errno.ENOENT and result["service_environ"] == errno.ENOENT  # neither is in its view
+    assert result["network"] == errno.ENETUNREACH
+    assert CANARY not in json.dumps(out)
+
+
+@as_service
+def test_without_user_namespaces_a_non_root_service_refuses_candidates_unless_told_otherwise(tmp_path):
+    out = _as_service(tmp_path / "strict", REACH_FOR_THE_KEY, "no-user-namespaces")
+    assert out["returncode"] == REFUSED_STATUS and out["report"] is None
+    assert "refused to run candidate code" in out["stderr"] and "POISE_SANDBOX_ALLOW_WEAK=1" in out["stderr"]
+    assert "no user namespace" in out["problem"] and CANARY not in json.dumps(out)
+    out = _as_service(tmp_path / "weak", REACH_FOR_THE_KEY, "no-user-namespaces", {"POISE_SANDBOX_ALLOW_WEAK": "1"})
+    report = out["report"]
+    assert out["returncode"] == 0 and out["problem"] is None
+    assert any(note.startswith("no namespaces") for note in report["notes"])
+    # Even so, the key is not within reach: a scrubbed environment, a service that is not dumpable.
+    assert report["result"]["env"] is None and report["result"]["service_environ"] == errno.EACCES
+    assert CANARY not in json.dumps(report["result"]["service_environ"])
+
+
+def test_a_service_that_runs_candidates_refuses_to_start_without_the_boundary(monkeypatch):
+    from app import serve
+
+    monkeypatch.setattr(serve, "boundary_problem", lambda: "no namespaces (a test)")
+    with pytest.raises(serve.ServeError, match="implementer will not run candidate code here: no namespaces"):
+        serve.sandbox_ready("implementer")
+    serve.sandbox_ready("reflector")  # runs no candidate code

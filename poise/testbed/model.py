@@ -74,6 +74,8 @@ def save_model(model: LlamaForCausalLM, spec: ModelSpec, out_dir: str | Path) ->
     if spec_ties_embeddings(model):
         del state["lm_head.weight"]  # the tied duplicate; loaders re-tie it to model.embed_tokens.weight
     safetensors.torch.save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    # safetensors writes 0600; weights are no secret, and a sandboxed child runs as another uid (docs/sandbox.md).
+    (out_dir / WEIGHTS_FILE).chmod(0o644)
     write_hf_files(out_dir, model.config)
     (out_dir / SPEC_FILE).write_text(json.dumps({"spec": asdict(spec), "vocab": list(VOCAB)}, indent=2))
     return out_dir
