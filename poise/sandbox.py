@@ -15,47 +15,32 @@ importing torch and transformers; it has never run candidate code, and each chil
 descriptors and layers below as a fresh interpreter would (POISE_SANDBOX_FORK_SERVER=0 starts a fresh
 interpreter per child instead).
 
-Child side (`enter_sandbox`): the trusted harness calls it before any candidate code is loaded. Layers,
-in the order they are applied, and what each one does not do:
+Child side (`enter_sandbox`): the trusted harness calls it before any candidate code is loaded. Layers, in
+the order they are applied (docs/sandbox.md says what each one stops and what it does not):
 
-1. Namespaces (needs CAP_SYS_ADMIN, i.e. root here). `unshare(NEWNS | NEWNET | NEWIPC | NEWPID)`, then
-   a fork: the process started by the parent stays outside as a small trusted watchdog, and the child
-   that runs the harness and the candidate is PID 1 of a new PID namespace. Network: only a downed
-   loopback, so no TCP/UDP socket reaches anything (filesystem Unix sockets are layer 4's job). IPC:
-   no access to the host's System V shared memory or message queues. PID: the candidate sees, signals
-   and ptraces only its own processes (a root candidate could otherwise `kill(-1, SIGKILL)` every root
-   process of the machine), and when PID 1 dies the kernel kills everything left in the namespace, so
-   forks that left the process group (`setsid`) do not outlive the sandbox.
-   At the deadline the parent sends the watchdog SIGTERM; the watchdog SIGKILLs PID 1 (the candidate
-   cannot block a SIGKILL sent from the parent namespace), then the parent kills the process group.
-2. Filesystem (mount namespace, private propagation, so nothing reaches the host's mount table): the
-   working directory is bind-mounted onto itself and stays writable (nosuid, nodev); every other mount is
-   remounted read-only, nosuid, nodev (noexec and atime flags are kept). A fresh read-only /proc of the
-   new PID namespace replaces the host's (so no /proc/<pid>/root of a host process, and /proc/sys and
-   /sys are read-only: a root process without capabilities could otherwise write many sysctls). /dev is
-   read-only and nodev, so no block device can be opened; only null, zero, full, random, urandom and
-   tty are bind-mounted back as usable devices (no GPU devices: this sandbox is for CPU work). A read-only
-   bind mount is per mount, so symlinks out of the working directory lead to read-only mounts and hard
-   links across mounts fail with EXDEV. Mounts hidden under other mounts are not remounted (they are not
-   reachable without unmounting, which needs capabilities). Limit: files stay *readable* as far as their
-   owner bits allow root (the interpreter lives under /root), so secrets stored on disk are not hidden.
-3. Resource limits: address space, CPU seconds, file size, open files, no core dumps. RLIMIT_NPROC does
-   not apply to uid 0, so the number of processes is not limited (PID 1's death still reaps them all);
-   RLIMIT_AS is per process and counts virtual memory.
-4. Privileges: securebits (no root privilege on exec, locked), the capability bounding set emptied,
-   ambient capabilities cleared, effective/permitted/inheritable emptied, no-new-privileges. The
-   candidate is still uid 0 (the interpreter under a 0700 /root is not readable by another uid), but
-   without capabilities it cannot remount, mount, unmount, create device nodes, override file
-   permissions, ptrace or signal anything outside its PID namespace. A seccomp filter (x86_64 only, a
-   hand-built BPF denylist) then makes namespace creation (unshare, setns, clone with CLONE_NEW*; clone3
-   answers ENOSYS so libc falls back to clone), the mount API, ptrace and cross-process memory access,
-   bpf, perf events, kernel keyrings (shared by all root processes, not namespaced), userfaultfd,
-   io_uring, module and kexec loading fail, and refuses `socket(AF_UNIX, ...)`: a network namespace does
-   not cover Unix sockets bound in the filesystem (e.g. a database's /tmp socket), and read-only mounts
-   do not stop a connect(). A denylist misses syscalls it does not name; the kernel itself is shared.
-   Without the filter, a user namespace is still useless for an escape: mounts copied into it are
-   locked, so they cannot be remounted writable or unmounted.
+1. Namespaces: mount, network (a downed loopback only), IPC and PID, created directly by a root service
+   (CAP_SYS_ADMIN) or, by a non-root service without capabilities, from inside a new user namespace in
+   which it is root over its own namespaces only. The process the parent started stays outside as a trusted
+   watchdog; the harness and the candidate run as PID 1 of the new PID namespace, so everything left in it
+   dies with PID 1, and the candidate sees no host process. At the deadline the parent kills the child's
+   cgroup and sends the watchdog SIGTERM; the watchdog SIGKILLs PID 1; then the parent kills the group.
+2. A filesystem view (`_build_view`): a new root on a tmpfs, entered with pivot_root, holding read-only
+   binds of the system libraries, the interpreter and its import path, the harness checkout's packages only,
+   and the payload's `read_only_paths()`; the working directory writable; a private /tmp and /dev/shm; the
+   harmless devices; a fresh read-only /proc; a passwd naming only the candidate. The old root is detached.
+3. An unprivileged identity: under a root service, a uid of its own (CANDIDATE_UID_BASE + pid) that is handed
+   the working directory; under a non-root service, root of its user namespace without capabilities.
+4. Resource limits: address space, CPU seconds, file size, open files, tasks (RLIMIT_NPROC, which binds any
+   uid but 0), no core dumps. The parent adds a cgroup per child (`Cgroup`: tasks, memory, CPU).
+5. Privileges: securebits locked, the capability bounding, ambient, effective, permitted and inheritable sets
+   emptied, no-new-privileges, and a seccomp filter (x86_64 only, a hand-built BPF denylist) that makes
+   namespace creation (unshare, setns, clone with CLONE_NEW*; clone3 answers ENOSYS so libc falls back to
+   clone), the mount API, ptrace and cross-process memory access, bpf, perf events, kernel keyrings,
+   userfaultfd, io_uring, module and kexec loading fail, and refuses `socket(AF_UNIX, ...)` (a network
+   namespace does not cover Unix sockets bound in the filesystem).
 
+Where the namespaces, the view or the uid switch cannot be had, the child refuses to load the candidate (exit
+status REFUSED_STATUS, one line on stderr) unless the limits allow a weak boundary (POISE_SANDBOX_ALLOW_WEAK=1).
 Everything is done through ctypes on libc. Whatever could not be applied is returned as an isolation
 note (never silently skipped); callers report the notes with their results.
 """
