@@ -533,6 +533,19 @@ def cmd_bench_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_fork_storm(args: argparse.Namespace) -> int:
+    from app.bench_sandbox import bench_fork_storm
+
+    if args.trials < 1 or args.deadline <= 0 or args.processes < 8:
+        print("--trials must be at least 1, --deadline positive and --processes at least 8", file=sys.stderr)
+        return 2
+    report = bench_fork_storm(args.trials, args.deadline, args.processes, Path(args.json) if args.json else None)
+    print(f"worst: {report['max_after_deadline_s']:.2f} s after the deadline; cgroup peak "
+          f"{report['max_cgroup_peak_tasks']} tasks (cap {args.processes}); "
+          f"machine +{report['max_machine_tasks_added']} tasks at most")
+    return 0 if report["max_after_deadline_s"] < 2.0 else 1
+
+
 def cmd_bench_loop(args: argparse.Namespace) -> int:
     """A fresh run in a temporary directory: how much of the wall time is orchestration, not phase work."""
     import tempfile
@@ -772,6 +785,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_ui.add_argument("--repeats", type=int, default=7, help="timed requests per endpoint (default 7)")
     bench_ui.add_argument("--json", help="write the report here")
     bench_ui.set_defaults(handler=cmd_bench_ui)
+    storm = bench.add_parser("fork-storm",
+                             help="a fork bomb in the sandbox: task peak and kill time after the deadline")
+    storm.add_argument("--trials", type=int, default=5, help="fork bombs, one after the other (default 5)")
+    storm.add_argument("--deadline", type=float, default=10.0, help="each one's wall deadline in seconds (default 10)")
+    storm.add_argument("--processes", type=int, default=512, help="the task cap (default: SandboxLimits' 512)")
+    storm.add_argument("--json", help="write the report here")
+    storm.set_defaults(handler=cmd_bench_fork_storm)
     bench_search = bench.add_parser("search", help="whole searches with one parent selector: best-found utility "
                                                    "per budget")
     bench_search.add_argument("--selector", choices=("poise", "greedy", "random"), default="poise")
