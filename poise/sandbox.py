@@ -1071,6 +1071,23 @@ def _drop_capabilities(libc: ctypes.CDLL, notes: list[str], uid: int | None = No
     return switched
 
 
+# What the sandbox's builder needs of the syscalls its own filter later denies the candidate.
+BUILDER_SYSCALLS = ("unshare", "mount", "umount2", "pivot_root")
+SECCOMP_PROFILE_PATH = "deploy/seccomp/poise-sandbox.json"  # in the repository; scripts/seccomp_profile.py
+
+
+def container_seccomp_profile() -> dict[str, Any]:
+    """The container runtime's seccomp profile (Docker/OCI JSON) for the services that run candidate code: the
+    runtime's default profiles refuse user namespaces to a process without CAP_SYS_ADMIN, which a non-root
+    service needs to build the boundary, so this one allows them and the mount calls, and denies the rest of
+    the candidate filter's list (kernel keyrings, bpf, ptrace, kexec, io_uring...) to the service itself too.
+    Every candidate still gets the full filter (`seccomp_program`). docs/sandbox.md, In containers."""
+    denied = sorted(name for name in DENIED_SYSCALLS_X86_64 if name not in BUILDER_SYSCALLS)
+    return {"defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [{"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}]}
+
+
 def seccomp_program() -> list[tuple[int, int, int, int]]:
     """The filter as (code, jt, jf, k) classic-BPF instructions over struct seccomp_data (x86_64)."""
     code: list[tuple[int, str | None, str | None, int]] = []

@@ -29,8 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.serve import ServeError, evaluator_runtime, trainer_runtime
+from app.serve import CANDIDATE_RUNNERS, ServeError, evaluator_runtime, trainer_runtime
 from poise.bus import InProcBus
+from poise.sandbox import SECCOMP_PROFILE_PATH, container_seccomp_profile
 from poise.settings import SERVICES, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,6 +387,18 @@ def test_compose_poise_services_drop_privileges_and_candidates_stay_on_the_inter
             assert "no-new-privileges:true" in svc.get("security_opt", []), f"{name}: no-new-privileges"
         if poise_role(svc) in ("implementer", "trainer"):
             assert set(network_names(svc)) <= internal, f"{name} runs candidate code: internal networks only"
+        if poise_role(svc) in CANDIDATE_RUNNERS:  # the sandbox's user namespace: the shipped profile allows it
+            assert f"seccomp=./{SECCOMP_PROFILE_PATH}" in svc["security_opt"], f"{name}: the sandbox's seccomp profile"
+        elif poise_role(svc):
+            assert not any(opt.startswith("seccomp") for opt in svc["security_opt"]), f"{name}: the default profile"
+
+
+def test_the_shipped_seccomp_profile_is_the_one_the_code_writes():
+    """deploy/seccomp/poise-sandbox.json is scripts/seccomp_profile.py's output: rerun it after a change."""
+    shipped = json.loads((ROOT / SECCOMP_PROFILE_PATH).read_text())
+    assert shipped == container_seccomp_profile()
+    denied = set(shipped["syscalls"][0]["names"])
+    assert {"unshare", "mount", "umount2", "pivot_root"}.isdisjoint(denied) and {"bpf", "keyctl", "kexec_load"} <= denied
 
 
 # ------------------------------------------------------------- compose opt-in: the implementer calls the LLM
@@ -829,7 +842,11 @@ def test_every_pod_is_locked_down(overlay, components):
         spec = template["spec"]
         assert spec.get("automountServiceAccountToken") is False, f"{name}: mounts a service-account token"
         assert spec["securityContext"].get("runAsNonRoot") is True, f"{name}: may run as root"
-        assert spec["securityContext"].get("seccompProfile") == {"type": "RuntimeDefault"}, f"{name}: no seccomp"
+        profile = spec["securityContext"].get("seccompProfile")
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"] in CANDIDATE_RUNNERS:  # the sandbox's userns
+            assert profile == {"type": "Localhost", "localhostProfile": Path(SECCOMP_PROFILE_PATH).name}, name
+        else:
+            assert profile == {"type": "RuntimeDefault"}, f"{name}: no seccomp"
         assert not any("hostPath" in volume for volume in spec.get("volumes", [])), f"{name}: a hostPath volume"
         for container in spec["containers"]:
             context = container.get("securityContext", {})
