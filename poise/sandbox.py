@@ -777,7 +777,8 @@ def enter_sandbox(payload_type: type[Payload]) -> tuple[Payload, list[str]]:
     _install_seccomp_filter(libc, notes)
     if missing and not limits.allow_weak:
         print(f"sandbox: refused to run candidate code: the boundary could not be built (no {', no '.join(missing)}: "
-              f"{'; '.join(notes)}); POISE_SANDBOX_ALLOW_WEAK=1 runs it anyway (docs/sandbox.md)", file=sys.stderr)
+              f"{'; '.join(notes)}){_userns_hint(host_uid)}; POISE_SANDBOX_ALLOW_WEAK=1 runs it anyway without the "
+              "missing layers (docs/sandbox.md)", file=sys.stderr)
         sys.stderr.flush()
         os._exit(REFUSED_STATUS)
     # The protocol channel moves to a private descriptor; fd 1 now goes to stderr, so whatever the
@@ -786,6 +787,27 @@ def enter_sandbox(payload_type: type[Payload]) -> tuple[Payload, list[str]]:
     _channel = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     return payload, notes
+
+
+def _userns_hint(uid: int) -> str:
+    """What would give a non-root service its user namespaces back, where the host is known to restrict them."""
+    if uid == 0:
+        return ""
+    for path, value, hint in (
+        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+         "AppArmor restricts unprivileged user namespaces on this host (kernel.apparmor_restrict_unprivileged_userns"
+         "=1): allow them for this interpreter with an AppArmor profile, or set the sysctl to 0, or run as root"),
+        ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+         "unprivileged user namespaces are off (kernel.unprivileged_userns_clone=0): set it to 1, or run as root"),
+        ("/proc/sys/user/max_user_namespaces", "0",
+         "user namespaces are off (user.max_user_namespaces=0): raise it, or run as root"),
+    ):
+        try:
+            if Path(path).read_text().strip() == value:
+                return f". {hint}"
+        except OSError:
+            continue
+    return ""
 
 
 def _tasks_of_uid(uid: int) -> int:
