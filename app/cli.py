@@ -627,6 +627,14 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_racing(args: argparse.Namespace) -> int:
+    from app.bench_racing import bench_racing
+
+    bench_racing(range(args.first_seed, args.first_seed + args.worlds), args.budget, args.selectors,
+                 Path(args.json) if args.json else None)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.serve import run_service
 
@@ -806,6 +814,14 @@ def build_parser() -> argparse.ArgumentParser:
                               help="testbed: where each search's run directory goes (resumable)")
     bench_search.add_argument("--json", help="write the report here")
     bench_search.set_defaults(handler=cmd_bench_search)
+    racing = bench.add_parser("racing", help="seed policies on the simulated landscape at equal trainings: "
+                                             "racing vs one seed vs a fixed 3 seeds per node (docs/racing.md)")
+    racing.add_argument("--selectors", nargs="+", choices=("poise", "greedy", "random"), default=["greedy", "poise"])
+    racing.add_argument("--budget", type=int, default=45, help="trainings per search (default 45)")
+    racing.add_argument("--worlds", type=int, default=100, help="worlds, one per seed (default 100)")
+    racing.add_argument("--first-seed", type=int, default=200)
+    racing.add_argument("--json", help="write the report here")
+    racing.set_defaults(handler=cmd_bench_racing)
     bench_loop = bench.add_parser("loop", help="orchestration overhead of the embedded loop on a fresh run")
     bench_loop.add_argument("--budget", type=int, default=4)
     bench_loop.add_argument("--protocol", default="tiny")

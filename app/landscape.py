@@ -37,6 +37,11 @@ A description's true suite scores are
   same score under every selector, and two selectors that expand a node equally often get the same children
   (common random numbers: their difference is measured more precisely, each one's outcomes are unchanged).
 - `Landscape(interactions=())` is the additive control: the same main effects and noise, no epistasis.
+- The budget counts trainings (the unit that costs GPU-hours), not nodes. `search(..., seeding=...)` names how
+  many a node gets (`poise.racing.SEED_POLICIES`, docs/racing.md): one seed per child (the default; trainings
+  are then children), a fixed 3, or racing (one, then extra seeds by the racing rule before every round of
+  parents and before the report). A node's k-th seed is always training seed `replicate_seed(RUN_SEED, k)`, so
+  the policies too see the same score for the same seed.
 
 So the best descendant often does not come from the best parent (in ~55-60% of the rounds with several
 parents, against the paper's 11 of 21): the big gains hide behind steps down, and noise makes the greedy parent
@@ -84,7 +89,8 @@ from poise.contracts import (
 )
 from poise.description.mechanisms import MECHANISMS, AlgorithmDescription
 from poise.description.proposals import description_key, proposal_description, root_proposal
-from poise.scoring import replicate_seed
+from poise.racing import SEED_POLICIES, next_seed
+from poise.scoring import pooled_sd, replicate_seed, seed_scores
 from proposer.baseline import MutationError, mutate, select_parent
 from proposer.fingerprint import FINGERPRINT_LENGTH, FingerprintResult
 from proposer.screening import phase_one
@@ -100,6 +106,7 @@ ROOT_LENGTH = 300.0
 PROTOCOL = "landscape"
 RUN_SEED = 0  # the training seed of every node (the root's replicates add replicate_seed strides), as in a run
 SELECTORS = ("random", "greedy", "poise")
+GAIN_TOLERANCE = 1e-9  # a true gain above float rounding
 PROPOSERS = ("mutation", "phase_one")  # how a parent gets its child: the baseline's mutation or Phase I
 
 # (easy, hard) change of each mechanism against GRPO's own, which are 0.
@@ -294,19 +301,41 @@ class SearchResult:
     root_true: float
     split_rounds: int  # rounds whose parents were not all one node
     best_child_elsewhere: int  # of those, rounds whose best child (observed) was not from the best parent
+    seeding: str = "one"  # the seed policy (poise.racing.SEED_POLICIES)
+    trainings: int = 0  # trainings spent on children and their extra seeds (the root's seeds not counted)
+
+    @property
+    def reported_gain(self) -> float:
+        """What the reported node truly gains over the root."""
+        return self.reported_true - self.root_true
+
+    @property
+    def reported_better(self) -> bool:
+        """Whether the reported node is truly better than the root (by more than float rounding: a change of a
+        flat constant scores exactly the root's utility)."""
+        return self.reported_gain > GAIN_TOLERANCE
 
 
 def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 3, root_seeds: int = 3,
            weights: SelectionWeights | None = None, landscape: Landscape | None = None,
-           population_size: int | None = None, proposer: str | None = None) -> SearchResult:
+           population_size: int | None = None, proposer: str | None = None, seeding: str = "one") -> SearchResult:
     """One simulated run in world `seed` of `landscape`: the root evaluated with `root_seeds` seeds, then rounds
-    of `parents_per_round` parents, each given one child, until `budget` children are evaluated. Random and
+    of `parents_per_round` parents, each given one child, until `budget` trainings are spent. Random and
     greedy give each parent one mutation (the baseline proposer); POISE gives it the winner of Phase I
     (`phase_one`: a population of `population_size` proposals, RunConfig's default when None, screened).
-    `proposer` ("mutation" or "phase_one") overrides the selector's own, for ablations."""
+    `proposer` ("mutation" or "phase_one") overrides the selector's own, for ablations.
+
+    `seeding` names the seed policy (`poise.racing.SEED_POLICIES`, docs/racing.md): "one" seed per child (then
+    trainings are children, as before), a "fixed" number per child, or "racing": one per child, and before every
+    round and before the report the racing rule (`next_seed`, with the pooled seed SD of the archive) gives extra
+    seeds until it names no node. The root's seeds are not counted; a child is made only while the budget left
+    can give it its policy's cap. The reported node is the one with the highest seed mean."""
     proposer = proposer or ("phase_one" if selector == "poise" else "mutation")
     if proposer not in PROPOSERS:
         raise ValueError(f"unknown proposer {proposer!r}; choose one of {', '.join(PROPOSERS)}")
+    if seeding not in SEED_POLICIES:
+        raise ValueError(f"unknown seeding {seeding!r}; choose one of {', '.join(SEED_POLICIES)}")
+    policy = SEED_POLICIES[seeding]
     landscape = replace(landscape or Landscape(), seed=seed)
     pick = parent_picker(selector, weights)
     config = RunConfig(run_id=_RUN_ID, weights=weights or SelectionWeights(),
@@ -316,13 +345,17 @@ def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 
     nodes = [_node(0, root, [], [landscape.evaluate(root, replicate_seed(RUN_SEED, r)) for r in range(root_seeds)])]
     seen = {description_key(root)}
     children_of: dict[str, int] = {}
-    rounds = split_rounds = elsewhere = 0
-    while len(nodes) - 1 < budget and rounds < 3 * budget:  # every mutation failing must not loop forever
+    rounds = split_rounds = elsewhere = trainings = 0
+    while True:
+        if policy.racing:
+            trainings += race(nodes, landscape, policy.cap, budget - trainings)
+        if not policy.affords_child(budget - trainings) or rounds >= 3 * budget:  # all mutations may fail
+            break
         rounds += 1
         parents = pick(candidate_parents(nodes, seed_mean), parents_per_round, selection_rng)
         children = []
         for parent in parents:
-            if len(nodes) - 1 >= budget:
+            if not policy.affords_child(budget - trainings):
                 break
             # The k-th mutation of a description draws from its own stream, and every child is trained with the
             # run's seed (as in a real run): two selectors that expand the same node the same number of times get
@@ -342,7 +375,9 @@ def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 
                 except MutationError:
                     continue
             seen.add(description_key(child))
-            children.append(_node(len(nodes), child, [parent], [landscape.evaluate(child, RUN_SEED)]))
+            evaluations = [landscape.evaluate(child, replicate_seed(RUN_SEED, r)) for r in range(policy.at_birth)]
+            trainings += len(evaluations)
+            children.append(_node(len(nodes), child, [parent], evaluations))
             nodes.append(children[-1])
         if len({p.node_id for p in parents}) > 1 and children:
             split_rounds += 1
@@ -352,7 +387,27 @@ def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 
     true = {node.node_id: landscape.true_utility(proposal_description(node.proposal)) for node in nodes}
     reported = max(nodes, key=lambda node: (seed_mean(node), node.node_id))
     return SearchResult(selector, seed, nodes, max(true.values()), true[reported.node_id], true[nodes[0].node_id],
-                        split_rounds, elsewhere)
+                        split_rounds, elsewhere, seeding, trainings)
+
+
+def race(nodes: list[Node], landscape: Landscape, cap: int, trainings_left: int) -> int:
+    """Give extra seeds (replicates, the k-th trained with `replicate_seed(RUN_SEED, k)`, so every policy sees
+    the same score for the same seed) to the nodes `next_seed` names, with the archive's pooled seed SD as the
+    run's noise, until it names none; the nodes are replaced in `nodes`. Returns the trainings spent."""
+    spent = 0
+    index = {node.node_id: i for i, node in enumerate(nodes)}
+    while True:
+        scores = {node.node_id: seed_scores(node) for node in nodes}
+        noise = pooled_sd(list(scores.values()))
+        if noise is None:
+            return spent  # nothing measures the noise yet (a root with one seed): nothing to race on
+        chosen = next_seed(scores, noise, cap, trainings_left - spent)
+        if chosen is None:
+            return spent
+        node = nodes[index[chosen]]
+        extra = landscape.evaluate(node.proposal, replicate_seed(RUN_SEED, len(scores[chosen])))
+        nodes[index[chosen]] = node.model_copy(update={"replicates": [*node.replicates, extra]})
+        spent += 1
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:

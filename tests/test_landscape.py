@@ -16,6 +16,7 @@ import pytest
 
 from app.landscape import (
     NOISE_SD,
+    RUN_SEED,
     SELECTORS,
     TESTBED_SEED_SD,
     Landscape,
@@ -28,6 +29,8 @@ from app.landscape import (
 from poise.contracts import NodeStatus
 from poise.description.mechanisms import AlgorithmDescription
 from poise.description.proposals import description_key, proposal_description, root_proposal
+from poise.racing import SEED_POLICIES, next_seed
+from poise.scoring import pooled_sd, replicate_seed, seed_scores
 from proposer.baseline import mutate
 from proposer.fingerprint import NEAR_DUPLICATE_DISTANCE, fingerprint_distance
 from proposer.screening import screen_population
@@ -107,6 +110,30 @@ def test_a_search_spends_its_budget_on_new_children_of_archived_parents() -> Non
     assert result.best_true >= result.root_true and result.best_true >= result.reported_true
 
 
+@pytest.mark.parametrize("seeding", list(SEED_POLICIES))
+def test_a_search_spends_its_budget_in_trainings_under_every_seed_policy(seeding: str) -> None:
+    policy = SEED_POLICIES[seeding]
+    for world in (3, 4):
+        result = search("greedy", seed=world, budget=20, seeding=seeding)
+        seeds = [1 + len(node.replicates) for node in result.nodes[1:]]
+        assert result.trainings == sum(seeds) and 20 - policy.cap < result.trainings <= 20
+        assert all(policy.at_birth <= n <= policy.cap for n in seeds)
+        for node in result.nodes[1:]:  # the k-th seed of every node is the run's seed k (common random numbers)
+            assert [e.seed for e in (node.evaluation, *node.replicates)] == [
+                replicate_seed(RUN_SEED, k) for k in range(1 + len(node.replicates))]
+    if seeding == "racing":
+        assert any(n > 1 for n in seeds) and any(n == 1 for n in seeds)
+
+
+def test_racing_ends_before_the_report_with_nothing_left_to_decide() -> None:
+    for world in range(5):
+        result = search("greedy", seed=world, budget=30, seeding="racing")
+        scores = {node.node_id: seed_scores(node) for node in result.nodes}
+        noise = pooled_sd(list(scores.values()))
+        # Either the budget is spent or the rule names no node however much were left.
+        assert result.trainings == 30 or next_seed(scores, noise, SEED_POLICIES["racing"].cap, 10**6) is None
+
+
 def test_searches_are_reproducible() -> None:
     first, second = search("poise", seed=2, budget=6), search("poise", seed=2, budget=6)
     assert [n.proposal for n in first.nodes] == [n.proposal for n in second.nodes]
@@ -161,3 +188,24 @@ def test_the_ablation_crosses_parent_selection_with_phase_one_in_the_same_worlds
     expected = paired_difference(report["arms"]["poise+phase_one"]["best_true"]["per_seed"],
                                  report["arms"]["greedy+mutation"]["best_true"]["per_seed"])
     assert (whole["mean"], whole["se"]) == pytest.approx(expected)
+
+
+def test_bench_racing_compares_the_seed_policies_in_the_same_worlds(tmp_path) -> None:
+    from app.cli import main
+
+    out = tmp_path / "racing.json"
+    assert main(["bench", "racing", "--selectors", "greedy", "--budget", "9", "--worlds", "2", "--first-seed", "5",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["budget"], report["seeds"]) == (9, [5, 6])
+    entry = report["selectors"]["greedy"]
+    assert set(entry["policies"]) == set(SEED_POLICIES)
+    for seeding, metrics in entry["policies"].items():
+        runs = [search("greedy", seed, 9, seeding=seeding) for seed in (5, 6)]
+        assert metrics["reported_gain"]["per_seed"] == [run.reported_true - run.root_true for run in runs]
+        assert metrics["reported_better"]["per_seed"] == [float(run.reported_better) for run in runs]
+        assert metrics["trainings"]["per_seed"] == [run.trainings for run in runs]
+    pair = next(p for p in entry["pairs"] if (p["a"], p["b"], p["metric"]) == ("racing", "one", "reported_gain"))
+    expected = paired_difference(entry["policies"]["racing"]["reported_gain"]["per_seed"],
+                                 entry["policies"]["one"]["reported_gain"]["per_seed"])
+    assert (pair["mean"], pair["se"]) == pytest.approx(expected)
