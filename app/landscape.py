@@ -310,6 +310,12 @@ class SearchResult:
         return self.reported_true - self.root_true
 
     @property
+    def claimed_gain(self) -> float:
+        """What the run would claim the reported node gains over the root: the difference of their seed means.
+        Above `reported_gain` by the winner's curse (the highest of many noisy means is biased upward)."""
+        return seed_mean(reported_node(self.nodes)) - seed_mean(self.nodes[0])
+
+    @property
     def reported_better(self) -> bool:
         """Whether the reported node is truly better than the root (by more than float rounding: a change of a
         flat constant scores exactly the root's utility)."""
@@ -385,9 +391,14 @@ def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 
             best_child = max(children, key=lambda c: (seed_mean(c), c.node_id))
             elsewhere += best_child.genealogy.parent_ids != [best_parent.node_id]
     true = {node.node_id: landscape.true_utility(proposal_description(node.proposal)) for node in nodes}
-    reported = max(nodes, key=lambda node: (seed_mean(node), node.node_id))
+    reported = reported_node(nodes)
     return SearchResult(selector, seed, nodes, max(true.values()), true[reported.node_id], true[nodes[0].node_id],
                         split_rounds, elsewhere, seeding, trainings)
+
+
+def reported_node(nodes: Sequence[Node]) -> Node:
+    """The node a run reports as its best: the highest seed mean (the latest on ties)."""
+    return max(nodes, key=lambda node: (seed_mean(node), node.node_id))
 
 
 def race(nodes: list[Node], landscape: Landscape, cap: int, trainings_left: int) -> int:

@@ -205,6 +205,7 @@ def test_bench_racing_compares_the_seed_policies_in_the_same_worlds(tmp_path) ->
         assert metrics["reported_gain"]["per_seed"] == [run.reported_true - run.root_true for run in runs]
         assert metrics["reported_better"]["per_seed"] == [float(run.reported_better) for run in runs]
         assert metrics["trainings"]["per_seed"] == [run.trainings for run in runs]
+        assert metrics["overclaim"]["per_seed"] == [run.claimed_gain - run.reported_gain for run in runs]
     pair = next(p for p in entry["pairs"] if (p["a"], p["b"], p["metric"]) == ("racing", "one", "reported_gain"))
     expected = paired_difference(entry["policies"]["racing"]["reported_gain"]["per_seed"],
                                  entry["policies"]["one"]["reported_gain"]["per_seed"])
