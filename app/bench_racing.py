@@ -14,11 +14,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from app.landscape import SearchResult, paired_difference, search
 from app.reports import invoked_command, write_json_report
-from poise.racing import RACING_Z, SEED_CAP, SEED_POLICIES
+from poise.racing import SEED_POLICIES, SeedPolicy
 
 RACING_PAIRS = (("racing", "one"), ("racing", "fixed"), ("fixed", "one"))
 METRICS: dict[str, Callable[[SearchResult], float]] = {
@@ -33,30 +34,34 @@ PAIRED_METRICS = ("reported_better", "reported_gain", "best_gain", "overclaim")
 
 
 def bench_racing(seeds: Sequence[int], budget: int = 45, selectors: Sequence[str] = ("greedy", "poise"),
-                 json_path: Path | None = None, log=print) -> dict:
-    """Each selector under each seed policy in worlds `seeds` with `budget` trainings: the module docstring's
-    report, logged as markdown and written to `json_path` when given."""
+                 json_path: Path | None = None, log=print, policies: Sequence[SeedPolicy] | None = None,
+                 pairs: Sequence[tuple[str, str]] = RACING_PAIRS) -> dict:
+    """Each selector under each seed policy (by default SEED_POLICIES; others, e.g. racing with another z or
+    cap, need names of their own) in worlds `seeds` with `budget` trainings: the module docstring's report with
+    the paired differences of `pairs` (policy names), logged as markdown and written to `json_path` when
+    given."""
+    policies = list(policies or SEED_POLICIES.values())
     started = time.perf_counter()
     report: dict = {"command": invoked_command(), "seeds": list(seeds), "budget": budget,
-                    "racing": {"z": RACING_Z, "cap": SEED_CAP}, "selectors": {}}
+                    "policies": {policy.name: asdict(policy) for policy in policies}, "selectors": {}}
     for selector in selectors:
         values: dict[str, dict[str, list[float]]] = {}
-        for seeding in SEED_POLICIES:
-            runs = [search(selector, seed, budget, seeding=seeding) for seed in seeds]
-            values[seeding] = {metric: [measure(run) for run in runs] for metric, measure in METRICS.items()}
-            log(f"{selector}, {seeding}: {len(runs)} worlds, {time.perf_counter() - started:.0f} s so far")
-        policies = {seeding: {metric: {"mean": statistics.fmean(per_seed),
-                                       "sd": statistics.stdev(per_seed) if len(per_seed) > 1 else None,
-                                       "per_seed": per_seed} for metric, per_seed in metrics.items()}
-                    for seeding, metrics in values.items()}
-        pairs = []
+        for policy in policies:
+            runs = [search(selector, seed, budget, seeding=policy) for seed in seeds]
+            values[policy.name] = {metric: [measure(run) for run in runs] for metric, measure in METRICS.items()}
+            log(f"{selector}, {policy.name}: {len(runs)} worlds, {time.perf_counter() - started:.0f} s so far")
+        summaries = {seeding: {metric: {"mean": statistics.fmean(per_seed),
+                                        "sd": statistics.stdev(per_seed) if len(per_seed) > 1 else None,
+                                        "per_seed": per_seed} for metric, per_seed in metrics.items()}
+                     for seeding, metrics in values.items()}
+        differences = []
         if len(seeds) > 1:
-            for a, b in RACING_PAIRS:
+            for a, b in pairs:
                 for metric in PAIRED_METRICS:
                     mean, se = paired_difference(values[a][metric], values[b][metric])
-                    pairs.append({"a": a, "b": b, "metric": metric, "mean": mean, "se": se,
-                                  "z": mean / se if se > 0 else None})
-        report["selectors"][selector] = {"policies": policies, "pairs": pairs}
+                    differences.append({"a": a, "b": b, "metric": metric, "mean": mean, "se": se,
+                                        "z": mean / se if se > 0 else None})
+        report["selectors"][selector] = {"policies": summaries, "pairs": differences}
     report["wall_s"] = time.perf_counter() - started
     log(racing_markdown(report))
     write_json_report(json_path, report)
@@ -66,8 +71,9 @@ def bench_racing(seeds: Sequence[int], budget: int = 45, selectors: Sequence[str
 def racing_markdown(report: dict) -> str:
     """Per selector: each policy's rate, gains, children and trainings, then the paired differences."""
     seeds = report["seeds"]
-    lines = [f"budget {report['budget']} trainings, {len(seeds)} worlds (seeds {seeds[0]}-{seeds[-1]}), racing "
-             f"z {report['racing']['z']} cap {report['racing']['cap']}, {report['wall_s']:.0f} s"]
+    described = ", ".join(_describe(policy) for policy in report["policies"].values())
+    lines = [f"budget {report['budget']} trainings, {len(seeds)} worlds (seeds {seeds[0]}-{seeds[-1]}), "
+             f"{report['wall_s']:.0f} s; seed policies: {described}"]
     for selector, entry in report["selectors"].items():
         lines += ["", f"**{selector}**", "",
                   "| seeds per node | reported truly better than root | reported node's true gain | "
@@ -83,6 +89,11 @@ def racing_markdown(report: dict) -> str:
             lines.append(f"| {pair['a']} − {pair['b']} | {pair['metric']} | {pair['mean']:+.4f} | "
                          f"{pair['se']:.4f} | {z} |")
     return "\n".join(lines)
+
+
+def _describe(policy: dict) -> str:
+    racing = f", racing at z {policy['z']}" if policy["racing"] else ""
+    return f"{policy['name']} ({policy['at_birth']} at birth, cap {policy['cap']}{racing})"
 
 
 def _mean_sd(metric: dict) -> str:

@@ -89,7 +89,7 @@ from poise.contracts import (
 )
 from poise.description.mechanisms import MECHANISMS, AlgorithmDescription
 from poise.description.proposals import description_key, proposal_description, root_proposal
-from poise.racing import SEED_POLICIES, next_seed
+from poise.racing import SEED_POLICIES, SeedPolicy, next_seed
 from poise.scoring import pooled_sd, replicate_seed, seed_scores
 from proposer.baseline import MutationError, mutate, select_parent
 from proposer.fingerprint import FINGERPRINT_LENGTH, FingerprintResult
@@ -301,7 +301,7 @@ class SearchResult:
     root_true: float
     split_rounds: int  # rounds whose parents were not all one node
     best_child_elsewhere: int  # of those, rounds whose best child (observed) was not from the best parent
-    seeding: str = "one"  # the seed policy (poise.racing.SEED_POLICIES)
+    seeding: str = "one"  # the seed policy's name (poise.racing.SEED_POLICIES)
     trainings: int = 0  # trainings spent on children and their extra seeds (the root's seeds not counted)
 
     @property
@@ -324,14 +324,15 @@ class SearchResult:
 
 def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 3, root_seeds: int = 3,
            weights: SelectionWeights | None = None, landscape: Landscape | None = None,
-           population_size: int | None = None, proposer: str | None = None, seeding: str = "one") -> SearchResult:
+           population_size: int | None = None, proposer: str | None = None, seeding: str | SeedPolicy = "one"
+           ) -> SearchResult:
     """One simulated run in world `seed` of `landscape`: the root evaluated with `root_seeds` seeds, then rounds
     of `parents_per_round` parents, each given one child, until `budget` trainings are spent. Random and
     greedy give each parent one mutation (the baseline proposer); POISE gives it the winner of Phase I
     (`phase_one`: a population of `population_size` proposals, RunConfig's default when None, screened).
     `proposer` ("mutation" or "phase_one") overrides the selector's own, for ablations.
 
-    `seeding` names the seed policy (`poise.racing.SEED_POLICIES`, docs/racing.md): "one" seed per child (then
+    `seeding` is a seed policy or its name in `poise.racing.SEED_POLICIES` (docs/racing.md): "one" seed per child (then
     trainings are children, as before), a "fixed" number per child, or "racing": one per child, and before every
     round and before the report the racing rule (`next_seed`, with the pooled seed SD of the archive) gives extra
     seeds until it names no node. The root's seeds are not counted; a child is made only while the budget left
@@ -339,9 +340,9 @@ def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 
     proposer = proposer or ("phase_one" if selector == "poise" else "mutation")
     if proposer not in PROPOSERS:
         raise ValueError(f"unknown proposer {proposer!r}; choose one of {', '.join(PROPOSERS)}")
-    if seeding not in SEED_POLICIES:
+    if isinstance(seeding, str) and seeding not in SEED_POLICIES:
         raise ValueError(f"unknown seeding {seeding!r}; choose one of {', '.join(SEED_POLICIES)}")
-    policy = SEED_POLICIES[seeding]
+    policy = SEED_POLICIES[seeding] if isinstance(seeding, str) else seeding
     landscape = replace(landscape or Landscape(), seed=seed)
     pick = parent_picker(selector, weights)
     config = RunConfig(run_id=_RUN_ID, weights=weights or SelectionWeights(),
@@ -354,7 +355,7 @@ def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 
     rounds = split_rounds = elsewhere = trainings = 0
     while True:
         if policy.racing:
-            trainings += race(nodes, landscape, policy.cap, budget - trainings)
+            trainings += race(nodes, landscape, policy, budget - trainings)
         if not policy.affords_child(budget - trainings) or rounds >= 3 * budget:  # all mutations may fail
             break
         rounds += 1
@@ -393,7 +394,7 @@ def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 
     true = {node.node_id: landscape.true_utility(proposal_description(node.proposal)) for node in nodes}
     reported = reported_node(nodes)
     return SearchResult(selector, seed, nodes, max(true.values()), true[reported.node_id], true[nodes[0].node_id],
-                        split_rounds, elsewhere, seeding, trainings)
+                        split_rounds, elsewhere, policy.name, trainings)
 
 
 def reported_node(nodes: Sequence[Node]) -> Node:
@@ -401,10 +402,11 @@ def reported_node(nodes: Sequence[Node]) -> Node:
     return max(nodes, key=lambda node: (seed_mean(node), node.node_id))
 
 
-def race(nodes: list[Node], landscape: Landscape, cap: int, trainings_left: int) -> int:
+def race(nodes: list[Node], landscape: Landscape, policy: SeedPolicy, trainings_left: int) -> int:
     """Give extra seeds (replicates, the k-th trained with `replicate_seed(RUN_SEED, k)`, so every policy sees
-    the same score for the same seed) to the nodes `next_seed` names, with the archive's pooled seed SD as the
-    run's noise, until it names none; the nodes are replaced in `nodes`. Returns the trainings spent."""
+    the same score for the same seed) to the nodes `next_seed` names under `policy`, with the archive's pooled
+    seed SD as the run's noise, until it names none; the nodes are replaced in `nodes`. Returns the trainings
+    spent."""
     spent = 0
     index = {node.node_id: i for i, node in enumerate(nodes)}
     while True:
@@ -412,7 +414,7 @@ def race(nodes: list[Node], landscape: Landscape, cap: int, trainings_left: int)
         noise = pooled_sd(list(scores.values()))
         if noise is None:
             return spent  # nothing measures the noise yet (a root with one seed): nothing to race on
-        chosen = next_seed(scores, noise, cap, trainings_left - spent)
+        chosen = next_seed(scores, noise, policy.cap, trainings_left - spent, policy.z)
         if chosen is None:
             return spent
         node = nodes[index[chosen]]

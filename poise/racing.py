@@ -26,12 +26,14 @@ SEED_CAP = 3  # most seeds a node gets, the root's number (RunConfig.root_seeds'
 
 @dataclass(frozen=True)
 class SeedPolicy:
-    """How many trainings a node gets: `at_birth` when it is made, then up to `cap` by racing when `racing`."""
+    """How many trainings a node gets: `at_birth` when it is made, then up to `cap` by racing when `racing`, with
+    intervals of `z` standard errors."""
 
     name: str
     at_birth: int
     cap: int
     racing: bool
+    z: float = RACING_Z
 
     def affords_child(self, trainings_left: int) -> bool:
         """A new node is started only when the budget left can give it `cap` seeds, so a child made at the end of
