@@ -332,11 +332,11 @@ def search(selector: str, seed: int, budget: int = 45, parents_per_round: int = 
     (`phase_one`: a population of `population_size` proposals, RunConfig's default when None, screened).
     `proposer` ("mutation" or "phase_one") overrides the selector's own, for ablations.
 
-    `seeding` is a seed policy or its name in `poise.racing.SEED_POLICIES` (docs/racing.md): "one" seed per child (then
-    trainings are children, as before), a "fixed" number per child, or "racing": one per child, and before every
-    round and before the report the racing rule (`next_seed`, with the pooled seed SD of the archive) gives extra
-    seeds until it names no node. The root's seeds are not counted; a child is made only while the budget left
-    can give it its policy's cap. The reported node is the one with the highest seed mean."""
+    `seeding` is a seed policy or its name in `poise.racing.SEED_POLICIES` (docs/racing.md): "one" seed per
+    child (then trainings are children, as before), a "fixed" number per child, or "racing": one per child, and
+    before every round and before the report `race` gives extra seeds until the racing rule names no node. The
+    root's seeds are not counted; a child is made only while the budget left can give it its policy's cap. The
+    reported node is the one with the highest seed mean (`reported_node`)."""
     proposer = proposer or ("phase_one" if selector == "poise" else "mutation")
     if proposer not in PROPOSERS:
         raise ValueError(f"unknown proposer {proposer!r}; choose one of {', '.join(PROPOSERS)}")
@@ -418,7 +418,7 @@ def race(nodes: list[Node], landscape: Landscape, policy: SeedPolicy, trainings_
         if chosen is None:
             return spent
         node = nodes[index[chosen]]
-        extra = landscape.evaluate(node.proposal, replicate_seed(RUN_SEED, len(scores[chosen])))
+        extra = landscape.evaluate(node.proposal, replicate_seed(RUN_SEED, 1 + len(node.replicates)))
         nodes[index[chosen]] = node.model_copy(update={"replicates": [*node.replicates, extra]})
         spent += 1
 
@@ -450,5 +450,7 @@ __all__ = [
     "landscape_source",
     "paired_difference",
     "parent_picker",
+    "race",
+    "reported_node",
     "search",
 ]
