@@ -69,7 +69,7 @@ from poise.contracts import Node, NodeStatus, Objective, Proposal, SelectionWeig
 from poise.description.mechanisms import MECHANISMS, AlgorithmDescription, Param
 from poise.description.proposals import proposal_description
 from poise.pareto import dominance, non_dominated, pareto_fronts, row_blocks
-from poise.scoring import seed_mean
+from poise.scoring import pooled_sd, seed_mean, seed_scores
 
 Utility = Callable[[Node], float | None]
 
@@ -327,12 +327,12 @@ def _features(genotype: Genotype, depth: int, normalized_utility: float) -> np.n
 
 class KernelGP:
     """What the two GPs share: a constant times an RBF plus a WhiteKernel (seed noise makes two nodes with the same
-    features disagree), on normalized targets, trained on at most SHORTLIST rows (`shortlist`). By default the
-    kernel keeps the fixed hyperparameters KERNEL_DEFAULTS: with the few dozen noisy targets of a run,
-    maximum-likelihood estimates swing between "all noise" and "no noise" from one round to the next, and fitting
-    them costs ~50× more; `optimize=True` fits them (one optimizer start from those values, so still
-    deterministic). Unfitted (fewer than MIN_GP_POINTS training rows), `predict` returns (`prior_mean()`,
-    PRIOR_STD) for every row."""
+    features disagree; or each target's own variance, `_train`'s `noise`), on normalized targets, trained on at most
+    SHORTLIST rows (`shortlist`). By default the kernel keeps the fixed hyperparameters KERNEL_DEFAULTS: with the
+    few dozen noisy targets of a run, maximum-likelihood estimates swing between "all noise" and "no noise" from one
+    round to the next, and fitting them costs ~50× more; `optimize=True` fits them (one optimizer start from those
+    values, so still deterministic). Unfitted (fewer than MIN_GP_POINTS training rows), `predict` returns
+    (`prior_mean()`, PRIOR_STD) for every row."""
 
     # On normalized targets: unit signal variance; a length scale of about one mutation (a swap moves two one-hot
     # entries, distance √2); noise a quarter of the signal, the share seed noise takes of tanh-squashed gains.
@@ -350,15 +350,22 @@ class KernelGP:
     def prior_mean(self) -> float:
         return PRIOR_MEAN
 
-    def _train(self, x: Sequence[np.ndarray], y: Sequence[float]) -> None:
-        """Fit the kernel to the rows (x, y); unfitted with fewer than MIN_GP_POINTS rows."""
+    def _train(self, x: Sequence[np.ndarray], y: Sequence[float], noise: Sequence[float] | None = None) -> None:
+        """Fit the kernel to the rows (x, y); unfitted with fewer than MIN_GP_POINTS rows. `noise`, when given, is
+        each target's own variance in the targets' units (σ²/n for a mean of n seeds) and takes the place of the
+        WhiteKernel's one level."""
         self._regressor = None
         if len(y) < MIN_GP_POINTS:
             return
         hp = self.KERNEL_DEFAULTS
-        kernel = (ConstantKernel(hp["signal"], (1e-2, 1e2)) * RBF(hp["length_scale"], (1e-1, 1e2))
-                  + WhiteKernel(hp["noise"], (1e-4, 1e1)))
-        regressor = GaussianProcessRegressor(kernel, normalize_y=True,
+        kernel = ConstantKernel(hp["signal"], (1e-2, 1e2)) * RBF(hp["length_scale"], (1e-1, 1e2))
+        spread = float(np.var(y))
+        alpha: float | np.ndarray = 1e-10  # sklearn's default jitter
+        if noise is None or spread == 0:
+            kernel = kernel + WhiteKernel(hp["noise"], (1e-4, 1e1))
+        else:  # normalize_y fits y / std(y), so a variance in y's units is divided by var(y)
+            alpha = np.asarray(noise, dtype=float) / spread + alpha
+        regressor = GaussianProcessRegressor(kernel, normalize_y=True, alpha=alpha,
                                              optimizer="fmin_l_bfgs_b" if self.optimize else None)
         with warnings.catch_warnings(), _one_blas_thread():  # a length scale at its bound is an answer here
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -459,6 +466,16 @@ def genotype_features(description: AlgorithmDescription) -> np.ndarray:
     return np.concatenate([genotype.present, genotype.centered()])
 
 
+def seed_mean_variances(candidates: Sequence[Node], nodes: Sequence[Node]) -> list[float] | None:
+    """The variance σ²/n of each of `nodes`' seed means, σ the run's measured seed SD (the pooled within-node SD
+    of `candidates`, `pooled_sd`) and n the node's seeds (docs/racing.md); None while σ is unmeasured (no node
+    with two seeds) or 0."""
+    sd = pooled_sd([seed_scores(node) for node in candidates])
+    if not sd:
+        return None
+    return [sd**2 / max(len(seed_scores(node)), 1) for node in nodes]
+
+
 class UtilityGP(KernelGP):
     """Screening's predictor: a candidate's own utility from its mechanisms and constants (`genotype_features`),
     a GP trained on the utility (by default `seed_mean`) of the shortlisted candidate parents (`shortlist`: every
@@ -474,22 +491,30 @@ class UtilityGP(KernelGP):
     DescendantGP gained only +0.0017 (SE 0.0010, 40 worlds), this GP +0.0037 (SE 0.0012)
     (bench/results/search_simulated.md).
 
-    Same kernel as the DescendantGP (`KernelGP`). With fewer than MIN_GP_POINTS candidates `predict` returns the
-    same (mean utility of every candidate, PRIOR_STD) for every row, which ranks nothing, and screening falls back
-    to novelty.
+    Same kernel as the DescendantGP (`KernelGP`), except the noise term: a target is a seed mean whose variance
+    σ²/n the run knows (`seed_mean_variances`), so a node trained with more seeds (racing, docs/racing.md) pulls
+    the prediction harder; the WhiteKernel's one level only while σ is unmeasured. With fewer than
+    MIN_GP_POINTS candidates `predict` returns the same (mean utility of every candidate, PRIOR_STD) for every
+    row, which ranks nothing, and screening falls back to novelty.
     """
+
+    SEED_NOISE = True  # each target's noise from its seeds (`seed_mean_variances`); False: the WhiteKernel's level
 
     def __init__(self, optimize: bool = False):
         super().__init__(optimize)
         self.utilities: dict[str, float] = {}
 
     def fit(self, nodes: Sequence[Node], utility: Utility = seed_mean) -> UtilityGP:
+        """Train on the shortlisted candidates' utilities. With the default `seed_mean`, each target's noise is
+        its own (`seed_mean_variances`): a node trained with three seeds counts more than one trained with one."""
+        per_seed = self.SEED_NOISE and utility is seed_mean
         utility = memoized(utility)
         candidates = candidate_parents(nodes, utility)
         self.utilities = {node.node_id: float(utility(node)) for node in candidates}
         trained = shortlist(candidates, utility)
         self._train([genotype_features(proposal_description(node.proposal)) for node in trained],
-                    [self.utilities[node.node_id] for node in trained])
+                    [self.utilities[node.node_id] for node in trained],
+                    seed_mean_variances(candidates, trained) if per_seed else None)
         return self
 
     def prior_mean(self) -> float:
@@ -608,6 +633,7 @@ __all__ = [
     "pareto_strength",
     "score_candidates",
     "seed_mean",
+    "seed_mean_variances",
     "select_parents",
     "shortlist",
     "structural_distances",

@@ -25,6 +25,7 @@ from poise.contracts import (
     TrainingTrajectory,
 )
 from poise.description.mechanisms import MECHANISMS, AlgorithmDescription
+from poise.description.proposals import proposal_description
 from proposer import selection
 from proposer.selection import (
     FEATURE_NAMES,
@@ -37,6 +38,7 @@ from proposer.selection import (
     candidate_parents,
     descendant_gain,
     descendant_gains,
+    genotype_features,
     metric_vectors,
     node_features,
     novelty,
@@ -44,6 +46,7 @@ from proposer.selection import (
     pareto_strength,
     score_candidates,
     seed_mean,
+    seed_mean_variances,
     select_parents,
     shortlist,
     structural_distances,
@@ -339,6 +342,50 @@ def test_the_utility_gp_predicts_a_child_from_what_its_mechanisms_scored_elsewhe
     # An archived description is predicted near its own score (the noise kernel keeps it from being exact).
     own, _ = gp.predict(gp.proposal_features(archive.nodes["cispo1"].proposal, root))
     assert own[0] == pytest.approx(0.40, abs=0.04)
+
+
+def seeded_archive(kl1_replicates: tuple[float, ...] = ()) -> Archive:
+    """GRPO trained with three seeds (σ = 0.01), a harmful CISPO child and two KL children."""
+    archive = Archive()
+    archive.add("root", 0.50, replicates=(0.49, 0.51))
+    archive.add("cispo", 0.40, parent="root", names=("baseline:group_mean", "scale:group_std", "clip:cispo",
+                                                     "agg:token-mean"))
+    archive.add("kl1", 0.56, parent="root", names=(*GRPO, "kl:penalty"), replicates=kl1_replicates)
+    archive.add("kl2", 0.53, parent="root", names=(*GRPO, "kl:penalty"), kl_coef=3e-3)
+    return archive
+
+
+def gp_rows(archive: Archive) -> np.ndarray:
+    return np.stack([genotype_features(proposal_description(node.proposal)) for node in archive.list()])
+
+
+def test_the_utility_gp_trusts_a_mean_of_more_seeds_more() -> None:
+    one, three = seeded_archive(), seeded_archive((0.55, 0.57))  # kl1's mean is 0.56 on one seed or on three
+    assert seed_mean_variances(one.list(), [one.nodes["kl1"]]) == pytest.approx([0.01**2])
+    assert seed_mean_variances(three.list(), [three.nodes["kl1"]]) == pytest.approx([0.01**2 / 3])
+    at_kl1 = genotype_features(proposal_description(one.nodes["kl1"].proposal))
+    (mean_one,), (std_one,) = UtilityGP().fit(one.list()).predict(at_kl1)
+    (mean_three,), (std_three,) = UtilityGP().fit(three.list()).predict(at_kl1)
+    assert std_three < std_one and abs(mean_three - 0.56) < abs(mean_one - 0.56)
+
+
+def test_without_a_measured_seed_noise_the_utility_gp_keeps_its_white_kernel(monkeypatch) -> None:
+    archive = harmful_cispo_archive()  # one seed per node: σ unmeasured
+    assert seed_mean_variances(archive.list(), archive.list()) is None
+    features = gp_rows(archive)
+    noisy = UtilityGP().fit(archive.list()).predict(features)
+    monkeypatch.setattr(UtilityGP, "SEED_NOISE", False)
+    assert np.array_equal(UtilityGP().fit(archive.list()).predict(features)[1], noisy[1])
+
+
+def test_a_utility_other_than_the_seed_mean_keeps_the_white_kernel(monkeypatch) -> None:
+    archive = seeded_archive()
+    features = gp_rows(archive)
+    custom = UtilityGP().fit(archive.list(), utility=lambda node: seed_mean(node)).predict(features)
+    monkeypatch.setattr(UtilityGP, "SEED_NOISE", False)
+    assert np.array_equal(UtilityGP().fit(archive.list()).predict(features)[1], custom[1])
+    monkeypatch.setattr(UtilityGP, "SEED_NOISE", True)
+    assert not np.array_equal(UtilityGP().fit(archive.list()).predict(features)[1], custom[1])
 
 
 def test_an_unfitted_utility_gp_ranks_nothing() -> None:
