@@ -486,10 +486,10 @@ class UtilityGP(KernelGP):
     elsewhere) is tried last, and an untried direction keeps the GP's prior uncertainty. This is a surrogate of
     the utility itself, unlike `DescendantGP`, whose target (the gain a node's descendants show over it) says how
     promising a node is as a parent, not how good a new child will be. On the simulated landscape
-    (app/landscape.py, 100 worlds) POISE with this screening found +0.0048 (SE 0.0006) more true Overall
-    than the greedy baseline; in a scratch check at the landscape's earlier noise, screening with the
-    DescendantGP gained only +0.0017 (SE 0.0010, 40 worlds), this GP +0.0037 (SE 0.0012)
-    (bench/results/search_simulated.md).
+    (app/landscape.py, 100 worlds) POISE with this screening (and the WhiteKernel noise term) found +0.0048
+    (SE 0.0006) more true Overall than the greedy baseline; in a scratch check at the landscape's earlier
+    noise, screening with the DescendantGP gained only +0.0017 (SE 0.0010, 40 worlds), this GP +0.0037 (SE
+    0.0012) (bench/results/search_simulated.md).
 
     Same kernel as the DescendantGP (`KernelGP`), except the noise term: a target is a seed mean whose variance
     σ²/n the run knows (`seed_mean_variances`), so a node trained with more seeds (racing, docs/racing.md) pulls
