@@ -256,6 +256,18 @@ def run_sandboxed(
     return result
 
 
+# `python -I -m module args` that imports this checkout's modules, whatever the interpreter has installed: -I
+# drops the current directory and PYTHONPATH, so a service run from another checkout than the installed one
+# (an editable install points at one directory) would otherwise run another harness than its own.
+CODE_ROOT = str(Path(__file__).resolve().parent.parent)
+_BOOT = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); module = sys.argv[2]; "
+         "sys.argv = [module, *sys.argv[3:]]; runpy.run_module(module, run_name='__main__', alter_sys=True)")
+
+
+def python_command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-I", "-c", _BOOT, CODE_ROOT, module, *args]
+
+
 def _start_child(module: str, workdir: Path, threads: int, timeout: float) -> subprocess.Popen | _ForkedChild:
     """A child running `module` in `workdir` with the scrubbed environment, in its own session (so the
     deadline kills every fork too): forked by the module's fork server, or a fresh interpreter when the
@@ -271,7 +283,7 @@ def _start_child(module: str, workdir: Path, threads: int, timeout: float) -> su
         if child is not None:
             return child
     return subprocess.Popen(
-        [sys.executable, "-I", "-m", module],
+        python_command(module),
         cwd=workdir,
         env=env,
         stdin=subprocess.PIPE,
@@ -292,7 +304,7 @@ class _ForkServer:
         self.lock = threading.Lock()
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-m", "poise.forkserver", str(theirs.fileno()), module],
+                python_command("poise.forkserver", str(theirs.fileno()), module),
                 cwd=self.workdir, env=scrubbed_env(self.workdir, threads), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), start_new_session=True,
             )

@@ -353,8 +353,9 @@ def _fork_server(module: str = PROBE, threads: int = 1):
 
 
 FRESH_STATE = """
-    import ctypes, os, random
+    import ctypes, os, random, sys
     result = {"fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")), "env": dict(os.environ),
+              "harness": sys.modules["__main__"].__file__,
               "cwd": os.getcwd(), "random": random.random(), "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)}
     """
 
@@ -371,6 +372,8 @@ def test_children_of_the_fork_server_start_like_fresh_interpreters(workdir, tmp_
     assert first["random"] != second["random"]  # reseeded after the fork, as a new interpreter would be
     monkeypatch.setenv("POISE_SANDBOX_FORK_SERVER", "0")
     fresh = probe(FRESH_STATE, tmp_path / "fresh")["result"]
+    # The harness is this checkout's (the one the parent imported), not whatever the interpreter has installed.
+    assert first["harness"] == fresh["harness"] == str(PROJECT_DIR / "poise" / "sandbox_probe.py")
     assert first["dumpable"] == fresh["dumpable"] == 1  # the server itself is not dumpable; its children are
     assert first["fds"] == fresh["fds"]  # no descriptor of the server (its control socket) reaches the child
     assert {key: value for key, value in first["env"].items() if key not in ("HOME", "TMPDIR")} == \
