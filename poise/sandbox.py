@@ -140,11 +140,11 @@ class SandboxResult(Generic[Report]):
         quoted as the child's output, never worded as the verdict; `phase` says where the child was."""
         during = f" while {self.phase}" if self.phase else ""
         if self.stalled:
-            return (f"killed after {self.stall_s:g} s without progress{during} (no event from the child; "
-                    f"{self.wall_s:.0f} s in all)")
-        if self.timed_out:
+            return (f"killed after {_seconds(self.stall_s or 0.0)} s without progress{during} (no event from the "
+                    f"child; {self.wall_s:.0f} s in all)")
+        if self.timed_out:  # the deadline it ran under, not the time it took (that adds the kill's grace)
             deadline = self.deadline_s if self.deadline_s is not None else self.wall_s
-            return f"killed at the {deadline:g} s wall-clock deadline{during}"
+            return f"killed at the {_seconds(deadline)} s wall-clock deadline{during}"
         if self.output_overflow:
             return f"killed: wrote more than {MAX_OUTPUT_BYTES >> 20} MiB to stdout{during}"
         if self.returncode is not None and self.returncode < 0:
@@ -165,6 +165,11 @@ class SandboxResult(Generic[Report]):
         if self.result is None:
             return f"child exited with status {self.returncode} without a result{during}{said}"
         return f"child exited with status {self.returncode} after its result line{during}{said}"
+
+
+def _seconds(value: float) -> str:
+    """60.0 as "60", 2.5 as "2.5": a configured number of seconds as it was set."""
+    return f"{value:.1f}".removesuffix(".0")
 
 
 def _quoted(text: str) -> str:

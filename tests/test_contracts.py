@@ -837,7 +837,7 @@ def test_a_result_that_does_not_validate_is_a_failed_run_with_the_reason(forged:
     run = SandboxResult(returncode=0, wall_s=0.1, result=None)
     run.record_result(forged, contracts.FingerprintReport)
     assert not run.ok and run.result is None
-    assert run.failure_reason().startswith("the child's result is malformed: not a valid FingerprintReport (")
+    assert run.failure_reason().startswith("the child printed a result line that is not a valid FingerprintReport")
     run.record_result({"checks": [], "isolation": ["no seccomp filter"]}, contracts.FingerprintReport)
     assert run.ok and run.malformed is None and run.result.isolation == ["no seccomp filter"]
 
