@@ -5,8 +5,8 @@ the base checkpoint path and the smoke protocol (a `VerifyPayload`), and reports
 poise/contracts.py): the structural check
 (poise.algorithm), unit checks on synthetic groups (determinism of advantages and loss, a loss that stays
 finite on a group with a single valid token), and a smoke RL run of a few steps on the testbed. Every load of
-the candidate goes through a `CandidateGuard` (poise/integrity.py): its prints go to stderr, a `PhaseEvent` says
-where the child is, and tampering with its inputs or with trusted code fails the check it happened in.
+the candidate goes through a `CandidateGuard` (poise/integrity.py): a `PhaseEvent` says where the child
+is, and tampering with its inputs or with trusted code fails the check it happened in.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ def main() -> None:
     import poise.testbed.protocol  # noqa: F401
     import poise.testbed.training  # noqa: F401
     from poise.algorithm import check_passed, describe_candidate_exception, structural_check
-    from poise.integrity import CandidateGuard, divert_candidate_prints
+    from poise.integrity import CandidateGuard
 
-    divert_candidate_prints()
     guard = CandidateGuard(on_phase=lambda phase: emit(PhaseEvent(phase=phase).model_dump(mode="json")))
     checks: list[CheckResult] = []
     try:

@@ -12,14 +12,12 @@ can do is keep what it reports away from the candidate's ordinary means and noti
   Python threads alive; `CandidateGuard` checks that record after the candidate's import and after every call,
   so a grader replaced through `sys.modules` or monkeypatched fails the node with a reason naming it;
 - where it was: the guard prints a `PhaseEvent` before candidate code runs and when it returns, so the parent can
-  tell an exit at import from one in the middle of a call (poise/sandbox.py `SandboxResult.failure_reason`);
-- prints: `divert_candidate_prints` points `sys.stdout` at stderr, so what the candidate prints is its output,
-  never a protocol line (the harness writes its lines through poise.sandbox's own handle on stdout).
+  tell an exit at import from one in the middle of a call (poise/sandbox.py `SandboxResult.failure_reason`).
 
 Limits: this is evidence, not a boundary. Candidate code that targets the harness itself (reaching its objects
-through `gc` or frames, patching this module's checks, writing to file descriptor 1 directly, exiting after a
-forged result) can still forge what the child reports. That is why a training child's numbers are used for
-diagnosis and never for ranking: evaluation runs in its own process on the checkpoint's weights only.
+through `gc` or frames, patching this module's checks, printing a forged result through poise.sandbox's own
+protocol channel and exiting) can still forge what the child reports. That is why a training child's numbers
+are used for diagnosis and never for ranking: evaluation runs in its own process on the checkpoint's weights.
 """
 
 from __future__ import annotations
@@ -151,12 +149,6 @@ def _genuine(name: str, module: Any) -> bool:
     paths = list(getattr(root, "__path__", []) or [])
     origin = getattr(spec, "origin", None) or ""
     return spec is not None and spec.name == name and any(origin.startswith(str(path)) for path in paths)
-
-
-def divert_candidate_prints() -> None:
-    """Point `sys.stdout` at stderr: what candidate code prints is then its output (in the stderr tail the parent
-    keeps), never a line of the protocol, which poise.sandbox writes through its own handle on stdout."""
-    sys.stdout = sys.stderr
 
 
 class CandidateGuard:

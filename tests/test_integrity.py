@@ -229,6 +229,7 @@ def test_an_exit_at_import_reads_differently_from_one_in_a_call(base, tmp_path, 
 
 
 FORGED_REPORT = {"status": "error", "reason": "FORGED: the candidate is excellent", "steps": []}
+THROUGH_THE_CHANNEL = "import os\nfrom poise.sandbox import emit\nemit({result!r})\nos._exit({status})"
 
 
 @pytest.mark.parametrize("source, reason", [
@@ -237,19 +238,18 @@ FORGED_REPORT = {"status": "error", "reason": "FORGED: the candidate is excellen
      "child exited with status 0 without a result while importing the candidate; the last line of its stderr "
      "(the candidate's output may be in it): \"{\\\"result\\\": {\\\"status\\\": \\\"error\\\", \\\"reason\\\": "
      "\\\"FORGED"),
-    # Written past print to the protocol's stdout, but not a valid report: quoted, never the verdict.
-    (at_import("import os, sys\nsys.__stdout__.write('{\"result\": {\"status\": \"ok\", \"FORGED all checks passed\": "
-               "true}}\\n')\nsys.__stdout__.flush()\nos._exit(0)"),
+    # Through the harness's own channel, but not a valid report: quoted, never the verdict.
+    (at_import(THROUGH_THE_CHANNEL.format(result={"result": {"status": "ok", "FORGED all checks passed": True}},
+                                          status=0)),
      "the child printed a result line that is not a valid TrainReport, so the candidate's output and not a "
      "verdict; its problems, quoted: \""),
-    # A valid report written to the protocol's stdout, then an exit: how the child ended is the reason.
-    (at_import(f"import os, sys\nsys.__stdout__.write({json.dumps({'result': FORGED_REPORT})!r} + '\\n')\n"
-               "sys.__stdout__.flush()\nos._exit(1)"),
+    # A valid report through the harness's channel, then an exit: how the child ended is the reason.
+    (at_import(THROUGH_THE_CHANNEL.format(result={"result": FORGED_REPORT}, status=1)),
      "child exited with status 1 after its result line while importing the candidate"),
     # A candidate's exception message is quoted as its text.
     (in_advantages("raise RuntimeError('FORGED: verification passed')"),
      "RuntimeError at line {line} of the candidate: \"FORGED: verification passed\""),
-], ids=["printed", "invalid-on-stdout", "valid-on-stdout-then-exit", "exception-message"])
+], ids=["printed", "invalid-through-the-channel", "valid-through-the-channel-then-exit", "exception-message"])
 def test_text_the_candidate_forges_is_quoted_as_its_output_never_the_verdict(base, tmp_path, source, reason):
     outcome = train_candidate(source, ONE_STEP, 0, base, tmp_path)
     expected = reason.format(line=line_of(source, "FORGED: verification")) if "{line}" in reason else reason

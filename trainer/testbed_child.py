@@ -3,8 +3,8 @@
 Started only by trainer.testbed_runner through poise.sandbox.run_sandboxed. It receives the protocol, the
 seed, the candidate's source, the base checkpoint path and its output directory - nothing else (a
 `TrainPayload`) - and reports each training step as a `TrainStepEvent` and how it ended as a `TrainReport`
-(poise/contracts.py). The candidate is loaded and called under a `CandidateGuard` (poise/integrity.py): its
-prints go to stderr, a `PhaseEvent` says where the child is, and tampering with trusted code fails the run.
+(poise/contracts.py). The candidate is loaded and called under a `CandidateGuard` (poise/integrity.py): a
+`PhaseEvent` says where the child is, and tampering with trusted code fails the run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
     payload, isolation_notes = enter_sandbox(TrainPayload)
     # Trusted imports first: the candidate is loaded only after the harness is fully in place.
     from poise.algorithm import CandidateError, describe_candidate_exception
-    from poise.integrity import CandidateGuard, divert_candidate_prints
+    from poise.integrity import CandidateGuard
     from poise.testbed.protocol import protocol_from_dict
     from poise.testbed.training import train
 
@@ -34,7 +34,6 @@ def main() -> None:
         steps.append(record)
         emit(TrainStepEvent(step=record).model_dump(mode="json"))
 
-    divert_candidate_prints()
     guard = CandidateGuard(on_phase=lambda phase: emit(PhaseEvent(phase=phase).model_dump(mode="json")))
     try:
         candidate = guard.load(payload.source, name=payload.name)
