@@ -9,8 +9,12 @@ contract of poise/contracts.py (a `SandboxPayload`, carrying the limits), which 
 comes back as JSON lines on stdout, size-capped and parsed by the parent, never unpickled; the result line is
 validated against the report contract the parent names (a `SandboxReport`), and one that does not validate
 fails the run with the reason (the candidate shares the child's process, so it could print a result of its
-own). The child is forked by a fork server (poise.forkserver: one per parent process, harness module and
-thread count) that imported the harness and its trusted dependencies once, so a child does not spend 10-15 s
+own). A `PhaseEvent` line (poise/integrity.py) says where the child is, so that the failure reason can tell an
+exit at the candidate's import from one in a call; text the candidate controls is quoted there, never worded as
+the verdict (docs/sandbox.md, "Integrity of rewards and records").
+
+The child is forked by a fork server (poise.forkserver: one per parent process, harness module and thread
+count) that imported the harness and its trusted dependencies once, so a child does not spend 10-15 s
 importing torch and transformers; it has never run candidate code, and each child gets the same environment,
 descriptors and layers below as a fresh interpreter would (POISE_SANDBOX_FORK_SERVER=0 starts a fresh
 interpreter per child instead).

@@ -3,29 +3,33 @@
 Started only by proposer.fingerprint.fingerprint_in_sandbox through poise.sandbox.run_sandboxed. It receives
 the candidate's source (a `FingerprintPayload`) and reports a `FingerprintReport` (both in poise/contracts.py):
 the structural checks (poise.algorithm) and, when they pass, the fingerprint vector on the probes of
-proposer/fingerprint.py, with the module's LOSS_AGG_MODE and HPARAMS.
+proposer/fingerprint.py, with the module's LOSS_AGG_MODE and HPARAMS. The candidate is loaded and called under a
+`CandidateGuard` (poise/integrity.py), as in the other harnesses.
 """
 
 from __future__ import annotations
 
 import traceback
 
-from poise.contracts import FingerprintPayload, FingerprintReport
-from poise.sandbox import emit_result, enter_sandbox
+from poise.contracts import FingerprintPayload, FingerprintReport, PhaseEvent
+from poise.sandbox import emit, emit_result, enter_sandbox
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
-PRELOAD = ("torch", "poise.algorithm", "proposer.fingerprint")
+PRELOAD = ("torch", "poise.algorithm", "poise.integrity", "proposer.fingerprint")
 
 
 def main() -> None:
     payload, isolation_notes = enter_sandbox(FingerprintPayload)
-    from poise.algorithm import check_passed, load_candidate, loss_agg_mode, module_hparams, structural_check
+    import proposer.fingerprint  # noqa: F401 - trusted, so imported before the candidate is
+    from poise.algorithm import check_passed, loss_agg_mode, module_hparams, structural_check
+    from poise.integrity import CandidateGuard
 
+    guard = CandidateGuard(on_phase=lambda phase: emit(PhaseEvent(phase=phase).model_dump(mode="json")))
     report = FingerprintReport(isolation=isolation_notes)
     try:
-        report.checks = structural_check(payload.source)
+        report.checks = structural_check(payload.source, load=guard.load)
         if check_passed(report.checks):
-            module = load_candidate(payload.source)
+            module = guard.load(payload.source)
             report.loss_agg_mode = loss_agg_mode(module)
             report.hparams = module_hparams(module)
             report.fingerprint, report.failure = fingerprint(module)
