@@ -455,7 +455,8 @@ def _advantage_problem(module: types.ModuleType, rollout: SyntheticRollout, patt
     except CandidateError as err:
         return f"{err}{where}"
     except Exception as err:  # noqa: BLE001
-        return f"compute_advantages raised {describe_candidate_exception(err, module.__file__)}{where}"
+        raised = describe_candidate_exception(err, getattr(module, "__file__", None))
+        return f"compute_advantages raised {raised}{where}"
     if not torch.isfinite(advantages).all():
         bad = int((~torch.isfinite(advantages)).sum())
         return (f"compute_advantages returned {bad} non-finite values (nan/inf){where}; "
@@ -477,7 +478,7 @@ def _loss_problem(module: types.ModuleType, rollout: SyntheticRollout) -> str | 
     except CandidateError as err:
         return str(err)
     except Exception as err:  # noqa: BLE001
-        return f"policy_loss raised {describe_candidate_exception(err, module.__file__)}"
+        return f"policy_loss raised {describe_candidate_exception(err, getattr(module, '__file__', None))}"
     if not torch.isfinite(loss_mat[mask > 0]).all():
         return "policy_loss returned non-finite values (nan/inf) on valid tokens"
     if not loss_mat.requires_grad:
