@@ -45,11 +45,12 @@ def _trusted_module_name(name: str) -> bool:
 
 
 def _watched_value(name: str, value: Any) -> bool:
-    """Module globals worth a check: what code calls or reads as a constant (never state trusted code rebinds,
-    such as a lazily created pool)."""
+    """Module globals worth a check: what code calls, and public constants (never private state that trusted code
+    rebinds, such as a lazily created default `_DEFAULT`)."""
     if name.startswith("__") and name.endswith("__"):
         return False
-    return callable(value) or isinstance(value, types.ModuleType | re.Pattern) or name.isupper()
+    return callable(value) or isinstance(value, types.ModuleType | re.Pattern) or (
+        name.isupper() and not name.startswith("_"))
 
 
 def _code_of(value: Any) -> tuple[Any, Any, Any] | None:
