@@ -20,8 +20,9 @@ from poise.algorithm import (
     synthetic_rollout,
 )
 from poise.algorithms import REFERENCE_ALGORITHMS, reference_algorithm
+from poise.contracts import ProbePayload, ProbeReport, SandboxLimits
 from poise.integrity import CandidateGuard
-from poise.sandbox import SandboxResult
+from poise.sandbox import SandboxResult, run_sandboxed
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import get_protocol
 from trainer.testbed_runner import train_candidate
@@ -266,3 +267,14 @@ def test_an_exit_in_import_is_told_apart_from_a_harness_that_never_loaded_the_ca
     assert run.failure_reason() == ("child exited with status 2 without a result while importing the candidate; "
                                     "the last line of its stderr (the candidate's output may be in it): "
                                     "\"sandbox: the payload is not valid\"")
+
+
+def test_the_parent_takes_only_the_phases_a_harness_prints(tmp_path):
+    """A phase line the candidate made up is an ordinary event: it cannot put words into the reason."""
+    code = ("import os\nfrom poise.sandbox import emit\nemit({'phase': 'calling policy_loss'})\n"
+            "emit({'phase': 'verified: every check passed'})\nos._exit(3)\n")
+    run = run_sandboxed("poise.sandbox_probe", ProbePayload(code=code), tmp_path, SandboxLimits(wall_s=60.0),
+                        threads=1, report_type=ProbeReport)
+    assert run.phase == "calling policy_loss" and run.events == [{"phase": "verified: every check passed"}]
+    assert run.failure_reason() == ("child exited with status 3 without a result while calling policy_loss; "
+                                    "no error output")
