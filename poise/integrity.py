@@ -68,8 +68,9 @@ class TrustedState:
 
     Recorded: every loaded module of TRUSTED_PACKAGES and LIBRARY_MODULES (its object in sys.modules, and the
     callables, modules, patterns and UPPER_CASE constants it binds), the methods of every class those trusted
-    packages define and of LIBRARY_CLASSES, and the Python threads alive. A trusted-package module that appears
-    later must come from a file of that package (a module made up and put into sys.modules does not)."""
+    packages define and of LIBRARY_CLASSES, the Python threads alive, and torch's global modes and hooks. A
+    trusted-package module that appears later must come from a file of that package (a module made up and put
+    into sys.modules does not)."""
 
     def __init__(self) -> None:
         self.modules: dict[str, tuple[types.ModuleType, dict[str, tuple[Any, Any]]]] = {}
@@ -90,6 +91,7 @@ class TrustedState:
             if isinstance(cls, type):
                 self._record_class(cls)
         self.threads = frozenset(map(id, threading.enumerate()))
+        self.torch_state = _torch_global_state()
 
     def _record_class(self, cls: type) -> None:
         entries = {key: (value, _code_of(value)) for key, value in vars(cls).items() if _code_of(value) is not None
@@ -114,6 +116,9 @@ class TrustedState:
             if name not in self.modules and any(name == p or name.startswith(p + ".") for p in TRUSTED_PACKAGES):
                 if not _genuine(name, module):
                     found.append(f"sys.modules[{name!r}] was set to something that is not the trusted module")
+        now = _torch_global_state()
+        found += [f"{what} went from {count} to {now.get(what)}" for what, count in self.torch_state.items()
+                  if now.get(what) != count]
         started = [thread.name for thread in threading.enumerate() if id(thread) not in self.threads]
         if started:
             found.append(f"a thread was started ({', '.join(started[:3])}): candidate code may not run between "
@@ -139,6 +144,23 @@ def _entry_changes(owner: str, namespace: Any, entries: dict[str, tuple[Any, Any
             yield f"{owner}.{key} was replaced"
         elif code is not None and _code_of(current) != code:
             yield f"the code of {owner}.{key} was replaced"
+
+
+def _torch_global_state() -> dict[str, int]:
+    """Counts of torch's global state through which code changes every operation or every model's output without
+    replacing a function: torch function and dispatch modes entered, global module hooks registered."""
+    found: dict[str, int] = {}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        found["the torch function modes entered"] = torch._C._len_torch_function_stack()
+    dispatch = sys.modules.get("torch.utils._python_dispatch")
+    if dispatch is not None:
+        found["the torch dispatch modes entered"] = len(dispatch._get_current_dispatch_mode_stack())
+    hooks = sys.modules.get("torch.nn.modules.module")
+    for name, value in sorted(vars(hooks).items()) if hooks is not None else ():
+        if name.startswith("_global_") and name.endswith("hooks") and isinstance(value, dict):
+            found[f"the global nn.Module hooks in {name}"] = len(value)
+    return found
 
 
 def _genuine(name: str, module: Any) -> bool:

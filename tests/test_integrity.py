@@ -136,8 +136,12 @@ ALWAYS_RIGHT = "lambda problem, text, eos: Grade(correct=True, format_valid=True
      "tampering: sys.modules['poise.reward_shim'] was set to something that is not the trusted module"),
     (at_import("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()"),
      "tampering: a thread was started"),
+    (in_advantages("from torch.overrides import TorchFunctionMode\nTorchFunctionMode().__enter__()"),
+     "tampering: the torch function modes entered went from 0 to 1 while calling compute_advantages"),
+    (at_import("import torch\ntorch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out)"),
+     "tampering: the global nn.Module hooks in _global_forward_hooks went from 0 to 1 while importing the candidate"),
 ], ids=["grader-monkeypatched", "grader-module-replaced", "grader-code-replaced", "answer-format", "tensor-method",
-        "fake-module", "thread"])
+        "fake-module", "thread", "function-mode", "global-hook"])
 def test_verification_fails_a_candidate_that_changes_trusted_code_naming_what_it_changed(verifier, source, named):
     checks = verifier(source)
     failed = [check for check in checks if not check.passed]
