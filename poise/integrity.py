@@ -90,6 +90,7 @@ class TrustedState:
             cls = getattr(sys.modules.get(module_name), class_name, None)
             if isinstance(cls, type):
                 self._record_class(cls)
+        self.loaded = frozenset(sys.modules)
         self.threads = frozenset(map(id, threading.enumerate()))
         self.torch_state = _torch_global_state()
 
@@ -112,10 +113,9 @@ class TrustedState:
             found += _entry_changes(qualname, namespace, entries)
             found += [f"{qualname}.{key} was added (a method of a trusted class)" for key in namespace.keys() - keys
                       if not (key.startswith("__") and key.endswith("__")) or callable(namespace[key])]
-        for name, module in list(sys.modules.items()):
-            if name not in self.modules and any(name == p or name.startswith(p + ".") for p in TRUSTED_PACKAGES):
-                if not _genuine(name, module):
-                    found.append(f"sys.modules[{name!r}] was set to something that is not the trusted module")
+        for name in sys.modules.keys() - self.loaded:
+            if _trusted_module_name(name) and not _genuine(name, sys.modules.get(name)):
+                found.append(f"sys.modules[{name!r}] was set to something that is not the trusted module")
         now = _torch_global_state()
         found += [f"{what} went from {count} to {now.get(what)}" for what, count in self.torch_state.items()
                   if now.get(what) != count]
@@ -142,7 +142,7 @@ def _entry_changes(owner: str, namespace: Any, entries: dict[str, tuple[Any, Any
         current = namespace[key]
         if current is not value:
             yield f"{owner}.{key} was replaced"
-        elif code is not None and _code_of(current) != code:
+        elif code is not None and not all(a is b for a, b in zip(_code_of(current) or (), code, strict=True)):
             yield f"the code of {owner}.{key} was replaced"
 
 
