@@ -94,10 +94,13 @@ def train(
                 with torch.no_grad():
                     ref_log_prob, _ = response_log_probs_by_length(reference, prompt_ids, prompt_mask, response_ids,
                                                                    response_mask, protocol.temperature)
-            # What is logged of the rollout is computed before candidate code sees this step, and logged as it was
-            # then; the candidate gets copies (poise.algorithm), and the check below fails a step whose tensors
-            # changed anyway (docs/sandbox.md, "Integrity of rewards and records").
+            # What is logged of the rollout (and the KL to the base) is computed before candidate code sees this
+            # step, and logged as it was then; the candidate gets copies (poise.algorithm), and the check below
+            # fails a step whose tensors changed anyway (docs/sandbox.md, "Integrity of rewards and records").
             logged = _rollout_record(scores, format_valid, rollout.entropy, mask)
+            kl = None
+            if log_kl:
+                kl = masked_mean(kl_penalty(rollout.log_probs, ref_log_prob, KLEstimator.K3), mask).item()
             group_index = torch.arange(protocol.prompts_per_step).repeat_interleave(protocol.group_size)
             batch = build_batch(scores, mask, group_index, format_valid=format_valid, entropy=rollout.entropy,
                                 ref_log_prob=ref_log_prob if keep_reference_in_batch else None, hparams=hparams)
@@ -108,9 +111,6 @@ def train(
             update_s = time.perf_counter() - update_started
             if average:
                 average.update(policy)
-            kl = None
-            if log_kl:
-                kl = masked_mean(kl_penalty(rollout.log_probs, ref_log_prob, KLEstimator.K3), mask).item()
             _check_unchanged(logged, _rollout_record(scores, format_valid, rollout.entropy, mask), step)
             record = TrainingStep(
                 step=step,
