@@ -95,8 +95,8 @@ class TrustedState:
         self.torch_state = _torch_global_state()
 
     def _record_class(self, cls: type) -> None:
-        entries = {key: (value, _code_of(value)) for key, value in vars(cls).items() if _code_of(value) is not None
-                   or callable(value)}
+        entries = {key: (value, _code_of(value)) for key, value in vars(cls).items()
+                   if callable(value) or _code_of(value) is not None}
         self.classes[f"{cls.__module__}.{cls.__qualname__}"] = (cls, entries, frozenset(vars(cls)))
 
     def changes(self) -> list[str]:
@@ -121,8 +121,7 @@ class TrustedState:
                   if now.get(what) != count]
         started = [thread.name for thread in threading.enumerate() if id(thread) not in self.threads]
         if started:
-            found.append(f"a thread was started ({', '.join(started[:3])}): candidate code may not run between "
-                         "the harness's checks")
+            found.append(f"a thread was started ({', '.join(started[:3])})")  # it would run between the checks
         return found
 
     def check(self, during: str) -> None:
@@ -130,8 +129,8 @@ class TrustedState:
         found = self.changes()
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            raise Tampering(f"tampering: {found[0]} while {during}{more}; trusted code is not the candidate's "
-                            "to change")
+            raise Tampering(f"tampering: {found[0]} while {during}{more}; a candidate computes its outputs and "
+                            "must not change the harness's code or state")
 
 
 def _entry_changes(owner: str, namespace: Any, entries: dict[str, tuple[Any, Any]]) -> Iterable[str]:
