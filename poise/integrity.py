@@ -68,9 +68,9 @@ class TrustedState:
 
     Recorded: every loaded module of TRUSTED_PACKAGES and LIBRARY_MODULES (its object in sys.modules, and the
     callables, modules, patterns and UPPER_CASE constants it binds), the methods of every class those trusted
-    packages define and of LIBRARY_CLASSES, the Python threads alive, and torch's global modes and hooks. A
-    trusted-package module that appears later must come from a file of that package (a module made up and put
-    into sys.modules does not)."""
+    packages define and of LIBRARY_CLASSES (and any attribute added later over an inherited one), the Python
+    threads alive, and torch's global modes and hooks. A trusted-package module that appears later must come
+    from a file of that package (a module made up and put into sys.modules does not)."""
 
     def __init__(self) -> None:
         self.modules: dict[str, tuple[types.ModuleType, dict[str, tuple[Any, Any]]]] = {}
@@ -111,8 +111,10 @@ class TrustedState:
         for qualname, (cls, entries, keys) in self.classes.items():
             namespace = vars(cls)
             found += _entry_changes(qualname, namespace, entries)
-            found += [f"{qualname}.{key} was added (a method of a trusted class)" for key in namespace.keys() - keys
-                      if not (key.startswith("__") and key.endswith("__")) or callable(namespace[key])]
+            # An attribute added over an inherited one changes what the class does (libraries add new ones freely:
+            # transformers adds nn.Module.smart_apply when a model loads).
+            found += [f"{qualname}.{key} was added over the inherited one" for key in namespace.keys() - keys
+                      if any(key in vars(base) for base in cls.__mro__[1:])]
         for name in sys.modules.keys() - self.loaded:
             if _trusted_module_name(name) and not _genuine(name, sys.modules.get(name)):
                 found.append(f"sys.modules[{name!r}] was set to something that is not the trusted module")

@@ -38,11 +38,11 @@ def in_advantages(body: str, prelude: str = "") -> str:
     return prelude + GRPO.replace("def compute_advantages(batch):\n", "def compute_advantages(batch):\n" + indented)
 
 
-def in_loss(body: str) -> str:
+def in_loss(body: str, prelude: str = "") -> str:
     indented = "".join(f"    {line}\n" for line in body.strip().splitlines())
     signature = "def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):\n"
     assert signature in GRPO
-    return GRPO.replace(signature, signature + indented)
+    return prelude + GRPO.replace(signature, signature + indented)
 
 
 def at_import(body: str) -> str:
@@ -131,12 +131,14 @@ ALWAYS_RIGHT = "lambda problem, text, eos: Grade(correct=True, format_valid=True
     (in_advantages("import re, poise.testbed.tasks as tasks\ntasks.ANSWER_FORMAT = re.compile('(.*)')"),
      "tampering: poise.testbed.tasks.ANSWER_FORMAT was replaced while calling compute_advantages"),
     (in_loss("import torch\ntorch.Tensor.mean = lambda self, *args, **kwargs: torch.tensor(1.0)"),
-     "tampering: torch.Tensor.mean was added (a method of a trusted class) while calling policy_loss"),
+     "tampering: torch.Tensor.mean was added over the inherited one while calling policy_loss"),
     (at_import("import sys, types\nsys.modules['poise.reward_shim'] = types.ModuleType('poise.reward_shim')"),
      "tampering: sys.modules['poise.reward_shim'] was set to something that is not the trusted module"),
     (at_import("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()"),
      "tampering: a thread was started"),
-    (in_advantages("from torch.overrides import TorchFunctionMode\nTorchFunctionMode().__enter__()"),
+    (in_advantages("from torch.overrides import TorchFunctionMode\n\nclass Passthrough(TorchFunctionMode):\n"
+                   "    def __torch_function__(self, func, types, args=(), kwargs=None):\n"
+                   "        return func(*args, **(kwargs or {}))\n\nPassthrough().__enter__()"),
      "tampering: the torch function modes entered went from 0 to 1 while calling compute_advantages"),
     (at_import("import torch\ntorch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out)"),
      "tampering: the global nn.Module hooks in _global_forward_hooks went from 0 to 1 while importing the candidate"),
@@ -171,7 +173,8 @@ def honest_first_step(base, tmp_path_factory):
     return step
 
 
-SECOND_CALL = "CALLS.append(1)\nif len(CALLS) == 2:\n"  # the second compute_advantages call: step 1
+# The second compute_advantages call is step 1's; policy_loss is called twice a step (two minibatches).
+SECOND_CALL = "CALLS.append(1)\nif len(CALLS) == 2:\n"
 
 
 @pytest.mark.parametrize("source, named", [
@@ -180,10 +183,11 @@ SECOND_CALL = "CALLS.append(1)\nif len(CALLS) == 2:\n"  # the second compute_adv
     (in_advantages(SECOND_CALL + "    import sys\n    from poise.testbed.tasks import Grade\n"
                    f"    sys.modules['poise.testbed.training'].grade = {ALWAYS_RIGHT}", prelude="CALLS = []\n"),
      "tampering: poise.testbed.training.grade was replaced while calling compute_advantages"),
-    # Past the copies: the harness's own tensors, reached through the frames. What was logged was computed before.
-    (in_advantages(SECOND_CALL + "    import sys\n    frame = sys._getframe()\n"
-                   "    while frame.f_code.co_name != 'train':\n        frame = frame.f_back\n"
-                   "    frame.f_locals['scores'].fill_(1.0)", prelude="CALLS = []\n"),
+    # Past the copies: the harness's own tensors, reached through the frames from policy_loss (its inputs are
+    # minibatch slices, not these). What was logged had been computed before, and the check at the step's end sees it.
+    (in_loss("CALLS.append(1)\nif len(CALLS) == 3:\n    import sys\n    frame = sys._getframe()\n"
+             "    while frame.f_code.co_name != 'train':\n        frame = frame.f_back\n"
+             "    frame.f_locals['scores'].fill_(1.0)", prelude="CALLS = []\n"),
      "tampering: the harness's own rollout tensors changed while candidate code ran at step 1 (reward_mean "),
 ], ids=["fill-scores", "replace-grader", "through-frames"])
 def test_tampering_in_training_fails_the_run_naming_it_and_the_logged_rewards_are_the_honest_ones(
