@@ -151,10 +151,10 @@ def test_candidate_cannot_reach_the_network(base, tmp_path):
 
 
 def test_runaway_candidate_is_killed_at_the_deadline(base, tmp_path):
-    outcome = train_candidate(hostile("while True:\n    pass"), TINY, 0, base, tmp_path,
+    outcome = train_candidate("while True:\n    pass\n" + GRPO, TINY, 0, base, tmp_path,
                               limits=SandboxLimits(wall_s=20))
     # the deadline as configured, however long the kill took on a loaded machine, and where the child was
-    assert outcome.failure == "killed at the 20 s wall-clock deadline while calling compute_advantages"
+    assert outcome.failure == "killed at the 20 s wall-clock deadline while importing the candidate"
     assert outcome.trajectory.aborted
 
 
@@ -179,14 +179,14 @@ def test_the_trainer_services_wall_limit_setting_reaches_the_sandbox(tmp_path):
     trained: list[EvtTrained] = []
     bus.subscribe(EvtTrained.subject, trained.append)
     service = TrainerService(bus, tmp_path, wall_s=8)
-    service.handle(WorkTrain(run_id="r", node_id="n001", source=hostile("while True:\n    pass"), protocol="tiny",
+    service.handle(WorkTrain(run_id="r", node_id="n001", source="while True:\n    pass\n" + GRPO, protocol="tiny",
                              seed=0))
     while bus.step():
         pass
     (event,) = trained
     assert event.trajectory.aborted
     # the configured deadline; where the child was, unless the deadline came before it loaded the candidate
-    assert re.fullmatch(r"killed at the 8 s wall-clock deadline( while calling compute_advantages)?",
+    assert re.fullmatch(r"killed at the 8 s wall-clock deadline( while importing the candidate)?",
                         event.trajectory.abort_reason), event.trajectory.abort_reason
     assert event.trajectory.checkpoint_uri is None
 
