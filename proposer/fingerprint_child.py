@@ -21,7 +21,13 @@ PRELOAD = ("torch", "poise.algorithm", "poise.integrity", "proposer.fingerprint"
 def main() -> None:
     payload, isolation_notes = enter_sandbox(FingerprintPayload)
     import proposer.fingerprint  # noqa: F401 - trusted, so imported before the candidate is
-    from poise.algorithm import check_passed, loss_agg_mode, module_hparams, structural_check
+    from poise.algorithm import (
+        check_passed,
+        describe_candidate_exception,
+        loss_agg_mode,
+        module_hparams,
+        structural_check,
+    )
     from poise.integrity import CandidateGuard
 
     guard = CandidateGuard(on_phase=lambda phase: emit(PhaseEvent(phase=phase).model_dump(mode="json")))
@@ -34,7 +40,7 @@ def main() -> None:
             report.hparams = module_hparams(module)
             report.fingerprint, report.failure = fingerprint(module)
     except Exception as err:  # noqa: BLE001 - the candidate's failure is a result, not a crash
-        report.failure = f"harness: {type(err).__name__}: {err}"
+        report.failure = f"harness: {describe_candidate_exception(err, '<candidate>')}"
         report.traceback = traceback.format_exc()[-4000:]
     emit_result(report)
 
@@ -46,12 +52,16 @@ def fingerprint(module) -> tuple[list[float] | None, str | None]:
     from poise.algorithm import (
         CandidateError,
         aggregate_loss,
+        describe_candidate_exception,
         loss_agg_mode,
         module_hparams,
         run_advantages,
         run_policy_loss,
     )
     from proposer.fingerprint import PERTURBATION_SCALES, PROBES
+
+    def describe(err: Exception) -> str:  # the candidate's message quoted, at its own line
+        return describe_candidate_exception(err, getattr(module, "__file__", None))
 
     hparams = module_hparams(module)
     parts: list[torch.Tensor] = []
@@ -64,7 +74,7 @@ def fingerprint(module) -> tuple[list[float] | None, str | None]:
         except CandidateError as err:
             return None, f"fingerprint: {err} {where}"
         except Exception as err:  # noqa: BLE001
-            return None, f"fingerprint: compute_advantages raised {type(err).__name__}: {err} {where}"
+            return None, f"fingerprint: compute_advantages raised {describe(err)} {where}"
         if not torch.isfinite(advantages).all():
             return None, f"fingerprint: compute_advantages returned non-finite values {where}"
         parts.append(advantages * mask)
@@ -78,7 +88,7 @@ def fingerprint(module) -> tuple[list[float] | None, str | None]:
             except CandidateError as err:
                 return None, f"fingerprint: {err} {at}"
             except Exception as err:  # noqa: BLE001
-                return None, f"fingerprint: policy_loss raised {type(err).__name__}: {err} {at}"
+                return None, f"fingerprint: policy_loss raised {describe(err)} {at}"
             grad = torch.zeros_like(log_prob) if grad is None else grad
             masked_loss = loss_mat.detach() * mask
             if not (torch.isfinite(masked_loss).all() and torch.isfinite(grad).all()):

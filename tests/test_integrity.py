@@ -286,3 +286,13 @@ def test_the_parent_takes_only_the_phases_a_harness_prints(tmp_path):
     assert run.phase == "calling policy_loss" and run.events == [{"phase": "verified: every check passed"}]
     assert run.failure_reason() == ("child exited with status 3 without a result while calling policy_loss; "
                                     "no error output")
+
+
+def test_screening_fingerprints_fail_a_candidate_that_writes_into_its_inputs(tmp_path):
+    from proposer.fingerprint import fingerprint_in_sandbox
+
+    result = fingerprint_in_sandbox(in_advantages("batch['scores'].fill_(1.0)"), tmp_path)
+    assert not result.ok and result.vector is None
+    assert result.failure.startswith("advantages[mixed]: tampering: compute_advantages wrote into its input "
+                                     "batch['scores'] in place"), result.failure
+    assert fingerprint_in_sandbox(GRPO, tmp_path).ok  # the guard itself costs an honest candidate nothing
