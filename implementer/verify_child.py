@@ -35,7 +35,7 @@ def main() -> None:
 
     import poise.testbed.protocol  # noqa: F401
     import poise.testbed.training  # noqa: F401
-    from poise.algorithm import check_passed, describe_candidate_exception, structural_check
+    from poise.algorithm import CandidateError, check_passed, describe_candidate_exception, structural_check
     from poise.integrity import CandidateGuard
 
     guard = CandidateGuard(on_phase=lambda phase: emit(PhaseEvent(phase=phase).model_dump(mode="json")))
@@ -46,6 +46,10 @@ def main() -> None:
             checks += unit_checks(guard, payload.source)
         if check_passed(checks) and payload.smoke_protocol:
             checks.append(smoke_run(guard, payload))
+        if check_passed(checks):  # after the last call too: a finalizer or a hook the candidate left
+            guard.trusted.check("verifying")
+    except CandidateError as err:  # that check's Tampering
+        checks.append(CheckResult(name="integrity", passed=False, message=str(err)))
     except Exception as err:  # noqa: BLE001 - the candidate's failure is a result, not a crash
         checks.append(CheckResult(name="harness", passed=False,
                                   message=describe_candidate_exception(err, "<candidate>")))

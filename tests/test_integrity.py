@@ -296,3 +296,15 @@ def test_screening_fingerprints_fail_a_candidate_that_writes_into_its_inputs(tmp
     assert result.failure.startswith("advantages[mixed]: tampering: compute_advantages wrote into its input "
                                      "batch['scores'] in place"), result.failure
     assert fingerprint_in_sandbox(GRPO, tmp_path).ok  # the guard itself costs an honest candidate nothing
+
+
+def test_tampering_left_to_run_after_the_last_call_is_caught_before_the_report(base, tmp_path):
+    # A finalizer on an object the candidate put into its copy of the batch runs when the harness drops that
+    # copy, after the call's own check: the harness checks once more before it reports.
+    source = in_loss("CALLS.append(1)\nif len(CALLS) == 2:\n    class Later:\n        def __del__(self):\n"
+                     "            import poise.testbed.tasks as tasks\n            tasks.grade = lambda *args: None\n"
+                     "    batch['later'] = Later()", prelude="CALLS = []\n")
+    outcome = train_candidate(source, ONE_STEP, 0, base, tmp_path)
+    assert outcome.failure == ("tampering: poise.testbed.tasks.grade was replaced while training; a candidate "
+                               "computes its outputs and must not change the harness's code or state")
+    assert outcome.checkpoint is None

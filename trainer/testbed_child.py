@@ -38,6 +38,7 @@ def main() -> None:
     try:
         candidate = guard.load(payload.source, name=payload.name)
         trajectory = train(candidate, protocol, payload.seed, payload.base_path, payload.out_dir, on_step=on_step)
+        guard.trusted.check("training")  # after the last call too: a finalizer or a hook the candidate left
     except CandidateError as err:
         emit_result(TrainReport(status="candidate_error", reason=str(err) or type(err).__name__, steps=steps,
                                 isolation=isolation_notes))
