@@ -8,9 +8,10 @@ can do is keep what it reports away from the candidate's ordinary means and noti
 - rewards and records: `poise.testbed.training.train` computes what it logs of a step before candidate code sees
   the step, logs those values, and fails the run when its own tensors changed by the end of the step;
 - trusted code: `TrustedState` records, before any candidate code runs, each trusted module's object in
-  `sys.modules` and the functions, classes and constants it binds (with each Python function's code), and the
-  Python threads alive; `CandidateGuard` checks that record after the candidate's import and after every call,
-  so a grader replaced through `sys.modules` or monkeypatched fails the node with a reason naming it;
+  `sys.modules` and the functions, classes and constants it binds (with each Python function's code), the Python
+  threads alive and torch's global modes and hooks; `CandidateGuard` checks that record after the candidate's
+  import and after every call (the harness once more before it reports), so a grader replaced through
+  `sys.modules` or monkeypatched fails the node with a reason naming it;
 - where it was: the guard prints a `PhaseEvent` before candidate code runs and when it returns, so the parent can
   tell an exit at import from one in the middle of a call (poise/sandbox.py `SandboxResult.failure_reason`).
 
