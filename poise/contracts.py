@@ -1277,6 +1277,15 @@ class SandboxPayload(Contract):
         return []
 
 
+class PhaseEvent(Contract):
+    """A line a harness prints before it runs candidate code and after it gets control back
+    (poise/integrity.py), so that the parent can say where a child that ended without a result was: an exit at
+    the candidate's import reads differently from one in the middle of a call. Only these phases are taken."""
+
+    phase: Literal["importing the candidate", "calling compute_advantages", "calling policy_loss",
+                   "back in the harness"]
+
+
 class SandboxReport(Contract):
     """Base of every result a sandboxed child reports."""
 

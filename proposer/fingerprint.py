@@ -226,8 +226,7 @@ def fingerprint_in_sandbox(
             shutil.rmtree(run_dir, ignore_errors=True)
     if run.malformed is not None:
         # The candidate shares the child's process, so the report may be forged: its own doing, hence definitive.
-        return FingerprintResult(sha, None, failure=f"fingerprint: the child's report is malformed ({run.malformed})",
-                                 wall_s=run.wall_s)
+        return FingerprintResult(sha, None, failure=f"fingerprint: {run.failure_reason()}", wall_s=run.wall_s)
     if not run.ok or run.result is None:
         return FingerprintResult(sha, None, failure=f"{SANDBOX_FAILURE}{run.failure_reason()}", wall_s=run.wall_s)
     return _from_report(sha, run.result, run.wall_s)

@@ -398,7 +398,8 @@ def test_the_shipped_seccomp_profile_is_the_one_the_code_writes():
     shipped = json.loads((ROOT / SECCOMP_PROFILE_PATH).read_text())
     assert shipped == container_seccomp_profile()
     denied = set(shipped["syscalls"][0]["names"])
-    assert {"unshare", "mount", "umount2", "pivot_root"}.isdisjoint(denied) and {"bpf", "keyctl", "kexec_load"} <= denied
+    assert {"unshare", "mount", "umount2", "pivot_root"}.isdisjoint(denied)  # the sandbox's builder needs them
+    assert {"bpf", "keyctl", "kexec_load"} <= denied
 
 
 # ------------------------------------------------------------- compose opt-in: the implementer calls the LLM

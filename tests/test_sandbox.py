@@ -424,7 +424,8 @@ def test_a_result_that_is_not_the_report_type_fails_the_run_with_the_reason(work
     run = run_probe("import os\nfrom poise.sandbox import emit\nemit({'result': {'notes': 5}})\nos._exit(0)", workdir)
     assert run.returncode == 0 and not run.ok and run.result is None
     assert run.malformed.startswith("not a valid ProbeReport (notes: ")
-    assert run.failure_reason().startswith("the child's result is malformed: not a valid ProbeReport")
+    assert run.failure_reason().startswith("the child printed a result line that is not a valid ProbeReport, so the "
+                                           "candidate's output and not a verdict; its problems, quoted: \"notes: ")
 
 
 def test_a_payload_that_is_not_the_childs_type_ends_it_before_anything_runs(workdir):

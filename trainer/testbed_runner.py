@@ -85,7 +85,9 @@ def train_candidate(
         return TrainOutcome(trajectory, isolation_notes=notes, wall_s=run.wall_s)
     # Failed: keep the curve up to the failure, without a checkpoint.
     steps = [step for step in map(_step_of, run.events) if step is not None]
-    reason = report.reason if report is not None and report.reason else run.failure_reason()
+    # The report's reason only when the child ended cleanly after it: a report followed by an exit, a kill or a
+    # deadline may be a line the candidate printed, and then how the child ended is the reason.
+    reason = report.reason if run.ok and report is not None and report.reason else run.failure_reason()
     partial = TrainingTrajectory(protocol=protocol.name, seed=seed, steps=steps, aborted=True, abort_reason=reason,
                                  wall_s=run.wall_s)
     detail = ((report.traceback if report is not None else None) or run.stderr_tail)[-4000:]
