@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from poise.contracts import Node
-from poise.credentials import ARCHIVE_READ_TOKEN, ARCHIVE_TOKEN, NATS_SERVER_CONF, nats_password_file, write_secrets
+from poise.credentials import ARCHIVE_TOKEN, NATS_SERVER_CONF, files_of, nats_password_file, write_secrets
 from poise.nats_auth import ADMIN_USER
 
 START_TIMEOUT_S = 900.0  # a service imports torch and the testbed: minutes on a starved machine
@@ -38,7 +38,6 @@ RUN_TIMEOUT_S = 1500.0
 ACK_WAIT_S = 10.0        # short, so a killed worker's job comes back quickly; heartbeats every ~3 s
 VERIFY_WALL_S = 1200.0   # generous: a verification starved of CPU must not fail the node
 WORKERS = ("proposer", "implementer", "trainer", "evaluator", "reflector")
-ARCHIVE_READERS = ("proposer", "implementer", "reflector")  # the services that read the archive's API (app/serve.py)
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
@@ -81,13 +80,9 @@ class Credentials:
         return (self.directory / name).read_text().strip()
 
     def settings_of(self, service: str) -> dict[str, str]:
-        """The POISE_* settings that point `service` at its own secret files, as compose and k8s mount them."""
-        settings = {"POISE_NATS_PASSWORD_FILE": str(self.directory / nats_password_file(service))}
-        if service == "archive":
-            settings["POISE_ARCHIVE_TOKEN_FILE"] = str(self.directory / ARCHIVE_TOKEN)
-        if service in ("archive", *ARCHIVE_READERS):
-            settings["POISE_ARCHIVE_READ_TOKEN_FILE"] = str(self.directory / ARCHIVE_READ_TOKEN)
-        return settings
+        """The POISE_* settings that point `service` at its own secret files, as compose and k8s mount them (with
+        the read token on: reads need it here)."""
+        return {setting: str(self.directory / name) for setting, name in files_of(service).items()}
 
     def api_headers(self) -> dict[str, str]:
         """What an operator sends to the archive's API: the write token, which reads too."""

@@ -29,6 +29,7 @@ ARCHIVE_TOKEN = "archive-token"
 ARCHIVE_READ_TOKEN = "archive-read-token"
 NATS_SERVER_CONF = "nats-server.conf"
 MIN_TOKEN_CHARS = 16
+ARCHIVE_READERS = ("proposer", "implementer", "reflector")  # the services that read the archive's API (app/serve.py)
 
 
 class CredentialError(ValueError):
@@ -38,6 +39,17 @@ class CredentialError(ValueError):
 def nats_password_file(service: str) -> str:
     """The file of `service`'s NATS password (`admin`: the admin user's)."""
     return f"nats-{service}.password"
+
+
+def files_of(service: str) -> dict[str, str]:
+    """The secret files `service` is given, by the setting that names each: what compose, k8s and app/cluster.py
+    mount for it, and nothing more (the read token's setting is left empty where reads are open)."""
+    files = {"POISE_NATS_PASSWORD_FILE": nats_password_file(service)}
+    if service == "archive":
+        files["POISE_ARCHIVE_TOKEN_FILE"] = ARCHIVE_TOKEN
+    if service in ("archive", *ARCHIVE_READERS):
+        files["POISE_ARCHIVE_READ_TOKEN_FILE"] = ARCHIVE_READ_TOKEN
+    return files
 
 
 def new_secret() -> str:
