@@ -253,7 +253,10 @@ class NatsBus:
             raise self._refusal() or ConnectionError(self._unanswered(self.connect_timeout_s)) from err
         except ConnectionError as err:
             self._call(self._drop_connection(), CLOSE_TIMEOUT_S)
-            raise self._refusal() or err from err
+            refusal = self._refusal()
+            if refusal is None:
+                raise
+            raise refusal from err
         except BaseException:
             self._call(self._drop_connection(), CLOSE_TIMEOUT_S)
             raise
