@@ -32,10 +32,10 @@ ENV_PREFIX = "POISE_"
 SERVICE_PORTS = {"archive": 8400, "proposer": 8401, "implementer": 8402, "trainer": 8403, "evaluator": 8404,
                  "reflector": 8405}
 SERVICES = tuple(SERVICE_PORTS)
-# RunConfig settings the archive takes from the environment (POISE_<NAME>); run_id names the run.
 # credentials: each may come from POISE_<NAME> or from the file POISE_<NAME>_FILE names
 SECRET_SETTINGS = ("archive_token", "archive_read_token", "nats_password")
-TOKEN_SETTINGS = ("archive_token", "archive_read_token")
+TOKEN_SETTINGS = ("archive_token", "archive_read_token")  # one token a line (several while one is rotated out)
+# RunConfig settings the archive takes from the environment (POISE_<NAME>); run_id names the run.
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
                 "max_correction_attempts")
 
@@ -153,7 +153,8 @@ class ServiceSettings(BaseSettings):
                     problems.append(str(err))
                     continue
             value = getattr(self, name)
-            if name in TOKEN_SETTINGS and value is not None and len(value.get_secret_value()) < MIN_TOKEN_CHARS:
+            tokens = value.get_secret_value().split() if value is not None and name in TOKEN_SETTINGS else []
+            if any(len(token) < MIN_TOKEN_CHARS for token in tokens):
                 problems.append(f"{variable}: a token of fewer than {MIN_TOKEN_CHARS} characters is too easy to "
                                 "guess; `poise secrets` makes one")
         if problems:
