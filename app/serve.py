@@ -316,7 +316,7 @@ def archive_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     from archive.ui.app import ui_router
 
     auth = api_auth(settings)
-    log.info("%s", auth.describe())
+    log.log(logging.INFO if auth.writes else logging.WARNING, "%s", auth.describe())
     store = open_store(settings)
     try:
         host = ArchiveHost(bus, store, settings.backends())
@@ -482,6 +482,9 @@ def make_bus(service: str, settings: ServiceSettings, dead_letter: Callable[[Mes
     from poise.nats_bus import NatsBus
 
     user, password = settings.nats_credentials(service)
+    if user is None:
+        log.warning("POISE_NATS_PASSWORD_FILE is unset: connecting to NATS without credentials, where any client may "
+                    "publish any subject (docs/operations.md, \"Authentication\")")
     return NatsBus(settings.nats_url, ack_wait_s=settings.ack_wait_s, max_deliver=settings.max_deliver,
                    nak_delay_s=settings.nak_delay_s, dead_letter=dead_letter, name=f"poise-{service}", user=user,
                    password=password)
