@@ -244,7 +244,7 @@ def calls(draw: st.DrawFn) -> Call:
     body, content_type = (None, None)
     if method in ("POST", "PUT", "PATCH"):
         body, content_type = draw(bodies(body_schema))
-    token = draw(st.sampled_from((TOKEN,) * 8 + (None, TOKEN[:-1], "")))
+    token = draw(st.sampled_from((TOKEN,) * 8 + (None, TOKEN[:-1], TOKEN + "x")))
     return Call(method, draw(path_of(template)), params, body, content_type, token)
 
 
