@@ -1133,7 +1133,8 @@ def gpus(container: dict) -> int:
 
 
 def test_workstation_runs_the_cpu_trainer_with_one_replica_each():
-    config = next(obj for obj in objects("workstation") if obj["kind"] == "ConfigMap")["data"]
+    config = next(obj for obj in objects("workstation") if obj["kind"] == "ConfigMap"
+                  and obj["metadata"]["name"].startswith("poise-config"))["data"]
     assert config["POISE_TRAINER_BACKEND"] == "testbed" and config["POISE_EVALUATOR_BACKEND"] == "testbed"
     for obj, template in workloads("workstation"):
         assert obj["spec"].get("replicas", 1) == 1, obj["metadata"]["name"]
@@ -1148,7 +1149,8 @@ def test_workstation_runs_the_cpu_trainer_with_one_replica_each():
 
 def test_cluster_runs_verl_and_vllm_on_gpus_with_a_model_cache():
     everything = by_kind_and_name("cluster")
-    config = next(obj for (kind, _), obj in everything.items() if kind == "ConfigMap")["data"]
+    config = next(obj for (kind, name), obj in everything.items() if kind == "ConfigMap"
+                  and name.startswith("poise-config"))["data"]
     assert config["POISE_TRAINER_BACKEND"] == "verl" and config["POISE_EVALUATOR_BACKEND"] == "vllm"
     trainer = everything["Deployment", "trainer"]["spec"]["template"]["spec"]
     assert gpus(trainer["containers"][0]) == 8
