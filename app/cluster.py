@@ -136,6 +136,11 @@ class NatsServer:
             self.process.wait(10)
         self.process = None
 
+    def violations(self) -> list[str]:
+        """The server's log lines of refused publishes and subscriptions (a user outside its permissions)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [line for line in text.splitlines() if "Violation" in line]
+
 
 @dataclass
 class Service:

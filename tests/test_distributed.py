@@ -304,6 +304,7 @@ def test_a_distributed_run_documents_every_node_like_the_embedded_run(cluster: C
     with SQLiteStore.in_run_dir(tmp_path / "embedded") as store:
         embedded_proposals = {n.node_id: (n.proposal.name, n.genealogy.parent_ids) for n in store.nodes("embedded")}
     assert {n.node_id: (n.proposal.name, n.genealogy.parent_ids) for n in nodes}.items() <= embedded_proposals.items()
+    assert not cluster.nats.violations(), "a service was refused a subject its phase needs (poise/nats_auth.py)"
 
 
 def test_killed_workers_lose_and_duplicate_nothing_and_their_work_is_redelivered(cluster: Cluster):
@@ -394,5 +395,6 @@ def test_a_message_that_always_fails_ends_in_the_dlq_and_fails_its_node_with_the
         trainer = cluster["trainer"]
         assert trainer.metric("poise_dead_letters_total", subject="work.train") == 1
         assert trainer.metric("poise_bus_redeliveries_total", subject="work.train") == 1
+        assert not cluster.nats.violations(), "dead-lettering needs only the trainer's own permissions"
     finally:
         cluster.stop()

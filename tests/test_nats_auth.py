@@ -102,15 +102,17 @@ def test_each_service_user_does_its_phase_end_to_end_the_archive_hands_work_to_t
     drain_until(archive, lambda: events)
     assert [event.subject for event in events] == ["evt.trained"] and archive.acked == 1
     assert subjects_stored(secured, WORK_STREAM) == {}  # the trainer's ack removed the work
+    assert not secured.violations()
 
 
-def test_every_service_user_connects_declares_the_streams_and_binds_its_consumers(bus_of):
+def test_every_service_user_connects_declares_the_streams_and_binds_its_consumers(bus_of, secured):
     for service, role in ROLES.items():
         bus = bus_of(service, connect=False)
         for subject in role.consumes:
             bus.subscribe(subject, print)
         bus.connect()  # raises if any JetStream request it makes is refused (the request times out)
         assert bus.healthy(), service
+    assert not secured.violations()
 
 
 def test_a_failing_worker_dead_letters_under_its_own_permissions(bus_of, secured):
@@ -129,6 +131,7 @@ def test_a_failing_worker_dead_letters_under_its_own_permissions(bus_of, secured
     drain_until(trainer, lambda: trainer.dead_lettered == 1)
     assert failures and "a broken candidate" in failures[0]
     assert subjects_stored(secured, "POISE_DLQ") == {"dlq.work.train": 1}
+    assert not secured.violations()
 
 
 # ---------------------------------------------------------------------------------------- what is refused
@@ -182,6 +185,8 @@ def test_the_server_refuses_a_plain_publish_a_subscription_and_a_consumer_outsid
     assert 'permissions violation for publish to "$js.api.consumer.create.poise_work.work_train.work.propose"' \
         in errors
     assert "evt.reflected" not in subjects_stored(secured, EVENT_STREAM)
+    assert any('"$G/user:poise-trainer" - Publish Violation - Subject "evt.reflected"' in line
+               for line in secured.violations())
 
 
 @pytest.mark.parametrize(("credentials", "refused"), [
