@@ -15,6 +15,7 @@ from pathlib import Path
 
 from poise.contracts import CheckResult, VerifyPayload, VerifyReport
 from poise.sandbox import emit_result, enter_sandbox
+from poise.sandbox_audit import record_attempts
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
 PRELOAD = ("poise.algorithm", "poise.contracts", "poise.testbed.protocol", "poise.testbed.training")
@@ -24,6 +25,7 @@ def main() -> None:
     payload, isolation_notes = enter_sandbox(VerifyPayload)
     from poise.algorithm import check_passed, structural_check
 
+    record_attempts()  # from here on, network, processes, writes outside the directory... are blocked and recorded
     checks: list[CheckResult] = []
     try:
         checks = structural_check(payload.source)

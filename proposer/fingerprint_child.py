@@ -12,6 +12,7 @@ import traceback
 
 from poise.contracts import FingerprintPayload, FingerprintReport
 from poise.sandbox import emit_result, enter_sandbox
+from poise.sandbox_audit import record_attempts
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
 PRELOAD = ("torch", "poise.algorithm", "proposer.fingerprint")
@@ -21,6 +22,7 @@ def main() -> None:
     payload, isolation_notes = enter_sandbox(FingerprintPayload)
     from poise.algorithm import check_passed, load_candidate, loss_agg_mode, module_hparams, structural_check
 
+    record_attempts()  # from here on, network, processes, writes outside the directory... are blocked and recorded
     report = FingerprintReport(isolation=isolation_notes)
     try:
         report.checks = structural_check(payload.source)

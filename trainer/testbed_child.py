@@ -12,6 +12,7 @@ import traceback
 
 from poise.contracts import TrainingStep, TrainPayload, TrainReport, TrainStepEvent
 from poise.sandbox import emit, emit_result, enter_sandbox
+from poise.sandbox_audit import record_attempts
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
 PRELOAD = ("poise.algorithm", "poise.contracts", "poise.testbed.protocol", "poise.testbed.training")
@@ -24,6 +25,7 @@ def main() -> None:
     from poise.testbed.protocol import protocol_from_dict
     from poise.testbed.training import train
 
+    record_attempts()  # from here on, network, processes, writes outside the directory... are blocked and recorded
     protocol = protocol_from_dict(payload.protocol)
     steps: list[TrainingStep] = []
 
