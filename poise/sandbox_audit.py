@@ -57,6 +57,7 @@ CREDENTIAL_DIRS = (".ssh", ".aws", ".kube", ".docker", ".gnupg", ".azure", "gclo
 CREDENTIAL_FILES = (".netrc", ".git-credentials", ".pgpass", ".pypirc", ".env", "credentials")
 KEY_FILE_PREFIXES = ("id_rsa", "id_ecdsa", "id_ed25519", "id_dsa")  # ssh keys, public ones included
 CREDENTIAL_SUFFIXES = (".pem", ".key", ".p12", ".pfx")
+CODE_SUFFIXES = (".py", ".pyc", ".so")  # modules: an import may read them whatever their mode
 LISTED_DIRS = ("/root", "/home")  # listing these shows whose secrets lie where
 PROCESS_PRIVATE = ("environ", "mem")  # /proc/<pid>/... no honest code reads, not even its own
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "busybox")
@@ -87,16 +88,19 @@ _SOCKET_CALLS = ("socket.connect", "socket.bind", "socket.sendto", "socket.sendm
 _LOOKUPS = ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex")
 
 
-def record_attempts(workdir: str | None = None) -> None:
+def record_attempts(workdir: str | os.PathLike | None = None, readable: Iterable[str | os.PathLike] = ()) -> None:
     """In the child, after the harness's own imports and before the candidate is loaded: block and record every
-    attempt listed above. `workdir`: the only place writes may go (default: the current directory)."""
-    auditor = _Auditor(os.path.realpath(workdir or os.getcwd()))
-    sys.addaudithook(auditor)
+    attempt listed above. `workdir`: the only place writes may go (default: the current directory). `readable`:
+    trusted inputs (the base checkpoint) read whatever their permission bits; the interpreter's own installation
+    (sys.prefix) is always, so that an import of a file installed without read permission for others still works."""
+    trusted = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, *readable)}
+    sys.addaudithook(_Auditor(os.path.realpath(workdir or os.getcwd()), tuple(sorted(trusted))))
 
 
 class _Auditor:
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, trusted: tuple[str, ...]) -> None:
         self.workdir = workdir
+        self.trusted = trusted
         self.pid = os.getpid()
         self.sent: set[tuple[str, str]] = set()
         self.busy = threading.local()  # the hook's own calls must not be judged again
@@ -171,8 +175,9 @@ class _Auditor:
         why = self.protected(path)
         return ("read", f"read {_quote(path)} ({why})") if why else None
 
-    def inside(self, path: str) -> bool:
-        return path == self.workdir or path.startswith(self.workdir + os.sep)
+    def inside(self, path: str, root: str | None = None) -> bool:
+        root = root or self.workdir
+        return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
     def protected(self, path: str) -> str | None:
         """Why reading `path` is not for a candidate; None when it may be read."""
@@ -186,6 +191,8 @@ class _Auditor:
                 return f"the process's {proc.group(2)}"
         if path in PROTECTED_FILES or any(path == d or path.startswith(d + "/") for d in PROTECTED_DIRS):
             return "a protected path"
+        if any(self.inside(path, root) for root in self.trusted):
+            return None
         parts = path.split("/")
         name = parts[-1]
         if (any(part in CREDENTIAL_DIRS for part in parts[:-1]) or name in CREDENTIAL_FILES
@@ -195,7 +202,7 @@ class _Auditor:
             mode = os.stat(path).st_mode
         except OSError:
             return None  # nothing to read there
-        if stat.S_ISREG(mode) and not mode & stat.S_IROTH:
+        if stat.S_ISREG(mode) and not mode & stat.S_IROTH and not name.endswith(CODE_SUFFIXES):
             return "a file other users may not read"
         return None
 
