@@ -120,7 +120,7 @@ EXPECTED: dict[str, Expect] = {
     "udp_exfiltration": Expect("failed", r"attempted to send to `8\.8\.8\.8:53`: blocked"),
     # writes
     "write_outside": Expect("failed", r"attempted to write `[^`]*/write-marker` \(outside the working directory\)"),
-    "write_tmp": Expect("failed", r"attempted to write `/tmp/poise-hostile-\w+` \(outside the working directory\)"),
+    "write_tmp": Expect("failed", r"attempted to write `/tmp/poise-hostile-[\w-]+` \(outside the working directory\)"),
     "rewrite_the_harness": Expect("failed", r"attempted to write `[^`]*poise/sandbox\.py` \(outside the working"),
     # output and results
     "huge_stdout": PASSES,  # stdout goes to the bounded stderr tail
@@ -159,6 +159,12 @@ class Host:
 def _fork_servers() -> dict[tuple, int]:
     # Private to poise.sandbox: the one way to tell that a service's long-lived fork server survived an entry.
     return {key: server.process.pid for key, server in poise.sandbox._fork_servers.items() if server.alive()}
+
+
+def _same_fork_servers(host: Host) -> bool:
+    """The fork servers the corpus started are the ones running (other tests of this worker may have more)."""
+    servers = _fork_servers()
+    return {key: servers.get(key) for key in host.fork_servers} == host.fork_servers
 
 
 @pytest.fixture(scope="module")
@@ -295,8 +301,7 @@ def test_a_hostile_candidate_ends_as_expected_and_leaves_nothing_behind(
         assert hashlib.sha256(Path(poise.sandbox.__file__).read_bytes()).hexdigest() == host.harness_sha256
         with pytest.raises(BlockingIOError):
             host.listener.accept()  # nothing reached the loopback
-        servers = _fork_servers()
-        assert {key: servers.get(key) for key in host.fork_servers} == host.fork_servers, "a fork server died"
+        assert _same_fork_servers(host), "a fork server died"
 
         assert (ran.verify_outcome, ran.train_outcome) == (expect.outcome, expect.outcome), (
             ran.verify_reason, ran.train_reason)
@@ -309,4 +314,4 @@ def test_a_hostile_candidate_ends_as_expected_and_leaves_nothing_behind(
 
 def test_the_services_still_verify_and_train_an_honest_candidate(host: Host, tmp_path: Path) -> None:
     _assert_honest_candidate_runs(host.base, tmp_path)
-    assert _fork_servers() == host.fork_servers
+    assert _same_fork_servers(host)

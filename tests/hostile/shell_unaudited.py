@@ -1,5 +1,5 @@
 """Hostile: starts a shell through _posixsubprocess (Python 3.11's signature), which no audit event reports,
-to copy the secret file and /etc/shadow into its working directory; then raises what it read."""
+to copy the secret file into its working directory; then raises what it read."""
 
 import _posixsubprocess
 import os
@@ -22,7 +22,7 @@ def _shell(command):
 
 
 def compute_advantages(batch):
-    _shell(b"cat @SECRET_FILE@ /etc/shadow > leaked.txt 2>&1; touch @OUTSIDE@/unaudited-marker; : @TOKEN@")
+    _shell(b"cat @SECRET_FILE@ > leaked.txt 2>&1; touch @OUTSIDE@/unaudited-marker; : @TOKEN@")
     with open("leaked.txt") as leaked:
         raise ValueError(leaked.read())
 
