@@ -21,6 +21,7 @@ and failure reasons); `strict` makes them fail the run once that work lands, so 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -289,6 +290,7 @@ def test_a_hostile_candidate_ends_as_expected_and_leaves_nothing_behind(
                                ("@TOKEN@", token), ("@PORT@", str(host.listener.getsockname()[1]))):
         source = source.replace(placeholder, value)
     root = tmp_path / "work"
+    caplog.set_level(logging.DEBUG)  # every record the services log, not only warnings
     try:
         ran = _run(source, root, host.base, expect.hangs)
 
