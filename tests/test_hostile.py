@@ -47,7 +47,9 @@ from trainer.testbed_runner import train_candidate
 pytestmark = pytest.mark.hostile
 
 HOSTILE = Path(__file__).parent / "hostile"
-ONE_STEP = get_protocol("tiny").replace(steps=1)
+# One short step: every act at import or in either function happens in it, and 46 entries stay within minutes.
+ONE_STEP = get_protocol("tiny").replace(name="hostile-step", steps=1, prompts_per_step=2, minibatches=1,
+                                        max_new_tokens=24)
 VERIFY_WALL_S = 60.0
 TRAIN_LIMITS = SandboxLimits(wall_s=120.0, stall_s=60.0)
 HANG_VERIFY_WALL_S = 8.0  # an entry that only a deadline ends gets short ones
