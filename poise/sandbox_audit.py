@@ -37,8 +37,8 @@ import re
 import signal
 import stat
 import sys
-import threading
 from collections.abc import Iterable
+from pathlib import PurePath
 from typing import Any
 
 from pydantic import ValidationError
@@ -98,23 +98,21 @@ def record_attempts(workdir: str | os.PathLike | None = None, readable: Iterable
 
 
 class _Auditor:
+    """The hook. Fails closed: an act whose arguments it cannot read (a path object of the candidate's own class, an
+    object that breaks the judge) is blocked. It judges events raised while it judges as any other, so nothing
+    runs unjudged meanwhile (none of the calls it makes is audited)."""
+
     def __init__(self, workdir: str, trusted: tuple[str, ...]) -> None:
         self.workdir = workdir
         self.trusted = trusted
         self.pid = os.getpid()
         self.sent: set[tuple[str, str]] = set()
-        self.busy = threading.local()  # the hook's own calls must not be judged again
 
     def __call__(self, event: str, args: tuple[Any, ...]) -> None:
-        if getattr(self.busy, "judging", False):
-            return
-        self.busy.judging = True
         try:
             attempt = self.judge(event, args)
-        except Exception:  # noqa: BLE001 - an argument the judge cannot read is judged by the layers, not here
-            attempt = None
-        finally:
-            self.busy.judging = False
+        except Exception:  # noqa: BLE001 - a candidate's object that breaks the judge gets no benefit of the doubt
+            attempt = _kind(event), f"call `{event}` with arguments the sandbox cannot read"
         if attempt is None:
             return
         kind, what = attempt
@@ -212,14 +210,30 @@ class _Auditor:
                 or any(part in CREDENTIAL_DIRS for part in path.split("/")))
 
 
+def _kind(event: str) -> str:
+    if event.startswith("socket."):
+        return "network"
+    if event.startswith("ctypes."):
+        return "native"
+    if event in _FILESYSTEM_CHANGES:
+        return "write"
+    return "read" if event in ("open", "os.listdir", "os.scandir") else "process"
+
+
 def _resolve(value: Any) -> str | None:
-    """The absolute, symlink-free path of a path argument; None for a descriptor or anything else."""
+    """The absolute, symlink-free path of a path argument; None for a descriptor. TypeError for a path object
+    whose `__fspath__` is not the standard library's: the call converts it once more, and could be given
+    another path than the judge was."""
     if isinstance(value, int) or value is None:
         return None
-    try:
-        return os.path.realpath(os.fsdecode(os.fspath(value)))
-    except (TypeError, ValueError):
-        return None
+    if not isinstance(value, str | bytes):
+        kind = type(value)
+        standard = kind is os.DirEntry or (isinstance(value, PurePath) and kind.__fspath__ is PurePath.__fspath__
+                                           and kind.__str__ is PurePath.__str__)
+        if not standard:
+            raise TypeError(f"a path object of type {kind.__name__}")
+        value = os.fspath(value)
+    return os.path.realpath(_text(value))
 
 
 def _local_name(host: Any) -> bool:
@@ -235,7 +249,15 @@ def _local_name(host: Any) -> bool:
 
 
 def _text(value: Any) -> str:
-    return os.fsdecode(value) if isinstance(value, bytes | str) else str(value)
+    """`value` as a plain str: a subclass of str or bytes is copied first, so that methods it overrides cannot make
+    the judge see another text than the call uses."""
+    if isinstance(value, str):
+        return "".join((value,))
+    if isinstance(value, bytes):
+        return os.fsdecode(b"".join((value,)))
+    if isinstance(value, int):
+        return repr(int(value))
+    return "".join((str(value),))
 
 
 def _quote(text: str, fence: bool = True) -> str:

@@ -113,6 +113,34 @@ print(json.dumps({"outcome": all(blocked.values()) and len(blocked)}))
     assert not any(Path("/tmp").glob("poise-never-*"))
 
 
+def test_arguments_that_lie_to_the_judge_gain_nothing(tmp_path):
+    outside = tmp_path / "outside.txt"
+    attempts, outcome = run_watched(TRY + f"""
+class Numeric(str):  # looks like an address to a parser that trusts its methods
+    def split(self, *args, **kwargs):
+        return ["127", "0", "0", "1"]
+class Sneaky:  # would run a shell while the judge reads the path
+    def __fspath__(self):
+        os.system("true")
+        return "own.txt"
+class TwoFaced:  # one path for the judge, another for the call
+    calls = 0
+    def __fspath__(self):
+        TwoFaced.calls += 1
+        return "own.txt" if TwoFaced.calls % 2 else {str(outside)!r}
+attempt("lying host", lambda: socket.getaddrinfo(Numeric("exfil.example.com"), 53))
+attempt("acting path", lambda: open(Sneaky(), "w"))
+attempt("two-faced path", lambda: open(TwoFaced(), "a"))
+print(json.dumps({{"outcome": blocked}}))
+""", tmp_path / "work")
+    # The shell inside __fspath__ is judged like any other; a path converted once is what both the call and the
+    # judge see, so the two-faced path writes inside the working directory and never outside.
+    assert outcome == {"lying host": True, "acting path": True, "two-faced path": False}
+    assert [a[ATTEMPT_KEY]["what"] for a in attempts] == [
+        "look up `exfil.example.com` (DNS)", "run a shell (`/bin/sh -c true`)"]
+    assert not outside.exists() and (tmp_path / "work" / "own.txt").exists()
+
+
 def test_the_reason_names_the_first_attempt_and_counts_the_others():
     events = [{"step": {"step": 0}},
               {ATTEMPT_KEY: {"kind": "network", "what": "connect to `1.1.1.1:443`"}},
