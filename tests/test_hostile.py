@@ -181,9 +181,9 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     listener.setblocking(False)
     base = base_checkpoint()
     harness = Path(poise.sandbox.__file__)
-    workdir = tmp_path_factory.mktemp("honest-first")
-    _assert_honest_candidate_runs(base, workdir)  # also starts the fork servers every entry must leave running
     try:
+        # also starts the fork servers every entry must leave running
+        _assert_honest_candidate_runs(base, tmp_path_factory.mktemp("honest-first"))
         yield Host(base, secret_file, tmp_path_factory.mktemp("outside"), listener,
                    hashlib.sha256(harness.read_bytes()).hexdigest(), _fork_servers())
     finally:
