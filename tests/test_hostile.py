@@ -65,6 +65,7 @@ SECRET_READ = r"attempted to read `[^`]*canary-secret` \(a file other users may 
 ISOLATION = "child-side isolation (an unprivileged candidate uid) is in progress"
 INTEGRITY = "integrity checks (tampering reasons) are in progress"
 REASONS = "accurate failure reasons (exit at import vs mid-call) are in progress"
+QUOTED = "accurate failure reasons (candidate-written text quoted, bounded) are in progress"
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ EXPECTED: dict[str, Expect] = {
     "memory_bomb_at_import": Expect("failed", r"MemoryError"),
     "memory_bomb_in_policy_loss": Expect("failed", r"RuntimeError: .*(allocate|memory)"),
     "fork_storm": Expect("failed", r"attempted to fork the process: blocked"),
-    "multiprocessing_pool": Expect("failed", r"attempted to fork the process: blocked"),
+    # the pool's semaphore goes to /dev/shm first, which is read-only inside the mount namespace (no audit event)
+    "multiprocessing_pool": Expect("failed", r"Read-only file system|attempted to fork the process: blocked"),
     "disk_fill": Expect("failed", r"File too large"),
     "deep_recursion": Expect("failed", r"RecursionError"),
     "deep_recursion_past_the_c_stack": Expect("failed", r"SIGSEGV"),
@@ -127,7 +129,7 @@ EXPECTED: dict[str, Expect] = {
     "rewrite_the_harness": Expect("failed", r"attempted to write `[^`]*poise/sandbox\.py` \(outside the working"),
     # output and results
     "huge_stdout": PASSES,  # stdout goes to the bounded stderr tail
-    "huge_exception": Expect("failed", r"ValueError: y+"),
+    "huge_exception": Expect("failed", r"ValueError: y+", xfail=QUOTED),  # today: "wrote more than 8 MiB"
     "forged_result_on_stdout": PASSES,  # not the protocol channel: the real result wins
     "forged_result_on_the_channel": Expect(
         "failed", r"(?i)forged|tamper", xfail="a result written on the harness's own channel is not detected yet"),

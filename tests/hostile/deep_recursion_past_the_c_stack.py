@@ -1,4 +1,5 @@
-"""Hostile: raises the recursion limit, then recurses until the C stack overflows (SIGSEGV)."""
+"""Hostile: raises the recursion limit, then recurses through a C function (map) until the C stack
+overflows (SIGSEGV); plain Python calls would not use the C stack in Python 3.11."""
 
 import sys
 
@@ -9,7 +10,7 @@ HPARAMS = {"eps": 1e-6, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl
 
 
 def _descend(depth):
-    return _descend(depth + 1) + 1
+    return sum(map(_descend, [depth + 1]))
 
 
 def compute_advantages(batch):
