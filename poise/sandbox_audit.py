@@ -129,12 +129,12 @@ class _Auditor:
             verb, positions = _FILESYSTEM_CHANGES[event]
             paths = [_resolve(args[i]) for i in positions]
             if event == "os.link" and paths[0] is not None and not self.inside(paths[0]):
-                return "write", f"hard-link {_quote(paths[0])} into the working directory"
+                return "write", f"hard-link {_quote_path(paths[0])} into the working directory"
             outside = [path for path in paths if path is not None and not self.inside(path)]
-            return ("write", f"{verb} {_quote(outside[0])} (outside the working directory)") if outside else None
+            return ("write", f"{verb} {_quote_path(outside[0])} (outside the working directory)") if outside else None
         if event in ("os.listdir", "os.scandir"):
             path = _resolve(args[0] if args[0] is not None else ".")
-            return ("read", f"list {_quote(path)}") if path is not None and self.listing_protected(path) else None
+            return ("read", f"list {_quote_path(path)}") if path is not None and self.listing_protected(path) else None
         if event in _NETWORK:
             target = args[1] if event in _SOCKET_CALLS else args[0]  # the others name no socket
             if event in _LOOKUPS and _local_name(target):
@@ -169,9 +169,9 @@ class _Auditor:
         writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
             isinstance(flags, int) and flags & _WRITE_FLAGS)
         if writes and not self.inside(path) and path not in WRITABLE_DEVICES:
-            return "write", f"write {_quote(path)} (outside the working directory)"
+            return "write", f"write {_quote_path(path)} (outside the working directory)"
         why = self.protected(path)
-        return ("read", f"read {_quote(path)} ({why})") if why else None
+        return ("read", f"read {_quote_path(path)} ({why})") if why else None
 
     def inside(self, path: str, root: str | None = None) -> bool:
         root = root or self.workdir
@@ -265,6 +265,14 @@ def _quote(text: str, fence: bool = True) -> str:
     flat = "".join(c if c.isprintable() else " " for c in _text(text)).replace("`", "'")
     flat = flat if len(flat) <= QUOTED_CHARS else flat[:QUOTED_CHARS - 1] + "…"
     return f"`{flat}`" if fence else flat
+
+
+def _quote_path(path: str) -> str:
+    """A path as `_quote` has it, shortened at the front when too long: its end says what it is."""
+    flat = _quote(path, fence=False)
+    if len(path) > QUOTED_CHARS:
+        flat = "…" + _quote(path[-(QUOTED_CHARS - 1):], fence=False)
+    return f"`{flat}`"
 
 
 def _address(target: Any) -> str:

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 import poise
 from poise.contracts import SandboxAttempt
@@ -43,11 +48,20 @@ def attempt(name, action):
 """
 
 
-def test_each_act_no_honest_candidate_needs_is_blocked_and_recorded_as_it_happens(tmp_path):
-    secret = tmp_path / "secret"
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path, so that attempts quote paths whole."""
+    path = Path(tempfile.mkdtemp(prefix="audit-"))
+    yield path
+    shutil.rmtree(path)
+
+
+def test_each_act_no_honest_candidate_needs_is_blocked_and_recorded_as_it_happens(tmp_path, short_dir):
+    secret = short_dir / "secret"
     secret.write_text("canary")
     secret.chmod(0o600)
-    outside = tmp_path / "outside.txt"
+    outside = short_dir / "outside.txt"
+    far = f"/tmp/{'d' * 100}/end.txt"
     attempts, outcome = run_watched(TRY + f"""
 attempt("shell", lambda: os.system("true"))
 attempt("process", lambda: subprocess.run(["true"]))
@@ -55,6 +69,7 @@ attempt("fork", os.fork)
 attempt("connect", lambda: socket.create_connection(("127.0.0.1", 9), timeout=1))
 attempt("dns", lambda: socket.getaddrinfo("example.com", 80))
 attempt("write", lambda: open({str(outside)!r}, "w"))
+attempt("far", lambda: open({far!r}, "w"))
 attempt("secret", lambda: open({str(secret)!r}).read())
 attempt("shadow", lambda: open("/etc/shadow"))
 attempt("listing", lambda: os.listdir("/root"))
@@ -62,7 +77,7 @@ attempt("native", lambda: ctypes.CDLL(None).system)
 attempt("signal", lambda: os.kill(1, 0))
 print(json.dumps({{"outcome": blocked}}))
 """, tmp_path / "work")
-    assert outcome == dict.fromkeys(outcome, True) and len(outcome) == 11, outcome
+    assert outcome == dict.fromkeys(outcome, True) and len(outcome) == 12, outcome
     recorded = [(line[ATTEMPT_KEY]["kind"], line[ATTEMPT_KEY]["what"]) for line in attempts]
     assert recorded == [
         ("process", "run a shell (`/bin/sh -c true`)"),
@@ -71,6 +86,7 @@ print(json.dumps({{"outcome": blocked}}))
         ("network", "connect to `127.0.0.1:9`"),
         ("network", "look up `example.com` (DNS)"),
         ("write", f"write `{outside}` (outside the working directory)"),
+        ("write", f"write `…{far[-79:]}` (outside the working directory)"),  # a long path keeps its end
         ("read", f"read `{secret}` (a file other users may not read)"),
         ("read", "read `/etc/shadow` (a protected path)"),
         ("read", "list `/root`"),
