@@ -25,7 +25,7 @@ def main() -> None:
     payload, isolation_notes = enter_sandbox(VerifyPayload)
     from poise.algorithm import check_passed, structural_check
 
-    record_attempts(readable=[payload.base_path])  # what the candidate attempts is blocked and sent
+    record_attempts(readable=[payload.base_path], imports=PRELOAD)  # what the candidate attempts is blocked
     checks: list[CheckResult] = []
     try:
         checks = structural_check(payload.source)

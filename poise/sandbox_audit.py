@@ -31,6 +31,7 @@ that fails the candidate ("attempted to run a shell (`/bin/sh -c ...`): blocked"
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import os
 import re
@@ -88,11 +89,16 @@ _SOCKET_CALLS = ("socket.connect", "socket.bind", "socket.sendto", "socket.sendm
 _LOOKUPS = ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex")
 
 
-def record_attempts(workdir: str | os.PathLike | None = None, readable: Iterable[str | os.PathLike] = ()) -> None:
-    """In the child, after the harness's own imports and before the candidate is loaded: block and record every
-    attempt listed above. `workdir`: the only place writes may go (default: the current directory). `readable`:
-    trusted inputs (the base checkpoint) read whatever their permission bits; the interpreter's own installation
-    (sys.prefix) is always, so that an import of a file installed without read permission for others still works."""
+def record_attempts(workdir: str | os.PathLike | None = None, readable: Iterable[str | os.PathLike] = (),
+                    imports: Iterable[str] = ()) -> None:
+    """In the child, before the candidate is loaded: import the harness's trusted modules `imports` (its PRELOAD,
+    which the fork server has imported already; a fresh interpreter imports them here, since importing may start a
+    process: ctypes.util.find_library runs ldconfig), then block and record every attempt listed above.
+    `workdir`: the only place writes may go (default: the current directory). `readable`: trusted inputs (the base
+    checkpoint) read whatever their permission bits; the interpreter's own installation (sys.prefix) is always, so
+    that an import of a file installed without read permission for others still works."""
+    for module in imports:
+        importlib.import_module(module)
     trusted = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, *readable)}
     sys.addaudithook(_Auditor(os.path.realpath(workdir or os.getcwd()), tuple(sorted(trusted))))
 

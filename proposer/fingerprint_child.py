@@ -22,7 +22,7 @@ def main() -> None:
     payload, isolation_notes = enter_sandbox(FingerprintPayload)
     from poise.algorithm import check_passed, load_candidate, loss_agg_mode, module_hparams, structural_check
 
-    record_attempts()  # what the candidate attempts is blocked and sent
+    record_attempts(imports=PRELOAD)  # what the candidate attempts is blocked and sent
     report = FingerprintReport(isolation=isolation_notes)
     try:
         report.checks = structural_check(payload.source)

@@ -25,7 +25,7 @@ def main() -> None:
     from poise.testbed.protocol import protocol_from_dict
     from poise.testbed.training import train
 
-    record_attempts(readable=[payload.base_path])  # what the candidate attempts is blocked and sent
+    record_attempts(readable=[payload.base_path], imports=PRELOAD)  # what the candidate attempts is blocked
     protocol = protocol_from_dict(payload.protocol)
     steps: list[TrainingStep] = []
 
