@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from poise.contracts import CheckResult, PhaseEvent, VerifyPayload, VerifyReport
 from poise.sandbox import emit, emit_result, enter_sandbox
+from poise.sandbox_audit import record_attempts
 
 if TYPE_CHECKING:
     from poise.integrity import CandidateGuard
@@ -38,6 +39,7 @@ def main() -> None:
     from poise.algorithm import CandidateError, check_passed, describe_candidate_exception, structural_check
     from poise.integrity import CandidateGuard
 
+    record_attempts(readable=[payload.base_path], imports=PRELOAD)  # what the candidate attempts is blocked
     guard = CandidateGuard(on_phase=lambda phase: emit(PhaseEvent(phase=phase).model_dump(mode="json")))
     checks: list[CheckResult] = []
     try:

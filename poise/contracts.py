@@ -1349,6 +1349,21 @@ class TrainStepEvent(Contract):
     step: TrainingStep
 
 
+class SandboxAttempt(Contract):
+    """An act no honest candidate needs, blocked and recorded in the child (poise/sandbox_audit.py): a network call,
+    a process, a write outside the working directory, a read of a protected path, a libc function looked up through
+    ctypes."""
+
+    kind: Literal["network", "process", "write", "read", "native"]
+    what: str = Field(min_length=1, max_length=300, description="what was attempted, e.g. 'connect to `1.2.3.4:443`'")
+
+
+class SandboxAttemptEvent(Contract):
+    """The line a sandboxed child sends for an attempt, as it happens (before the candidate can do anything else)."""
+
+    sandbox_attempt: SandboxAttempt
+
+
 class TrainReport(SandboxReport):
     """How trainer/testbed_child.py ended: "ok" with the trajectory, or the candidate's error ("candidate_error":
     it broke the interface) or any other error, with the steps logged before it."""

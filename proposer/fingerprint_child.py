@@ -13,6 +13,7 @@ import traceback
 
 from poise.contracts import FingerprintPayload, FingerprintReport, PhaseEvent
 from poise.sandbox import emit, emit_result, enter_sandbox
+from poise.sandbox_audit import record_attempts
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
 PRELOAD = ("torch", "poise.algorithm", "poise.integrity", "proposer.fingerprint")
@@ -30,6 +31,7 @@ def main() -> None:
     )
     from poise.integrity import CandidateGuard
 
+    record_attempts(imports=PRELOAD)  # what the candidate attempts is blocked and sent
     guard = CandidateGuard(on_phase=lambda phase: emit(PhaseEvent(phase=phase).model_dump(mode="json")))
     report = FingerprintReport(isolation=isolation_notes)
     try:

@@ -344,6 +344,9 @@ DOCUMENT_FACTORIES: dict[str, Callable[[], BaseModel]] = {
                                                     name="n0007", base_path="/ckpt/base", out_dir="/work/n0007"),
     "train_step_event": lambda: contracts.TrainStepEvent(step=make_step()),
     "phase_event": lambda: contracts.PhaseEvent(phase="calling policy_loss"),
+    "sandbox_attempt": lambda: contracts.SandboxAttempt(kind="process", what="run a shell (`/bin/sh -c id`)"),
+    "sandbox_attempt_event": lambda: contracts.SandboxAttemptEvent(
+        sandbox_attempt=contracts.SandboxAttempt(kind="network", what="connect to `1.1.1.1:443`")),
     "train_report": make_train_report,
     "probe_payload": lambda: contracts.ProbePayload(code="result = 1", ending="deadline"),
     "probe_report": lambda: contracts.ProbeReport(notes=[], raised="OSError", errno=30, result={"a": [1, "b"]}),

@@ -13,6 +13,7 @@ import traceback
 
 from poise.contracts import PhaseEvent, TrainingStep, TrainPayload, TrainReport, TrainStepEvent
 from poise.sandbox import emit, emit_result, enter_sandbox
+from poise.sandbox_audit import record_attempts
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
 PRELOAD = ("poise.algorithm", "poise.contracts", "poise.integrity", "poise.testbed.protocol",
@@ -27,6 +28,7 @@ def main() -> None:
     from poise.testbed.protocol import protocol_from_dict
     from poise.testbed.training import train
 
+    record_attempts(readable=[payload.base_path], imports=PRELOAD)  # what the candidate attempts is blocked
     protocol = protocol_from_dict(payload.protocol)
     steps: list[TrainingStep] = []
 

@@ -17,6 +17,7 @@ from poise.contracts import (
     TrainStepEvent,
 )
 from poise.sandbox import run_sandboxed
+from poise.sandbox_audit import attempts_in, describe_attempts
 from poise.testbed.protocol import Protocol
 from poise.testbed.training import CHECKPOINT_NAME
 
@@ -75,7 +76,8 @@ def train_candidate(
                         report_type=TrainReport, fault="trainer.train")
     report = run.result
     notes = list(report.isolation) if report is not None else []
-    if run.ok and report is not None and report.trajectory is not None:
+    attempts = attempts_in(run.events)  # blocked in the child: the run fails, however it went on
+    if run.ok and not attempts and report is not None and report.trajectory is not None:
         trajectory = report.trajectory
         expected = (workdir / CHECKPOINT_NAME).resolve()
         if Path(trajectory.checkpoint_uri or "").resolve() != expected:
@@ -87,7 +89,12 @@ def train_candidate(
     steps = [step for step in map(_step_of, run.events) if step is not None]
     # The report's reason only when the child ended cleanly after it: a report followed by an exit, a kill or a
     # deadline may be a line the candidate printed, and then how the child ended is the reason.
-    reason = report.reason if run.ok and report is not None and report.reason else run.failure_reason()
+    if attempts:
+        reason = describe_attempts(attempts)
+    elif run.ok and report is not None and report.reason:
+        reason = report.reason
+    else:
+        reason = run.failure_reason()
     partial = TrainingTrajectory(protocol=protocol.name, seed=seed, steps=steps, aborted=True, abort_reason=reason,
                                  wall_s=run.wall_s)
     detail = ((report.traceback if report is not None else None) or run.stderr_tail)[-4000:]
