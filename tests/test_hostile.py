@@ -322,3 +322,48 @@ def test_a_hostile_candidate_ends_as_expected_and_leaves_nothing_behind(
 def test_the_services_still_verify_and_train_an_honest_candidate(host: Host, tmp_path: Path) -> None:
     _assert_honest_candidate_runs(host.base, tmp_path)
     assert _same_fork_servers(host)
+
+
+AS_SERVICE_ENV = "POISE_HOSTILE_AS_SERVICE"  # set in the run below: the corpus as a non-root service
+
+
+def _can_become_a_service() -> bool:
+    import shutil
+
+    from test_sandbox import ISOLATED
+
+    return ISOLATED and bool(shutil.which("setpriv") and shutil.which("unshare"))
+
+
+@pytest.mark.skipif(os.environ.get(AS_SERVICE_ENV) == "1", reason="this is that run")
+@pytest.mark.skipif(not _can_become_a_service(), reason="needs root to become a non-root service, and setpriv")
+def test_the_corpus_holds_under_a_non_root_service(tmp_path: Path) -> None:
+    """The whole corpus again, with every check above, in a pytest run as uid 10001 with no capability at all (as
+    the shipped containers run the services): the boundary then comes from a user namespace, the canary API key
+    sits in that service's environment, and the canary secret file is that uid's own."""
+    import subprocess
+    import sys
+
+    from test_sandbox import PROJECT_DIR, service_command
+
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 10001, 10001)
+    for directory in (tmp_path, *tmp_path.parents):  # pytest's base temporary directory is root's alone
+        if directory != Path("/") and not directory.stat().st_mode & 0o001:
+            directory.chmod(directory.stat().st_mode | 0o001)
+    command = (f"{sys.executable} -m pytest -q -p no:cacheprovider -p no:randomly -n 0 "
+               f"--basetemp {home / 'pytest'} tests/test_hostile.py")
+    done = subprocess.run(service_command(command), capture_output=True, text=True, timeout=900, cwd=PROJECT_DIR,
+                          env={"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(home), "USER": "poise",
+                               "PYTHONDONTWRITEBYTECODE": "1", AS_SERVICE_ENV: "1"})
+    summary = done.stdout.strip().splitlines()[-1:] or [done.stderr[-2000:]]
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert not re.search(r"\d+ (failed|error)", summary[0]) and re.search(r"4\d passed", summary[0]), summary
+
+
+@pytest.mark.skipif(os.environ.get(AS_SERVICE_ENV) != "1", reason="only in the non-root service's run")
+def test_the_non_root_run_is_what_it_claims() -> None:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    assert os.getuid() == os.geteuid() == 10001
+    assert all(int(status[key].strip(), 16) == 0 for key in ("CapEff", "CapPrm", "CapBnd"))

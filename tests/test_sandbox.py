@@ -541,10 +541,25 @@ print(json.dumps({"returncode": run.returncode, "report": run.result.model_dump(
 CANARY = "sk-ant-canary-0123456789"
 
 
+def service_command(command: str) -> list[str]:
+    """`command` (a shell line) run as SERVICE_UID with no capability at all, as the shipped containers run a
+    service. The interpreter of this machine may sit under a directory only root may enter (pyenv under /root):
+    a private mount namespace then shows that directory with only the interpreter in it, as a container image
+    holds its interpreter where its user can read it."""
+    prefix = Path(sys.base_prefix).resolve()
+    closed = next((p for p in reversed(prefix.parents) if p != Path("/") and not p.stat().st_mode & 0o001), None)
+    shim = ""
+    if closed is not None:
+        inner = prefix.relative_to(closed)
+        shim = (f'hold=$(mktemp -d); mount --bind "{prefix}" "$hold"; mount -t tmpfs -o mode=755 tmpfs "{closed}"; '
+                f'mkdir -p "{closed}/{inner}"; mount --bind "$hold" "{closed}/{inner}"; ')
+    return ["unshare", "--mount", "--propagation", "private", "bash", "-c",
+            f"{shim}exec setpriv --reuid {SERVICE_UID} --regid {SERVICE_UID} --clear-groups --inh-caps=-all "
+            f"--bounding-set=-all -- {command}"]
+
+
 def _as_service(tmp_path: Path, code: str, mode: str = "", env: dict | None = None) -> dict:
-    """Run AS_SERVICE as SERVICE_UID without capabilities. The interpreter of this machine may sit under a
-    directory that only root may enter (pyenv under /root): a private mount namespace shows that directory
-    with only the interpreter in it, as a container image holds its interpreter where its user can read it."""
+    """Run AS_SERVICE as SERVICE_UID without capabilities (service_command)."""
     base = tmp_path / "service"
     base.mkdir(mode=0o755, parents=True)
     os.chown(base, SERVICE_UID, SERVICE_UID)
@@ -558,17 +573,8 @@ def _as_service(tmp_path: Path, code: str, mode: str = "", env: dict | None = No
     for parent in tmp_path.parents:  # pytest's base temporary directory is root's alone
         if parent != Path("/") and not parent.stat().st_mode & 0o001:
             parent.chmod(parent.stat().st_mode | 0o001)
-    prefix = Path(sys.base_prefix).resolve()
-    closed = next((p for p in reversed(prefix.parents) if p != Path("/") and not p.stat().st_mode & 0o001), None)
-    shim = ""
-    if closed is not None:
-        inner = prefix.relative_to(closed)
-        shim = (f'hold=$(mktemp -d); mount --bind "{prefix}" "$hold"; mount -t tmpfs -o mode=755 tmpfs "{closed}"; '
-                f'mkdir -p "{closed}/{inner}"; mount --bind "$hold" "{closed}/{inner}"; ')
-    command = (f"{shim}exec setpriv --reuid {SERVICE_UID} --regid {SERVICE_UID} --clear-groups --inh-caps=-all "
-               f"--bounding-set=-all -- {sys.executable} {script} {base} \"$PROBE\" {mode or 'default'}")
-    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", command],
-                          capture_output=True, text=True, timeout=120, cwd=PROJECT_DIR,
+    command = service_command(f"{sys.executable} {script} {base} \"$PROBE\" {mode or 'default'}")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=PROJECT_DIR,
                           env={"PATH": os.environ["PATH"], "HOME": str(base), "TMPDIR": str(base), "PROBE": code,
                                "ANTHROPIC_API_KEY": CANARY, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
