@@ -14,8 +14,9 @@ happened, or, where the act is harmless, passed. Whatever the outcome, afterward
   its command line;
 - the services are up: the same fork servers still run, and an honest candidate verifies and trains at the end.
 
-An entry marked `xfail` is a known gap, said in its mark (a report forged on the harness's own channel: the candidate
-shares the harness's process, docs/sandbox.md); `strict` makes the run fail once it is closed, so the mark goes.
+An entry may be marked `xfail` for a known gap, said in its mark; `strict` makes the run fail once it is closed, so
+the mark goes then. None is marked now. Verification takes a report forged on its own channel at its word (the
+candidate shares its process: `forged_result_on_the_channel` has `verify="passed"`); training does not.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ SECRET_READ = r"FileNotFoundError .*canary-secret|No such file or directory"  # 
 
 @dataclass(frozen=True)
 class Expect:
-    outcome: str                 # "failed" or "passed", for verification and for training alike
+    outcome: str                 # "failed" or "passed", for training, and for verification unless `verify` says
     reason: str = ""             # a failure's reason matches this (re.search), in verification and training
     hangs: bool = False          # only a deadline ends it: run with the short ones
     xfail: str | None = None     # why it fails today: the work that will make it pass
+    verify: str | None = None    # verification's outcome where it differs (and then its reason is not checked)
 
 
 PASSES = Expect("passed")
@@ -130,10 +132,10 @@ EXPECTED: dict[str, Expect] = {
     "huge_stdout": PASSES,  # stdout goes to the bounded stderr tail
     "huge_exception": Expect("failed", r"ValueError at line \d+ of the candidate: \"y+…\""),  # quoted, bounded
     "forged_result_on_stdout": PASSES,  # not the protocol channel: the real result wins
+    # Verification takes a report written on its own channel at its word (the candidate shares its process); training
+    # checks the report against what the child did, so the node fails there.
     "forged_result_on_the_channel": Expect(
-        "failed", r"(?i)forged|tamper",
-        xfail="a report the candidate writes on the harness's own channel is taken (it shares the harness's process); "
-              "evaluation, in its own process, still fails the node"),
+        "failed", r"the child reported a checkpoint it did not write", verify="passed"),
     # integrity
     "mutates_the_batch": Expect("failed", r"(?i)tamper|mutat|in.place"),
     "replaces_the_grader": Expect("failed", r"(?i)tamper|replace"),
@@ -310,9 +312,10 @@ def test_a_hostile_candidate_ends_as_expected_and_leaves_nothing_behind(
             host.listener.accept()  # nothing reached the loopback
         assert _same_fork_servers(host), "a fork server died"
 
-        assert (ran.verify_outcome, ran.train_outcome) == (expect.outcome, expect.outcome), (
+        assert (ran.verify_outcome, ran.train_outcome) == (expect.verify or expect.outcome, expect.outcome), (
             ran.verify_reason, ran.train_reason)
-        for reason in (ran.verify_reason, ran.train_reason) if expect.outcome == "failed" else ():
+        checked = (ran.train_reason,) if expect.verify else (ran.verify_reason, ran.train_reason)
+        for reason in checked if expect.outcome == "failed" else ():
             assert re.search(expect.reason, reason), reason[:MAX_REASON_CHARS]
             assert len(reason) <= MAX_REASON_CHARS and "\n" not in reason, reason[:MAX_REASON_CHARS]
     finally:

@@ -18,6 +18,7 @@ from poise.contracts import (
 )
 from poise.sandbox import run_sandboxed
 from poise.sandbox_audit import attempts_in, describe_attempts
+from poise.testbed.model import WEIGHTS_FILE
 from poise.testbed.protocol import Protocol
 from poise.testbed.training import CHECKPOINT_NAME
 
@@ -80,10 +81,18 @@ def train_candidate(
     if run.ok and not attempts and report is not None and report.trajectory is not None:
         trajectory = report.trajectory
         expected = (workdir / CHECKPOINT_NAME).resolve()
+        streamed = [step for step in map(_step_of, run.events) if step is not None]
+        problem = None
         if Path(trajectory.checkpoint_uri or "").resolve() != expected:
+            problem = "the child reported a checkpoint outside its working directory"
+        elif not (expected / WEIGHTS_FILE).is_file():
+            problem = "the child reported a checkpoint it did not write (no weights in its working directory)"
+        elif trajectory.steps != streamed:
+            problem = (f"the child's report does not match its run: it names {len(trajectory.steps)} step(s), "
+                       f"{len(streamed)} were reported as they ran")
+        if problem is not None:  # a report the candidate wrote on the harness's channel (docs/sandbox.md)
             trajectory.checkpoint_uri = None
-            return TrainOutcome(trajectory, "the child reported a checkpoint outside its working directory",
-                                isolation_notes=notes, wall_s=run.wall_s)
+            return TrainOutcome(trajectory, problem, isolation_notes=notes, wall_s=run.wall_s)
         return TrainOutcome(trajectory, isolation_notes=notes, wall_s=run.wall_s)
     # Failed: keep the curve up to the failure, without a checkpoint.
     steps = [step for step in map(_step_of, run.events) if step is not None]
