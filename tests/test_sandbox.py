@@ -539,7 +539,7 @@ run = run_sandboxed("poise.sandbox_probe", ProbePayload(code=sys.argv[2], key_fi
 print(json.dumps({"returncode": run.returncode, "report": run.result.model_dump() if run.result else None,
                   "stderr": run.stderr_tail, "problem": boundary_problem(), "uid": os.getuid()}))
 """
-CANARY = "sk-ant-canary-0123456789"
+CANARY = f"canary-agent-llm-key-{uuid.uuid4().hex}"  # made up per run: never a key-shaped literal in the source
 
 
 def service_command(command: str) -> list[str]:
