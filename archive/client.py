@@ -5,6 +5,9 @@ service written against the store interface runs unchanged against the in-proces
 or the archive service (distributed mode). It asks for `nonfinite=constants`, so documents arrive exactly
 as stored, nan/inf included.
 
+With `token` (the archive's read token, POISE_ARCHIVE_READ_TOKEN) every request carries
+`Authorization: Bearer <token>`; a 401 is not retried and names the setting to fix (archive/auth.py).
+
 Only the archive writes: the write methods raise `ReadOnlyArchive`. Reads retry with exponential backoff
 on connection errors, timeouts and 5xx answers (the archive restarting, MongoDB failing over); after the
 last retry they raise `ArchiveError`, which makes the handler fail and the bus redeliver the message.
@@ -43,13 +46,16 @@ class ArchiveClient(ArchiveStore):
     """Read-only `ArchiveStore` over the archive's HTTP API at `base_url` (e.g. http://archive:8000)."""
 
     def __init__(self, base_url: str, *, timeout_s: float = 10.0, retries: int = 5, backoff_s: float = 0.5,
-                 max_backoff_s: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
+                 max_backoff_s: float = 10.0, transport: httpx.BaseTransport | None = None,
+                 token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        headers = {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
         self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-                                  transport=transport, headers={"Accept": "application/json"})
+                                  transport=transport, headers=headers)
+        self._token = token
 
     # ----------------------------------------------------------------------------------- plumbing
 
@@ -68,6 +74,10 @@ class ArchiveClient(ArchiveStore):
                         return None
                     raise ArchiveError(f"{url} answered 404 without naming a run or node: is POISE's archive "
                                        "API served there? (POISE_ARCHIVE_URL)")
+                if response.status_code == 401:
+                    sent = "the read token it sent" if self._token else "a read without a token"
+                    raise ArchiveError(f"the archive at {self.base_url} refused {sent} (GET {path}): "
+                                       f"{_detail(response)}; set POISE_ARCHIVE_READ_TOKEN_FILE to its read token")
                 if response.status_code < 500:
                     if response.is_success:
                         return response

@@ -38,6 +38,7 @@ from poise.description.mechanisms import FAMILIES, MECHANISMS, DescriptionError,
 from poise.description.proposals import root_proposal
 from poise.llm import LLMError
 from poise.sandbox import run_sandboxed
+from poise.sandbox_audit import attempts_in, describe_attempts
 from poise.testbed.protocol import Protocol, get_protocol
 
 log = logging.getLogger("poise.implementer")
@@ -230,6 +231,9 @@ def sandbox_verifier(base_path: Path, workdir: Path, protocol: Protocol, wall_s:
             checks.append(CheckResult(name="sandbox", passed=False, message=run.failure_reason()))
         elif not checks:
             checks.append(CheckResult(name="sandbox", passed=False, message="the verifier reported no checks"))
+        attempts = attempts_in(run.events)  # blocked in the child: the candidate fails, however it went on
+        if attempts:
+            checks.insert(0, CheckResult(name="sandbox_attempts", passed=False, message=describe_attempts(attempts)))
         return checks
 
     return verify

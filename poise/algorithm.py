@@ -13,7 +13,8 @@ the CPU testbed trainer and inside VERL:
 
 The caller aggregates the per-token loss with the declared mode (VERL needs its global-batch normalizer
 there), always runs `compute_advantages` under `torch.no_grad()`, and broadcasts sequence-level
-advantages over the valid tokens.
+advantages over the valid tokens. Inputs are read-only: the candidate gets copies of every input tensor,
+and one that writes into a copy fails with `Tampering` (docs/sandbox.md, "Integrity of rewards and records").
 
 This module also loads a candidate from source text and checks its structure. Both execute candidate
 code: in a service they are only ever called inside the sandboxed child process (docs/sandbox.md),
@@ -23,6 +24,7 @@ never in the service's own process.
 from __future__ import annotations
 
 import inspect
+import json
 import traceback
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -39,10 +41,16 @@ LOSS_AGG_MODES = tuple(mode.value for mode in LossAggMode)
 REQUIRED_FUNCTIONS = ("compute_advantages", "policy_loss")
 POLICY_LOSS_PARAMS = ("log_prob", "old_log_prob", "advantages", "response_mask", "batch")
 HParamValue = float | int | str | bool
+QUOTED_CHARS = 300  # how much of a candidate's own text (an exception message) a reason quotes
 
 
 class CandidateError(ValueError):
     """A candidate module broke the interface; the message says what to change, for a human or an LLM."""
+
+
+class Tampering(CandidateError):
+    """Candidate code changed what it must not: an input it was given, or trusted code (poise/integrity.py).
+    The message starts with "tampering:" and names what changed."""
 
 
 # --------------------------------------------------------------------------------------------- batch
@@ -180,8 +188,12 @@ def load_candidate(source: str, name: str = "candidate") -> types.ModuleType:
         raise CandidateError(f"the module does not parse: {err.msg} at line {err.lineno}") from None
     try:
         exec(code, module.__dict__)
+    except SystemExit as err:  # sys.exit() at import: the candidate's failure, not the harness's exit
+        raise CandidateError(f"importing the module called {describe_exit(err)}"
+                             f"{candidate_line(err, module.__file__)}") from None
     except Exception as err:  # noqa: BLE001 - any failure at import time is the candidate's fault
-        raise CandidateError(f"importing the module raised {_describe_exception(err)}") from None
+        raise CandidateError(f"importing the module raised {describe_candidate_exception(err, module.__file__)}"
+                             ) from None
     return module
 
 
@@ -197,13 +209,17 @@ def module_hparams(module: types.ModuleType, overrides: Mapping[str, HParamValue
 def run_advantages(module: types.ModuleType, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
     """Call `compute_advantages`, returning (B, L) advantages and float metrics.
 
-    Runs under no_grad (advantages are constants for the loss). Sequence-level (B,) advantages are
-    broadcast over the valid tokens; token-level ones are returned as the candidate gave them, so the
+    Runs under no_grad (advantages are constants for the loss), on a copy of `batch`. Sequence-level (B,)
+    advantages are broadcast over the valid tokens; token-level ones are returned as the candidate gave them, so the
     structural check can point at values left on padding.
     """
     mask = batch["response_mask"]
+    inputs: list[tuple[str, Tensor, Tensor]] = []
+    given = _copies("batch", batch, inputs)
     with torch.no_grad():
-        advantages, metrics = _split_output(module.compute_advantages(batch), "compute_advantages")
+        output = _call(module, "compute_advantages", lambda: module.compute_advantages(given))
+    _check_inputs(inputs, "compute_advantages")
+    advantages, metrics = _split_output(output, "compute_advantages")
     if advantages.dim() == 1 and advantages.shape[0] == mask.shape[0]:
         advantages = advantages.unsqueeze(-1) * mask
     if tuple(advantages.shape) != tuple(mask.shape):
@@ -222,23 +238,62 @@ def run_policy_loss(
     response_mask: Tensor,
     batch: Mapping[str, Any],
 ) -> tuple[Tensor, dict[str, float]]:
-    """Call `policy_loss`, returning the (B, L) per-token loss matrix and float metrics."""
-    loss_mat, metrics = _split_output(
-        module.policy_loss(
-            log_prob=log_prob,
-            old_log_prob=old_log_prob,
-            advantages=advantages,
-            response_mask=response_mask,
-            batch=batch,
-        ),
-        "policy_loss",
-    )
+    """Call `policy_loss` on copies of its inputs (the copy of `log_prob` keeps its gradient), returning the
+    (B, L) per-token loss matrix and float metrics."""
+    inputs: list[tuple[str, Tensor, Tensor]] = []
+    given = {name: _copies(name, value, inputs) for name, value in (
+        ("log_prob", log_prob), ("old_log_prob", old_log_prob), ("advantages", advantages),
+        ("response_mask", response_mask), ("batch", batch))}
+    output = _call(module, "policy_loss", lambda: module.policy_loss(**given))
+    _check_inputs(inputs, "policy_loss")
+    loss_mat, metrics = _split_output(output, "policy_loss")
     if tuple(loss_mat.shape) != tuple(log_prob.shape):
         raise CandidateError(
             f"policy_loss returned shape {tuple(loss_mat.shape)} but {tuple(log_prob.shape)} was expected: "
             "return the per-token loss matrix; the caller aggregates it with LOSS_AGG_MODE"
         )
     return loss_mat, metrics
+
+
+def _copies(name: str, value: Any, inputs: list[tuple[str, Tensor, Tensor]]) -> Any:
+    """What the candidate is given for input `name`: tensors cloned, mappings copied (recursively), anything
+    else as it is; each (name, original, copy) of a tensor goes to `inputs`, for `_check_inputs`."""
+    if isinstance(value, Tensor):
+        copy = value.clone()  # a clone keeps the autograd graph: the loss still reaches the policy
+        inputs.append((name, value, copy))
+        return copy
+    if isinstance(value, Mapping):
+        return {key: _copies(f"{name}[{key!r}]", item, inputs) for key, item in value.items()}
+    return value
+
+
+def _check_inputs(inputs: Sequence[tuple[str, Tensor, Tensor]], function: str) -> None:
+    """Tampering when a copy the candidate was given no longer equals its original (written into in place)."""
+    for name, original, copy in inputs:
+        if not _same_tensor(original, copy):
+            raise Tampering(
+                f"tampering: {function} wrote into its input {name} in place; inputs are read-only (the harness "
+                f"keeps its own copy and logs from it): compute new tensors, e.g. `x = x - m`, not `x -= m` or "
+                f"`x.fill_(...)`")
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Same shape, dtype and values, NaN equal to NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach(), b.detach()
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _call(module: types.ModuleType, function: str, call: Callable[[], Any]) -> Any:
+    """`call()`, a candidate function; its sys.exit() becomes a CandidateError instead of ending the harness."""
+    try:
+        return call()
+    except SystemExit as err:
+        raise CandidateError(f"{function} called {describe_exit(err)}"
+                             f"{candidate_line(err, getattr(module, '__file__', None))}") from None
 
 
 def _split_output(output: Any, function: str) -> tuple[Tensor, dict[str, float]]:
@@ -316,14 +371,16 @@ def synthetic_rollout(
     return SyntheticRollout(batch=batch, log_prob=log_prob, old_log_prob=old_log_prob)
 
 
-def structural_check(candidate: types.ModuleType | str) -> list[CheckResult]:
+def structural_check(candidate: types.ModuleType | str,
+                     load: Callable[[str], types.ModuleType] | None = None) -> list[CheckResult]:
     """Fast structural check of a candidate: what is wrong, precisely, in words an LLM can act on.
 
     Checks in order, stopping at the first failure that makes later checks meaningless: the module
     imports; required functions and constants exist with the right signature; on synthetic rollouts
     (mixed, all-equal and all-fail groups) advantages have the right shape, are finite and are zero on
     padding; the per-token loss has the right shape, is finite and sends a non-zero gradient to
-    `log_prob`. Runs candidate code: call only inside the sandbox.
+    `log_prob`. Runs candidate code: call only inside the sandbox. `load` loads source text (default:
+    `load_candidate`; the harness passes its guarded loader, poise/integrity.py).
     """
     results: list[CheckResult] = []
 
@@ -333,7 +390,7 @@ def structural_check(candidate: types.ModuleType | str) -> list[CheckResult]:
 
     if isinstance(candidate, str):
         try:
-            module = load_candidate(candidate)
+            module = (load or load_candidate)(candidate)
         except CandidateError as err:
             record("import", str(err))
             return results
@@ -398,7 +455,8 @@ def _advantage_problem(module: types.ModuleType, rollout: SyntheticRollout, patt
     except CandidateError as err:
         return f"{err}{where}"
     except Exception as err:  # noqa: BLE001
-        return f"compute_advantages raised {_describe_exception(err)}{where}"
+        raised = describe_candidate_exception(err, getattr(module, "__file__", None))
+        return f"compute_advantages raised {raised}{where}"
     if not torch.isfinite(advantages).all():
         bad = int((~torch.isfinite(advantages)).sum())
         return (f"compute_advantages returned {bad} non-finite values (nan/inf){where}; "
@@ -420,7 +478,7 @@ def _loss_problem(module: types.ModuleType, rollout: SyntheticRollout) -> str | 
     except CandidateError as err:
         return str(err)
     except Exception as err:  # noqa: BLE001
-        return f"policy_loss raised {_describe_exception(err)}"
+        return f"policy_loss raised {describe_candidate_exception(err, getattr(module, '__file__', None))}"
     if not torch.isfinite(loss_mat[mask > 0]).all():
         return "policy_loss returned non-finite values (nan/inf) on valid tokens"
     if not loss_mat.requires_grad:
@@ -433,8 +491,28 @@ def _loss_problem(module: types.ModuleType, rollout: SyntheticRollout) -> str | 
     return None
 
 
-def _describe_exception(err: BaseException) -> str:
-    frames = traceback.extract_tb(err.__traceback__)
-    where = next((f for f in reversed(frames) if f.filename.startswith("<")), None)
-    line = f" at line {where.lineno}" if where else ""
-    return f"{type(err).__name__}: {err}{line}"
+def candidate_line(err: BaseException, filename: str | None) -> str:
+    """" at line N of the candidate": the innermost frame of `err` in the candidate's own file (its module's
+    `__file__`, "<name>" as load_candidate compiles it; a frame of importlib's "<frozen ...>" is not the
+    candidate's), or "" when no frame is."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if filename and f.filename == filename]
+    return f" at line {frames[-1].lineno} of the candidate" if frames else ""
+
+
+def describe_candidate_exception(err: BaseException, filename: str | None) -> str:
+    """An exception out of candidate code, its message quoted as the candidate's text (it chose the message, so
+    it is never presented as the verdict): 'KeyError at line 7 of the candidate: "\'reward\'"'."""
+    message = str(err)
+    quoted = f": {quote_candidate_text(message)}" if message else ""
+    return f"{type(err).__name__}{candidate_line(err, filename)}{quoted}"
+
+
+def describe_exit(err: SystemExit) -> str:
+    """"sys.exit(3)", or with a message the candidate chose, quoted."""
+    code = err.code
+    return f"sys.exit({code if code is None or isinstance(code, int) else quote_candidate_text(str(code))})"
+
+
+def quote_candidate_text(text: str, limit: int = QUOTED_CHARS) -> str:
+    """Text the candidate controls, as a JSON string (one line, its own quotes escaped), cut to `limit`."""
+    return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)

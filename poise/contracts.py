@@ -1277,6 +1277,15 @@ class SandboxPayload(Contract):
         return []
 
 
+class PhaseEvent(Contract):
+    """A line a harness prints before it runs candidate code and after it gets control back
+    (poise/integrity.py), so that the parent can say where a child that ended without a result was: an exit at
+    the candidate's import reads differently from one in the middle of a call. Only these phases are taken."""
+
+    phase: Literal["importing the candidate", "calling compute_advantages", "calling policy_loss",
+                   "back in the harness"]
+
+
 class SandboxReport(Contract):
     """Base of every result a sandboxed child reports."""
 
@@ -1338,6 +1347,21 @@ class TrainStepEvent(Contract):
     """A progress line of trainer/testbed_child.py: one optimizer step's metrics, sent as soon as it is logged."""
 
     step: TrainingStep
+
+
+class SandboxAttempt(Contract):
+    """An act no honest candidate needs, blocked and recorded in the child (poise/sandbox_audit.py): a network call,
+    a process, a write outside the working directory, a read of a protected path, a libc function looked up through
+    ctypes."""
+
+    kind: Literal["network", "process", "write", "read", "native"]
+    what: str = Field(min_length=1, max_length=300, description="what was attempted, e.g. 'connect to `1.2.3.4:443`'")
+
+
+class SandboxAttemptEvent(Contract):
+    """The line a sandboxed child sends for an attempt, as it happens (before the candidate can do anything else)."""
+
+    sandbox_attempt: SandboxAttempt
 
 
 class TrainReport(SandboxReport):

@@ -47,6 +47,11 @@ payload is refused with `ContractError` before it is sent: the server would answ
 connection for good (nats-py does not reconnect after it). The client reconnects forever; a pull task whose
 consumer has vanished (a server that lost its store) declares streams and consumers again.
 
+Credentials: with `user` and `password` the bus connects as that NATS user, and its replies come to an inbox
+of its own (poise/nats_auth.py: the server allows each service's user only the subjects of its phase). The
+server refusing the credentials is named as such (`NatsAuthError`), not as a server that did not answer; a
+publish the user is not permitted raises `NatsPermissionError` once the request times out, without retries.
+
 Shutdown (`poise serve` on SIGTERM): `stop_fetching` ends every pull task once its current pull request
 expires (within FETCH_S) and makes `drain_once` return after the message in hand; `close` then hands back
 at once, with a nak without delay, every message that was fetched and not settled (one nobody handled, and
@@ -135,6 +140,14 @@ class BusClosed(RuntimeError):
     """The bus was closed (or never connected); the call cannot reach NATS."""
 
 
+class NatsAuthError(RuntimeError):
+    """The server refused this bus's credentials (or asked for some it was not given)."""
+
+
+class NatsPermissionError(RuntimeError):
+    """The server refused a publish: the subject is not in this user's permissions (poise/nats_auth.py)."""
+
+
 def durable_name(subject: str) -> str:
     """The durable consumer of `subject` (`work.train` -> `work_train`): names may not contain dots."""
     return subject.replace(".", "_")
@@ -188,8 +201,11 @@ class NatsBus:
 
     def __init__(self, url: str, *, ack_wait_s: float = 60.0, max_deliver: int = 3, nak_delay_s: float = 5.0,
                  dead_letter: Callable[[Message, str], None] | None = None, name: str | None = None,
-                 publish_timeout_s: float = 30.0, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+                 publish_timeout_s: float = 30.0, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 user: str | None = None, password: str | None = None) -> None:
         self.url = url
+        self.user = user
+        self._password = password
         self.servers = [server.strip() for server in url.split(",")]
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
@@ -218,6 +234,8 @@ class NatsBus:
         self._js: JetStreamContext | None = None
         self._closing = False
         self._stopping = False  # stop_fetching(): no new fetches
+        self._refused: str | None = None  # the server's last word on the credentials, while connecting
+        self._denied: set[str] = set()  # subjects the server refused this user to publish
 
     # ---------------------------------------------------------------------------------- the public API
 
@@ -232,7 +250,13 @@ class NatsBus:
             self._call(self._connect(), self.connect_timeout_s)
         except TimeoutError as err:
             self._call(self._drop_connection(), CLOSE_TIMEOUT_S)
-            raise ConnectionError(self._unanswered(self.connect_timeout_s)) from err
+            raise self._refusal() or ConnectionError(self._unanswered(self.connect_timeout_s)) from err
+        except ConnectionError as err:
+            self._call(self._drop_connection(), CLOSE_TIMEOUT_S)
+            refusal = self._refusal()
+            if refusal is None:
+                raise
+            raise refusal from err
         except BaseException:
             self._call(self._drop_connection(), CLOSE_TIMEOUT_S)
             raise
@@ -436,6 +460,14 @@ class NatsBus:
     def _unanswered(self, waited_s: float) -> str:
         return f"no NATS server answered at {self.url} within {waited_s:g} s"
 
+    def _refusal(self) -> NatsAuthError | None:
+        """What the server said of the credentials while connecting, if it refused them."""
+        if self._refused is None:
+            return None
+        who = (f"the credentials of NATS user {self.user}" if self.user
+               else "a connection without credentials (it requires a user and password)")
+        return NatsAuthError(f"NATS at {self.url} refused {who}: {self._refused}")
+
     def _start_loop(self) -> None:
         if self._thread is not None:
             return
@@ -455,18 +487,32 @@ class NatsBus:
             log.info("reconnected to NATS at %s", self.url)
 
         async def error(err: Exception) -> None:
-            if not self._closing:  # failed (re)connect attempts repeat every second: keep them quiet
+            text = str(err)
+            if "authorization violation" in text.lower():  # the credentials (or their absence)
+                self._refused = text.removeprefix("nats: ").strip("'")
+            if "permissions violation" in text.lower():  # a subject this user may not use: a bug, never quiet
+                if denied := re.search(r'for publish to "([^"]+)"', text, re.IGNORECASE):
+                    self._denied.add(denied.group(1))
+                log.error("NATS at %s refused user %s: %s (its permissions: poise/nats_auth.py)", self.url, self.user,
+                          text.removeprefix("nats: "))
+            elif not self._closing:  # failed (re)connect attempts repeat every second: keep them quiet
                 level = logging.DEBUG if isinstance(err, TRANSIENT) else logging.WARNING
                 log.log(level, "NATS at %s: %s: %s", self.url, type(err).__name__, err)
 
         # nats-py retries an unreachable server every second, forever (max_reconnect_attempts=-1 covers the first
         # connect too): give up sooner, so that the caller can say which setting holds the address
         reach_s = min(REACH_TIMEOUT_S * len(self.servers), self.connect_timeout_s)
+        credentials: dict[str, Any] = {}
+        if self.user is not None:
+            from poise.nats_auth import inbox_prefix
+
+            credentials = {"user": self.user, "password": self._password, "inbox_prefix": inbox_prefix(self.user)}
+        self._refused = None
         try:
             self._nc = await asyncio.wait_for(nats.connect(
                 self.servers, name=self.name, connect_timeout=2, reconnect_time_wait=1, max_reconnect_attempts=-1,
                 ping_interval=20, max_outstanding_pings=3, disconnected_cb=disconnected, reconnected_cb=reconnected,
-                error_cb=error), reach_s)
+                error_cb=error, **credentials), reach_s)
         except TimeoutError as err:
             raise ConnectionError(self._unanswered(reach_s)) from err
         self._js = self._nc.jetstream(timeout=REQUEST_TIMEOUT_S)
@@ -521,13 +567,15 @@ class NatsBus:
         return newest(stored, CONTRACT_VERSION)
 
     def _consumer_config(self, consumer: _Consumer) -> ConsumerConfig:
+        # `name` beside `durable_name`: nats-py then creates it on $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>,
+        # a subject that names the filter, so a user's permission can pin both (poise/nats_auth.py)
         if consumer.advisory:
-            return ConsumerConfig(durable_name=consumer.durable, filter_subject=consumer.filter_subject,
-                                  ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                  ack_wait=max(self.ack_wait_s, 30.0))
-        return ConsumerConfig(durable_name=consumer.durable, filter_subject=consumer.filter_subject,
-                              ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                              ack_wait=self.ack_wait_s, max_deliver=self.max_deliver)
+            return ConsumerConfig(name=consumer.durable, durable_name=consumer.durable,
+                                  filter_subject=consumer.filter_subject, ack_policy=AckPolicy.EXPLICIT,
+                                  deliver_policy=DeliverPolicy.ALL, ack_wait=max(self.ack_wait_s, 30.0))
+        return ConsumerConfig(name=consumer.durable, durable_name=consumer.durable,
+                              filter_subject=consumer.filter_subject, ack_policy=AckPolicy.EXPLICIT,
+                              deliver_policy=DeliverPolicy.ALL, ack_wait=self.ack_wait_s, max_deliver=self.max_deliver)
 
     async def _bind(self, consumer: _Consumer) -> None:
         await self._js.add_consumer(consumer.stream, self._consumer_config(consumer))  # idempotent
@@ -634,6 +682,9 @@ class NatsBus:
             try:
                 return await self._js.publish(subject, data, timeout=REQUEST_TIMEOUT_S, headers=headers)
             except TRANSIENT as err:
+                if subject in self._denied:  # the server said so while the request waited: retrying won't help
+                    raise NatsPermissionError(f"NATS at {self.url} does not permit user {self.user} to publish "
+                                              f"{subject} (its permissions: poise/nats_auth.py)") from err
                 if time.monotonic() > deadline:
                     raise ConnectionError(f"NATS at {self.url} did not store {subject} within "
                                           f"{self.publish_timeout_s:.0f} s: {type(err).__name__}: {err}") from err

@@ -9,8 +9,12 @@ contract of poise/contracts.py (a `SandboxPayload`, carrying the limits), which 
 comes back as JSON lines on stdout, size-capped and parsed by the parent, never unpickled; the result line is
 validated against the report contract the parent names (a `SandboxReport`), and one that does not validate
 fails the run with the reason (the candidate shares the child's process, so it could print a result of its
-own). The child is forked by a fork server (poise.forkserver: one per parent process, harness module and
-thread count) that imported the harness and its trusted dependencies once, so a child does not spend 10-15 s
+own). A `PhaseEvent` line (poise/integrity.py) says where the child is, so that the failure reason can tell an
+exit at the candidate's import from one in a call; text the candidate controls is quoted there, never worded as
+the verdict (docs/sandbox.md, "Integrity of rewards and records").
+
+The child is forked by a fork server (poise.forkserver: one per parent process, harness module and thread
+count) that imported the harness and its trusted dependencies once, so a child does not spend 10-15 s
 importing torch and transformers; it has never run candidate code, and each child gets the same environment,
 descriptors and layers below as a fresh interpreter would (POISE_SANDBOX_FORK_SERVER=0 starts a fresh
 interpreter per child instead).
@@ -72,12 +76,13 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from poise.contracts import SandboxLimits, SandboxPayload, validation_problems
+from poise.contracts import PhaseEvent, SandboxLimits, SandboxPayload, validation_problems
 from poise.faults import fault_point
 
 log = logging.getLogger(__name__)
 
 RESULT_KEY = "result"
+PHASE_KEY = "phase"  # a PhaseEvent line: where the child is (poise/integrity.py)
 MAX_OUTPUT_BYTES = 8 << 20
 STDERR_TAIL_BYTES = 16 << 10
 FORK_SERVER_ENV = "POISE_SANDBOX_FORK_SERVER"  # "0": a fresh interpreter for every child
@@ -113,6 +118,8 @@ class SandboxResult(Generic[Report]):
     peak_tasks: int | None = None  # the most tasks (processes and threads) the child's cgroup held at once
     memory_exceeded: bool = False  # the cgroup's memory limit was hit and the kernel killed in it
     malformed: str | None = None  # why the last result line did not validate as the report type (then no result)
+    deadline_s: float | None = None  # the wall-clock deadline it ran under (SandboxLimits.wall_s)
+    phase: str | None = None  # the last PhaseEvent the child printed: where it was when it ended (None: none came)
 
     @property
     def ok(self) -> bool:
@@ -127,25 +134,48 @@ class SandboxResult(Generic[Report]):
             self.malformed = f"not a valid {report_type.__name__} ({validation_problems(err)})"[:MALFORMED_REPORT_CHARS]
 
     def failure_reason(self) -> str:
+        """Why the run failed, in one line. Text the candidate controls (its stderr, a result line it printed) is
+        quoted as the child's output, never worded as the verdict; `phase` says where the child was."""
+        during = f" while {self.phase}" if self.phase else ""
         if self.stalled:
-            return (f"killed after {self.stall_s:.0f} s without progress (no event from the child; "
-                    f"{self.wall_s:.0f} s in all)")
-        if self.timed_out:
-            return f"killed after the {self.wall_s:.0f} s wall-clock deadline"
+            return (f"killed after {_seconds(self.stall_s or 0.0)} s without progress{during} (no event from the "
+                    f"child; {self.wall_s:.0f} s in all)")
+        if self.timed_out:  # the deadline it ran under, not the time it took (that adds the kill's grace)
+            deadline = self.deadline_s if self.deadline_s is not None else self.wall_s
+            return f"killed at the {_seconds(deadline)} s wall-clock deadline{during}"
         if self.output_overflow:
-            return f"killed: wrote more than {MAX_OUTPUT_BYTES >> 20} MiB to stdout"
+            return f"killed: wrote more than {MAX_OUTPUT_BYTES >> 20} MiB to stdout{during}"
         if self.memory_exceeded:
-            return "killed by the kernel at the sandbox's memory limit"
+            return f"killed by the kernel at the sandbox's memory limit{during}"
         if self.returncode is not None and self.returncode < 0:
             name = signal.Signals(-self.returncode).name if -self.returncode in signal.valid_signals() else "?"
             hint = " (CPU time limit)" if name == "SIGXCPU" else " (killed: likely a resource limit)"
-            return f"child died from signal {name}{hint if name in ('SIGXCPU', 'SIGKILL') else ''}"
-        last = self.stderr_tail.strip().splitlines()[-1:] or ["no error output"]
+            return f"child died from signal {name}{hint if name in ('SIGXCPU', 'SIGKILL') else ''}{during}"
         if self.malformed is not None:
-            return f"the child's result is malformed: {self.malformed}"
+            # The harness writes only reports that validate: this line came from the candidate.
+            what, _, problems = self.malformed.partition(" (")
+            return (f"the child printed a result line that is {what}, so the candidate's output and not a verdict; "
+                    f"its problems, quoted: {_quoted(problems.removesuffix(')'))}")
+        last = self.stderr_tail.strip().splitlines()[-1:]
+        if self.phase is None:  # no candidate code has run: the stderr is the harness's own
+            said = f": {last[0]}" if last else ": no error output"
+        else:
+            said = f"; the last line of its stderr (the candidate's output may be in it): {_quoted(last[0])}" \
+                if last else "; no error output"
         if self.result is None:
-            return f"child exited with status {self.returncode} without a result: {last[0]}"
-        return f"child exited with status {self.returncode}: {last[0]}"
+            return f"child exited with status {self.returncode} without a result{during}{said}"
+        return f"child exited with status {self.returncode} after its result line{during}{said}"
+
+
+def _seconds(value: float) -> str:
+    """60.0 as "60", 2.5 as "2.5": a configured number of seconds as it was set."""
+    return f"{value:.1f}".removesuffix(".0")
+
+
+def _quoted(text: str) -> str:
+    """Child output quoted: one line, its own quotes escaped, at most MALFORMED_REPORT_CHARS characters."""
+    return json.dumps(text if len(text) <= MALFORMED_REPORT_CHARS else text[:MALFORMED_REPORT_CHARS] + "…",
+                      ensure_ascii=False)
 
 
 class Cgroup:
@@ -397,7 +427,7 @@ def run_sandboxed(
     workdir.mkdir(parents=True, exist_ok=True)
     stdin = payload.model_copy(update={"limits": limits}).model_dump_json().encode()
     started = time.monotonic()
-    result: SandboxResult[Report] = SandboxResult(returncode=None, wall_s=0.0, result=None)
+    result: SandboxResult[Report] = SandboxResult(returncode=None, wall_s=0.0, result=None, deadline_s=limits.wall_s)
     cgroup = Cgroup.create(limits, thread_cap(threads))
     try:
         child = _start_child(module, workdir, thread_cap(threads), limits.wall_s)
@@ -614,6 +644,12 @@ def _take_line(line: bytes, result: SandboxResult, report_type: type[BaseModel],
     if RESULT_KEY in message:
         result.record_result(message[RESULT_KEY], report_type)
         return True
+    if PHASE_KEY in message:
+        try:
+            result.phase = PhaseEvent.model_validate(message).phase
+            return True
+        except ValidationError:
+            pass  # not a phase the harness prints: an ordinary event
     result.events.append(message)
     if on_event:
         on_event(message)

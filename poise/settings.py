@@ -6,6 +6,11 @@ has an HTTP port of its own (`SERVICE_PORTS`), so that services started by hand 
 files can pass `POISE_MONGO_URL: ${MONGO_URL:-}`. Bad values are refused at start-up with one line per variable
 (`load_settings` raises `SettingsError`), never deep inside a handler.
 
+Credentials (docs/operations.md, "Authentication") come from a file (`POISE_<NAME>_FILE`, a mounted secret) or
+the variable itself, never both: the archive API's write token and optional read token, and the service's NATS
+password (its user is poise-<service> unless POISE_NATS_USER says otherwise). Each file is read at start-up; one
+that cannot be read is refused like any bad value.
+
 The archive also reads the run it owns: `POISE_RUN_ID` and, optionally, any `RunConfig` setting
 (`POISE_BUDGET`, `POISE_PARALLEL`, `POISE_SEED`, `POISE_PROTOCOL`, ...). Without `POISE_RUN_ID` it waits
 for `POST /api/runs`.
@@ -16,16 +21,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from poise.contracts import Backends, RunConfig, parse_llm_spec
+from poise.credentials import MIN_TOKEN_CHARS, CredentialError, read_secret
 
 ENV_PREFIX = "POISE_"
 # `poise serve SERVICE` and the port it serves HTTP on without POISE_HTTP_PORT: one each, clear of `poise ui` (8420)
 SERVICE_PORTS = {"archive": 8400, "proposer": 8401, "implementer": 8402, "trainer": 8403, "evaluator": 8404,
                  "reflector": 8405}
 SERVICES = tuple(SERVICE_PORTS)
+# credentials: each may come from POISE_<NAME> or from the file POISE_<NAME>_FILE names
+SECRET_SETTINGS = ("archive_token", "archive_read_token", "nats_password")
+TOKEN_SETTINGS = ("archive_token", "archive_read_token")  # one token a line (several while one is rotated out)
 # RunConfig settings the archive takes from the environment (POISE_<NAME>); run_id names the run.
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
                 "max_correction_attempts")
@@ -79,6 +88,16 @@ class ServiceSettings(BaseSettings):
                                        "+ 300 s)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    archive_token: SecretStr | None = Field(None, description="the archive API's write token: the archive refuses "
+                                            "POST /api/runs without it (unset: it refuses every write)")
+    archive_token_file: Path | None = Field(None, description="a file holding archive_token (a mounted secret)")
+    archive_read_token: SecretStr | None = Field(None, description="the archive API's read token (unset: reads "
+                                                 "are open); proposer, implementer and reflector send it")
+    archive_read_token_file: Path | None = Field(None, description="a file holding archive_read_token")
+    nats_user: str | None = Field(None, description="the NATS user (default: poise-<service>, poise/nats_auth.py)")
+    nats_password: SecretStr | None = Field(None, description="the NATS user's password (unset: no credentials)")
+    nats_password_file: Path | None = Field(None, description="a file holding nats_password")
+
     run_id: str | None = Field(None, description="archive: the run to start or resume at start-up")
     budget: int | None = None
     parallel: int | None = None
@@ -119,6 +138,30 @@ class ServiceSettings(BaseSettings):
         return level.upper() if isinstance(level, str) else level
 
     @model_validator(mode="after")
+    def _read_secret_files(self) -> ServiceSettings:
+        """Each credential from its variable or its file, never both; a token long enough to resist guessing."""
+        problems = []
+        for name in SECRET_SETTINGS:
+            variable, path = ENV_PREFIX + name.upper(), getattr(self, f"{name}_file")
+            if path is not None:
+                if getattr(self, name) is not None:
+                    problems.append(f"{variable} and {variable}_FILE are both set; keep one")
+                    continue
+                try:
+                    setattr(self, name, SecretStr(read_secret(path, f"{variable}_FILE")))
+                except CredentialError as err:
+                    problems.append(str(err))
+                    continue
+            value = getattr(self, name)
+            tokens = value.get_secret_value().split() if value is not None and name in TOKEN_SETTINGS else []
+            if any(len(token) < MIN_TOKEN_CHARS for token in tokens):
+                problems.append(f"{variable}: a token of fewer than {MIN_TOKEN_CHARS} characters is too easy to "
+                                "guess; `poise secrets` makes one")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _check_consistency(self) -> ServiceSettings:
         given = self.run_settings()
         if given and self.run_id is None:
@@ -130,6 +173,14 @@ class ServiceSettings(BaseSettings):
     def port_of(self, service: str) -> int:
         """Where `service` serves HTTP: POISE_HTTP_PORT, else the service's own port."""
         return SERVICE_PORTS[service] if self.http_port is None else self.http_port
+
+    def nats_credentials(self, service: str) -> tuple[str | None, str | None]:
+        """(user, password) `service` connects to NATS with; (None, None) without a password."""
+        if self.nats_password is None:
+            return None, None
+        from poise.nats_auth import user_of
+
+        return self.nats_user or user_of(service), self.nats_password.get_secret_value()
 
     def run_settings(self) -> dict[str, object]:
         """The RunConfig settings given in the environment (not the defaults)."""

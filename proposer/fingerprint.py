@@ -30,6 +30,7 @@ import numpy as np
 
 from poise.contracts import CheckResult, FingerprintPayload, FingerprintReport, SandboxLimits, sha256_hex
 from poise.sandbox import run_sandboxed
+from poise.sandbox_audit import attempts_in, describe_attempts
 
 FINGERPRINT_MODULE = "proposer.fingerprint_child"
 SANDBOX_FAILURE = "sandbox: "  # how the failure of a run that returned no result starts
@@ -224,10 +225,12 @@ def fingerprint_in_sandbox(
     finally:
         if not keep_workdir:
             shutil.rmtree(run_dir, ignore_errors=True)
+    attempts = attempts_in(run.events)
+    if attempts:  # the candidate's own doing, hence definitive
+        return FingerprintResult(sha, None, failure=f"fingerprint: {describe_attempts(attempts)}", wall_s=run.wall_s)
     if run.malformed is not None:
         # The candidate shares the child's process, so the report may be forged: its own doing, hence definitive.
-        return FingerprintResult(sha, None, failure=f"fingerprint: the child's report is malformed ({run.malformed})",
-                                 wall_s=run.wall_s)
+        return FingerprintResult(sha, None, failure=f"fingerprint: {run.failure_reason()}", wall_s=run.wall_s)
     if not run.ok or run.result is None:
         return FingerprintResult(sha, None, failure=f"{SANDBOX_FAILURE}{run.failure_reason()}", wall_s=run.wall_s)
     return _from_report(sha, run.result, run.wall_s)

@@ -3,34 +3,46 @@
 Started only by proposer.fingerprint.fingerprint_in_sandbox through poise.sandbox.run_sandboxed. It receives
 the candidate's source (a `FingerprintPayload`) and reports a `FingerprintReport` (both in poise/contracts.py):
 the structural checks (poise.algorithm) and, when they pass, the fingerprint vector on the probes of
-proposer/fingerprint.py, with the module's LOSS_AGG_MODE and HPARAMS.
+proposer/fingerprint.py, with the module's LOSS_AGG_MODE and HPARAMS. The candidate is loaded and called under a
+`CandidateGuard` (poise/integrity.py), as in the other harnesses.
 """
 
 from __future__ import annotations
 
 import traceback
 
-from poise.contracts import FingerprintPayload, FingerprintReport
-from poise.sandbox import emit_result, enter_sandbox
+from poise.contracts import FingerprintPayload, FingerprintReport, PhaseEvent
+from poise.sandbox import emit, emit_result, enter_sandbox
+from poise.sandbox_audit import record_attempts
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
-PRELOAD = ("torch", "poise.algorithm", "proposer.fingerprint")
+PRELOAD = ("torch", "poise.algorithm", "poise.integrity", "proposer.fingerprint")
 
 
 def main() -> None:
     payload, isolation_notes = enter_sandbox(FingerprintPayload)
-    from poise.algorithm import check_passed, load_candidate, loss_agg_mode, module_hparams, structural_check
+    import proposer.fingerprint  # noqa: F401 - trusted, so imported before the candidate is
+    from poise.algorithm import (
+        check_passed,
+        describe_candidate_exception,
+        loss_agg_mode,
+        module_hparams,
+        structural_check,
+    )
+    from poise.integrity import CandidateGuard
 
+    record_attempts(imports=PRELOAD)  # what the candidate attempts is blocked and sent
+    guard = CandidateGuard(on_phase=lambda phase: emit(PhaseEvent(phase=phase).model_dump(mode="json")))
     report = FingerprintReport(isolation=isolation_notes)
     try:
-        report.checks = structural_check(payload.source)
+        report.checks = structural_check(payload.source, load=guard.load)
         if check_passed(report.checks):
-            module = load_candidate(payload.source)
+            module = guard.load(payload.source)
             report.loss_agg_mode = loss_agg_mode(module)
             report.hparams = module_hparams(module)
             report.fingerprint, report.failure = fingerprint(module)
     except Exception as err:  # noqa: BLE001 - the candidate's failure is a result, not a crash
-        report.failure = f"harness: {type(err).__name__}: {err}"
+        report.failure = f"harness: {describe_candidate_exception(err, '<candidate>')}"
         report.traceback = traceback.format_exc()[-4000:]
     emit_result(report)
 
@@ -42,12 +54,16 @@ def fingerprint(module) -> tuple[list[float] | None, str | None]:
     from poise.algorithm import (
         CandidateError,
         aggregate_loss,
+        describe_candidate_exception,
         loss_agg_mode,
         module_hparams,
         run_advantages,
         run_policy_loss,
     )
     from proposer.fingerprint import PERTURBATION_SCALES, PROBES
+
+    def describe(err: Exception) -> str:  # the candidate's message quoted, at its own line
+        return describe_candidate_exception(err, getattr(module, "__file__", None))
 
     hparams = module_hparams(module)
     parts: list[torch.Tensor] = []
@@ -60,7 +76,7 @@ def fingerprint(module) -> tuple[list[float] | None, str | None]:
         except CandidateError as err:
             return None, f"fingerprint: {err} {where}"
         except Exception as err:  # noqa: BLE001
-            return None, f"fingerprint: compute_advantages raised {type(err).__name__}: {err} {where}"
+            return None, f"fingerprint: compute_advantages raised {describe(err)} {where}"
         if not torch.isfinite(advantages).all():
             return None, f"fingerprint: compute_advantages returned non-finite values {where}"
         parts.append(advantages * mask)
@@ -74,7 +90,7 @@ def fingerprint(module) -> tuple[list[float] | None, str | None]:
             except CandidateError as err:
                 return None, f"fingerprint: {err} {at}"
             except Exception as err:  # noqa: BLE001
-                return None, f"fingerprint: policy_loss raised {type(err).__name__}: {err} {at}"
+                return None, f"fingerprint: policy_loss raised {describe(err)} {at}"
             grad = torch.zeros_like(log_prob) if grad is None else grad
             masked_loss = loss_mat.detach() * mask
             if not (torch.isfinite(masked_loss).all() and torch.isfinite(grad).all()):

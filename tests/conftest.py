@@ -20,7 +20,7 @@ def one_thread():
 # --no-loadscope-reorder`, which hands out whole files in collection order: these go first, one per worker, and
 # the short files fill in behind them.
 LONGEST_FIRST = ("test_vllm.py", "test_chaos.py", "test_loop.py", "test_distributed.py", "test_embedded_kills.py",
-                 "test_readme.py", "test_shutdown.py", "test_llm_loop.py")
+                 "test_readme.py", "test_shutdown.py", "test_llm_loop.py", "test_hostile.py")
 
 
 def pytest_collection_modifyitems(config, items):

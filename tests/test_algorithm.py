@@ -174,8 +174,11 @@ def test_check_reports_syntax_error_with_line():
         broken("def policy_loss(", "def policy_loss(("))
 
 
-def test_check_reports_exception_at_import():
-    assert "importing the module raised ModuleNotFoundError" in failure("import not_a_module\n" + GOOD)
+def test_check_reports_exception_at_import_at_the_candidates_own_line():
+    # The innermost frame is importlib's ("<frozen importlib._bootstrap>", line ~1140), not the candidate's.
+    assert failure("import math\n\nimport not_a_module\n" + GOOD) == (
+        "import: importing the module raised ModuleNotFoundError at line 3 of the candidate: "
+        "\"No module named 'not_a_module'\"")
 
 
 def test_check_reports_missing_function():
@@ -235,7 +238,7 @@ def test_check_reports_non_finite_loss():
 
 def test_check_reports_exception_inside_a_function_with_its_line():
     problem = failure(broken('return batch["scores"] - batch["group_mean_score"]', 'return batch["reward"]'))
-    assert "compute_advantages raised KeyError: 'reward' at line 7" in problem
+    assert "compute_advantages raised KeyError at line 7 of the candidate: \"'reward'\"" in problem
 
 
 def test_check_reports_non_tensor_return():

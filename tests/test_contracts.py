@@ -343,6 +343,10 @@ DOCUMENT_FACTORIES: dict[str, Callable[[], BaseModel]] = {
     "train_payload": lambda: contracts.TrainPayload(protocol={"name": "tiny", "steps": 2}, seed=1, source=SOURCE,
                                                     name="n0007", base_path="/ckpt/base", out_dir="/work/n0007"),
     "train_step_event": lambda: contracts.TrainStepEvent(step=make_step()),
+    "phase_event": lambda: contracts.PhaseEvent(phase="calling policy_loss"),
+    "sandbox_attempt": lambda: contracts.SandboxAttempt(kind="process", what="run a shell (`/bin/sh -c id`)"),
+    "sandbox_attempt_event": lambda: contracts.SandboxAttemptEvent(
+        sandbox_attempt=contracts.SandboxAttempt(kind="network", what="connect to `1.1.1.1:443`")),
     "train_report": make_train_report,
     "probe_payload": lambda: contracts.ProbePayload(code="result = 1", ending="deadline"),
     "probe_report": lambda: contracts.ProbeReport(notes=[], raised="OSError", errno=30, result={"a": [1, "b"]}),
@@ -837,7 +841,7 @@ def test_a_result_that_does_not_validate_is_a_failed_run_with_the_reason(forged:
     run = SandboxResult(returncode=0, wall_s=0.1, result=None)
     run.record_result(forged, contracts.FingerprintReport)
     assert not run.ok and run.result is None
-    assert run.failure_reason().startswith("the child's result is malformed: not a valid FingerprintReport (")
+    assert run.failure_reason().startswith("the child printed a result line that is not a valid FingerprintReport")
     run.record_result({"checks": [], "isolation": ["no seccomp filter"]}, contracts.FingerprintReport)
     assert run.ok and run.malformed is None and run.result.isolation == ["no seccomp filter"]
 

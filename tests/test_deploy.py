@@ -10,6 +10,10 @@ skipped and says which tool; on the development machine all of them are installe
 Everything else (cross-references, security posture, scrape targets, dashboard queries) is checked here in
 Python. The evaluator and trainer of every compose profile and k8s overlay are also built from their settings
 by the builders `poise serve` uses (app/serve.py), which start nothing.
+
+Credentials: compose and k8s mount the files `poise secrets` writes (poise/credentials.py), each service exactly
+its own (`files_of`), nats the users' configuration; the tests render k8s with freshly generated files and
+give the settings checks those files in place of /run/secrets.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from base64 import b64decode
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -31,6 +36,7 @@ import yaml
 
 from app.serve import CANDIDATE_RUNNERS, ServeError, evaluator_runtime, trainer_runtime
 from poise.bus import InProcBus
+from poise.credentials import ARCHIVE_READ_TOKEN, NATS_SERVER_CONF, files_of, write_secrets
 from poise.sandbox import SECCOMP_PROFILE_PATH, container_seccomp_profile
 from poise.settings import SERVICES, SettingsError, load_settings
 
@@ -181,12 +187,28 @@ def hostnames() -> dict[str, set[str]]:
     return names
 
 
+SECRETS_MOUNT = "/run/secrets"  # where compose and k8s mount a service's secret files
+
+
+@cache
+def generated_secrets() -> Path:
+    """What `poise secrets` writes, once per test session, in a scratch directory."""
+    directory = Path(tempfile.mkdtemp(prefix="poise-deploy-")) / "secrets"
+    write_secrets(directory)
+    return directory
+
+
 def settings_under(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str):
-    """What poise/settings.py makes of exactly `env` (every other POISE_* variable removed); a clear failure
-    naming the workload when it refuses it."""
+    """What poise/settings.py makes of exactly `env` (every other POISE_* variable removed), a secret file under
+    /run/secrets read from the files `poise secrets` writes; a clear failure naming the workload when it refuses
+    it."""
     for variable in [v for v in os.environ if v.startswith("POISE_")]:
         monkeypatch.delenv(variable)
     for variable, value in env.items():
+        if variable.endswith("_FILE") and value.startswith(f"{SECRETS_MOUNT}/"):
+            local = generated_secrets() / value.removeprefix(f"{SECRETS_MOUNT}/")
+            assert local.is_file(), f"{name}: {variable}={value} is not a file `poise secrets` writes"
+            value = str(local)
         monkeypatch.setenv(variable, value)
     try:
         return load_settings()
@@ -398,7 +420,8 @@ def test_the_shipped_seccomp_profile_is_the_one_the_code_writes():
     shipped = json.loads((ROOT / SECCOMP_PROFILE_PATH).read_text())
     assert shipped == container_seccomp_profile()
     denied = set(shipped["syscalls"][0]["names"])
-    assert {"unshare", "mount", "umount2", "pivot_root"}.isdisjoint(denied) and {"bpf", "keyctl", "kexec_load"} <= denied
+    assert {"unshare", "mount", "umount2", "pivot_root"}.isdisjoint(denied)  # the sandbox's builder needs them
+    assert {"bpf", "keyctl", "kexec_load"} <= denied
 
 
 # ------------------------------------------------------------- compose opt-in: the implementer calls the LLM
@@ -734,16 +757,18 @@ def test_dashboard_metric_names_are_exported_by_poise_metrics():
 
 @cache
 def rendered(overlay: str, components: tuple[str, ...] = ()) -> str:
-    """`kubectl kustomize` of an overlay; with `components` (k8s/components/<name>), of a copy of k8s/ whose
-    overlay lists them under `components:`, the way an operator enables them."""
+    """`kubectl kustomize` of an overlay, in a copy of k8s/ with the secret files `poise secrets k8s/base/secrets`
+    writes; with `components` (k8s/components/<name>), the copy's overlay lists them under `components:`, the way
+    an operator enables them."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (it renders the kustomize overlays offline)")
     with tempfile.TemporaryDirectory() as scratch:
-        k8s = K8S_DIR
+        k8s = Path(scratch) / "k8s"
+        shutil.copytree(K8S_DIR, k8s, ignore=lambda folder, names: ["secrets"] if Path(folder) == K8S_DIR / "base"
+                        else [])
+        shutil.copytree(generated_secrets(), k8s / "base" / "secrets")
         if components:
-            k8s = Path(scratch) / "k8s"
-            shutil.copytree(K8S_DIR, k8s)
             kustomization = k8s / "overlays" / overlay / "kustomization.yaml"
             config = yaml.safe_load(kustomization.read_text())
             config["components"] = config.get("components", []) + [f"../../components/{c}" for c in components]
@@ -880,6 +905,35 @@ def llm_api_egress(policies: list[dict]) -> dict:
     return rule
 
 
+# The Secrets k8s/base/kustomization.yaml generates from the files of `poise secrets`, by their file
+GENERATED_SECRETS = {f"poise-{name.removesuffix('.password').removesuffix('.conf')}": name
+                     for name in {NATS_SERVER_CONF, *(f for service in SERVICES for f in files_of(service).values())}}
+
+
+def generated_name(name: str) -> str:
+    """A generated object's name without the hash suffix kustomize gives it."""
+    return re.sub(r"-[a-z0-9]{10}$", "", name)
+
+
+def expected_secrets(workload: str) -> set[str]:
+    """The Secrets a workload's credentials volume may project: a POISE service's own files (files_of)."""
+    if workload == "nats":
+        return {"poise-nats-server"}
+    if workload in SERVICES:
+        return {secret for secret, name in GENERATED_SECRETS.items() if name in files_of(workload).values()}
+    return set()
+
+
+def without_credentials(spec: dict) -> tuple[dict, set[str]]:
+    """A pod spec without its `credentials` volume and mounts, and the Secrets that volume projects."""
+    spec = copy.deepcopy(spec)
+    volumes = [v for v in spec.get("volumes", []) if v["name"] == "credentials"]
+    spec["volumes"] = [v for v in spec.get("volumes", []) if v["name"] != "credentials"]
+    for container in spec["containers"]:
+        container["volumeMounts"] = [m for m in container.get("volumeMounts", []) if m["name"] != "credentials"]
+    return spec, {generated_name(source["secret"]["name"]) for v in volumes for source in v["projected"]["sources"]}
+
+
 @pytest.mark.parametrize(("overlay", "components"), VARIANTS)
 def test_candidate_pods_have_no_token_no_secret_and_egress_only_to_nats_and_the_archive(overlay, components):
     everything = objects(overlay, components)
@@ -899,6 +953,8 @@ def test_candidate_pods_have_no_token_no_secret_and_egress_only_to_nats_and_the_
         if name in opted_in:  # exactly the agents' optional key references; the rest must pass as for any other
             spec, removed = without_llm_keys(spec)
             assert removed == set(LLM_KEYS), f"{name}: opted in, but gets {removed} of the LLM keys"
+        spec, projected = without_credentials(spec)  # its own NATS password (and read token): checked below
+        assert projected == expected_secrets(name), f"{name}: its credentials volume holds {projected}"
         text = json.dumps(spec)
         assert "secretKeyRef" not in text and "secretRef" not in text and '"secret"' not in text, f"{name}: a Secret"
         assert not any(key in text for key in LLM_KEYS), f"{name}: an LLM API key"
@@ -925,6 +981,8 @@ def test_candidate_pods_have_no_token_no_secret_and_egress_only_to_nats_and_the_
 @pytest.mark.parametrize(("overlay", "components"), VARIANTS)
 def test_llm_keys_are_placeholders_and_reach_only_the_agents(overlay, components):
     for obj in objects(overlay, components):
+        if obj["kind"] == "Secret" and generated_name(obj["metadata"]["name"]) in GENERATED_SECRETS:
+            continue  # from the files of `poise secrets` (test_k8s_secrets_come_from_the_generated_files)
         if obj["kind"] == "Secret":
             assert all(value == "" for value in obj.get("stringData", {}).values()), "a Secret holds a value"
             assert not obj.get("data"), "a Secret holds a value"
@@ -938,6 +996,84 @@ def test_llm_keys_are_placeholders_and_reach_only_the_agents(overlay, components
             keys = {v["name"] for v in container.get("env", [])} & set(LLM_KEYS)
             assert bool(keys) == (obj["metadata"]["name"] in llm_pods(components)), \
                 f"{obj['metadata']['name']}: API keys"
+
+
+@pytest.mark.parametrize(("overlay", "components"), VARIANTS)
+def test_k8s_gives_each_pod_its_own_credentials_and_nats_its_users(overlay, components):
+    for obj, template in workloads(overlay, components):
+        name = obj["metadata"]["name"]
+        _, projected = without_credentials(template["spec"])
+        assert projected == expected_secrets(name), f"{name}: its credentials volume holds {projected}"
+        for container in template["spec"]["containers"]:
+            mounts = [m for m in container.get("volumeMounts", []) if m["name"] == "credentials"]
+            where = f"{name}/{container['name']}"
+            if container.get("args", [None])[0] == "serve":
+                role = container["args"][1]
+                assert mounts == [{"name": "credentials", "mountPath": SECRETS_MOUNT, "readOnly": True}], where
+                env = {v["name"]: v.get("value") for v in container.get("env", [])}
+                sources = {ref["configMapRef"]["name"] for ref in container.get("envFrom", [])}
+                for setting, file in files_of(role).items():
+                    if file == ARCHIVE_READ_TOKEN:  # off unless an overlay fills the ConfigMap (kustomization.yaml)
+                        assert any(generated_name(s) == "poise-archive-read" for s in sources), where
+                    else:
+                        assert env.get(setting) == f"{SECRETS_MOUNT}/{file}", f"{where}: {setting}"
+            elif name == "nats" and container["name"] == "nats":
+                assert mounts and container["args"][container["args"].index("-c") + 1] == \
+                    f"{SECRETS_MOUNT}/{NATS_SERVER_CONF}", where
+            else:
+                assert not mounts, f"{where} mounts credentials"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_secrets_come_from_the_generated_files_and_none_is_in_git(overlay):
+    secrets = {generated_name(obj["metadata"]["name"]): obj for obj in objects(overlay) if obj["kind"] == "Secret"}
+    for secret, file in GENERATED_SECRETS.items():
+        data = secrets[secret]["data"]
+        assert set(data) == {file}, f"{secret}: keys {set(data)}"
+        assert b64decode(data[file]).decode() == (generated_secrets() / file).read_text(), secret
+    (read,) = [obj for obj in objects(overlay) if generated_name(obj["metadata"]["name"]) == "poise-archive-read"]
+    assert read["data"] == {"POISE_ARCHIVE_READ_TOKEN_FILE": ""}, "reads are open unless an overlay says otherwise"
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "/secrets/" in ignored and "/k8s/base/secrets/" in ignored
+    if shutil.which("git") and (ROOT / ".git").exists():
+        tracked = run_tool("git", "ls-files", "secrets", "k8s/base/secrets").stdout
+        assert not tracked.strip(), f"secrets in git: {tracked}"
+
+
+def test_compose_secrets_are_the_files_poise_secrets_writes():
+    declared = compose().get("secrets") or {}
+    written = {path.name for path in generated_secrets().iterdir()}
+    assert set(declared) <= written, f"declared but never written: {set(declared) - written}"
+    for name, config in declared.items():
+        assert config == {"file": f"./secrets/{name}"}, f"secret {name}: {config}"
+
+
+def test_compose_gives_each_service_its_own_credentials_and_nats_its_users(monkeypatch):
+    for name, svc in services().items():
+        role = poise_role(svc)
+        mounted = {item if isinstance(item, str) else item["source"] for item in svc.get("secrets", [])}
+        env = environment(svc)
+        if name == "nats":
+            assert mounted == {NATS_SERVER_CONF}
+            command = svc["command"]
+            assert command[command.index("-c") + 1] == f"{SECRETS_MOUNT}/{NATS_SERVER_CONF}"
+            continue
+        if role is None:
+            assert not mounted, f"{name} mounts {mounted}"
+            continue
+        expected = files_of(role)
+        assert mounted == set(expected.values()), f"{name} mounts {mounted}"
+        opted_in = {key: interpolate(value) for key, value in env.items()}
+        for setting, file in expected.items():
+            if file == ARCHIVE_READ_TOKEN:  # off unless .env sets it (the file is mounted either way)
+                assert env[setting] == "${POISE_ARCHIVE_READ_TOKEN_FILE:-}", f"{name}: {setting}"
+                opted_in[setting] = f"{SECRETS_MOUNT}/{file}"
+            else:
+                assert env[setting] == f"{SECRETS_MOUNT}/{file}", f"{name}: {setting}"
+        settings = settings_under(opted_in, monkeypatch, name)
+        assert settings.nats_credentials(role)[0] == f"poise-{role}" and settings.nats_password is not None
+        assert (settings.archive_read_token is not None) == (ARCHIVE_READ_TOKEN in expected.values())
+        assert (settings.archive_token is not None) == (role == "archive"), name
 
 
 LLM_IMPLEMENTER_POLICY = ("NetworkPolicy", "implementer-llm-api")
@@ -1015,7 +1151,8 @@ def gpus(container: dict) -> int:
 
 
 def test_workstation_runs_the_cpu_trainer_with_one_replica_each():
-    config = next(obj for obj in objects("workstation") if obj["kind"] == "ConfigMap")["data"]
+    config = next(obj for obj in objects("workstation") if obj["kind"] == "ConfigMap"
+                  and obj["metadata"]["name"].startswith("poise-config"))["data"]
     assert config["POISE_TRAINER_BACKEND"] == "testbed" and config["POISE_EVALUATOR_BACKEND"] == "testbed"
     for obj, template in workloads("workstation"):
         assert obj["spec"].get("replicas", 1) == 1, obj["metadata"]["name"]
@@ -1030,7 +1167,8 @@ def test_workstation_runs_the_cpu_trainer_with_one_replica_each():
 
 def test_cluster_runs_verl_and_vllm_on_gpus_with_a_model_cache():
     everything = by_kind_and_name("cluster")
-    config = next(obj for (kind, _), obj in everything.items() if kind == "ConfigMap")["data"]
+    config = next(obj for (kind, name), obj in everything.items() if kind == "ConfigMap"
+                  and name.startswith("poise-config"))["data"]
     assert config["POISE_TRAINER_BACKEND"] == "verl" and config["POISE_EVALUATOR_BACKEND"] == "vllm"
     trainer = everything["Deployment", "trainer"]["spec"]["template"]["spec"]
     assert gpus(trainer["containers"][0]) == 8

@@ -1,7 +1,9 @@
 """Distributed mode end to end: nats-server and each service as its own OS process (`python -m app.serve`).
 
 The services share a work directory (node directories, checkpoints) and the archive's SQLite store, and talk
-only over JetStream and the archive's HTTP API, as in docker compose. A tiny-protocol run must come out like
+only over JetStream and the archive's HTTP API, as in docker compose, with authentication on as there: each
+service connects to NATS as its own user, allowed only its phase's subjects (poise/nats_auth.py), and the
+archive's API needs its tokens (app/cluster.py Credentials). A tiny-protocol run must come out like
 an embedded one; killed workers must lose and duplicate nothing (JetStream redelivers their work); an archive
 killed between a store write and its publish must resume the run; a message that always fails must end in the
 DLQ with its node failed for that reason. Kills land at fault points (poise/faults.py): the cluster's services
@@ -27,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_loop import ROOT, assert_lineage_is_valid
 from test_nats_bus import NatsServer, dead_letter_of, free_port, jetstream
 
+from app.cluster import Credentials
 from app.runner import run
 from archive.sqlite_store import SQLiteStore
 from poise.contracts import Node, NodeStatus, Phase, RunConfig
@@ -109,7 +112,8 @@ class Cluster:
         self.root = root
         self.work_dir = root / "work"
         self.work_dir.mkdir(parents=True)
-        self.nats = NatsServer(root / "jetstream", root / "nats-server.log").start()
+        self.credentials = Credentials(root / "secrets")
+        self.nats = NatsServer(root / "jetstream", root / "nats-server.log", self.credentials).start()
         self.archive_port = free_port()
         self.settings = {
             "POISE_NATS_URL": self.nats.url, "POISE_WORK_DIR": str(self.work_dir), "POISE_HTTP_HOST": "127.0.0.1",
@@ -123,7 +127,7 @@ class Cluster:
         for name in names:
             env = {k: v for k, v in os.environ.items() if not k.startswith("POISE_")}
             port = self.archive_port if name == "archive" else free_port()
-            env.update(self.settings, POISE_HTTP_PORT=str(port), **settings)
+            env.update(self.settings, POISE_HTTP_PORT=str(port), **self.credentials.settings_of(name), **settings)
             self.services[name] = Service(name, port, self.root / f"{name}.log", env).start()
         for name in names:
             self.services[name].wait_healthy()
@@ -140,16 +144,18 @@ class Cluster:
         self.nats.stop()
 
     def post_run(self, config: dict) -> None:
-        response = httpx.post(f"{self['archive'].url}/api/runs", json=config, timeout=10)
+        response = httpx.post(f"{self['archive'].url}/api/runs", json=config, timeout=10,
+                              headers=self.credentials.api_headers())
         assert response.status_code == 202, response.text
 
     def nodes(self, run_id: str) -> list[Node]:
         response = httpx.get(f"{self['archive'].url}/api/runs/{run_id}/nodes", params={"nonfinite": "constants"},
-                             timeout=10)
+                             timeout=10, headers=self.credentials.api_headers())
         return [Node.model_validate(n) for n in response.json()] if response.status_code == 200 else []
 
     def status(self, run_id: str) -> dict:
-        return httpx.get(f"{self['archive'].url}/api/runs/{run_id}", timeout=10).json()["status"]
+        return httpx.get(f"{self['archive'].url}/api/runs/{run_id}", timeout=10,
+                         headers=self.credentials.api_headers()).json()["status"]
 
     def logged_at(self, service: str, pattern: str) -> datetime | None:
         """When `service` first logged a line matching `pattern` (its log's own clock), or None."""
@@ -298,6 +304,7 @@ def test_a_distributed_run_documents_every_node_like_the_embedded_run(cluster: C
     with SQLiteStore.in_run_dir(tmp_path / "embedded") as store:
         embedded_proposals = {n.node_id: (n.proposal.name, n.genealogy.parent_ids) for n in store.nodes("embedded")}
     assert {n.node_id: (n.proposal.name, n.genealogy.parent_ids) for n in nodes}.items() <= embedded_proposals.items()
+    assert not cluster.nats.violations(), "a service was refused a subject its phase needs (poise/nats_auth.py)"
 
 
 def test_killed_workers_lose_and_duplicate_nothing_and_their_work_is_redelivered(cluster: Cluster):
@@ -348,7 +355,7 @@ def test_an_archive_killed_between_a_store_write_and_its_publish_resumes_the_run
     cluster["archive"].kill()
     with SQLiteStore(cluster.work_dir / "archive.db", read_only=True) as store:
         assert store.get_node(run_id, ROOT).status == NodeStatus.TRAINED  # written
-    assert pending_messages(cluster.nats.url, "work.evaluate") == 0       # not published
+    assert pending_messages(cluster.nats.admin_url, "work.evaluate") == 0       # not published
     release(faults, "archive.publish")
     cluster.restart("archive")
     cluster.wait_finished(run_id)
@@ -383,10 +390,11 @@ def test_a_message_that_always_fails_ends_in_the_dlq_and_fails_its_node_with_the
         (root,) = cluster.nodes("poison")
         assert root.status == NodeStatus.FAILED and root.failure.phase == Phase.TRAIN
         assert "FaultInjected" in root.failure.reason, root.failure
-        letter = dead_letter_of(cluster.nats.url, "work.train")
+        letter = dead_letter_of(cluster.nats.admin_url, "work.train")
         assert "FaultInjected" in letter.headers[REASON_HEADER] and letter.headers["Poise-Deliveries"] == "2"
         trainer = cluster["trainer"]
         assert trainer.metric("poise_dead_letters_total", subject="work.train") == 1
         assert trainer.metric("poise_bus_redeliveries_total", subject="work.train") == 1
+        assert not cluster.nats.violations(), "dead-lettering needs only the trainer's own permissions"
     finally:
         cluster.stop()

@@ -1,6 +1,7 @@
 """Fuzzing the archive's HTTP boundary (issue 23): requests drawn from the archive's own OpenAPI document and its
 UI routes, well-formed and not, sent over real HTTP to the whole archive service (`serve("archive")`, as
-`poise serve archive` runs it, with a stand-in bus).
+`poise serve archive` runs it, with a stand-in bus). Most requests carry the archive's write token (so bodies
+are judged); the others none or a wrong one, and a write among them must be a 401 (archive/auth.py).
 
 No answer may be a 5xx; every 4xx carries a message a person can act on (a JSON `detail`, FastAPI's field
 errors, or the UI's page that says what is missing); the service answers /healthz after every request, so a
@@ -43,6 +44,7 @@ RUN_IDS = (RUN, "fz-a", "fz-b")
 NODE_IDS = tuple(node.node_id for node in archive_nodes())
 HOSTILE = ("", " ", ".", "..", "../../etc/passwd", "a/b", "%00", "\x00", "\x7f", "<script>alert(1)</script>",
            "' OR '1'='1", "${jndi:ldap://x}", "é", "😀", "\u202e", "NaN", "-1", "9" * 40, "n" * 5000, "?a=b#c")
+TOKEN = "fuzz-write-token-0123456789"  # the archive's write token (POISE_ARCHIVE_TOKEN)
 JUNK = ("", "\ud800", "\udfff\ud800", "x" * 100_000, -1, 0, -(2**63) - 1, 2**64, 1e308, -1e-308, True, None, [],
         {}, [[[[[]]]]], {"a": {"b": {"c": [1, "2", None]}}})
 
@@ -56,9 +58,16 @@ class Call:
     params: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
     content_type: str | None = None
+    token: str | None = TOKEN
 
     def headers(self) -> dict[str, str]:
-        return {"content-type": self.content_type} if self.content_type else {}
+        headers = {"content-type": self.content_type} if self.content_type else {}
+        if self.token is not None:
+            headers["authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def unauthorized_write(self) -> bool:
+        return self.method == "POST" and self.path == "/api/runs" and self.token != TOKEN
 
 
 # ------------------------------------------------------------------------------ values from the schema
@@ -235,7 +244,8 @@ def calls(draw: st.DrawFn) -> Call:
     body, content_type = (None, None)
     if method in ("POST", "PUT", "PATCH"):
         body, content_type = draw(bodies(body_schema))
-    return Call(method, draw(path_of(template)), params, body, content_type)
+    token = draw(st.sampled_from((TOKEN,) * 8 + (None, TOKEN[:-1], TOKEN + "x")))
+    return Call(method, draw(path_of(template)), params, body, content_type, token)
 
 
 # ----------------------------------------------------------------------------------------- the service
@@ -262,7 +272,7 @@ def archive(tmp_path_factory) -> Iterator[Served]:
     for node in archive_nodes():
         store.insert_node(node)
     store.close()
-    settings = ServiceSettings(work_dir=work_dir, http_port=0, http_host="127.0.0.1")
+    settings = ServiceSettings(work_dir=work_dir, http_port=0, http_host="127.0.0.1", archive_token=TOKEN)
     stop, thread, result, url = _serve_in_thread("archive", settings, FakeBus())
     with httpx.Client(timeout=30) as client:
         yield Served(url, client, thread)
@@ -310,6 +320,8 @@ def assert_json_answers_parse_strictly(call: Call, response: httpx.Response) -> 
 def test_no_request_gets_a_5xx_every_4xx_says_why_and_the_archive_keeps_serving(archive: Served, call: Call):
     response = archive.send(call)
     assert_answered_with_a_message(call, response)
+    if call.unauthorized_write():
+        assert response.status_code == 401, f"{call}: {response.status_code} {response.text[:500]}"
     assert_json_answers_parse_strictly(call, response)
     health = archive.client.get(f"{archive.url}/healthz")
     assert health.status_code == 200 and archive.thread.is_alive(), f"after {call}: {health.text}"

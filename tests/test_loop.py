@@ -257,8 +257,9 @@ def test_hostile_candidates_are_stopped_recorded_and_the_loop_goes_on(tmp_path, 
     assert "wall-clock deadline" in kinds["infinite_loop"]
     assert "MemoryError" in kinds["huge_allocation"]
     assert "got: nothing" in kinds["secret"]
-    assert "unreachable" in kinds["socket"].lower() or "OSError" in kinds["socket"]
-    assert "Read-only file system" in kinds["escape"] or "Permission denied" in kinds["escape"]
+    # blocked and named by the audit hook (poise/sandbox_audit.py) before the namespaces and mounts refuse them
+    assert "attempted to connect to `127.0.0.1:" in kinds["socket"] and "blocked" in kinds["socket"]
+    assert "attempted to write `" in kinds["escape"]
     assert not escape.exists()
     assert all(n.failure.phase == "implement" for n in failed)
     assert summary.status.budget.evaluated == 1  # the loop went on to a real candidate

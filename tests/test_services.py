@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient
 
 from app.serve import HttpServer, ServeError, build_app, bus_check, serve, store_check
 from archive.api import NOT_FOUND_HEADER, archive_router, store_unavailable
+from archive.auth import ApiAuth
 from archive.client import ArchiveClient, ReadOnlyArchive
 from archive.runs import RunRefused, resolve_run
 from archive.service import ArchiveService
@@ -117,8 +118,12 @@ def store(tmp_path: Path) -> Iterator[SQLiteStore]:
     store.close()
 
 
+WRITE_TOKEN = "test-write-token-of-the-archive"
+AUTHORIZED = {"Authorization": f"Bearer {WRITE_TOKEN}"}  # POST /api/runs needs it (archive/auth.py)
+
+
 def api_app(store: ArchiveStore, start_run=None) -> FastAPI:
-    app = build_app("archive", {}, router=archive_router(store, start_run=start_run))
+    app = build_app("archive", {}, router=archive_router(store, start_run=start_run, auth=ApiAuth([WRITE_TOKEN])))
     return app
 
 
@@ -217,7 +222,7 @@ def test_post_runs_starts_a_run_and_refuses_conflicts_with_409(store: SQLiteStor
         started.append(resolved)
         return resolved
 
-    client = TestClient(api_app(store, start_run))
+    client = TestClient(api_app(store, start_run), headers=AUTHORIZED)
     response = client.post("/api/runs", json={"run_id": "run-new", "budget": 2, "protocol": "tiny"})
     assert response.status_code == 202 and response.json()["backends"]["bus"] == "nats"
     assert store.get_run("run-new").budget == 2
@@ -231,7 +236,8 @@ def test_post_runs_starts_a_run_and_refuses_conflicts_with_409(store: SQLiteStor
 
 def test_post_runs_refuses_a_field_a_client_may_not_set_with_a_clear_422(store: SQLiteStore):
     asked: list[RunRequest] = []
-    client = TestClient(api_app(store, lambda request: asked.append(request) or RunConfig(run_id=request.run_id)))
+    client = TestClient(api_app(store, lambda request: asked.append(request) or RunConfig(run_id=request.run_id)),
+                        headers=AUTHORIZED)
     for body, problem in [
         ({"run_id": "r", "budjet": 2}, "budjet: Extra inputs are not permitted"),
         ({"run_id": "r", "protocol_sha256": "0" * 64}, "protocol_sha256: Extra inputs are not permitted"),
@@ -616,10 +622,11 @@ def _wait_for(predicate, timeout_s: float = 20.0) -> None:
 
 def test_serve_archive_starts_a_posted_run_serves_health_metrics_and_api_and_stops_cleanly(tmp_path: Path):
     bus = FakeBus()
-    settings = ServiceSettings(work_dir=tmp_path, http_port=0, http_host="127.0.0.1")
+    settings = ServiceSettings(work_dir=tmp_path, http_port=0, http_host="127.0.0.1", archive_token=WRITE_TOKEN)
     stop, thread, result, url = _serve_in_thread("archive", settings, bus)
     _wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
-    posted = httpx.post(f"{url}/api/runs", json={"run_id": "run-served", "budget": 2, "protocol": "tiny"})
+    posted = httpx.post(f"{url}/api/runs", json={"run_id": "run-served", "budget": 2, "protocol": "tiny"},
+                        headers=AUTHORIZED)
     assert posted.status_code == 202 and posted.json()["backends"]["bus"] == "nats"
     # the loop thread starts the run: the root is proposed, applied, and its implementation asked for
     _wait_for(lambda: [n["genealogy"]["node_id"] for n in httpx.get(f"{url}/api/runs/run-served/nodes").json()]

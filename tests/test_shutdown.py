@@ -214,7 +214,7 @@ def test_sigterm_in_each_phase_finishes_or_hands_the_work_back_and_a_restart_doe
         assert len(root.implementation.attempts) == 1  # the interrupted verification left no trace
         # The restarted services published every event of the run (but the root's reflection, which the
         # reflector finished before it stopped), doing each piece of work once.
-        events = events_per_subject(cluster.nats.url)
+        events = events_per_subject(cluster.nats.admin_url)
         for service, (_, phase, _) in points.items():
             subject = {"implement": "evt.implemented", "train": "evt.trained", "evaluate": "evt.evaluated",
                        "reflect": "evt.reflected"}[phase]

@@ -17,6 +17,8 @@ from poise.contracts import (
     TrainStepEvent,
 )
 from poise.sandbox import run_sandboxed
+from poise.sandbox_audit import attempts_in, describe_attempts
+from poise.testbed.model import WEIGHTS_FILE
 from poise.testbed.protocol import Protocol
 from poise.testbed.training import CHECKPOINT_NAME
 
@@ -75,17 +77,33 @@ def train_candidate(
                         report_type=TrainReport, fault="trainer.train")
     report = run.result
     notes = list(report.isolation) if report is not None else []
-    if run.ok and report is not None and report.trajectory is not None:
+    attempts = attempts_in(run.events)  # blocked in the child: the run fails, however it went on
+    if run.ok and not attempts and report is not None and report.trajectory is not None:
         trajectory = report.trajectory
         expected = (workdir / CHECKPOINT_NAME).resolve()
+        streamed = [step for step in map(_step_of, run.events) if step is not None]
+        problem = None
         if Path(trajectory.checkpoint_uri or "").resolve() != expected:
+            problem = "the child reported a checkpoint outside its working directory"
+        elif not (expected / WEIGHTS_FILE).is_file():
+            problem = "the child reported a checkpoint it did not write (no weights in its working directory)"
+        elif trajectory.steps != streamed:
+            problem = (f"the child's report does not match its run: it names {len(trajectory.steps)} step(s), "
+                       f"{len(streamed)} were reported as they ran")
+        if problem is not None:  # a report the candidate wrote on the harness's channel (docs/sandbox.md)
             trajectory.checkpoint_uri = None
-            return TrainOutcome(trajectory, "the child reported a checkpoint outside its working directory",
-                                isolation_notes=notes, wall_s=run.wall_s)
+            return TrainOutcome(trajectory, problem, isolation_notes=notes, wall_s=run.wall_s)
         return TrainOutcome(trajectory, isolation_notes=notes, wall_s=run.wall_s)
     # Failed: keep the curve up to the failure, without a checkpoint.
     steps = [step for step in map(_step_of, run.events) if step is not None]
-    reason = report.reason if report is not None and report.reason else run.failure_reason()
+    # The report's reason only when the child ended cleanly after it: a report followed by an exit, a kill or a
+    # deadline may be a line the candidate printed, and then how the child ended is the reason.
+    if attempts:
+        reason = describe_attempts(attempts)
+    elif run.ok and report is not None and report.reason:
+        reason = report.reason
+    else:
+        reason = run.failure_reason()
     partial = TrainingTrajectory(protocol=protocol.name, seed=seed, steps=steps, aborted=True, abort_reason=reason,
                                  wall_s=run.wall_s)
     detail = ((report.traceback if report is not None else None) or run.stderr_tail)[-4000:]

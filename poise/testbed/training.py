@@ -4,7 +4,9 @@ Per step: P prompts x G samples from the current policy (old log-probs and entro
 sampler), rewards from the grader, the candidate's advantages over the whole rollout batch, then
 `minibatches` optimizer updates, each on a shuffled slice, with the candidate's per-token loss reduced
 by its declared aggregation. The first update of a step is on-policy (ratio 1); later ones are not,
-which is what makes the clipping mechanisms of candidates matter.
+which is what makes the clipping mechanisms of candidates matter. What a step logs of its rollout (reward,
+format-valid rate, entropy, length) is computed before candidate code sees the step, and checked after
+(docs/sandbox.md, "Integrity of rewards and records").
 
 This module runs candidate code: it is imported only in the sandboxed child (trainer.testbed_child).
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from poise.algorithm import (
+    Tampering,
     aggregate_loss,
     build_batch,
     loss_agg_mode,
@@ -91,6 +94,13 @@ def train(
                 with torch.no_grad():
                     ref_log_prob, _ = response_log_probs_by_length(reference, prompt_ids, prompt_mask, response_ids,
                                                                    response_mask, protocol.temperature)
+            # What is logged of the rollout (and the KL to the base) is computed before candidate code sees this
+            # step, and logged as it was then; the candidate gets copies (poise.algorithm), and the check below
+            # fails a step whose tensors changed anyway (docs/sandbox.md, "Integrity of rewards and records").
+            logged = _rollout_record(scores, format_valid, rollout.entropy, mask)
+            kl = None
+            if log_kl:
+                kl = masked_mean(kl_penalty(rollout.log_probs, ref_log_prob, KLEstimator.K3), mask).item()
             group_index = torch.arange(protocol.prompts_per_step).repeat_interleave(protocol.group_size)
             batch = build_batch(scores, mask, group_index, format_valid=format_valid, entropy=rollout.entropy,
                                 ref_log_prob=ref_log_prob if keep_reference_in_batch else None, hparams=hparams)
@@ -101,15 +111,10 @@ def train(
             update_s = time.perf_counter() - update_started
             if average:
                 average.update(policy)
-            kl = None
-            if log_kl:
-                kl = masked_mean(kl_penalty(rollout.log_probs, ref_log_prob, KLEstimator.K3), mask).item()
+            _check_unchanged(logged, _rollout_record(scores, format_valid, rollout.entropy, mask), step)
             record = TrainingStep(
                 step=step,
-                reward_mean=scores.mean().item(),
-                format_valid_rate=format_valid.mean().item(),
-                entropy=masked_mean(rollout.entropy, mask).item(),
-                response_length=mask.sum(-1).mean().item(),
+                **logged,
                 kl=kl,
                 grad_norm=update_metrics.pop("grad_norm"),
                 clip_frac=update_metrics.pop("clip_frac", None),
@@ -184,6 +189,22 @@ def _update(policy, optimizer, schedule, candidate, protocol: Protocol, batch, p
             for key, value in {**metrics, "loss": loss.item(), "grad_norm": grad_norm}.items():
                 sums[key] = sums.get(key, 0.0) + value
     return {key: value / updates for key, value in sums.items()}
+
+
+def _rollout_record(scores: torch.Tensor, format_valid: torch.Tensor, entropy: torch.Tensor,
+                    mask: torch.Tensor) -> dict[str, float]:
+    """What a step logs of its rollout: the reward and format-valid rate (B,), entropy and length (B, L)."""
+    return {"reward_mean": scores.mean().item(), "format_valid_rate": format_valid.mean().item(),
+            "entropy": masked_mean(entropy, mask).item(), "response_length": mask.sum(-1).mean().item()}
+
+
+def _check_unchanged(logged: dict[str, float], now: dict[str, float], step: int) -> None:
+    """Tampering when the step's own rollout tensors no longer give what was logged before candidate code ran."""
+    changed = [f"{key} {value:.4g} before, {now[key]:.4g} after" for key, value in logged.items()
+               if not (value == now[key] or math.isnan(value) and math.isnan(now[key]))]
+    if changed:
+        raise Tampering(f"tampering: the harness's own rollout tensors changed while candidate code ran at step "
+                        f"{step} ({'; '.join(changed)}); the candidate is given copies and must not reach them")
 
 
 def _check_abort(record: TrainingStep, protocol: Protocol, low_format_streak: int) -> None:

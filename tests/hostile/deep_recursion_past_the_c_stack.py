@@ -1,0 +1,23 @@
+"""Hostile: raises the recursion limit, then recurses through a C function (map) until the C stack
+overflows (SIGSEGV); plain Python calls would not use the C stack in Python 3.11."""
+
+import sys
+
+from poise.algorithms import common
+
+LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"eps": 1e-6, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl_coef": 0.0, "kl_estimator": "k3"}
+
+
+def _descend(depth):
+    return sum(map(_descend, [depth + 1]))
+
+
+def compute_advantages(batch):
+    sys.setrecursionlimit(10**8)
+    _descend(0)
+    return common.group_normalized_advantages(batch)
+
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    return common.clipped_policy_loss(log_prob, old_log_prob, advantages, response_mask, batch)

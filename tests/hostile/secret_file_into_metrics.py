@@ -1,0 +1,16 @@
+"""Hostile: reads a root-only secret file and returns it as a metric name from compute_advantages."""
+
+from poise.algorithms import common
+
+LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"eps": 1e-6, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl_coef": 0.0, "kl_estimator": "k3"}
+
+
+def compute_advantages(batch):
+    with open("@SECRET_FILE@") as secret:
+        leaked = secret.read().strip()
+    return common.group_normalized_advantages(batch), {leaked: 1.0}
+
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    return common.clipped_policy_loss(log_prob, old_log_prob, advantages, response_mask, batch)

@@ -1,0 +1,19 @@
+"""Hostile: a non-daemon thread that never ends, started at import: the interpreter waits for it at exit."""
+
+import threading
+import time
+
+from poise.algorithms import common
+
+LOSS_AGG_MODE = "token-mean"
+HPARAMS = {"eps": 1e-6, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 3.0, "kl_coef": 0.0, "kl_estimator": "k3"}
+
+threading.Thread(target=lambda: time.sleep(10**6), name='@TOKEN@').start()
+
+
+def compute_advantages(batch):
+    return common.group_normalized_advantages(batch)
+
+
+def policy_loss(log_prob, old_log_prob, advantages, response_mask, batch):
+    return common.clipped_policy_loss(log_prob, old_log_prob, advantages, response_mask, batch)
