@@ -51,7 +51,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 DEFAULT_RUN_DIR = "runs/default"
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
-                "llm_budget_usd")
+                "seeding", "llm_budget_usd")
 LLM_OPERATORS = ("propose", "screen", "implement", "reflect")
 # The flag that sets each RunConfig field whose name is not its flag's (the others: --field-name).
 FLAG_OF_FIELD = {"kind": "--objective", "agents": "--llm"}
@@ -212,8 +212,10 @@ def _shortfall(summary) -> str | None:
         return f"every proposal failed: {reason}" + (f" ({times} of {proposals})" if times < proposals else "")
     budget, llm = status.budget, status.llm
     capped = llm.cap_usd is not None and llm.usd >= llm.cap_usd
-    if budget.evaluated < budget.total and not capped:
-        return f"the run stopped with {budget.evaluated} of {budget.total} candidates evaluated: {summary.stop_reason}"
+    if not budget.reached and not capped:
+        used = (f"{budget.evaluated} of {budget.total} candidates evaluated" if budget.trainings is None
+                else f"{budget.trainings} of {budget.total} trainings spent")
+        return f"the run stopped with {used}: {summary.stop_reason}"
     return None
 
 
@@ -267,7 +269,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     counts = ", ".join(f"{k} {v}" for k, v in status.counts.items() if v)
     print(f"run {run_id}: protocol {status.protocol}, seed {status.seed}, depth {status.depth}")
-    print(f"evaluated {status.budget.evaluated}/{status.budget.total} ({counts or 'no nodes yet'})")
+    print(f"{status.budget.text()} ({counts or 'no nodes yet'})")
     print(f"objective: {status.objective.description}")
     if status.constraints is not None:
         met = status.constraints.satisfied
@@ -698,6 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--root-seeds", type=positive_int, help="seeds the root (GRPO) is trained with, for the noise (3)")
     run.add_argument("--replicate-seeds", type=positive_int, help="fresh seeds a node is re-trained with before it is "
                                                           "reported as the best (3)")
+    run.add_argument("--seeding", choices=("one", "racing"),
+                     help="one: one training seed per child, the budget counts children (default); racing: extra "
+                          "seeds go to the nodes whose rank is promising and uncertain, up to 3 per node, before "
+                          "they are parents, and the budget counts the children's trainings (docs/racing.md)")
     run.add_argument("--objective", choices=("overall", "length"),
                      help="utility: the weighted Overall (default), or shorter responses at Overall within "
                           "--accuracy-tolerance of GRPO")

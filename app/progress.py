@@ -126,7 +126,8 @@ def extra_trainings(status: RunStatus, config: RunConfig) -> int:
 
 def run_eta(status: RunStatus, config: RunConfig, clock: PhaseClock, elapsed_s: float, workers: int) -> float | None:
     root_in_flight = status.root is not None and status.root.status in IN_FLIGHT
-    left = phases_left(status.counts, config.budget, status.budget.evaluated, root_in_flight,
+    # With racing an extra seed is counted as a whole candidate's phases: an over-estimate of the proposals left.
+    left = phases_left(status.counts, config.budget, status.budget.used, root_in_flight,
                        extra_trainings(status, config))
     work_s = clock.total()
     # wall seconds per second of phase work so far: the time between phases, and work side by side
@@ -362,7 +363,7 @@ class Progress:
     def status_line(self) -> None:
         """One line: evaluated, the work in flight, failures, the best so far, agent-LLM spend, elapsed and ETA."""
         status = self.refresh()
-        parts = [f"evaluated {status.budget.evaluated}/{self.config.budget}", self._in_flight(status),
+        parts = [status.budget.text(), self._in_flight(status),
                  f"failed {status.counts.get(NodeStatus.FAILED, 0)}"]
         best = best_text(status)
         if best:

@@ -4,7 +4,9 @@ It applies every `evt.*` with the update operator (archive/update.py), publishes
 keeps the pipeline full: the root (GRPO) first, trained with `root_seeds` seeds to measure the run's noise;
 then children of parents chosen by the baseline selection while the budget (evaluated candidates) and
 parallelism (candidates in flight) allow; finally, before a node is reported as the best, it is re-trained
-with `replicate_seeds` fresh seeds.
+with `replicate_seeds` fresh seeds. With `seeding="racing"` (docs/racing.md) the budget counts the children's
+trainings, and before any new child is asked for, the racing rule (poise/racing.py) names the node that gets
+the next extra seed, so a lucky single seed is checked before it becomes a parent.
 
 Resume: nothing about a run lives only in memory. `start()` rebuilds the pending work from the stored
 nodes — every node not yet reflected or failed gets its next work again (in-flight work is redone), and
@@ -19,8 +21,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from archive.status import best_score
-from archive.update import ArchiveUpdater, Outcome, UpdateResult, next_work
+from archive.status import best_score, children_trainings
+from archive.update import ArchiveUpdater, Outcome, RunAccounting, UpdateResult, next_work
 from poise.bus import Bus
 from poise.contracts import (
     ROOT_ID,
@@ -34,6 +36,7 @@ from poise.contracts import (
     NodeStatus,
     Phase,
     RunConfig,
+    RunCounters,
     WorkPropose,
     WorkTrain,
     node_number,
@@ -41,7 +44,8 @@ from poise.contracts import (
 from poise.description.proposals import root_proposal
 from poise.faults import fault_point
 from poise.metrics import DUPLICATE, METRICS, OK, REJECTED, backend_name, observed
-from poise.scoring import confirmation_scores, replicate_seed, summarize
+from poise.racing import SEED_POLICIES, next_seed
+from poise.scoring import confirmation_scores, pooled_sd, replicate_seed, seed_scores, summarize
 from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive")
@@ -62,6 +66,8 @@ class RunState:
     replicate_tries: Counter
     propose_failures: int = 0
     finished: bool = False
+    confirming: bool = False  # the end of the run: the best is re-trained with fresh seeds
+    race_view: tuple[tuple[int | None, int], list[NodeScore]] | None = None  # (clock, failed) → scores, racing
     stop_reason: str | None = None
 
 
@@ -204,6 +210,41 @@ class ArchiveService:
         accounting = self.updater.accounting_of(self.config, counters)
         pending = len(self.state.proposals)
         in_flight = accounting.in_flight + pending
+        self._check_stops(accounting, counters)
+        policy = SEED_POLICIES[self.config.seeding]
+        # The root counts towards nothing: the budget is the number of evaluated children (one seed each), or with
+        # racing the children's trainings, extra seeds included.
+        evaluated_children = accounting.evaluated - 1
+        if policy.racing:
+            racing, trainings_left = self._race(counters, in_flight)
+        else:
+            racing, trainings_left = False, self.config.budget - evaluated_children - in_flight
+        next_number = 1 + max([counters.max_number, *map(node_number, self.state.proposals)])
+        # A child is asked for only while the budget left can give it its policy's cap of seeds (one, without
+        # racing), and with racing never while an extra seed is pending.
+        while (self.state.stop_reason is None and in_flight < self.config.parallel and not racing
+               and policy.affords_child(trainings_left)):
+            node_id = f"n{next_number:03d}"
+            # The proposer chooses the parent (lineage prioritization is part of the proposal operator).
+            work = WorkPropose(run_id=self.run_id, node_id=node_id, attempt=1 + self.state.propose_failures,
+                               as_of=self._evaluations)
+            self.state.proposals[node_id] = work
+            self.bus.publish(work)
+            next_number += 1
+            in_flight += 1
+            trainings_left -= 1
+        METRICS.set_in_flight(self.run_id, in_flight)
+        if in_flight or self.state.replicates or racing:
+            return
+        if not policy.affords_child(trainings_left) or self.state.stop_reason:
+            # A node waiting for its reflection is not in flight (it counts towards the budget, not the
+            # parallelism) but not done either: the run finishes with its evt.reflected (or evt.failed).
+            if not self._confirm_best() and not counters.counts.get(NodeStatus.EVALUATED, 0):
+                self._finish(self.state.stop_reason or "budget reached")
+
+    def _check_stops(self, accounting: RunAccounting, counters: RunCounters) -> None:
+        """Stop proposing after too many failures or once the agent-LLM cost cap is spent (the run goes on with
+        what is in flight)."""
         if accounting.failed >= max(8, 2 * self.config.budget):
             self.state.stop_reason = f"{accounting.failed} candidates failed; stopped proposing"
         if self.state.propose_failures >= 5:
@@ -214,33 +255,51 @@ class ArchiveService:
             if spent >= cap:
                 self.state.stop_reason = (f"the agent-LLM cost cap is reached (${spent:.4f} of ${cap:.2f}); "
                                           "stopped proposing")
-        # The root counts towards nothing: the budget is the number of evaluated children.
-        evaluated_children = accounting.evaluated - 1
-        next_number = 1 + max([counters.max_number, *map(node_number, self.state.proposals)])
-        while (self.state.stop_reason is None and evaluated_children + in_flight < self.config.budget
-               and in_flight < self.config.parallel):
-            node_id = f"n{next_number:03d}"
-            # The proposer chooses the parent (lineage prioritization is part of the proposal operator).
-            work = WorkPropose(run_id=self.run_id, node_id=node_id, attempt=1 + self.state.propose_failures,
-                               as_of=self._evaluations)
-            self.state.proposals[node_id] = work
-            self.bus.publish(work)
-            next_number += 1
-            in_flight += 1
-        METRICS.set_in_flight(self.run_id, in_flight)
-        if in_flight or self.state.replicates:
-            return
-        if evaluated_children >= self.config.budget or self.state.stop_reason:
-            # A node waiting for its reflection is not in flight (it counts towards the budget, not the
-            # parallelism) but not done either: the run finishes with its evt.reflected (or evt.failed).
-            if not self._confirm_best() and not counters.counts.get(NodeStatus.EVALUATED, 0):
-                self._finish(self.state.stop_reason or "budget reached")
+
+    # ------------------------------------------------------------------------------------ racing
+
+    def _race_scores(self, counters: RunCounters) -> list[NodeScore]:
+        """Every scored node in creation order, read again only when an evaluation landed or a node failed (racing
+        reads the whole run's scores, once per change, not once per event)."""
+        key = (self._evaluations, counters.counts.get(NodeStatus.FAILED, 0))
+        if self.state.race_view is None or self.state.race_view[0] != key:
+            scores = sorted(self.store.scores(self.run_id), key=lambda s: node_number(s.node_id))
+            self.state.race_view = (key, scores)
+        return self.state.race_view[1]
+
+    def _race(self, counters: RunCounters, in_flight: int) -> tuple[bool, int]:
+        """Racing (docs/racing.md): publish the extra seed the racing rule names, one at a time. Returns whether a
+        children's seed is pending (no new child is asked for meanwhile: a node's next seed comes before its use
+        as a parent) and the trainings left of the budget after everything in flight."""
+        scores = self._race_scores(counters)
+        pending = sum(1 for node_id, _ in self.state.replicates if node_id != ROOT_ID)
+        trainings_left = self.config.budget - children_trainings(counters, scores) - in_flight - pending
+        if pending:
+            return True, trainings_left
+        if any(node_id == ROOT_ID for node_id, _ in self.state.replicates):
+            return False, trainings_left  # the noise is not measured yet
+        policy = SEED_POLICIES[self.config.seeding]
+        noise = pooled_sd([seed_scores(s) for s in scores])
+        if noise is None:
+            return False, trainings_left
+        # A node whose replicate was given up is not raced (its seed list would stop growing).
+        raceable = {s.node_id: seed_scores(s) for s in scores if not self._given_up(s)}
+        chosen = next_seed(raceable, noise, policy.cap, trainings_left, policy.z)
+        if chosen is None:
+            return False, trainings_left
+        node = self.store.get_node(self.run_id, chosen)
+        if node is None or not self._replicate(node, len(node.replicates) + 1):
+            return False, trainings_left
+        log.info("run %s: racing gives %s its seed %d (noise SD %.4f)", self.run_id, chosen,
+                 len(node.replicates) + 2, noise)
+        return True, trainings_left - 1
 
     def _confirm_best(self) -> bool:
-        """Re-train the best single-seed nodes with fresh seeds; True while such work is pending. Runs only once
-        nothing is in flight at the end of the run, so reading every child's score is fine here."""
+        """Re-train the best nodes by seed mean (their one seed, unless racing gave them more) with fresh seeds;
+        True while such work is pending. Runs only once nothing is in flight at the end of the run, so reading
+        every child's score is fine here."""
         children = [s for s in self.store.scores(self.run_id) if s.node_id != ROOT_ID]
-        ranked = sorted(children, key=lambda s: -(s.utility or float("-inf")))
+        ranked = sorted(children, key=lambda s: -_seed_mean(s))
         confirmed = [s for s in ranked
                      if len(s.replicate_utilities) + self._given_up(s) >= self.config.replicate_seeds]
         confirmed_ids = {s.node_id for s in confirmed}
@@ -250,9 +309,10 @@ class ArchiveService:
                 break
             if score.node_id in confirmed_ids:
                 continue
-            if (score.utility or float("-inf")) <= best_mean:
+            if _seed_mean(score) <= best_mean:
                 break  # no unconfirmed node could beat the confirmed best
             node = self.store.get_node(self.run_id, score.node_id)
+            self.state.confirming = True
             return node is not None and self._replicate(node, self.config.replicate_seeds)
         return False
 
@@ -284,3 +344,9 @@ class ArchiveService:
         self.state.finished = True
         self.state.stop_reason = reason
         log.info("run %s finished: %s", self.run_id, reason)
+
+
+def _seed_mean(score: NodeScore) -> float:
+    """The mean of a node's finite seed scores; -inf when it has none (ranked last)."""
+    scores = seed_scores(score)
+    return sum(scores) / len(scores) if scores else float("-inf")

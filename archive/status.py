@@ -3,12 +3,14 @@ with its seed interval, agent-LLM spend.
 
 It reads the store's counters and node scores (poise/store.py) and at most three whole documents (root,
 leader, best), so it costs about the same at ten thousand nodes as at ten; only an objective with
-constraints lists every evaluated node's verdict, from the scores, still without parsing documents.
+constraints lists every evaluated node's verdict, and racing counts every child's seeds, from the scores, still
+without parsing documents.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from poise.agents import OPERATORS
 from poise.contracts import (
@@ -29,6 +31,7 @@ from poise.contracts import (
     node_number,
 )
 from poise.objective import describe, satisfies
+from poise.racing import SEED_POLICIES
 from poise.scoring import ALPHA, confirmation_scores, seed_scores, summarize, utility, welch_p
 from poise.store import ArchiveError, ArchiveStore
 
@@ -50,8 +53,7 @@ def run_status(store: ArchiveStore, run_id: str) -> RunStatus:
         protocol=config.protocol,
         seed=config.seed,
         counts=counters.counts,
-        budget=BudgetStatus(total=config.budget, evaluated=_evaluated_children(counters, root),
-                            parallel=config.parallel),
+        budget=_budget(store, config, counters, root),
         depth=counters.depth,
         root=None if root is None else RootStatus(node_id=root.node_id, status=root.status, scores=root_scores,
                                                   **(root_summary.as_dict() if root_summary else {})),
@@ -61,6 +63,26 @@ def run_status(store: ArchiveStore, run_id: str) -> RunStatus:
         llm=_llm_spend(store, config),
         constraints=None if config.objective.kind == "overall" else _constraints(store.scores(run_id)),
     )
+
+
+def children_trainings(counters: RunCounters, scores: Sequence[NodeScore]) -> int:
+    """The trainings racing's budget counts (docs/racing.md): every child carrying an evaluation (failed ones
+    included) and every fresh-seed replicate of a scored child; the root's seeds are not counted."""
+    root_evaluated = any(s.node_id == ROOT_ID for s in scores)
+    return (counters.evaluated - root_evaluated
+            + sum(len(s.replicate_utilities) for s in scores if s.node_id != ROOT_ID))
+
+
+def _budget(store: ArchiveStore, config: RunConfig, counters: RunCounters, root: Node | None) -> BudgetStatus:
+    """The budget; with racing it reads every score (the children's extra seeds), otherwise only counters."""
+    evaluated = _evaluated_children(counters, root)
+    policy = SEED_POLICIES[config.seeding]
+    if not policy.racing:
+        return BudgetStatus(total=config.budget, evaluated=evaluated, parallel=config.parallel,
+                            reached=evaluated >= config.budget)
+    trainings = children_trainings(counters, store.scores(config.run_id))
+    return BudgetStatus(total=config.budget, evaluated=evaluated, parallel=config.parallel, trainings=trainings,
+                        reached=not policy.affords_child(config.budget - trainings))
 
 
 def best_score(store: ArchiveStore, run_id: str, top: list[NodeScore] | None = None) -> NodeScore | None:

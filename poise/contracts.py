@@ -61,7 +61,8 @@ def validation_problems(errors: ValidationError | Sequence[Mapping[str, Any]]) -
 # adds fields with defaults, so every minor version of a major reads every other; any other change is a major
 # version, which reads what the major before it wrote and which that one refuses.
 
-CONTRACT_VERSION = "2.0"  # 2.0: documents and messages carry schema_version (1.0 refuses it as an unknown field)
+CONTRACT_VERSION = "2.1"  # 2.0: documents and messages carry schema_version (1.0 refuses it as an unknown field)
+# 2.1: RunSettings.seeding (racing, docs/racing.md)
 UNVERSIONED = "1.0"  # a document or message without schema_version: written before versions existed
 VERSION_PATTERN = r"^[0-9]+\.[0-9]+$"
 Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
@@ -895,7 +896,8 @@ class RunSettings(Contract):
     """The settings of a search run a caller chooses: every part of `RunConfig` but the run's id and what the
     archive records itself."""
 
-    budget: int = Field(64, ge=1, le=1_000_000, description="evaluated candidates, the paper's 64")
+    budget: int = Field(64, ge=1, le=1_000_000, description="evaluated candidates, the paper's 64; with seeding "
+                        "racing, the children's trainings (docs/racing.md)")
     parallel: int = Field(3, ge=1, le=1024, description="nodes in the pipeline at once")
     parents_per_round: int = Field(3, ge=1, le=1024)
     parent_selection: Literal["greedy", "random", "poise"] = Field(
@@ -905,6 +907,10 @@ class RunSettings(Contract):
     max_correction_attempts: int = Field(3, ge=1, le=100)
     root_seeds: int = Field(3, ge=1, le=1000, description="fresh-seed evaluations of the root, the yardstick")
     replicate_seeds: int = Field(3, ge=1, le=1000, description="fresh-seed re-evaluations of a promising node")
+    seeding: Literal["one", "racing"] = Field(
+        "one", description="one: a child is trained with one seed and the budget counts children; racing: extra "
+        "seeds go to the nodes whose rank is promising and uncertain (poise/racing.py) before they are parents, and "
+        "the budget counts the children's trainings (docs/racing.md)")
     seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer (what MongoDB stores)")
     protocol: str = "default"
     objective: Objective = Field(default_factory=Objective)
@@ -977,9 +983,25 @@ class RunCounters(Versioned):
 
 
 class BudgetStatus(Contract):
+    """What the budget counts and how much of it is used: evaluated children (one seed each), or with racing
+    (docs/racing.md) the children's trainings, extra seeds included, in `trainings`."""
+
     total: int
     evaluated: int
     parallel: int
+    trainings: int | None = Field(None, description="with seeding racing: the children's trainings so far")
+    reached: bool = Field(False, description="no new child fits in what is left (racing: fewer than a node's cap of "
+                                             "seeds)")
+
+    @property
+    def used(self) -> int:
+        return self.evaluated if self.trainings is None else self.trainings
+
+    def text(self) -> str:
+        """"evaluated 12/16", or with racing "trainings 14/16, 9 children evaluated"."""
+        if self.trainings is None:
+            return f"evaluated {self.evaluated}/{self.total}"
+        return f"trainings {self.trainings}/{self.total}, {self.evaluated} children evaluated"
 
 
 class RootStatus(Contract):

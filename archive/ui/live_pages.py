@@ -97,10 +97,13 @@ def run_state(store: ArchiveStore, config: RunConfig, status: RunStatus, root: N
     if pipeline:
         where = ", ".join(f"{n} {s}" for s, n in pipeline)
         return RunState("running", f"{sum(n for _, n in pipeline)} in the pipeline ({where})")
-    # The budget as the archive service counts it: children carrying an evaluation, failed ones included.
+    # The budget as the archive service counts it: children carrying an evaluation, failed ones included (or
+    # with racing, their trainings).
     evaluated = store.counters(status.run_id).evaluated - (root.evaluation is not None)
-    if evaluated >= status.budget.total:
-        reached = f"budget reached: {evaluated} of {status.budget.total} candidates evaluated"
+    if (status.budget.reached if status.budget.trainings is not None else evaluated >= status.budget.total):
+        reached = (f"budget reached: {evaluated} of {status.budget.total} candidates evaluated"
+                   if status.budget.trainings is None else
+                   f"budget reached: {status.budget.trainings} of {status.budget.total} trainings")
         leader = status.leader  # the best single seed: the archive service re-trains it before it finishes
         fresh = leader.seeds - 1 if leader else config.replicate_seeds
         if fresh < config.replicate_seeds:
@@ -141,7 +144,7 @@ def render_runs_page(store: ArchiveStore) -> str:
         rows.append(
             f'<tr data-run="{esc(run_id)}"><td><a href="{url("runs", run_id)}">{esc(run_id)}</a></td>'
             f"<td>{_state_html(state)}</td>"
-            f'<td class="num">{status.budget.evaluated} / {status.budget.total}</td>'
+            f'<td class="num">{status.budget.used} / {status.budget.total}</td>'
             f'<td class="num">{sum(status.counts.values())}</td>'
             f"<td>{best_cell}</td><td>{_verdict_html(best.verdict) if best else '—'}</td>"
             f"<td>{esc(status.protocol)}</td></tr>")
@@ -220,8 +223,10 @@ def _counts_html(status: RunStatus) -> str:
 
 def _budget_html(status: RunStatus) -> str:
     budget = status.budget
-    return (f'<progress max="{budget.total}" value="{min(budget.evaluated, budget.total)}"></progress> '
-            f"{budget.evaluated} / {budget.total} candidates evaluated · depth {status.depth}")
+    counted = ("candidates evaluated" if budget.trainings is None
+               else f"trainings ({budget.evaluated} children evaluated)")
+    return (f'<progress max="{budget.total}" value="{min(budget.used, budget.total)}"></progress> '
+            f"{budget.used} / {budget.total} {counted} · depth {status.depth}")
 
 
 def _timing_html(store: ArchiveStore, status: RunStatus, state: RunState, root: Node | None,
@@ -240,7 +245,7 @@ def _timing_html(store: ArchiveStore, status: RunStatus, state: RunState, root: 
         lines.append(f'<p>ran for <b class="elapsed">{esc(duration(ended - started))}</b></p>')
         return "".join(lines)
     lines.append(f'<p>elapsed <b class="elapsed">{esc(duration(now - started))}</b></p>')
-    done, left = status.budget.evaluated, status.budget.total - status.budget.evaluated
+    done, left = status.budget.evaluated, status.budget.total - status.budget.used
     first = store.get_node(status.run_id, _numbered(1))
     if done < MIN_EVALUATED_FOR_ESTIMATE or first is None or left <= 0:
         why = ("every candidate is evaluated; the fresh-seed confirmation of the best remains" if left <= 0

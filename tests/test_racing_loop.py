@@ -1,0 +1,236 @@
+"""Racing in the archive's loop (docs/racing.md): the real archive, proposer and reflector services on the
+in-process bus, with implementation, training and evaluation scripted, so each node's score is its true value
+plus a known seed noise and every scheduling decision can be checked against the racing rule."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from archive.service import ArchiveService
+from archive.sqlite_store import SQLiteStore
+from archive.status import children_trainings, run_status
+from poise.bus import InProcBus
+from poise.contracts import (
+    ROOT_ID,
+    Evaluation,
+    EvtEvaluated,
+    EvtImplemented,
+    EvtTrained,
+    Implementation,
+    Message,
+    MetricKind,
+    NodeStatus,
+    RunConfig,
+    SuiteResult,
+    TrainingStep,
+    TrainingTrajectory,
+    WorkEvaluate,
+    WorkImplement,
+    WorkPropose,
+    WorkTrain,
+)
+from poise.racing import SEED_CAP
+from poise.scoring import seed_scores
+from proposer.service import ProposerService
+from reflector.service import ReflectorService
+
+SOURCE = "LOSS_AGG_MODE = 'token-mean'\n"
+NOISE_SD = 0.01
+
+
+def true_value(node_id: str) -> float:
+    """A node's true score: the root's 0.5, children spread by about one noise SD around it."""
+    return 0.5 if node_id == ROOT_ID else 0.5 + random.Random(f"true/{node_id}").gauss(0.0, NOISE_SD)
+
+
+def seed_score(node_id: str, seed: int) -> float:
+    return true_value(node_id) + random.Random(f"noise/{node_id}/{seed}").gauss(0.0, NOISE_SD)
+
+
+def evaluation(overall: float, seed: int) -> Evaluation:
+    suite = SuiteResult(suite="easy", kind=MetricKind.ACC_AT_1, value=overall, ci_low=overall - 0.02,
+                        ci_high=overall + 0.02, n_prompts=100, n_samples=100, mean_length=40.0,
+                        format_valid_rate=0.9, weight=1.0)
+    return Evaluation(suites={"easy": suite}, overall=overall, mean_length=40.0, seed=seed)
+
+
+class ScriptedWorld:
+    """Implements, trains and evaluates by script on the bus and records every message published, in order."""
+
+    def __init__(self, bus: InProcBus) -> None:
+        self.bus = bus
+        self.log: list[Message] = []
+        self.confirming: list[Message] = []  # published once the archive confirms the best at the end
+        self.archive: ArchiveService | None = None
+        publish = bus.publish
+
+        def recorded(message: Message) -> None:
+            self.log.append(message)
+            if self.archive is not None and self.archive.state.confirming:
+                self.confirming.append(message)
+            publish(message)
+
+        bus.publish = recorded
+        bus.subscribe("work.implement", self.implement)
+        bus.subscribe("work.train", self.train)
+        bus.subscribe("work.evaluate", self.evaluate)
+
+    def implement(self, work: WorkImplement) -> None:
+        self.bus.publish(EvtImplemented(run_id=work.run_id, node_id=work.node_id,
+                                        implementation=Implementation.from_source(SOURCE, verified=True)))
+
+    def train(self, work: WorkTrain) -> None:
+        trajectory = TrainingTrajectory(protocol=work.protocol, seed=work.seed, checkpoint_uri=f"/ckpt/{work.node_id}",
+                                        steps=[TrainingStep(step=0, reward_mean=0.5)])
+        self.bus.publish(EvtTrained(run_id=work.run_id, node_id=work.node_id, replicate=work.replicate,
+                                    trajectory=trajectory))
+
+    def evaluate(self, work: WorkEvaluate) -> None:
+        self.bus.publish(EvtEvaluated(run_id=work.run_id, node_id=work.node_id, replicate=work.replicate,
+                                      evaluation=evaluation(seed_score(work.node_id, work.seed), work.seed)))
+
+
+def run_scripted(tmp_path: Path, **settings) -> tuple[SQLiteStore, ArchiveService, ScriptedWorld]:
+    store = SQLiteStore(tmp_path / "archive.db")
+    config = RunConfig(run_id="race", protocol="tiny", seed=3, **settings)
+    store.put_run(config)
+    bus = InProcBus()
+    world = ScriptedWorld(bus)
+    archive = world.archive = ArchiveService(bus, store, config)
+    bus.dead_letter = archive.dead_letter
+    proposer, reflector = ProposerService(bus, store), ReflectorService(bus, store)
+    bus.subscribe("work.propose", proposer.handle)
+    bus.subscribe("work.reflect", reflector.handle)
+    for subject in ("evt.proposed", "evt.implemented", "evt.trained", "evt.evaluated", "evt.reflected",
+                    "evt.failed"):
+        bus.subscribe(subject, archive.handle)
+    archive.start()
+    for _ in range(100_000):
+        if not bus.step():
+            break
+    return store, archive, world
+
+
+@pytest.fixture(scope="module")
+def raced(tmp_path_factory):
+    store, archive, world = run_scripted(tmp_path_factory.mktemp("race"), budget=16, parallel=2,
+                                         seeding="racing")
+    yield store, archive, world
+    store.close()
+
+
+def test_a_racing_run_spends_its_budget_in_trainings_and_finishes(raced):
+    store, archive, world = raced
+    assert archive.state.finished and archive.state.stop_reason == "budget reached"
+    counters = store.counters("race")
+    trainings = children_trainings(counters, store.scores("race"))
+    status = run_status(store, "race")
+    confirmation = sum(isinstance(m, WorkTrain) for m in world.confirming)
+    assert confirmation and all(m.node_id == status.best.node_id for m in world.confirming
+                                if isinstance(m, WorkTrain)), "the end confirms the best, nothing else"
+    # The budget counts the children's trainings; at most the final confirmation goes beyond it, and the run
+    # stops only once no new child could get its cap of seeds.
+    assert 16 - SEED_CAP < trainings - confirmation <= 16
+    assert status.budget.trainings == trainings and status.budget.reached
+    assert status.budget.text().startswith(f"trainings {trainings}/16")
+    children = [s for s in store.scores("race") if s.node_id != ROOT_ID]
+    assert len(children) < 16, "racing spent some trainings on extra seeds, so fewer children were made"
+    assert all(n.status == NodeStatus.REFLECTED for n in store.nodes("race"))
+
+
+def test_extra_seeds_go_only_to_nodes_the_rule_names_and_never_beyond_the_cap(raced):
+    store, _, world = raced
+    confirming = set(map(id, world.confirming))
+    extra = [m for m in world.log if isinstance(m, WorkTrain) and m.replicate and m.node_id != ROOT_ID
+             and id(m) not in confirming]
+    assert extra, "no child got an extra seed"
+    for node in store.nodes("race"):
+        confirmed = sum(isinstance(m, WorkTrain) and m.node_id == node.node_id for m in world.confirming)
+        if node.node_id != ROOT_ID:
+            assert len(seed_scores(node)) - confirmed <= SEED_CAP
+
+
+def test_no_child_is_asked_for_while_an_extra_seed_is_pending(raced):
+    _, _, world = raced
+    pending: set[tuple[str, int]] = set()
+    for message in world.log:
+        if isinstance(message, WorkTrain) and message.replicate and message.node_id != ROOT_ID:
+            pending.add((message.node_id, message.replicate))
+        elif isinstance(message, EvtEvaluated) and message.replicate:
+            pending.discard((message.node_id, message.replicate))
+        elif isinstance(message, WorkPropose):
+            assert not pending, f"{message.node_id} was asked for while {sorted(pending)} still trained"
+
+
+def test_the_first_extra_seed_follows_the_racing_rule(raced):
+    """Replay the archive up to the first children's extra seed: the node it went to is the one `next_seed`
+    names from the seed scores that existed then."""
+    from poise.racing import next_seed
+    from poise.scoring import pooled_sd
+
+    _, _, world = raced
+    scores: dict[str, list[float]] = {}
+    for message in world.log:
+        if isinstance(message, EvtEvaluated):
+            scores.setdefault(message.node_id, []).append(message.evaluation.overall)
+        if isinstance(message, WorkTrain) and message.replicate and message.node_id != ROOT_ID:
+            ordered = dict(sorted(scores.items()))
+            noise = pooled_sd(list(ordered.values()))
+            assert next_seed(ordered, noise, SEED_CAP, 1) == message.node_id
+            return
+    pytest.fail("no extra seed was given")
+
+
+def test_one_seed_per_child_keeps_counting_children(tmp_path):
+    store, archive, world = run_scripted(tmp_path, budget=5, parallel=2)
+    status = run_status(store, "race")
+    assert archive.state.finished and status.budget.evaluated == 5 and status.budget.trainings is None
+    raced = {m.node_id for m in world.log if isinstance(m, WorkTrain) and m.replicate and m.node_id != ROOT_ID}
+    assert raced <= {status.best.node_id} | {s.node_id for s in store.scores("race") if len(s.replicate_utilities)}
+    assert math.isfinite(status.best.utility)
+    store.close()
+
+
+def test_a_racing_run_resumed_midway_redoes_the_pending_seed_and_ends_the_same(tmp_path):
+    """Stop delivering messages at the first extra seed, drop what was queued (a crash), and start a new archive
+    service on the same store: it asks for the same seed again, and the run finishes within its budget."""
+    store = SQLiteStore(tmp_path / "archive.db")
+    config = RunConfig(run_id="race", protocol="tiny", seed=3, budget=12, parallel=2, seeding="racing")
+    store.put_run(config)
+
+    def wire(bus: InProcBus) -> tuple[ArchiveService, ScriptedWorld]:
+        world = ScriptedWorld(bus)
+        archive = world.archive = ArchiveService(bus, store, config)
+        bus.dead_letter = archive.dead_letter
+        bus.subscribe("work.propose", ProposerService(bus, store).handle)
+        bus.subscribe("work.reflect", ReflectorService(bus, store).handle)
+        for subject in ("evt.proposed", "evt.implemented", "evt.trained", "evt.evaluated", "evt.reflected",
+                        "evt.failed"):
+            bus.subscribe(subject, archive.handle)
+        return archive, world
+
+    first_bus = InProcBus()
+    archive, world = wire(first_bus)
+    archive.start()
+    first = None
+    while first_bus.step():
+        first = next((m for m in world.log if isinstance(m, WorkTrain) and m.replicate
+                      and m.node_id != ROOT_ID), None)
+        if first is not None:
+            break
+    assert first is not None, "no extra seed was asked for"
+    second_bus = InProcBus()
+    archive, world = wire(second_bus)
+    archive.start()
+    redone = [m for m in world.log if isinstance(m, WorkTrain) and m.replicate and m.node_id != ROOT_ID]
+    assert redone and (redone[0].node_id, redone[0].seed) == (first.node_id, first.seed)
+    while second_bus.step():
+        pass
+    assert archive.state.finished
+    trainings = children_trainings(store.counters("race"), store.scores("race"))
+    assert trainings - sum(isinstance(m, WorkTrain) for m in world.confirming) <= 12
+    store.close()
