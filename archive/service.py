@@ -26,6 +26,7 @@ from archive.update import ArchiveUpdater, Outcome, RunAccounting, UpdateResult,
 from poise.bus import Bus
 from poise.contracts import (
     ROOT_ID,
+    SERVICE_ERROR,
     EvtEvaluated,
     EvtFailed,
     EvtProposed,
@@ -76,7 +77,7 @@ def dead_letter_failure(message: Message, reason: str) -> EvtFailed | None:
     phase = PHASE_OF_WORK.get(message.subject)
     if phase is None:
         return None
-    failure = Failure(phase=phase, reason=f"{phase} service error: {reason}", detail=reason)
+    failure = Failure(phase=phase, reason=f"{phase} {SERVICE_ERROR}: {reason}", detail=reason)
     return EvtFailed(run_id=message.run_id, node_id=message.node_id, attempt=message.attempt,
                      replicate=getattr(message, "replicate", 0), failure=failure)
 

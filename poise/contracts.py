@@ -668,6 +668,9 @@ class Reflection(Contract):
 # ------------------------------------------------------------------------------------ failure, cost
 
 
+SERVICE_ERROR = "service error"  # in the reason of a failure the service, not the candidate, caused (a dead letter)
+
+
 class Failure(Contract):
     """Why a node stopped: the phase, a one-line reason for lists and logs, and the full detail."""
 

@@ -56,7 +56,8 @@ import math
 import random
 import statistics
 import warnings
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -65,7 +66,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 from threadpoolctl import ThreadpoolController
 
-from poise.contracts import Node, NodeStatus, Objective, Proposal, SelectionWeights
+from poise.contracts import SERVICE_ERROR, Node, NodeStatus, Objective, Phase, Proposal, SelectionWeights
 from poise.description.mechanisms import MECHANISMS, AlgorithmDescription, Param
 from poise.description.proposals import proposal_description
 from poise.pareto import dominance, non_dominated, pareto_fronts, row_blocks
@@ -273,31 +274,57 @@ def behaviour_distances(vectors: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------- descendant potential
 
 
-def descendant_gain(node: Node, descendants: Sequence[Node], utility: Utility, weights: SelectionWeights
-                    ) -> float | None:
+def descendant_gain(node: Node, descendants: Sequence[Node], utility: Utility, weights: SelectionWeights,
+                    failed_children: int = 0) -> float | None:
     """y_d = mean over the top-K descendants of γ^(generations between them) · tanh((U(c) − U(d)) / β), top-K by
-    that discounted term; None when `descendants` (evaluated descendants of `node`) is empty."""
+    that discounted term; None when `descendants` (evaluated descendants of `node`) is empty and no child failed.
+
+    A child that failed by its own code (`failed_by_candidate`) is evidence against the node (docs/racing.md): with
+    f the failed share of its direct children, y_d ← (1 − f)·y_d + f·(−γ), −γ being the lowest value a direct
+    child's term can take, so failures only ever lower y_d; a node whose only children failed gets −γ."""
     _check_beta(weights.beta)
     own = utility(node)
     terms = sorted((weights.gamma ** (child.genealogy.depth - node.genealogy.depth)
                     * math.tanh((utility(child) - own) / weights.beta) for child in descendants), reverse=True)
     top = terms[: weights.top_k]
-    return sum(top) / len(top) if top else None
+    gain = sum(top) / len(top) if top else None
+    if not failed_children:
+        return gain
+    direct = sum(1 for child in descendants if child.genealogy.depth == node.genealogy.depth + 1)
+    share = failed_children / (failed_children + direct)
+    return (1 - share) * (gain if gain is not None else 0.0) + share * -weights.gamma
+
+
+def failed_by_candidate(node: Node) -> bool:
+    """A node that failed because of the candidate itself: it could not be implemented and verified, or its
+    training failed or was aborted. A failure of the proposer, of evaluation or reflection, or of a service
+    (a dead-lettered message) says nothing about the parent."""
+    failure = node.failure
+    return (node.status == NodeStatus.FAILED and failure is not None
+            and failure.phase in (Phase.IMPLEMENT, Phase.TRAIN) and SERVICE_ERROR not in failure.reason)
 
 
 def descendant_gains(nodes: Sequence[Node], utility: Utility, weights: SelectionWeights,
                      of: Collection[str] | None = None) -> dict[str, float]:
-    """y_d of every candidate that has evaluated descendants among the candidates of `nodes` (only of those whose
-    id is in `of`, when given), by node id. One pass over the candidates' ancestor lists: time linear in their
-    total length, not quadratic in the archive."""
+    """y_d of every candidate that has evaluated descendants, or children that failed by their own code
+    (`failed_by_candidate`), among `nodes` (only of those whose id is in `of`, when given), by node id. One pass
+    over the candidates' ancestor lists: time linear in their total length, not quadratic in the archive."""
     utility = memoized(utility)
-    return _gains(candidate_parents(nodes, utility), utility, weights, of)
+    return _gains(candidate_parents(nodes, utility), utility, weights, of, failed_children(nodes))
 
 
-def _gains(candidates: Sequence[Node], utility: Utility, weights: SelectionWeights, of: Collection[str] | None
-           ) -> dict[str, float]:
-    """`descendant_gains` over `candidates` already filtered by `candidate_parents`."""
+def failed_children(nodes: Iterable[Node]) -> Counter:
+    """How many children of each node failed by their own code (`failed_by_candidate`), by the parent's id."""
+    return Counter(node.genealogy.parent_ids[0] for node in nodes
+                   if node.genealogy.parent_ids and failed_by_candidate(node))
+
+
+def _gains(candidates: Sequence[Node], utility: Utility, weights: SelectionWeights, of: Collection[str] | None,
+           failed: Mapping[str, int] | None = None) -> dict[str, float]:
+    """`descendant_gains` over `candidates` already filtered by `candidate_parents`; `failed`: each parent's
+    children that failed by their own code."""
     _check_beta(weights.beta)
+    failed = failed or {}
     wanted = {node.node_id for node in candidates}
     if of is not None:
         wanted &= set(of)
@@ -305,8 +332,10 @@ def _gains(candidates: Sequence[Node], utility: Utility, weights: SelectionWeigh
     for child in candidates:
         for ancestor in wanted.intersection(child.genealogy.ancestors):
             descendants.setdefault(ancestor, []).append(child)
-    return {node.node_id: descendant_gain(node, descendants[node.node_id], utility, weights)
-            for node in candidates if node.node_id in descendants}
+    return {node.node_id: descendant_gain(node, descendants.get(node.node_id, []), utility, weights,
+                                          failed.get(node.node_id, 0))
+            for node in candidates
+            if node.node_id in wanted and (node.node_id in descendants or failed.get(node.node_id, 0))}
 
 
 def _check_beta(beta: float) -> None:
@@ -421,7 +450,8 @@ class DescendantGP(KernelGP):
         self._utilities = {node.node_id: float(utility(node)) for node in candidates}
         values = list(self._utilities.values())
         self._utility_range = (min(values), max(values)) if values else (0.0, 0.0)
-        self.targets = _gains(candidates, utility, self.weights, of={node.node_id for node in self.shortlisted})
+        self.targets = _gains(candidates, utility, self.weights, of={node.node_id for node in self.shortlisted},
+                              failed=failed_children(nodes))
         trained = [node for node in self.shortlisted if node.node_id in self.targets]
         self._train([self.features(node) for node in trained], [self.targets[node.node_id] for node in trained])
         return self

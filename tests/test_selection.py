@@ -252,6 +252,43 @@ def test_a_leaf_has_no_descendant_gain() -> None:
     assert descendant_gain(nodes["b"], [], seed_mean, SelectionWeights()) is None
 
 
+def failed_child(archive: Archive, node_id: str, parent: str, phase: Phase, reason: str) -> Node:
+    """A child of `parent` that failed in `phase`, kept with the rest of the archive."""
+    node = archive.add(node_id, 0.0, parent=parent)
+    failed = Node(genealogy=node.genealogy, status=NodeStatus.FAILED, proposal=node.proposal,
+                  failure=Failure(phase=phase, reason=reason), created_at=node.created_at, updated_at=node.created_at)
+    archive.nodes[node_id] = failed
+    return failed
+
+
+def test_a_child_that_failed_by_its_own_code_lowers_its_parents_descendant_gain() -> None:
+    archive = small_tree()
+    weights = SelectionWeights(gamma=0.8, top_k=2, beta=0.05)
+    before = descendant_gains(archive.list(), seed_mean, weights)
+    failed_child(archive, "f1", "a", Phase.TRAIN, "training diverged: reward nan at step 3")
+    after = descendant_gains(archive.list(), seed_mean, weights)
+    # a has one evaluated child (b) and one failed: half its weight goes to -γ, the lowest a child's term can be
+    assert after["a"] == pytest.approx(0.5 * before["a"] + 0.5 * -0.8)
+    assert after["root"] == pytest.approx(before["root"]), "only the direct parent is judged by the failure"
+    # a node whose only child failed gets -γ, where before it had no target at all
+    failed_child(archive, "f2", "c", Phase.IMPLEMENT, "verification failed: policy_loss returned shape (8,)")
+    assert "c" not in before and descendant_gains(archive.list(), seed_mean, weights)["c"] == pytest.approx(-0.8)
+
+
+@pytest.mark.parametrize(("phase", "reason"), [
+    (Phase.EVALUATE, "evaluation failed: vLLM server unreachable"),
+    (Phase.REFLECT, "reflection failed"),
+    (Phase.PROPOSE, "proposer failed"),
+    (Phase.TRAIN, "train service error: handler crashed 3 times"),
+])
+def test_failures_of_the_services_say_nothing_about_the_parent(phase: Phase, reason: str) -> None:
+    archive = small_tree()
+    weights = SelectionWeights(gamma=0.8, top_k=2, beta=0.05)
+    before = descendant_gains(archive.list(), seed_mean, weights)
+    failed_child(archive, "f", "a", phase, reason)
+    assert descendant_gains(archive.list(), seed_mean, weights) == pytest.approx(before)
+
+
 # -------------------------------------------------------------------------------------------------- GP
 
 
