@@ -283,9 +283,11 @@ class ArchiveService:
         noise = pooled_sd([seed_scores(s) for s in scores])
         if noise is None:
             return False, trainings_left
-        # A node whose replicate was given up is not raced (its seed list would stop growing).
-        raceable = {s.node_id: seed_scores(s) for s in scores if not self._given_up(s)}
-        chosen = next_seed(raceable, noise, policy.cap, trainings_left, policy.z)
+        # The root's seeds are not the budget's to give, and a node whose replicate was given up would stop
+        # growing: both still rank, neither gets a seed.
+        closed = {ROOT_ID} | {s.node_id for s in scores if self._given_up(s)}
+        chosen = next_seed({s.node_id: seed_scores(s) for s in scores}, noise, policy.cap, trainings_left, policy.z,
+                           closed)
         if chosen is None:
             return False, trainings_left
         node = self.store.get_node(self.run_id, chosen)

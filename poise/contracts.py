@@ -1004,7 +1004,8 @@ class BudgetStatus(Contract):
         """"evaluated 12/16", or with racing "trainings 14/16, 9 children evaluated"."""
         if self.trainings is None:
             return f"evaluated {self.evaluated}/{self.total}"
-        return f"trainings {self.trainings}/{self.total}, {self.evaluated} children evaluated"
+        beyond = " (with the best's confirmation, outside the budget)" if self.trainings > self.total else ""
+        return f"trainings {self.trainings}/{self.total}{beyond}, {self.evaluated} children evaluated"
 
 
 class RootStatus(Contract):

@@ -17,7 +17,7 @@ never more, a fixed number at birth, or one at birth and up to `cap` by racing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 RACING_Z = 0.5  # interval half-width in standard errors, chosen on pilot worlds (docs/racing.md)
@@ -49,12 +49,14 @@ SEED_POLICIES: dict[str, SeedPolicy] = {
 
 
 def next_seed(seed_scores: Mapping[str, Sequence[float]], noise_sd: float, cap: int, trainings_left: int,
-              z: float = RACING_Z) -> str | None:
+              z: float = RACING_Z, closed: Collection[str] = ()) -> str | None:
     """The node (its key in `seed_scores`, which is in creation order) that gets the next training seed, or None.
 
     `seed_scores` maps each node to the utility of every seed it was trained with (nodes without a finite score
     are ignored); `noise_sd` is the run's measured seed SD; `cap` the most seeds a node gets; `trainings_left` the
-    budget. The rule is the module docstring's."""
+    budget; `closed` the nodes that take no more seeds whatever their count (the run loop's root, whose seeds the
+    budget does not pay for, and a node whose extra seed kept failing), which still rank. The rule is the module
+    docstring's."""
     if not math.isfinite(noise_sd) or noise_sd < 0:
         raise ValueError(f"racing needs the run's measured seed SD, a finite number >= 0; got {noise_sd}")
     if trainings_left < 1:
@@ -71,7 +73,7 @@ def next_seed(seed_scores: Mapping[str, Sequence[float]], noise_sd: float, cap: 
     contenders = [key for key in scored if key != leader and mean[key] + half[key] > floor]
     if not contenders:
         return None  # settled: the leader's lower bound clears every other upper bound
-    open_ = [key for key in (leader, *contenders) if len(scored[key]) < cap]
+    open_ = [key for key in (leader, *contenders) if len(scored[key]) < cap and key not in closed]
     if not open_:
         return None
     return max(open_, key=lambda key: (mean[key] + half[key], -len(scored[key]), -order[key]))

@@ -56,6 +56,14 @@ def test_nodes_at_the_cap_and_an_exhausted_budget_get_nothing() -> None:
     assert pick(scores, cap=4) == "lucky"  # higher upper bound than root's
 
 
+def test_a_closed_node_still_ranks_but_gets_no_seed() -> None:
+    scores = {"leader": [0.300], "challenger": [0.298]}
+    assert next_seed(scores, SD, CAP, 10, z=1.0, closed={"leader"}) == "challenger"  # still its contender
+    assert next_seed(scores, SD, CAP, 10, z=1.0, closed={"leader", "challenger"}) is None
+    assert next_seed({"leader": [0.300, 0.302, 0.298], "far": [0.280]}, SD, CAP, 10, z=1.0,
+                     closed={"leader"}) is None  # far still cannot reach the closed leader's lower bound
+
+
 def test_more_noise_widens_the_race_and_no_noise_settles_it() -> None:
     scores = {"root": MEASURED, "other": [0.265]}
     assert pick(scores) is None  # 0.265 + 0.01 does not reach 0.285 − 0.0058

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,8 @@ def true_value(node_id: str) -> float:
     return 0.5 if node_id == ROOT_ID else 0.5 + random.Random(f"true/{node_id}").gauss(0.0, NOISE_SD)
 
 
-def seed_score(node_id: str, seed: int) -> float:
-    return true_value(node_id) + random.Random(f"noise/{node_id}/{seed}").gauss(0.0, NOISE_SD)
+def seed_score(node_id: str, seed: int, truth: Callable[[str], float] = true_value) -> float:
+    return truth(node_id) + random.Random(f"noise/{node_id}/{seed}").gauss(0.0, NOISE_SD)
 
 
 def evaluation(overall: float, seed: int) -> Evaluation:
@@ -61,8 +62,9 @@ def evaluation(overall: float, seed: int) -> Evaluation:
 class ScriptedWorld:
     """Implements, trains and evaluates by script on the bus and records every message published, in order."""
 
-    def __init__(self, bus: InProcBus) -> None:
+    def __init__(self, bus: InProcBus, truth: Callable[[str], float] = true_value) -> None:
         self.bus = bus
+        self.truth = truth
         self.log: list[Message] = []
         self.confirming: list[Message] = []  # published once the archive confirms the best at the end
         self.archive: ArchiveService | None = None
@@ -90,16 +92,18 @@ class ScriptedWorld:
                                     trajectory=trajectory))
 
     def evaluate(self, work: WorkEvaluate) -> None:
+        score = seed_score(work.node_id, work.seed, self.truth)
         self.bus.publish(EvtEvaluated(run_id=work.run_id, node_id=work.node_id, replicate=work.replicate,
-                                      evaluation=evaluation(seed_score(work.node_id, work.seed), work.seed)))
+                                      evaluation=evaluation(score, work.seed)))
 
 
-def run_scripted(tmp_path: Path, **settings) -> tuple[SQLiteStore, ArchiveService, ScriptedWorld]:
+def run_scripted(tmp_path: Path, truth: Callable[[str], float] = true_value, **settings
+                 ) -> tuple[SQLiteStore, ArchiveService, ScriptedWorld]:
     store = SQLiteStore(tmp_path / "archive.db")
     config = RunConfig(run_id="race", protocol="tiny", seed=3, **settings)
     store.put_run(config)
     bus = InProcBus()
-    world = ScriptedWorld(bus)
+    world = ScriptedWorld(bus, truth)
     archive = world.archive = ArchiveService(bus, store, config)
     bus.dead_letter = archive.dead_letter
     proposer, reflector = ProposerService(bus, store), ReflectorService(bus, store)
@@ -233,4 +237,15 @@ def test_a_racing_run_resumed_midway_redoes_the_pending_seed_and_ends_the_same(t
     assert archive.state.finished
     trainings = children_trainings(store.counters("race"), store.scores("race"))
     assert trainings - sum(isinstance(m, WorkTrain) for m in world.confirming) <= 12
+    store.close()
+
+
+def test_the_root_is_never_raced_even_below_the_cap(tmp_path):
+    """With 2 root seeds (below the cap of 3) the root still ranks, but its seeds are not the budget's to give:
+    here the root leads every child by a little, so the rule would name it first if it could."""
+    store, archive, world = run_scripted(tmp_path, truth=lambda node_id: 0.5 if node_id == ROOT_ID else 0.497,
+                                         budget=10, parallel=2, seeding="racing", root_seeds=2)
+    assert archive.state.finished
+    root_trainings = [m for m in world.log if isinstance(m, WorkTrain) and m.node_id == ROOT_ID]
+    assert [m.replicate for m in root_trainings] == [0, 1]
     store.close()
