@@ -51,7 +51,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 DEFAULT_RUN_DIR = "runs/default"
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
-                "seeding", "llm_budget_usd")
+                "seeding", "split", "report_seeds", "llm_budget_usd")
 LLM_OPERATORS = ("propose", "screen", "implement", "reflect")
 # The flag that sets each RunConfig field whose name is not its flag's (the others: --field-name).
 FLAG_OF_FIELD = {"kind": "--objective", "agents": "--llm"}
@@ -286,6 +286,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if best.constraints_satisfied is not None:
             print(f"  Overall {best.overall:.4f}, mean length {best.mean_length:.1f}, constraints "
                   f"{'met' if best.constraints_satisfied else 'NOT met'}")
+        if best.report is not None:
+            print(report_text(best.report))
     llm = status.llm
     if llm.calls:
         cap = f" of the ${llm.cap_usd:.2f} cap" if llm.cap_usd is not None else ""
@@ -293,6 +295,22 @@ def cmd_status(args: argparse.Namespace) -> int:
                         for op, v in llm.per_operator.items())
         print(f"agent LLM: ${llm.usd:.4f}{cap} in {llm.calls} requests — {per}")
     return 0
+
+
+def report_text(report) -> str:
+    """The report's lines (docs/reporting.md): each arm on the fresh seeds, then the paired gain and verdict."""
+    lines = [f"report ({'reporting half' if report.half == 'reporting' else 'every problem'}, fresh seeds):"]
+    for arm in report.arms:
+        interval = (f" [{arm.ci_low:.4f}, {arm.ci_high:.4f}]" if arm.ci_low is not None else "")
+        lines.append(f"  {arm.arm}: Overall {arm.mean:.4f}{interval} over {len(arm.seeds)} seeds, mean length "
+                     f"{arm.mean_length:.1f}")
+    if report.gain is not None:
+        interval = (f" [{report.gain_interval[0]:+.4f}, {report.gain_interval[1]:+.4f}]"
+                    if report.gain_interval else "")
+        lines.append(f"  best − GRPO: {report.gain:+.4f}{interval} Overall, {report.length_change:+.1f} tokens, "
+                     f"over {report.paired_seeds} paired seeds")
+    lines.append(f"  {report.verdict}")
+    return "\n".join(lines)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -704,6 +722,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one: one training seed per child, the budget counts children (default); racing: extra "
                           "seeds go to the nodes whose rank is promising and uncertain, up to 3 per node, before "
                           "they are parents, and the budget counts the children's trainings (docs/racing.md)")
+    run.add_argument("--split", action="store_const", const=True,
+                     help="selection, racing and the best's confirmation score the selection half of each suite; the "
+                          "report scores the other half (docs/reporting.md)")
+    run.add_argument("--report-seeds", type=int, metavar="N",
+                     help="at the end, train the best and GRPO on the same N fresh seeds and report the paired gain "
+                          "(on the reporting half with --split; default 0: no report phase)")
     run.add_argument("--objective", choices=("overall", "length"),
                      help="utility: the weighted Overall (default), or shorter responses at Overall within "
                           "--accuracy-tolerance of GRPO")

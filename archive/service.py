@@ -46,7 +46,7 @@ from poise.description.proposals import root_proposal
 from poise.faults import fault_point
 from poise.metrics import DUPLICATE, METRICS, OK, REJECTED, backend_name, observed
 from poise.racing import SEED_POLICIES, next_seed
-from poise.scoring import confirmation_scores, pooled_sd, replicate_seed, seed_scores, summarize
+from poise.scoring import confirmation_scores, pooled_sd, replicate_seed, report_seed, seed_scores, summarize
 from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive")
@@ -63,7 +63,7 @@ class RunState:
     """What the archive service is waiting for, beyond what the stored nodes say."""
 
     proposals: dict[str, WorkPropose]
-    replicates: set[tuple[str, int]]
+    replicates: set[tuple[str, int, str | None]]  # (node, replicate, report arm) trainings pending
     replicate_tries: Counter
     propose_failures: int = 0
     finished: bool = False
@@ -143,7 +143,7 @@ class ArchiveService:
 
     def _stamped(self, event: Message) -> Message:
         """An evaluation gets the next tick of the run's evaluation clock (kept only if the event applies)."""
-        if not isinstance(event, EvtEvaluated):
+        if not isinstance(event, EvtEvaluated) or event.arm:  # a report arm's score is not on the clock
             return event
         if self._evaluations is None:  # handle() before start(): read the clock once
             self._evaluations = evaluation_clock(self.store.nodes(self.run_id))
@@ -168,7 +168,7 @@ class ArchiveService:
                 del self.state.proposals[event.node_id]
         replicate = getattr(event, "replicate", 0)
         if replicate:
-            key = (event.node_id, replicate)
+            key = (event.node_id, replicate, getattr(event, "arm", None))
             ended = event.subject in ("evt.evaluated", "evt.failed") or (
                 event.subject == "evt.trained" and not result.next_work)
             if ended and key in self.state.replicates:
@@ -240,7 +240,8 @@ class ArchiveService:
         if not policy.affords_child(trainings_left) or self.state.stop_reason:
             # A node waiting for its reflection is not in flight (it counts towards the budget, not the
             # parallelism) but not done either: the run finishes with its evt.reflected (or evt.failed).
-            if not self._confirm_best() and not counters.counts.get(NodeStatus.EVALUATED, 0):
+            if (not self._confirm_best() and not self._report()
+                    and not counters.counts.get(NodeStatus.EVALUATED, 0)):
                 self._finish(self.state.stop_reason or "budget reached")
 
     def _check_stops(self, accounting: RunAccounting, counters: RunCounters) -> None:
@@ -273,11 +274,11 @@ class ArchiveService:
         children's seed is pending (no new child is asked for meanwhile: a node's next seed comes before its use
         as a parent) and the trainings left of the budget after everything in flight."""
         scores = self._race_scores(counters)
-        pending = sum(1 for node_id, _ in self.state.replicates if node_id != ROOT_ID)
+        pending = sum(1 for node_id, _, arm in self.state.replicates if node_id != ROOT_ID and arm is None)
         trainings_left = self.config.budget - children_trainings(counters, scores) - in_flight - pending
         if pending:
             return True, trainings_left
-        if any(node_id == ROOT_ID for node_id, _ in self.state.replicates):
+        if any(node_id == ROOT_ID for node_id, _, _ in self.state.replicates):
             return False, trainings_left  # the noise is not measured yet
         policy = SEED_POLICIES[self.config.seeding]
         noise = pooled_sd([seed_scores(s) for s in scores])
@@ -320,8 +321,8 @@ class ArchiveService:
         return False
 
     def _given_up(self, node: Node | NodeScore) -> int:
-        return sum(1 for (nid, _), tries in self.state.replicate_tries.items()
-                   if nid == node.node_id and tries >= MAX_REPLICATE_TRIES)
+        return sum(1 for (nid, _, arm), tries in self.state.replicate_tries.items()
+                   if nid == node.node_id and arm is None and tries >= MAX_REPLICATE_TRIES)
 
     def _replicate(self, node: Node, wanted: int) -> bool:
         """Publish the missing fresh-seed re-trainings of `node`; True if any is pending."""
@@ -331,7 +332,7 @@ class ArchiveService:
         pending = False
         for i in range(1, wanted + 1):
             seed = replicate_seed(self.config.seed, i)
-            key = (node.node_id, i)
+            key = (node.node_id, i, None)
             if seed in have or self.state.replicate_tries[key] >= MAX_REPLICATE_TRIES:
                 continue
             pending = True
@@ -341,6 +342,36 @@ class ArchiveService:
             self.bus.publish(WorkTrain(run_id=self.run_id, node_id=node.node_id, replicate=i,
                                        attempt=1 + self.state.replicate_tries[key], source=node.implementation.source,
                                        protocol=self.config.protocol, seed=seed))
+        return pending
+
+    def _report(self) -> bool:
+        """The report (docs/reporting.md): once the best is confirmed, it and GRPO are each trained on the same
+        `report_seeds` fresh seeds and scored on the reporting half; True while such work is pending. The runs are
+        stored on the best node (`Node.reported`); a training that fails twice is given up (fewer seeds)."""
+        if not self.config.report_seeds:
+            return False
+        best = best_score(self.store, self.run_id)
+        if best is None or best.node_id == ROOT_ID:
+            return False  # GRPO is the best: nothing to report against it
+        node = self.store.get_node(self.run_id, best.node_id)
+        root = self.store.get_node(self.run_id, ROOT_ID)
+        if node is None or node.implementation is None or root is None or root.implementation is None:
+            return False
+        stored = {(r.arm, r.evaluation.seed) for r in node.reported}
+        pending = False
+        for arm, source in (("best", node.implementation.source), ("grpo", root.implementation.source)):
+            for k in range(1, self.config.report_seeds + 1):
+                seed = report_seed(self.config.seed, k)
+                key = (node.node_id, k, arm)
+                if (arm, seed) in stored or self.state.replicate_tries[key] >= MAX_REPLICATE_TRIES:
+                    continue
+                pending = True
+                if key in self.state.replicates:
+                    continue
+                self.state.replicates.add(key)
+                self.bus.publish(WorkTrain(run_id=self.run_id, node_id=node.node_id, replicate=k, arm=arm,
+                                           attempt=1 + self.state.replicate_tries[key], source=source,
+                                           protocol=self.config.protocol, seed=seed))
         return pending
 
     def _finish(self, reason: str) -> None:

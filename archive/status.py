@@ -15,15 +15,18 @@ from collections.abc import Sequence
 from poise.agents import OPERATORS
 from poise.contracts import (
     ROOT_ID,
+    ArmStatus,
     BestStatus,
     BudgetStatus,
     ConstraintsStatus,
+    Evaluation,
     LeaderStatus,
     LlmSpendStatus,
     Node,
     NodeScore,
     NodeStatus,
     ObjectiveStatus,
+    ReportStatus,
     RootStatus,
     RunConfig,
     RunCounters,
@@ -32,7 +35,7 @@ from poise.contracts import (
 )
 from poise.objective import describe, satisfies
 from poise.racing import SEED_POLICIES
-from poise.scoring import ALPHA, confirmation_scores, seed_scores, summarize, utility, welch_p
+from poise.scoring import ALPHA, confirmation_scores, paired_p, seed_scores, summarize, utility, welch_p
 from poise.store import ArchiveError, ArchiveStore
 
 
@@ -134,7 +137,48 @@ def _best_status(best: Node, root_scores: list[float]) -> BestStatus:
         overall=_mean([e.overall for e in evaluations]),
         mean_length=_mean([e.mean_length for e in evaluations]),
         constraints_satisfied=satisfies(best),
+        report=report_status(best),
     )
+
+
+def report_status(best: Node) -> ReportStatus | None:
+    """The report stored on the best node (docs/reporting.md), or None before it has any run. The gain pairs the
+    best's and GRPO's Overall seed by seed (both were trained on the same report seeds)."""
+    if not best.reported:
+        return None
+    by_arm: dict[str, dict[int, Evaluation]] = {}
+    for run in best.reported:
+        by_arm.setdefault(run.arm, {})[run.evaluation.seed] = run.evaluation
+    arms = [_arm_status(arm, runs) for arm, runs in by_arm.items()]
+    best_runs, grpo_runs = by_arm.get("best", {}), by_arm.get("grpo", {})
+    paired = sorted(set(best_runs) & set(grpo_runs))
+    differences = [best_runs[s].overall - grpo_runs[s].overall for s in paired]
+    lengths = [best_runs[s].mean_length - grpo_runs[s].mean_length for s in paired]
+    gain = summarize(differences)
+    p = paired_p(differences)
+    half = best.reported[0].evaluation.half
+    return ReportStatus(half=half, arms=arms, paired_seeds=len(paired), gain=gain.mean if gain else None,
+                        gain_interval=(gain.ci_low, gain.ci_high) if gain and gain.ci_low is not None else None,
+                        p=p, length_change=_mean(lengths), verdict=_report_verdict(gain, p, len(paired), half))
+
+
+def _arm_status(arm: str, runs: dict[int, Evaluation]) -> ArmStatus:
+    seeds = sorted(runs)
+    overall = [runs[s].overall for s in seeds]
+    summary = summarize(overall)
+    return ArmStatus(arm=arm, seeds=seeds, overall=overall, mean=summary.mean if summary else None,
+                     ci_low=summary.ci_low if summary else None, ci_high=summary.ci_high if summary else None,
+                     mean_length=_mean([runs[s].mean_length for s in seeds]))
+
+
+def _report_verdict(gain, p: float | None, paired: int, half: str) -> str:
+    where = "on the reporting half" if half == "reporting" else "on every problem"
+    if p is None:
+        return f"the report has {paired} paired seed(s) so far; it needs 2 to test"
+    direction = "better" if gain.mean > 0 else "worse"
+    if p >= ALPHA:
+        return f"indistinguishable from GRPO {where} over {paired} fresh seeds (paired t p = {p:.2f})"
+    return f"{direction} than GRPO {where} over {paired} fresh seeds (paired t p = {p:.3f})"
 
 
 def _leader_status(store: ArchiveStore, run_id: str, leader: NodeScore) -> LeaderStatus:

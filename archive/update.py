@@ -35,12 +35,14 @@ from poise.contracts import (
     EvtTrained,
     Failure,
     Genealogy,
+    Half,
     Implementation,
     Message,
     Node,
     NodeStatus,
     Phase,
     Proposal,
+    ReportedRun,
     RunConfig,
     RunCounters,
     WorkEvaluate,
@@ -103,7 +105,8 @@ def next_work(node: Node, config: RunConfig) -> tuple[Message, ...]:
             return (WorkTrain(**ids, source=node.implementation.source, protocol=config.protocol, seed=config.seed),)
         case NodeStatus.TRAINED if node.trajectory is not None and node.trajectory.checkpoint_uri is not None:
             uri = node.trajectory.checkpoint_uri
-            return (WorkEvaluate(**ids, checkpoint_uri=uri, protocol=config.protocol, seed=config.seed),)
+            return (WorkEvaluate(**ids, checkpoint_uri=uri, protocol=config.protocol, seed=config.seed,
+                                 half=selection_half(config)),)
         case NodeStatus.EVALUATED:
             return (WorkReflect(**ids, parent_ids=node.genealogy.parent_ids),)
     return ()
@@ -149,6 +152,16 @@ def _reached(node: Node, status: NodeStatus) -> bool:
     if node.status == NodeStatus.FAILED:
         return getattr(node, STATUS_PART[status]) is not None
     return PIPELINE.index(node.status) >= PIPELINE.index(status)
+
+
+def selection_half(config: RunConfig) -> Half:
+    """The problems a run's selection scores (docs/reporting.md): the selection half when the run is split."""
+    return "selection" if config.split else "all"
+
+
+def reporting_half(config: RunConfig) -> Half:
+    """The problems a run's report scores: the reporting half when the run is split (else all, on fresh seeds)."""
+    return "reporting" if config.split else "all"
 
 
 class ArchiveUpdater:
@@ -235,6 +248,10 @@ class ArchiveUpdater:
             return self._reject(event, f"unknown node {event.node_id!r} in run {event.run_id!r}")
         if isinstance(event, EvtFailed):
             return self._failed(event, node)
+        if isinstance(event, EvtEvaluated) and event.arm:
+            return self._reported(event, node)
+        if isinstance(event, EvtTrained) and event.arm:
+            return self._report_trained(event, node, config)
         if isinstance(event, EvtEvaluated) and event.replicate:
             return self._replicate(event, node)
         if isinstance(event, EvtTrained) and event.replicate:
@@ -333,7 +350,8 @@ class ArchiveUpdater:
             why = trajectory.abort_reason or "no checkpoint"
             return UpdateResult(Outcome.APPLIED, f"replicate {event.replicate} training failed ({why})", node)
         work = WorkEvaluate(run_id=node.run_id, node_id=node.node_id, replicate=event.replicate,
-                            checkpoint_uri=trajectory.checkpoint_uri, protocol=config.protocol, seed=trajectory.seed)
+                            checkpoint_uri=trajectory.checkpoint_uri, protocol=config.protocol, seed=trajectory.seed,
+                            half=selection_half(config))
         reason = f"replicate {event.replicate} trained (seed {trajectory.seed})"
         return UpdateResult(Outcome.APPLIED, reason, node, (work,))
 
@@ -345,6 +363,32 @@ class ArchiveUpdater:
         if any(r.seed == event.evaluation.seed for r in node.replicates):
             return UpdateResult(Outcome.DUPLICATE, f"a replicate with seed {event.evaluation.seed} is stored", node)
         return self._write(node, _advance(node, replicates=[*node.replicates, event.evaluation]), None)
+
+    def _report_trained(self, event: EvtTrained, node: Node, config: RunConfig) -> UpdateResult:
+        """A report arm's training on a fresh seed (docs/reporting.md): nothing is stored; its checkpoint is scored
+        on the reporting half."""
+        trajectory = event.trajectory
+        if node.evaluation is None or node.status == NodeStatus.FAILED:
+            return self._reject(event, f"node is {node.status}; the report needs an evaluated node", node)
+        if any(r.arm == event.arm and r.evaluation.seed == trajectory.seed for r in node.reported):
+            return UpdateResult(Outcome.DUPLICATE, f"report arm {event.arm} seed {trajectory.seed} is stored", node)
+        if trajectory.checkpoint_uri is None:
+            why = trajectory.abort_reason or "no checkpoint"
+            return UpdateResult(Outcome.APPLIED, f"report arm {event.arm} training failed ({why})", node)
+        work = WorkEvaluate(run_id=node.run_id, node_id=node.node_id, replicate=event.replicate, arm=event.arm,
+                            checkpoint_uri=trajectory.checkpoint_uri, protocol=config.protocol, seed=trajectory.seed,
+                            half=reporting_half(config))
+        return UpdateResult(Outcome.APPLIED, f"report arm {event.arm} trained (seed {trajectory.seed})", node, (work,))
+
+    def _reported(self, event: EvtEvaluated, node: Node) -> UpdateResult | None:
+        """A report arm's score on the reporting half; one per (arm, seed)."""
+        if node.evaluation is None or node.status == NodeStatus.FAILED:
+            return self._reject(event, f"node is {node.status}; the report needs an evaluated node", node)
+        seed = event.evaluation.seed
+        if any(r.arm == event.arm and r.evaluation.seed == seed for r in node.reported):
+            return UpdateResult(Outcome.DUPLICATE, f"report arm {event.arm} seed {seed} is stored", node)
+        run = ReportedRun(arm=event.arm, evaluation=event.evaluation)
+        return self._write(node, _advance(node, reported=[*node.reported, run]), None)
 
     def _write(self, old: Node, new: Node, config: RunConfig | None) -> UpdateResult | None:
         """Compare-and-set `old` → `new` (None if another writer moved the node first).

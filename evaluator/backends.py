@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from poise.contracts import Evaluation
+from poise.contracts import Evaluation, Half
 
 EVALUATOR_BACKENDS = ("testbed", "vllm")
 
@@ -15,8 +15,9 @@ EVALUATOR_BACKENDS = ("testbed", "vllm")
 class EvaluatorBackend(Protocol):
     name: str
 
-    def evaluate(self, checkpoint: Path, protocol: str, seed: int) -> Evaluation:
-        """One evaluation pass; raises an error whose message is the node's failure reason."""
+    def evaluate(self, checkpoint: Path, protocol: str, seed: int, half: Half = "all") -> Evaluation:
+        """One evaluation pass over `half` of each suite's problems (evaluator.metrics.half_of); raises an error
+        whose message is the node's failure reason."""
 
     def check(self) -> str | None:
         """None when the backend can evaluate, else why not (served on /healthz)."""

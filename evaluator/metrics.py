@@ -5,10 +5,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from math import comb
+from typing import TypeVar
 
 import numpy as np
 
-from poise.contracts import Evaluation, MetricKind, SuiteResult
+from poise.contracts import Evaluation, Half, MetricKind, SuiteResult
+
+Item = TypeVar("Item")
+
+
+def half_of(items: Sequence[Item], half: Half) -> list[Item]:
+    """A suite's problems for `half` (docs/reporting.md): every one, the selection half (the even positions of the
+    suite's fixed order) or the reporting half (the odd ones). Disjoint, fixed by the suite alone, and each half
+    spread over the whole suite rather than its first or second part."""
+    if half == "all":
+        return list(items)
+    return list(items[0 if half == "selection" else 1::2])
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

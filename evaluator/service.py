@@ -35,7 +35,8 @@ class EvaluatorService:
     @observed("evaluate")
     def handle(self, work: WorkEvaluate) -> str | None:
         fault_point("evaluator.received", f"{work.run_id}/{work.node_id}")
-        ids = {"run_id": work.run_id, "node_id": work.node_id, "attempt": work.attempt, "replicate": work.replicate}
+        ids = {"run_id": work.run_id, "node_id": work.node_id, "attempt": work.attempt, "replicate": work.replicate,
+               "arm": work.arm}
         checkpoint = Path(work.checkpoint_uri)
         if not checkpoint.is_dir():
             failure = Failure(phase=Phase.EVALUATE, reason=f"checkpoint {checkpoint} does not exist")
@@ -43,7 +44,7 @@ class EvaluatorService:
             return FAILED
         try:
             with self.clock.phase("evaluate"):
-                evaluation = self.backend.evaluate(checkpoint, work.protocol, work.seed)
+                evaluation = self.backend.evaluate(checkpoint, work.protocol, work.seed, work.half)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             # an unreadable or corrupt checkpoint, a vLLM server that cannot start or answer, missing benchmark
             # data: this node's failure, with the reason; the run goes on

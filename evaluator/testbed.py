@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from evaluator.metrics import EvalStats, SuiteOutcome, assemble_evaluation, suite_score
-from poise.contracts import Evaluation
+from evaluator.metrics import EvalStats, SuiteOutcome, assemble_evaluation, half_of, suite_score
+from poise.contracts import Evaluation, Half
 from poise.sandbox import thread_cap
 from poise.testbed.model import load_model
 from poise.testbed.protocol import Protocol, get_protocol
@@ -24,7 +24,8 @@ from poise.testbed.tasks import SuiteSpec, eval_problems, grade
 from poise.testbed.tokenizer import encode_prompts
 
 
-def evaluate_checkpoint(checkpoint: Path, protocol: Protocol, seed: int) -> tuple[Evaluation, EvalStats]:
+def evaluate_checkpoint(checkpoint: Path, protocol: Protocol, seed: int, half: Half = "all"
+                        ) -> tuple[Evaluation, EvalStats]:
     started = time.perf_counter()
     torch.set_num_threads(thread_cap(protocol.threads))
     model, _ = load_model(checkpoint)
@@ -32,17 +33,20 @@ def evaluate_checkpoint(checkpoint: Path, protocol: Protocol, seed: int) -> tupl
     stats = EvalStats()
     outcomes = []
     for suite in protocol.suites:
-        outcome, pass1 = _run_suite(model, suite, protocol, seed, stats)
+        outcome, pass1 = _run_suite(model, suite, protocol, seed, stats, half)
         outcomes.append(outcome)
         stats.per_suite_pass_at_1[suite.name] = pass1
     evaluation = assemble_evaluation(outcomes, protocol.bootstrap_resamples, seed, backend="testbed")
+    evaluation = evaluation.model_copy(update={"half": half})
     stats.wall_s = time.perf_counter() - started
     return evaluation, stats
 
 
-def _run_suite(model, suite: SuiteSpec, protocol: Protocol, seed: int, stats: EvalStats) -> tuple[SuiteOutcome, float]:
-    """The suite's outcome (per-prompt scores, per-sample lengths and format validity) and its mean pass@1."""
-    problems = eval_problems(suite)
+def _run_suite(model, suite: SuiteSpec, protocol: Protocol, seed: int, stats: EvalStats, half: Half = "all"
+               ) -> tuple[SuiteOutcome, float]:
+    """The suite's outcome (per-prompt scores, per-sample lengths and format validity) and its mean pass@1, on
+    `half` of its problems."""
+    problems = half_of(eval_problems(suite), half)
     sampled = suite.kind == "pass@k"
     n = protocol.eval_samples if sampled else 1
     expanded = [p for p in problems for _ in range(n)]
@@ -66,8 +70,8 @@ class TestbedEvaluator:
 
     name = "testbed"
 
-    def evaluate(self, checkpoint: Path, protocol: str, seed: int) -> Evaluation:
-        return evaluate_checkpoint(checkpoint, get_protocol(protocol), seed)[0]
+    def evaluate(self, checkpoint: Path, protocol: str, seed: int, half: Half = "all") -> Evaluation:
+        return evaluate_checkpoint(checkpoint, get_protocol(protocol), seed, half)[0]
 
     def check(self) -> str | None:
         return None

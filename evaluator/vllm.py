@@ -28,9 +28,9 @@ from typing import Any
 
 import httpx
 
-from evaluator.metrics import EvalStats, SuiteOutcome, assemble_evaluation, suite_score
+from evaluator.metrics import EvalStats, SuiteOutcome, assemble_evaluation, half_of, suite_score
 from evaluator.vllm_server import SERVED_NAME, ServerError, VLLMServer
-from poise.contracts import Evaluation
+from poise.contracts import Evaluation, Half
 
 log = logging.getLogger("poise." + __name__)
 
@@ -268,24 +268,26 @@ class VLLMEvaluator:
         self.data_dir = data_dir
         self._plans: dict[str, EvalPlan] = {}
 
-    def evaluate(self, checkpoint: Path, protocol: str, seed: int) -> Evaluation:
-        return self.evaluate_with_stats(checkpoint, protocol, seed)[0]
+    def evaluate(self, checkpoint: Path, protocol: str, seed: int, half: Half = "all") -> Evaluation:
+        return self.evaluate_with_stats(checkpoint, protocol, seed, half)[0]
 
-    def evaluate_with_stats(self, checkpoint: Path, protocol: str, seed: int) -> tuple[Evaluation, EvalStats]:
+    def evaluate_with_stats(self, checkpoint: Path, protocol: str, seed: int, half: Half = "all"
+                            ) -> tuple[Evaluation, EvalStats]:
         started = time.perf_counter()
         tokens_before = self.client.stats.generated_tokens
         plan = self._plans.get(protocol) or self._plans.setdefault(protocol, plan_for(protocol, self.data_dir))
         stats = EvalStats()
         outcomes = []
         for suite in plan.suites:
+            items = half_of(suite.items, half)
             requests = [Request(prompt=item.prompt, n=suite.n, temperature=suite.temperature, top_p=suite.top_p,
                                 max_tokens=suite.max_tokens, seed=request_seed(seed, suite.name, item.id),
                                 stop=suite.stop, skip_special_tokens=suite.skip_special_tokens)
-                        for item in suite.items]
+                        for item in items]
             # each suite asks again: a server restarted mid-evaluation serves the same checkpoint at a new port
             self.server.ensure(Path(checkpoint))
             answers = self.client.sample(requests)
-            grades = iter(suite.grade([(item.answer, s) for item, samples in zip(suite.items, answers, strict=True)
+            grades = iter(suite.grade([(item.answer, s) for item, samples in zip(items, answers, strict=True)
                                        for s in samples]))
             correct, lengths, valid = [], [], []
             for samples in answers:
@@ -299,6 +301,7 @@ class VLLMEvaluator:
                 lengths=lengths, format_valid=valid))
             stats.per_suite_pass_at_1[suite.name] = sum(correct) / (len(correct) * suite.n)
         evaluation = assemble_evaluation(outcomes, plan.bootstrap_resamples, seed, backend=self.name)
+        evaluation = evaluation.model_copy(update={"half": half})
         stats.wall_s = time.perf_counter() - started
         stats.generated_tokens = self.client.stats.generated_tokens - tokens_before
         return evaluation, stats

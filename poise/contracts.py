@@ -62,7 +62,9 @@ def validation_problems(errors: ValidationError | Sequence[Mapping[str, Any]]) -
 # version, which reads what the major before it wrote and which that one refuses.
 
 CONTRACT_VERSION = "2.1"  # 2.0: documents and messages carry schema_version (1.0 refuses it as an unknown field)
-# 2.1: RunSettings.seeding (racing, docs/racing.md)
+# 2.1: RunSettings.seeding (racing, docs/racing.md); the selection/reporting split and the report's arms
+# (RunSettings.split and report_seeds, Evaluation.half, WorkEvaluate.half, the messages' arm, Node.reported;
+# docs/reporting.md)
 UNVERSIONED = "1.0"  # a document or message without schema_version: written before versions existed
 VERSION_PATTERN = r"^[0-9]+\.[0-9]+$"
 Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
@@ -620,6 +622,9 @@ class SuiteResult(Contract):
         return self
 
 
+Half = Literal["all", "selection", "reporting"]  # which problems of each suite an evaluation scored (docs/reporting.md)
+
+
 class Evaluation(Contract):
     """y: the metric vector of one evaluation pass (one seed) over all suites, and the run's utility U."""
 
@@ -635,6 +640,8 @@ class Evaluation(Contract):
     archive_seq: int | None = Field(None, ge=1, description="stamped by the archive when it stores the evaluation: "
                                     "how many evaluations (replicates included) the run held then; lineage "
                                     "prioritization reads the archive as of a request's `as_of` by it")
+    half: Half = Field("all", description="the problems scored: every one, or the selection or reporting half of "
+                                          "each suite (docs/reporting.md)")
 
     @model_validator(mode="after")
     def _check_suite_keys(self) -> Evaluation:
@@ -767,6 +774,14 @@ STATUS_PART: dict[NodeStatus, str] = {
 }
 
 
+class ReportedRun(Contract):
+    """One training of a report arm on a fresh seed, scored on the reporting half (docs/reporting.md): `best` (the
+    reported node's code), `grpo` (the root's), or `without <mechanism>` (an ablation)."""
+
+    arm: str = Field(min_length=1, max_length=200)
+    evaluation: Evaluation
+
+
 class Node(Versioned):
     """An archive entry e_i = (z, ρ, τ, y, r) with its lineage, status, failure and cost.
 
@@ -781,6 +796,9 @@ class Node(Versioned):
     trajectory: TrainingTrajectory | None = None
     evaluation: Evaluation | None = None
     replicates: list[Evaluation] = []  # evaluations of fresh-seed re-trainings of the same code, for noise
+    reported: list[ReportedRun] = Field([], description="the run's report, on the best node: each arm trained on "
+                                        "the report's fresh seeds and scored on the reporting half "
+                                        "(docs/reporting.md)")
     reflection: Reflection | None = None
     failure: Failure | None = None
     cost: Cost = Field(default_factory=Cost)
@@ -910,6 +928,10 @@ class RunSettings(Contract):
     max_correction_attempts: int = Field(3, ge=1, le=100)
     root_seeds: int = Field(3, ge=1, le=1000, description="fresh-seed evaluations of the root, the yardstick")
     replicate_seeds: int = Field(3, ge=1, le=1000, description="fresh-seed re-evaluations of a promising node")
+    split: bool = Field(False, description="score selection on the selection half of each suite and the report on "
+                        "the reporting half (docs/reporting.md)")
+    report_seeds: int = Field(0, ge=0, le=1000, description="fresh seeds the best and GRPO are each trained with "
+                              "for the report, on the same seeds (0: no report phase; docs/reporting.md)")
     seeding: Literal["one", "racing"] = Field(
         "one", description="one: a child is trained with one seed and the budget counts children; racing: extra "
         "seeds go to the nodes whose rank is promising and uncertain (poise/racing.py) before they are parents, and "
@@ -1030,6 +1052,32 @@ class LeaderStatus(Contract):
     seeds: int
 
 
+class ArmStatus(Contract):
+    """One arm of the report: its Overall per report seed (in seed order), their summary, its mean length."""
+
+    arm: str
+    seeds: list[int]
+    overall: list[float]
+    mean: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    mean_length: float | None = None
+
+
+class ReportStatus(Contract):
+    """The report of the best against GRPO (docs/reporting.md): both trained on the same fresh seeds and scored
+    on `half`; the gain is the mean of the paired per-seed differences, with its interval and paired-t p."""
+
+    half: Half
+    arms: list[ArmStatus]
+    paired_seeds: int
+    gain: float | None = None
+    gain_interval: tuple[float, float] | None = None
+    p: float | None = None
+    length_change: float | None = Field(None, description="mean length, best minus GRPO, over the paired seeds")
+    verdict: str
+
+
 class BestStatus(Contract):
     """The node reported as the best: the top confirmed node (fresh-seed mean), else the top single seed."""
 
@@ -1048,6 +1096,7 @@ class BestStatus(Contract):
     overall: float | None
     mean_length: float | None
     constraints_satisfied: bool | None
+    report: ReportStatus | None = None
 
 
 class LlmSpendStatus(Contract):
@@ -1113,9 +1162,11 @@ class _ReplicableMessage(Message):
     """A message that may belong to a fresh-seed replicate evaluation, which needs its own msg_id."""
 
     replicate: int = Field(0, ge=0, description="0 = the node's own evaluation, i >= 1 = the i-th replicate")
+    arm: str | None = Field(None, min_length=1, max_length=200,
+                            description="a report arm's training (ReportedRun.arm; replicate: its seed's index)")
 
     def _dedupe_extra(self) -> tuple[str, ...]:
-        return (f"r{self.replicate}",) if self.replicate else ()
+        return ((f"r{self.replicate}",) if self.replicate else ()) + ((f"arm:{self.arm}",) if self.arm else ())
 
 
 class WorkPropose(Message):
@@ -1153,6 +1204,7 @@ class WorkEvaluate(_ReplicableMessage):
     checkpoint_uri: str
     protocol: str
     seed: int
+    half: Half = "all"
 
 
 class WorkReflect(Message):

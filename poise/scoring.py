@@ -26,8 +26,16 @@ def utility(evaluation: Evaluation | None) -> float | None:
     return evaluation.utility if evaluation.utility is not None else evaluation.overall
 
 
+REPORT_SEED_BASE = 100  # the report's k-th seed is replicate_seed(seed, REPORT_SEED_BASE + k): never a replicate's
+
+
 def replicate_seed(seed: int, replicate: int) -> int:
     return seed + replicate * REPLICATE_SEED_STRIDE
+
+
+def report_seed(seed: int, k: int) -> int:
+    """The report's k-th fresh seed (k >= 1; docs/reporting.md), the same for every arm so the arms pair up."""
+    return replicate_seed(seed, REPORT_SEED_BASE + k)
 
 
 def _utilities(node: Node | NodeScore) -> tuple[float | None, list[float | None]]:
@@ -131,6 +139,18 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
     t = (mean_a - mean_b) / math.sqrt(se2_a + se2_b)
     dof = (se2_a + se2_b) ** 2 / (se2_a**2 / (len(a) - 1) + se2_b**2 / (len(b) - 1))  # Welch–Satterthwaite
     return student_t.two_sided_p(t, dof)
+
+
+def paired_p(differences: list[float]) -> float | None:
+    """Two-sided paired t-test p-value of per-seed differences (two arms trained on the same seeds); None with
+    fewer than 2."""
+    if len(differences) < 2:
+        return None
+    mean = sum(differences) / len(differences)
+    variance = _sample_variance(differences, mean)
+    if variance == 0:
+        return 1.0 if mean == 0 else 0.0
+    return student_t.two_sided_p(mean / math.sqrt(variance / len(differences)), len(differences) - 1)
 
 
 def pooled_sd(samples: list[list[float]]) -> float | None:

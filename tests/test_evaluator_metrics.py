@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from evaluator.metrics import bootstrap_intervals, pass_at_k, weighted_overall
+from evaluator.metrics import bootstrap_intervals, half_of, pass_at_k, weighted_overall
 
 
 @pytest.mark.parametrize("n,c,k", [(8, 0, 1), (8, 3, 1), (8, 3, 2), (8, 3, 8), (5, 5, 3), (16, 1, 4)])
@@ -40,3 +40,14 @@ def test_bootstrap_intervals_bracket_the_estimate_and_shrink_with_more_prompts()
     _, overall_large = bootstrap_intervals(large, weights, 500, seed=1)
     assert overall_large[1] - overall_large[0] < (overall[1] - overall[0]) / 3
     assert bootstrap_intervals(small, weights, 500, seed=1) == (suites, overall)  # seeded: reproducible
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 300])
+def test_the_two_halves_are_disjoint_cover_the_suite_and_interleave(size):
+    items = list(range(size))
+    selection, reporting = half_of(items, "selection"), half_of(items, "reporting")
+    assert sorted(selection + reporting) == items and not set(selection) & set(reporting)
+    assert len(selection) - len(reporting) in (0, 1)
+    assert half_of(items, "all") == items
+    if size >= 4:  # spread over the whole suite, not its first or second part
+        assert selection[-1] > size // 2 and reporting[0] < size // 2

@@ -82,19 +82,23 @@ class ScriptedWorld:
         bus.subscribe("work.evaluate", self.evaluate)
 
     def implement(self, work: WorkImplement) -> None:
+        source = f"# {work.node_id}\n{SOURCE}"  # the code says whose it is: a report arm trains another node's
         self.bus.publish(EvtImplemented(run_id=work.run_id, node_id=work.node_id,
-                                        implementation=Implementation.from_source(SOURCE, verified=True)))
+                                        implementation=Implementation.from_source(source, verified=True)))
 
     def train(self, work: WorkTrain) -> None:
-        trajectory = TrainingTrajectory(protocol=work.protocol, seed=work.seed, checkpoint_uri=f"/ckpt/{work.node_id}",
+        author = work.source.split("\n", 1)[0].removeprefix("# ")
+        trajectory = TrainingTrajectory(protocol=work.protocol, seed=work.seed, checkpoint_uri=f"/ckpt/{author}",
                                         steps=[TrainingStep(step=0, reward_mean=0.5)])
         self.bus.publish(EvtTrained(run_id=work.run_id, node_id=work.node_id, replicate=work.replicate,
-                                    trajectory=trajectory))
+                                    arm=work.arm, trajectory=trajectory))
 
     def evaluate(self, work: WorkEvaluate) -> None:
-        score = seed_score(work.node_id, work.seed, self.truth)
+        author = work.checkpoint_uri.removeprefix("/ckpt/")
+        score = seed_score(author, work.seed, self.truth)
+        scored = evaluation(score, work.seed).model_copy(update={"half": work.half})
         self.bus.publish(EvtEvaluated(run_id=work.run_id, node_id=work.node_id, replicate=work.replicate,
-                                      evaluation=evaluation(score, work.seed)))
+                                      arm=work.arm, evaluation=scored))
 
 
 def run_scripted(tmp_path: Path, truth: Callable[[str], float] = true_value, **settings
@@ -248,4 +252,70 @@ def test_the_root_is_never_raced_even_below_the_cap(tmp_path):
     assert archive.state.finished
     root_trainings = [m for m in world.log if isinstance(m, WorkTrain) and m.node_id == ROOT_ID]
     assert [m.replicate for m in root_trainings] == [0, 1]
+    store.close()
+
+
+# ------------------------------------------------------------------------------------------- the report
+
+
+def test_the_report_trains_the_best_and_grpo_on_the_same_fresh_seeds_on_the_reporting_half(tmp_path):
+    store, archive, world = run_scripted(tmp_path, budget=8, parallel=2, seeding="racing", split=True,
+                                         report_seeds=3)
+    assert archive.state.finished
+    evaluations = [m for m in world.log if isinstance(m, WorkEvaluate)]
+    assert {m.half for m in evaluations if m.arm is None} == {"selection"}
+    assert {m.half for m in evaluations if m.arm} == {"reporting"}
+    status = run_status(store, "race")
+    best = store.get_node("race", status.best.node_id)
+    runs = {(r.arm, r.evaluation.seed): r.evaluation for r in best.reported}
+    seeds = sorted({seed for _, seed in runs})
+    assert len(seeds) == 3 and set(runs) == {(arm, s) for arm in ("best", "grpo") for s in seeds}
+    used_before = {e.seed for n in store.nodes("race") for e in (n.evaluation, *n.replicates) if e is not None}
+    assert not used_before & set(seeds), "the report's seeds are fresh"
+    # each arm is the right code: GRPO's runs score as the root does on that seed, the best's as the best
+    for seed in seeds:
+        assert runs["grpo", seed].overall == pytest.approx(seed_score(ROOT_ID, seed))
+        assert runs["best", seed].overall == pytest.approx(seed_score(best.node_id, seed))
+    report = status.best.report
+    differences = [runs["best", s].overall - runs["grpo", s].overall for s in seeds]
+    assert report.paired_seeds == 3 and report.half == "reporting"
+    assert report.gain == pytest.approx(sum(differences) / 3)
+    assert report.gain_interval[0] < report.gain < report.gain_interval[1] and 0 <= report.p <= 1
+    # the report is not selection: it never moves the best or the racing scores
+    assert all(len(s.replicate_utilities) <= 3 for s in store.scores("race"))
+    store.close()
+
+
+def test_a_report_interrupted_by_a_crash_is_finished_by_the_next_archive(tmp_path):
+    store = SQLiteStore(tmp_path / "archive.db")
+    config = RunConfig(run_id="race", protocol="tiny", seed=3, budget=6, parallel=2, report_seeds=2)
+    store.put_run(config)
+
+    def wire(bus: InProcBus) -> tuple[ArchiveService, ScriptedWorld]:
+        world = ScriptedWorld(bus)
+        archive = world.archive = ArchiveService(bus, store, config)
+        bus.dead_letter = archive.dead_letter
+        bus.subscribe("work.propose", ProposerService(bus, store).handle)
+        bus.subscribe("work.reflect", ReflectorService(bus, store).handle)
+        for subject in ("evt.proposed", "evt.implemented", "evt.trained", "evt.evaluated", "evt.reflected",
+                        "evt.failed"):
+            bus.subscribe(subject, archive.handle)
+        return archive, world
+
+    bus = InProcBus()
+    archive, world = wire(bus)
+    archive.start()
+    while bus.step():
+        if sum(isinstance(m, EvtEvaluated) and m.arm is not None for m in world.log) == 2:
+            break  # two report runs stored, the rest lost with the process
+    bus = InProcBus()
+    archive, world = wire(bus)
+    archive.start()
+    while bus.step():
+        pass
+    assert archive.state.finished
+    best = store.get_node("race", run_status(store, "race").best.node_id)
+    assert sorted((r.arm, r.evaluation.seed) for r in best.reported) == sorted(
+        (arm, seed) for arm in ("best", "grpo") for seed in {r.evaluation.seed for r in best.reported})
+    assert len(best.reported) == 4 and {r.evaluation.half for r in best.reported} == {"all"}
     store.close()

@@ -75,6 +75,19 @@ def test_evaluation_reports_six_weighted_suites_with_intervals(grpo_run):
     assert evaluation.mean_length > 0 and stats.generated_tokens > 0
 
 
+def test_the_selection_and_reporting_halves_score_disjoint_halves_of_each_suite(grpo_run):
+    outcome, _ = grpo_run
+    full, _ = evaluate_checkpoint(outcome.checkpoint, TINY, seed=0)
+    halves = {half: evaluate_checkpoint(outcome.checkpoint, TINY, seed=0, half=half)[0]
+              for half in ("selection", "reporting")}
+    assert full.half == "all" and {h: e.half for h, e in halves.items()} == {"selection": "selection",
+                                                                             "reporting": "reporting"}
+    for name, result in full.suites.items():
+        parts = [halves[h].suites[name].n_prompts for h in ("selection", "reporting")]
+        assert sum(parts) == result.n_prompts and abs(parts[0] - parts[1]) <= 1
+    assert halves["selection"].overall != halves["reporting"].overall  # different problems, different scores
+
+
 def test_same_candidate_protocol_and_seed_give_identical_results(grpo_run, base, tmp_path):
     outcome, _ = grpo_run
     again = train_candidate(GRPO, TINY, 7, base, tmp_path / "again")

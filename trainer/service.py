@@ -6,6 +6,7 @@ fresh-seed replicate); the checkpoint URI in the trajectory points there.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class TrainerService:
         fault_point("trainer.received", f"{work.run_id}/{work.node_id}")
         protocol = get_protocol(work.protocol)
         folder = "train" if not work.replicate else f"train-r{work.replicate}"
+        if work.arm:  # a report arm's training (docs/reporting.md): "minus:clip:dual" → report-minus-clip-dual-r2
+            folder = f"report-{re.sub(r'[^A-Za-z0-9_.-]', '-', work.arm)}-r{work.replicate}"
         on_step = (lambda step: self.on_step(work, step)) if self.on_step else None
         with self.clock.phase("train"):
             outcome = train_candidate(work.source, protocol, work.seed, base_checkpoint(protocol.base_checkpoint),
@@ -53,6 +56,6 @@ class TrainerService:
             trajectory = trajectory.model_copy(update={"aborted": True, "abort_reason": outcome.failure})
         fault_point("trainer.publish", f"{work.run_id}/{work.node_id}")
         self.bus.publish(EvtTrained(run_id=work.run_id, node_id=work.node_id, attempt=work.attempt,
-                                    replicate=work.replicate, trajectory=trajectory))
+                                    replicate=work.replicate, arm=work.arm, trajectory=trajectory))
         METRICS.record_training(self.backend, trajectory)
         return FAILED if outcome.failure else ABORTED if trajectory.aborted else OK
