@@ -310,6 +310,13 @@ def report_text(report) -> str:
         lines.append(f"  best − GRPO: {report.gain:+.4f}{interval} Overall, {report.length_change:+.1f} tokens, "
                      f"over {report.paired_seeds} paired seeds")
     lines.append(f"  {report.verdict}")
+    for part in report.contributions:  # the ablation: what undoing each difference costs the best
+        if part.gain is None:
+            lines.append(f"  {part.difference}: no paired seeds yet")
+            continue
+        interval = f" [{part.interval[0]:+.4f}, {part.interval[1]:+.4f}]" if part.interval else ""
+        p = f", paired t p = {part.p:.3f}" if part.p is not None else ""
+        lines.append(f"  {part.difference}: best − that arm {part.gain:+.4f}{interval} over {part.seeds} seeds{p}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from archive.status import best_score, children_trainings
+from archive.status import best_score, children_trainings, report_arms
 from archive.update import ArchiveUpdater, Outcome, RunAccounting, UpdateResult, next_work
 from poise.bus import Bus
 from poise.contracts import (
@@ -345,9 +345,10 @@ class ArchiveService:
         return pending
 
     def _report(self) -> bool:
-        """The report (docs/reporting.md): once the best is confirmed, it and GRPO are each trained on the same
-        `report_seeds` fresh seeds and scored on the reporting half; True while such work is pending. The runs are
-        stored on the best node (`Node.reported`); a training that fails twice is given up (fewer seeds)."""
+        """The report (docs/reporting.md): once the best is confirmed, it, GRPO and each ablation of the best are
+        trained on the same `report_seeds` fresh seeds and scored on the reporting half; True while such work is
+        pending. The runs are stored on the best node (`Node.reported`); a training that fails twice is given up
+        (fewer seeds)."""
         if not self.config.report_seeds:
             return False
         best = best_score(self.store, self.run_id)
@@ -359,7 +360,7 @@ class ArchiveService:
             return False
         stored = {(r.arm, r.evaluation.seed) for r in node.reported}
         pending = False
-        for arm, source in (("best", node.implementation.source), ("grpo", root.implementation.source)):
+        for arm, source in report_arms(node, root).items():
             for k in range(1, self.config.report_seeds + 1):
                 seed = report_seed(self.config.seed, k)
                 key = (node.node_id, k, arm)

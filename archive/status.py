@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from poise.ablation import ablation_sources
 from poise.agents import OPERATORS
 from poise.contracts import (
     ROOT_ID,
@@ -19,6 +20,7 @@ from poise.contracts import (
     BestStatus,
     BudgetStatus,
     ConstraintsStatus,
+    Contribution,
     Evaluation,
     LeaderStatus,
     LlmSpendStatus,
@@ -35,7 +37,16 @@ from poise.contracts import (
 )
 from poise.objective import describe, satisfies
 from poise.racing import SEED_POLICIES
-from poise.scoring import ALPHA, confirmation_scores, paired_p, seed_scores, summarize, utility, welch_p
+from poise.scoring import (
+    ALPHA,
+    SeedSummary,
+    confirmation_scores,
+    paired_p,
+    seed_scores,
+    summarize,
+    utility,
+    welch_p,
+)
 from poise.store import ArchiveError, ArchiveStore
 
 
@@ -61,7 +72,7 @@ def run_status(store: ArchiveStore, run_id: str) -> RunStatus:
         root=None if root is None else RootStatus(node_id=root.node_id, status=root.status, scores=root_scores,
                                                   **(root_summary.as_dict() if root_summary else {})),
         objective=ObjectiveStatus(**config.objective.model_dump(), description=describe(config.objective)),
-        best=None if best is None else _best_status(_document(store, run_id, best.node_id), root_scores),
+        best=None if best is None else _best_status(_document(store, run_id, best.node_id), root_scores, root),
         leader=None if leader is None else _leader_status(store, run_id, leader),
         llm=_llm_spend(store, config),
         constraints=None if config.objective.kind == "overall" else _constraints(store.scores(run_id)),
@@ -113,7 +124,7 @@ def _document(store: ArchiveStore, run_id: str, node_id: str) -> Node:
     return node
 
 
-def _best_status(best: Node, root_scores: list[float]) -> BestStatus:
+def _best_status(best: Node, root_scores: list[float], root: Node | None = None) -> BestStatus:
     is_root = best.node_id == ROOT_ID
     scores = confirmation_scores(best, is_root)
     summary = summarize(scores)
@@ -137,29 +148,56 @@ def _best_status(best: Node, root_scores: list[float]) -> BestStatus:
         overall=_mean([e.overall for e in evaluations]),
         mean_length=_mean([e.mean_length for e in evaluations]),
         constraints_satisfied=satisfies(best),
-        report=report_status(best),
+        report=report_status(best, root),
     )
 
 
-def report_status(best: Node) -> ReportStatus | None:
+def report_arms(best: Node, root: Node) -> dict[str, str]:
+    """The report's arms and their code (docs/reporting.md): the best, GRPO, and each ablation of the best
+    (poise/ablation.py) whose code is neither of theirs (an ablation that leaves GRPO is read from GRPO's runs).
+    No ablation when the best's code is not the library's compilation of its description."""
+    arms = {"best": best.implementation.source, "grpo": root.implementation.source}
+    ablations = ablation_sources(best.proposal, best.implementation.source, root.proposal) or {}
+    arms.update({arm: source for arm, source in ablations.items() if source is not None})
+    return arms
+
+
+def report_status(best: Node, root: Node | None = None) -> ReportStatus | None:
     """The report stored on the best node (docs/reporting.md), or None before it has any run. The gain pairs the
-    best's and GRPO's Overall seed by seed (both were trained on the same report seeds)."""
+    best's and GRPO's Overall seed by seed (both were trained on the same report seeds); each ablation's
+    contribution pairs the best with the arm that undoes it (GRPO's runs when undoing it leaves GRPO)."""
     if not best.reported:
         return None
     by_arm: dict[str, dict[int, Evaluation]] = {}
     for run in best.reported:
         by_arm.setdefault(run.arm, {})[run.evaluation.seed] = run.evaluation
     arms = [_arm_status(arm, runs) for arm, runs in by_arm.items()]
-    best_runs, grpo_runs = by_arm.get("best", {}), by_arm.get("grpo", {})
-    paired = sorted(set(best_runs) & set(grpo_runs))
-    differences = [best_runs[s].overall - grpo_runs[s].overall for s in paired]
-    lengths = [best_runs[s].mean_length - grpo_runs[s].mean_length for s in paired]
-    gain = summarize(differences)
-    p = paired_p(differences)
+    best_runs = by_arm.get("best", {})
+    gain, paired, p, lengths = _paired(best_runs, by_arm.get("grpo", {}))
     half = best.reported[0].evaluation.half
-    return ReportStatus(half=half, arms=arms, paired_seeds=len(paired), gain=gain.mean if gain else None,
+    contributions = []
+    if root is not None and best.implementation is not None and root.implementation is not None:
+        ablations = ablation_sources(best.proposal, best.implementation.source, root.proposal) or {}
+        for arm, source in ablations.items():
+            against = "grpo" if source is None else arm
+            summary, seeds, arm_p, _ = _paired(best_runs, by_arm.get(against, {}))
+            contributions.append(Contribution(
+                difference=arm, arm=against, seeds=seeds, p=arm_p, gain=summary.mean if summary else None,
+                interval=(summary.ci_low, summary.ci_high) if summary and summary.ci_low is not None else None))
+    return ReportStatus(half=half, arms=arms, paired_seeds=paired, gain=gain.mean if gain else None,
                         gain_interval=(gain.ci_low, gain.ci_high) if gain and gain.ci_low is not None else None,
-                        p=p, length_change=_mean(lengths), verdict=_report_verdict(gain, p, len(paired), half))
+                        p=p, length_change=_mean(lengths), verdict=_report_verdict(gain, p, paired, half),
+                        contributions=contributions)
+
+
+def _paired(first: dict[int, Evaluation], second: dict[int, Evaluation]
+            ) -> tuple[SeedSummary | None, int, float | None, list[float]]:
+    """first − second on the seeds both have: the summary of the Overall differences, how many, the paired-t p,
+    and the mean-length differences."""
+    seeds = sorted(set(first) & set(second))
+    differences = [first[s].overall - second[s].overall for s in seeds]
+    return (summarize(differences), len(seeds), paired_p(differences),
+            [first[s].mean_length - second[s].mean_length for s in seeds])
 
 
 def _arm_status(arm: str, runs: dict[int, Evaluation]) -> ArmStatus:

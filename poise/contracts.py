@@ -1064,6 +1064,18 @@ class ArmStatus(Contract):
     mean_length: float | None = None
 
 
+class Contribution(Contract):
+    """What one difference of the best from GRPO contributed (docs/reporting.md, "The ablation"): the best minus
+    the arm that undoes it (`arm`; "grpo" when undoing it leaves GRPO), paired over `seeds` report seeds."""
+
+    difference: str
+    arm: str
+    seeds: int
+    gain: float | None = None
+    interval: tuple[float, float] | None = None
+    p: float | None = None
+
+
 class ReportStatus(Contract):
     """The report of the best against GRPO (docs/reporting.md): both trained on the same fresh seeds and scored
     on `half`; the gain is the mean of the paired per-seed differences, with its interval and paired-t p."""
@@ -1076,6 +1088,7 @@ class ReportStatus(Contract):
     p: float | None = None
     length_change: float | None = Field(None, description="mean length, best minus GRPO, over the paired seeds")
     verdict: str
+    contributions: list[Contribution] = []
 
 
 class BestStatus(Contract):

@@ -4,6 +4,7 @@ plus a known seed noise and every scheduling decision can be checked against the
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import pytest
 
 from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
-from archive.status import children_trainings, run_status
+from archive.status import children_trainings, report_arms, report_status, run_status
 from poise.bus import InProcBus
 from poise.contracts import (
     ROOT_ID,
@@ -21,10 +22,14 @@ from poise.contracts import (
     EvtEvaluated,
     EvtImplemented,
     EvtTrained,
+    Genealogy,
     Implementation,
     Message,
     MetricKind,
+    Node,
     NodeStatus,
+    Reflection,
+    ReportedRun,
     RunConfig,
     SuiteResult,
     TrainingStep,
@@ -34,8 +39,11 @@ from poise.contracts import (
     WorkPropose,
     WorkTrain,
 )
+from poise.description.codegen import compile_proposal
+from poise.description.mechanisms import AlgorithmDescription
+from poise.description.proposals import make_proposal
 from poise.racing import SEED_CAP
-from poise.scoring import seed_scores
+from poise.scoring import report_seed, seed_scores
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
 
@@ -68,6 +76,7 @@ class ScriptedWorld:
         self.log: list[Message] = []
         self.confirming: list[Message] = []  # published once the archive confirms the best at the end
         self.archive: ArchiveService | None = None
+        self.authors: dict[str, str] = {}  # source → the node that wrote it
         publish = bus.publish
 
         def recorded(message: Message) -> None:
@@ -82,12 +91,14 @@ class ScriptedWorld:
         bus.subscribe("work.evaluate", self.evaluate)
 
     def implement(self, work: WorkImplement) -> None:
-        source = f"# {work.node_id}\n{SOURCE}"  # the code says whose it is: a report arm trains another node's
+        source = compile_proposal(work.proposal)  # the library's code, so the report can ablate it
+        self.authors.setdefault(source, work.node_id)
         self.bus.publish(EvtImplemented(run_id=work.run_id, node_id=work.node_id,
                                         implementation=Implementation.from_source(source, verified=True)))
 
     def train(self, work: WorkTrain) -> None:
-        author = work.source.split("\n", 1)[0].removeprefix("# ")
+        # whose code it is: a report arm trains another node's, or an ablation no node has
+        author = self.authors.get(work.source) or "ablation-" + hashlib.sha256(work.source.encode()).hexdigest()[:8]
         trajectory = TrainingTrajectory(protocol=work.protocol, seed=work.seed, checkpoint_uri=f"/ckpt/{author}",
                                         steps=[TrainingStep(step=0, reward_mean=0.5)])
         self.bus.publish(EvtTrained(run_id=work.run_id, node_id=work.node_id, replicate=work.replicate,
@@ -269,7 +280,10 @@ def test_the_report_trains_the_best_and_grpo_on_the_same_fresh_seeds_on_the_repo
     best = store.get_node("race", status.best.node_id)
     runs = {(r.arm, r.evaluation.seed): r.evaluation for r in best.reported}
     seeds = sorted({seed for _, seed in runs})
-    assert len(seeds) == 3 and set(runs) == {(arm, s) for arm in ("best", "grpo") for s in seeds}
+    root = store.get_node("race", ROOT_ID)
+    arms = report_arms(best, root)
+    assert {"best", "grpo"} <= set(arms)
+    assert len(seeds) == 3 and set(runs) == {(arm, s) for arm in arms for s in seeds}
     used_before = {e.seed for n in store.nodes("race") for e in (n.evaluation, *n.replicates) if e is not None}
     assert not used_before & set(seeds), "the report's seeds are fresh"
     # each arm is the right code: GRPO's runs score as the root does on that seed, the best's as the best
@@ -316,6 +330,64 @@ def test_a_report_interrupted_by_a_crash_is_finished_by_the_next_archive(tmp_pat
     assert archive.state.finished
     best = store.get_node("race", run_status(store, "race").best.node_id)
     assert sorted((r.arm, r.evaluation.seed) for r in best.reported) == sorted(
-        (arm, seed) for arm in ("best", "grpo") for seed in {r.evaluation.seed for r in best.reported})
-    assert len(best.reported) == 4 and {r.evaluation.half for r in best.reported} == {"all"}
+        (arm, seed) for arm in report_arms(best, store.get_node("race", ROOT_ID))
+        for seed in {r.evaluation.seed for r in best.reported})
+    arms = report_arms(best, store.get_node("race", ROOT_ID))
+    assert len(best.reported) == 2 * len(arms) and {r.evaluation.half for r in best.reported} == {"all"}
     store.close()
+
+
+def reported_node(node_id: str, mechanisms: list[str], runs: dict[str, list[float]], parent: Node | None = None
+                  ) -> Node:
+    """An evaluated node whose code is the library's compilation of `mechanisms`, with report `runs` per arm on
+    the report seeds 1, 2, 3 (in that order)."""
+    proposal = make_proposal(AlgorithmDescription.from_specs(mechanisms), name=node_id, rationale="test",
+                             generator="offline")
+    genealogy = Genealogy.child(node_id, [parent.genealogy]) if parent else Genealogy(run_id="race", node_id=node_id)
+    reported = [ReportedRun(arm=arm, evaluation=evaluation(score, report_seed(3, k)).model_copy(
+        update={"half": "reporting"})) for arm, scores in runs.items() for k, score in enumerate(scores, 1)]
+    return Node(genealogy=genealogy, status=NodeStatus.REFLECTED, proposal=proposal,
+                implementation=Implementation.from_source(compile_proposal(proposal), verified=True),
+                trajectory=TrainingTrajectory(protocol="tiny", seed=0), evaluation=evaluation(0.5, 0),
+                reflection=Reflection(text="ok", generator="offline"), reported=reported)
+
+
+GRPO_MECHANISMS = ["baseline:group_mean", "scale:group_std", "clip:symmetric", "clip:dual", "agg:token-mean"]
+
+
+def test_the_ablation_attributes_the_gain_to_each_difference_with_paired_intervals():
+    root = reported_node(ROOT_ID, GRPO_MECHANISMS, {})
+    mechanisms = ["baseline:group_mean", "scale:none", "failure:all_fail_penalty", "clip:symmetric", "clip:dual",
+                  "agg:token-mean"]
+    arms = {"best": [0.60, 0.62, 0.61], "grpo": [0.50, 0.53, 0.51],
+            "minus:scale:none": [0.55, 0.56, 0.57], "minus:failure:all_fail_penalty": [0.60, 0.61, 0.62]}
+    best = reported_node("n004", mechanisms, arms, root)
+    assert set(report_arms(best, root)) == set(arms)
+    report = report_status(best, root)
+    assert report.paired_seeds == 3 and report.gain == pytest.approx((0.10 + 0.09 + 0.10) / 3)
+    by_difference = {c.difference: c for c in report.contributions}
+    scale, failure = by_difference["minus:scale:none"], by_difference["minus:failure:all_fail_penalty"]
+    assert scale.arm == "minus:scale:none" and scale.gain == pytest.approx(0.05) and scale.p < 0.05
+    low, high = scale.interval
+    assert low < 0.05 < high
+    assert failure.gain == pytest.approx(0.0) and failure.p > 0.05  # undoing it changed nothing
+    assert "better than GRPO on the reporting half over 3 fresh seeds" in report.verdict
+
+
+def test_an_ablation_that_leaves_grpo_is_read_from_grpos_runs():
+    root = reported_node(ROOT_ID, GRPO_MECHANISMS, {})
+    best = reported_node("n002", ["baseline:group_mean", "scale:none", "clip:symmetric", "clip:dual",
+                                  "agg:token-mean"], {"best": [0.52, 0.50, 0.51], "grpo": [0.50, 0.50, 0.52]}, root)
+    assert set(report_arms(best, root)) == {"best", "grpo"}, "no training for an arm that is GRPO's code"
+    (only,) = report_status(best, root).contributions
+    assert (only.difference, only.arm, only.seeds) == ("minus:scale:none", "grpo", 3)
+    assert only.gain == pytest.approx(0.01 / 3)
+
+
+def test_no_ablation_when_the_best_code_is_not_the_librarys():
+    root = reported_node(ROOT_ID, GRPO_MECHANISMS, {})
+    best = reported_node("n002", ["baseline:group_mean", "scale:none", "clip:symmetric", "clip:dual",
+                                  "agg:token-mean"], {"best": [0.5, 0.5], "grpo": [0.5, 0.5]}, root)
+    written = best.model_copy(update={"implementation": Implementation.from_source(
+        best.implementation.source + "\n# edited by an LLM\n", verified=True)})
+    assert set(report_arms(written, root)) == {"best", "grpo"} and not report_status(written, root).contributions
