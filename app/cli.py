@@ -419,10 +419,15 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"no node {args.node!r} in run {run_id}; nodes: {known}", file=sys.stderr)
             return 2
         parent = store.get_node(run_id, node.genealogy.parent_ids[0]) if node.genealogy.parent_ids else None
+        root = store.get_node(run_id, ROOT_ID) if node.reported else None
     if args.json:
         print(node.model_dump_json(indent=1))
     else:
         print(render_node_text(node, parent))
+        if node.reported:
+            from archive.status import report_status
+
+            print("\n" + report_text(report_status(node, root)))
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from app.cli import main
 from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
 from archive.status import children_trainings, report_arms, report_status, run_status
@@ -269,7 +270,7 @@ def test_the_root_is_never_raced_even_below_the_cap(tmp_path):
 # ------------------------------------------------------------------------------------------- the report
 
 
-def test_the_report_trains_the_best_and_grpo_on_the_same_fresh_seeds_on_the_reporting_half(tmp_path):
+def test_the_report_trains_the_best_and_grpo_on_the_same_fresh_seeds_on_the_reporting_half(tmp_path, capsys):
     store, archive, world = run_scripted(tmp_path, budget=8, parallel=2, seeding="racing", split=True,
                                          report_seeds=3)
     assert archive.state.finished
@@ -298,6 +299,11 @@ def test_the_report_trains_the_best_and_grpo_on_the_same_fresh_seeds_on_the_repo
     # the report is not selection: it never moves the best or the racing scores
     assert all(len(s.replicate_utilities) <= 3 for s in store.scores("race"))
     store.close()
+    for command in (["status"], ["show", "best"]):
+        assert main([*command, "--run-dir", str(tmp_path)]) == 0
+        shown = capsys.readouterr().out
+        assert "report (reporting half, fresh seeds):" in shown and "best − GRPO" in shown
+        assert report.verdict in shown and all(c.difference in shown for c in report.contributions)
 
 
 def test_a_report_interrupted_by_a_crash_is_finished_by_the_next_archive(tmp_path):
