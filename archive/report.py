@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from archive.status import best_score
+from archive.status import best_score, report_status
 from poise.agents import describe_agents
 from poise.contracts import (
     Evaluation,
@@ -42,6 +42,7 @@ from poise.contracts import (
     MetricKind,
     Node,
     NodeStatus,
+    ReportStatus,
     RunConfig,
     ScreeningSummary,
     TrainingTrajectory,
@@ -960,8 +961,11 @@ def render_report(
     ]
     if summary:
         header += ["<h2>Summary</h2>", _definition_list(summary.items(), "summary")]
+    best = next((n for n in nodes if n.node_id == best_id), None)
+    report = report_status(best, root) if best is not None else None
     sections = [
         f'<header id="run-summary">{"".join(header)}</header>',
+        *([_report_html(report)] if report is not None else []),
         "<h2>Figures</h2>",
         lineage_svg(nodes),
         frontier_svg(nodes, utility, best_id),
@@ -976,6 +980,35 @@ def render_report(
         + "\n".join(sections)
         + "\n</body></html>\n"
     )
+
+
+def _report_html(report: ReportStatus) -> str:
+    """The run's report (docs/reporting.md): each arm on the fresh seeds, the paired gain, and the ablation."""
+    where = "the reporting half" if report.half == "reporting" else "every problem"
+
+    def interval(low: float | None, high: float | None, signed: bool = False) -> str:
+        fmt = "{:+.4f}" if signed else "{:.4f}"
+        return f"[{fmt.format(low)}, {fmt.format(high)}]" if low is not None and high is not None else "—"
+
+    arms = "".join(f"<tr><td>{_esc(a.arm)}</td><td class=\"num\">{_num(a.mean, 4)}</td>"
+                   f"<td>{interval(a.ci_low, a.ci_high)}</td><td class=\"num\">{len(a.seeds)}</td>"
+                   f"<td class=\"num\">{_num(a.mean_length, 1)}</td></tr>" for a in report.arms)
+    parts = "".join(f"<tr><td>{_esc(c.difference)}</td><td>{_esc(c.arm)}</td>"
+                    f"<td class=\"num\">{'—' if c.gain is None else f'{c.gain:+.4f}'}</td>"
+                    f"<td>{interval(*(c.interval or (None, None)), signed=True)}</td>"
+                    f"<td class=\"num\">{c.seeds}</td><td class=\"num\">{_num(c.p, 3)}</td></tr>"
+                    for c in report.contributions)
+    gain = ("—" if report.gain is None else
+            f"{report.gain:+.4f} {interval(*(report.gain_interval or (None, None)), signed=True)}")
+    html = [f'<section id="report"><h2>Report: the best against GRPO on fresh seeds, on {_esc(where)}</h2>',
+            '<table class="report"><thead><tr><th>arm</th><th>Overall</th><th>95% interval</th><th>seeds</th>'
+            f"<th>mean length</th></tr></thead><tbody>{arms}</tbody></table>",
+            f"<p>best − GRPO, paired over {report.paired_seeds} seeds: {_esc(gain)}; {_esc(report.verdict)}</p>"]
+    if report.contributions:
+        html.append('<h3>Ablation: what each difference from GRPO contributed</h3><table class="ablation"><thead>'
+                    "<tr><th>difference undone</th><th>against arm</th><th>best − arm</th><th>95% interval</th>"
+                    f"<th>seeds</th><th>paired t p</th></tr></thead><tbody>{parts}</tbody></table>")
+    return "".join(html) + "</section>"
 
 
 def write_report(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
+from archive.report import render_report
 from archive.service import ArchiveService
 from archive.sqlite_store import SQLiteStore
 from archive.status import children_trainings, report_arms, report_status, run_status
@@ -304,6 +305,10 @@ def test_the_report_trains_the_best_and_grpo_on_the_same_fresh_seeds_on_the_repo
         shown = capsys.readouterr().out
         assert "report (reporting half, fresh seeds):" in shown and "best − GRPO" in shown
         assert report.verdict in shown and all(c.difference in shown for c in report.contributions)
+    assert main(["report", "--run-dir", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert '<section id="report">' in page and "on the reporting half" in page
+    assert all(f"<td>{arm.arm}</td>" in page for arm in report.arms)
 
 
 def test_a_report_interrupted_by_a_crash_is_finished_by_the_next_archive(tmp_path):
@@ -378,6 +383,9 @@ def test_the_ablation_attributes_the_gain_to_each_difference_with_paired_interva
     assert low < 0.05 < high
     assert failure.gain == pytest.approx(0.0) and failure.p > 0.05  # undoing it changed nothing
     assert "better than GRPO on the reporting half over 3 fresh seeds" in report.verdict
+    page = render_report("race", None, [root, best], best_id=best.node_id)
+    assert "Ablation: what each difference from GRPO contributed" in page
+    assert "<td>minus:scale:none</td><td>minus:scale:none</td><td class=\"num\">+0.0500</td>" in page
 
 
 def test_an_ablation_that_leaves_grpo_is_read_from_grpos_runs():
