@@ -5,7 +5,9 @@ Two mixed pairs exchange every message with the current contracts:
 - the previous version, 1.0: poise/contracts.py as deployed before versions existed, frozen in contracts_v1_0.py.
   The current version reads everything 1.0 sends; 1.0 refuses what the current version sends (schema_version is an
   unknown field to it), which is why 2.0 is a major version. "One ahead" holds from 2.0 on.
-- the next version, 2.1: the current source with a field added to Evaluation, CallRecord and Node, loaded as a
+- the deployed version, 2.0: poise/contracts.py before racing and the report, frozen in contracts_v2_0.py. Each side
+  reads what the other writes; 2.0 keeps the 2.1 fields it does not know and writes them back unchanged.
+- the next version: the current source with a field added to Evaluation, CallRecord and Node, loaded as a
   module of its own. Each side reads what the other writes, and what the current side writes back (the archive
   updating a node, stored in SQLite or MongoDB) still holds the 2.1 fields with their values.
 
@@ -28,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 import contracts_v1_0 as previous
+import contracts_v2_0 as deployed
 import mongomock
 import pytest
 from pydantic import ValidationError
@@ -145,6 +148,10 @@ def test_what_the_previous_version_sends_this_one_reads(subject: str) -> None:
     message = with_calls(subject)
     payload = json.loads(encode(message))
     del payload["schema_version"]
+    # what 2.1 added, at its defaults here, a 1.0 sender never wrote
+    payload = {key: value for key, value in payload.items() if key in previous.MESSAGE_TYPES[subject].model_fields}
+    if "evaluation" in payload:
+        del payload["evaluation"]["half"]
     sent = previous.encode(previous.decode(subject, json.dumps(payload).encode()))  # a 1.0 service's bytes
     received = decode(subject, sent)
     assert received.schema_version == UNVERSIONED
@@ -157,6 +164,51 @@ def test_the_previous_version_refuses_what_this_one_sends_so_the_change_is_a_maj
     with pytest.raises(previous.ContractError, match=r"schema_version\n  Extra inputs are not permitted"):
         previous.decode(subject, encode(MESSAGE_FACTORIES[subject]()))
     assert version_key(CONTRACT_VERSION)[0] > version_key(UNVERSIONED)[0]
+
+
+# ------------------------------------------------------------------- the deployed version (2.0)
+
+
+def with_new_fields(subject: str) -> contracts.Message:
+    """The test factory's message with what 2.1 added set where the subject carries it: a report arm, the half
+    an evaluation scored, a node's report runs, a run's seeding, split and report seeds."""
+    message = with_calls(subject)
+    changes: dict[str, Any] = {}
+    if "arm" in type(message).model_fields:
+        changes["arm"] = "minus:scale:none"
+    if "half" in type(message).model_fields:
+        changes["half"] = "reporting"
+    if "evaluation" in type(message).model_fields:
+        changes["evaluation"] = message.evaluation.model_copy(update={"half": "reporting"})
+    return message.model_copy(update=changes)
+
+
+@pytest.mark.parametrize("subject", MESSAGE_TYPES)
+def test_the_deployed_version_and_this_one_read_each_other_and_nothing_of_this_one_is_lost(subject: str) -> None:
+    assert deployed.CONTRACT_VERSION == "2.0" and version_key(CONTRACT_VERSION) == (2, 1)
+    message = with_new_fields(subject)
+    received = deployed.decode(subject, encode(message))  # a 2.0 service reads a 2.1 message ...
+    assert received.schema_version == CONTRACT_VERSION
+    assert decode(subject, deployed.encode(received)) == message  # ... and passes it on with every 2.1 field
+    payload = json.loads(encode(MESSAGE_FACTORIES[subject]()))
+    payload = {key: value for key, value in payload.items()
+               if key in deployed.MESSAGE_TYPES[subject].model_fields and key != "schema_version"}
+    if "evaluation" in payload:
+        del payload["evaluation"]["half"]
+    old = deployed.MESSAGE_TYPES[subject].model_validate(payload)  # as a 2.0 sender makes it
+    assert old.schema_version == "2.0"
+    back = decode(subject, deployed.encode(old))  # what 2.0 sends, 2.1 reads, the new fields at their defaults
+    assert back.schema_version == "2.0" and getattr(back, "arm", None) is None
+
+
+def test_a_run_and_a_reported_node_of_this_version_survive_a_deployed_archive() -> None:
+    config = make_run_config().model_copy(update={"seeding": "racing", "split": True, "report_seeds": 5})
+    kept = deployed.RunConfig.model_validate_json(config.model_dump_json())
+    assert RunConfig.model_validate_json(kept.model_dump_json()) == config
+    node = make_node()
+    reported = node.model_copy(update={"reported": [contracts.ReportedRun(arm="best", evaluation=make_evaluation())]})
+    kept_node = deployed.Node.model_validate_json(reported.model_dump_json())
+    assert Node.model_validate_json(kept_node.model_dump_json()) == reported
 
 
 # --------------------------------------------------------------------------- the next version (one ahead)
