@@ -467,3 +467,30 @@ def test_reward_grades_correct_incorrect_and_malformed_answers(response, referen
     assert result["format_valid"] == format_valid
     assert set(result) == {"score", "acc", "format_valid", "pred", "grade_error"}  # one key set for every response
     assert result["grade_error"] == ""
+
+
+def test_verl_loads_the_reward_function_from_its_config():
+    # The reward workers load it with verl's own loader, from the config keys docs/verl.md gives.
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    reward_fn = get_custom_reward_fn(OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": "pkg://trainer.verl.reward", "name": "compute_score", "reward_kwargs": {"timeout_s": 3.0}}}}))
+    graded = [reward_fn(data_source="math", solution_str=response, ground_truth="12", extra_info={"index": 0})
+              for response in (r"\boxed{12}", r"\boxed{13}", "twelve")]
+    assert [(g["score"], g["format_valid"]) for g in graded] == [(1.0, 1.0), (0.0, 1.0), (0.0, 0.0)]
+
+
+def test_a_loss_agg_mode_other_than_the_candidates_is_warned_about_and_the_candidates_is_used(serve, caplog):
+    rollout = make_rollout(2, 4, 5, seed=4)
+    served = serve(candidate_file("gspo"))  # seq-mean-token-mean
+    module = candidate_in_testbed("gspo", rollout)
+    advantages, _ = run_advantages(module, rollout.batch)
+    mask = rollout.batch["response_mask"]
+    plugin._warn_mode_mismatch.cache_clear()  # warned once per process: make this test's call the first
+    with caplog.at_level("WARNING", logger=plugin.__name__):
+        loss, _ = plugin.poise_policy_loss(old_log_prob=rollout.old_log_prob, log_prob=rollout.log_prob,
+                                           advantages=advantages, response_mask=mask.bool(),
+                                           loss_agg_mode="token-mean", config=None)
+    assert "set actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean" in caplog.text
+    expected, _, _ = loss_in_testbed(served, rollout, advantages, {})
+    torch.testing.assert_close(loss, expected, **TOL)
