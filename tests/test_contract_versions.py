@@ -5,6 +5,8 @@ Two mixed pairs exchange every message with the current contracts:
 - the previous version, 1.0: poise/contracts.py as deployed before versions existed, frozen in contracts_v1_0.py.
   The current version reads everything 1.0 sends; 1.0 refuses what the current version sends (schema_version is an
   unknown field to it), which is why 2.0 is a major version. "One ahead" holds from 2.0 on.
+- the deployed minor version, 2.0, frozen in contracts_v2_0.py (2.1 added early stopping): each side reads what the
+  other writes, and 2.0 keeps the 2.1 fields (a stopped training, a training's plan) and writes them back unchanged.
 - the next version, 2.1: the current source with a field added to Evaluation, CallRecord and Node, loaded as a
   module of its own. Each side reads what the other writes, and what the current side writes back (the archive
   updating a node, stored in SQLite or MongoDB) still holds the 2.1 fields with their values.
@@ -28,10 +30,19 @@ from types import ModuleType
 from typing import Any
 
 import contracts_v1_0 as previous
+import contracts_v2_0 as deployed
 import mongomock
 import pytest
 from pydantic import ValidationError
-from test_contracts import MESSAGE_FACTORIES, RUN, make_call_record, make_evaluation, make_node, make_run_config
+from test_contracts import (
+    DOCUMENT_FACTORIES,
+    MESSAGE_FACTORIES,
+    RUN,
+    make_call_record,
+    make_evaluation,
+    make_node,
+    make_run_config,
+)
 
 from archive.mongo_store import MongoStore
 from archive.sqlite_store import DB_FILENAME, SQLiteStore
@@ -143,8 +154,8 @@ def test_json_without_a_version_was_written_before_versions_and_python_values_ar
 @pytest.mark.parametrize("subject", MESSAGE_TYPES)
 def test_what_the_previous_version_sends_this_one_reads(subject: str) -> None:
     message = with_calls(subject)
-    payload = json.loads(encode(message))
-    del payload["schema_version"]
+    # What 1.0 held: the fields later versions added have their defaults, and a 1.0 sender never wrote them.
+    payload = json.loads(message.model_dump_json(exclude={"schema_version"}, exclude_defaults=True))
     sent = previous.encode(previous.decode(subject, json.dumps(payload).encode()))  # a 1.0 service's bytes
     received = decode(subject, sent)
     assert received.schema_version == UNVERSIONED
@@ -157,6 +168,44 @@ def test_the_previous_version_refuses_what_this_one_sends_so_the_change_is_a_maj
     with pytest.raises(previous.ContractError, match=r"schema_version\n  Extra inputs are not permitted"):
         previous.decode(subject, encode(MESSAGE_FACTORIES[subject]()))
     assert version_key(CONTRACT_VERSION)[0] > version_key(UNVERSIONED)[0]
+
+
+# ---------------------------------------------------------------- the deployed minor version (2.0, one behind)
+
+
+def stopped_trained() -> contracts.EvtTrained:
+    trajectory = MESSAGE_FACTORIES["evt.trained"]().trajectory.model_copy(
+        update={"checkpoint_uri": None, "stopped_early": DOCUMENT_FACTORIES["early_stop"]()})
+    return contracts.EvtTrained(run_id=RUN, node_id="n0007", trajectory=trajectory)
+
+
+def planned_train() -> contracts.WorkTrain:
+    return MESSAGE_FACTORIES["work.train"]().model_copy(update={"early_stop": DOCUMENT_FACTORIES["stop_plan"]()})
+
+
+@pytest.mark.parametrize("subject", MESSAGE_TYPES)
+def test_the_deployed_minor_version_and_this_one_read_each_other(subject: str) -> None:
+    assert deployed.CONTRACT_VERSION == "2.0" and version_key(deployed.CONTRACT_VERSION) < version_key(CONTRACT_VERSION)
+    message = with_calls(subject)
+    received = deployed.decode(subject, encode(message))  # 2.0 reads what 2.1 sends
+    assert json.loads(deployed.encode(received)) == json.loads(encode(message))  # and passes it on unchanged
+    old = decode(subject, deployed.encode(deployed.decode(subject, deployed.encode(received))))
+    assert old.model_dump(exclude={"schema_version"}) == message.model_dump(exclude={"schema_version"})
+
+
+@pytest.mark.parametrize("make", [stopped_trained, planned_train])
+def test_the_deployed_minor_version_keeps_what_early_stopping_added(make: Callable[[], contracts.Message]) -> None:
+    message = make()
+    received = deployed.decode(message.subject, encode(message))
+    assert received.schema_version == CONTRACT_VERSION
+    echoed = deployed.encode(received)
+    assert decode(message.subject, echoed) == message
+    if isinstance(message, contracts.EvtTrained):  # a 2.0 archive stores the node with the stop kept in it
+        node = deployed.Node.model_validate_json(make_node().model_dump_json())
+        kept = node.model_copy(update={"trajectory": received.trajectory, "evaluation": None, "reflection": None,
+                                       "replicates": [], "status": deployed.NodeStatus.TRAINED})
+        assert Node.model_validate_json(kept.model_dump_json()).trajectory.stopped_early == \
+            message.trajectory.stopped_early
 
 
 # --------------------------------------------------------------------------- the next version (one ahead)
