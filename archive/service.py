@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from archive.status import best_score
-from archive.update import ArchiveUpdater, Outcome, UpdateResult, next_work
+from archive.update import ArchiveUpdater, Outcome, UpdateResult
 from poise.bus import Bus
 from poise.contracts import (
     ROOT_ID,
@@ -110,7 +110,7 @@ class ArchiveService:
             return 0
         resumed = 0
         for node in nodes:
-            for work in next_work(node, self.config):
+            for work in self.updater.work_for(node, self.config):
                 self.bus.publish(work)
                 resumed += 1
         self.pump()
