@@ -518,7 +518,8 @@ def run_sandboxed(
     child.stdout.close()
     child.stderr.close()
     if stdout_buffer and not result.output_overflow and result.stopped is None:
-        _take_line(stdout_buffer, result, report_type, on_event)
+        with contextlib.suppress(StopChild):  # the child has ended already: nothing is left to stop
+            _take_line(stdout_buffer, result, report_type, on_event)
     result.stderr_tail = stderr_tail.decode("utf-8", "replace")
     result.wall_s = time.monotonic() - started
     return result
