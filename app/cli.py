@@ -720,8 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop proposing once the agent LLM has cost this much (default: no cap)")
     run.add_argument("--early-stop", action=argparse.BooleanOptionalAction,
                      help="stop a child's training at 25/50/75%% of its steps when its curve says it cannot reach its "
-                          "parent (docs/early_stopping.md); default: on when POISE holds a rule fitted for the "
-                          "protocol (default has one), else off; a resumed run may change it")
+                          "parent (docs/early_stopping.md), by the rule POISE holds for the protocol or the run's "
+                          "own once its archive holds 12 (child, parent) pairs; default: on when POISE holds a rule "
+                          "for the protocol (none yet), else off; a resumed run may change it")
     run.add_argument("--evaluator", choices=("testbed", "vllm"),
                      help="who scores checkpoints: the testbed sampler in this process (default), or a vLLM server "
                           "(recorded with the run; docs/evaluation.md)")
