@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poise.algorithms.common import group_sum
+from poise.algorithms.common import group_sum, token_counts
 from poise.contracts import DEFAULT_LOSS_AGG_MODE, CheckResult, LossAggMode
 
 LOSS_AGG_MODES = tuple(mode.value for mode in LossAggMode)
@@ -148,6 +148,7 @@ def aggregate_loss(
     (valid tokens or sequences of the whole mini-batch) and multiplies by dp_size, so that the gradient
     average across ranks equals the loss over the global batch. Without a global normalizer and with
     dp_size == 1 the local micro-batch is the whole batch. Sequences with no valid token are excluded.
+    A per-sequence mean divides by the exact token count, as VERL's production path does (common.token_counts).
     """
     if mode not in LOSS_AGG_MODES:
         raise CandidateError(f"LOSS_AGG_MODE {mode!r} is not one of {', '.join(LOSS_AGG_MODES)}")
@@ -161,7 +162,7 @@ def aggregate_loss(
     valid_tokens = mask.sum(-1)
     has_tokens = (valid_tokens > 0).to(loss_mat.dtype)
     if mode == LossAggMode.SEQ_MEAN_TOKEN_MEAN:
-        per_sequence = (loss_mat * mask).sum(-1) / (valid_tokens + 1e-8)
+        per_sequence = (loss_mat * mask).sum(-1) / token_counts(mask)
     else:
         per_sequence = (loss_mat * mask).sum(-1)
     sequences = has_tokens.sum() if global_batch_size is None else global_batch_size

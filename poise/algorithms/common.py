@@ -23,6 +23,13 @@ VERL_KL_NAMES = {"kl": KLEstimator.K1.value, "mse": KLEstimator.K2.value, "low_v
 KL_ESTIMATORS = (*(estimator.value for estimator in KLEstimator), *VERL_KL_NAMES)
 
 
+def token_counts(mask: Tensor) -> Tensor:
+    """Valid tokens of each response (B,), at least 1: the per-sequence normalizer of VERL's production path (its
+    masks are bool there, so the + 1e-8 it writes is lost in the integer count; docs/extending.md, "VERL facts the
+    code relies on"). A response with no valid token has a zero numerator either way."""
+    return mask.sum(-1).clamp(min=1)
+
+
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     if dim is None:
         return (values * mask).sum() / (mask.sum() + 1e-8)
@@ -175,7 +182,7 @@ def geometric_mean_loss(
     clamped = log_ratio.clamp(-clip_low, clip_high)
     sign = torch.sign(advantages)
     clipped_log_ratio = sign * torch.minimum(sign * log_ratio, sign * clamped)
-    tokens = mask.sum(-1) + 1e-8
+    tokens = token_counts(mask)
     seq_ratio = torch.exp((clipped_log_ratio * mask).sum(-1) / tokens)
     seq_advantage = (advantages * mask).sum(-1) / tokens
     loss = (-seq_advantage * seq_ratio).unsqueeze(-1).expand_as(log_prob)
