@@ -51,7 +51,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 DEFAULT_RUN_DIR = "runs/default"
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
-                "seeding", "split", "report_seeds", "llm_budget_usd")
+                "seeding", "split", "report_seeds", "llm_budget_usd", "early_stop")
 LLM_OPERATORS = ("propose", "screen", "implement", "reflect")
 # The flag that sets each RunConfig field whose name is not its flag's (the others: --field-name).
 FLAG_OF_FIELD = {"kind": "--objective", "agents": "--llm"}
@@ -606,6 +606,21 @@ def cmd_bench_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_early_stop(args: argparse.Namespace) -> int:
+    """The early-stopping rule replayed on held-out archived runs (app/bench_early_stop.py)."""
+    from app.bench_early_stop import BenchError, bench_early_stop, markdown
+
+    try:
+        report = bench_early_stop([Path(d) for d in args.runs], args.alpha, Path(args.json) if args.json else None,
+                                  Path(args.markdown) if args.markdown else None,
+                                  write_rule=Path(args.write_rule) if args.write_rule else None)
+    except BenchError as err:
+        print(f"bench early-stop: {err}", file=sys.stderr)
+        return 2
+    print(markdown(report), end="")
+    return 0
+
+
 def cmd_bench_cli(args: argparse.Namespace) -> int:
     """Start-up time of the first commands a person types, each a fresh process (app/bench_cli.py)."""
     from app.bench_cli import bench_cli
@@ -753,6 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "--llm anthropic:claude-opus-5 --llm screen=anthropic:claude-haiku-4-5")
     run.add_argument("--llm-budget-usd", type=float,
                      help="stop proposing once the agent LLM has cost this much (default: no cap)")
+    run.add_argument("--early-stop", action=argparse.BooleanOptionalAction,
+                     help="stop a child's training at 25/50/75%% of its steps when its curve says it cannot reach its "
+                          "parent (docs/early_stopping.md), by the rule POISE holds for the protocol or the run's "
+                          "own once its archive holds 12 (child, parent) pairs; default: on when POISE holds a rule "
+                          "for the protocol (none yet), else off; a resumed run may change it")
     run.add_argument("--evaluator", choices=("testbed", "vllm"),
                      help="who scores checkpoints: the testbed sampler in this process (default), or a vLLM server "
                           "(recorded with the run; docs/evaluation.md)")
@@ -905,6 +925,16 @@ def build_parser() -> argparse.ArgumentParser:
                                help="seconds before a selection is reported as timed out (default 600)")
     bench_archive.add_argument("--json", help="write the report here")
     bench_archive.set_defaults(handler=cmd_bench_archive)
+    early = bench.add_parser("early-stop", help="the early-stopping rule replayed on held-out archived runs: compute "
+                                                "saved and the rate it stops a child that ended above its parent")
+    early.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="run directories (their archive.db is "
+                                                                                "copied, never written)")
+    early.add_argument("--alpha", type=float, default=0.05, help="stop when P(reach parent) is below this (0.05)")
+    early.add_argument("--json", help="write the report here")
+    early.add_argument("--markdown", help="write the report as markdown here")
+    early.add_argument("--write-rule", metavar="FILE", help="fit the rule on every pair and store it for the protocol "
+                                                            "in FILE (the package's: poise/early_stop_rules.json)")
+    early.set_defaults(handler=cmd_bench_early_stop)
     bench_cli = bench.add_parser("cli", help="start-up time of --help, run --help, status and show, each a fresh "
                                              "process")
     bench_cli.add_argument("--repeats", type=positive_int, default=10, help="runs of each command (default 10)")

@@ -427,7 +427,8 @@ def event_lines(event: Message, result: UpdateResult) -> list[str]:
             last = t.steps[-1] if t.steps else None
             reward = f", reward {last.reward_mean:.3f}" if last and last.reward_mean is not None else ""
             lines.append(f"{node.node_id} trained {len(t.steps)} steps in {t.wall_s:.0f} s{reward}"
-                         + (f" — aborted: {t.abort_reason}" if t.aborted else ""))
+                         + (f" — aborted: {t.abort_reason}" if t.aborted else "")
+                         + (f" — {t.stopped_early.reason}" if t.stopped_early else ""))
         case "evt.evaluated" if node.evaluation is not None:
             lines.append(f"{node.node_id} evaluated: Overall {node.evaluation.overall:.4f}, "
                          f"mean length {node.evaluation.mean_length:.1f}")

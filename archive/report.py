@@ -1071,6 +1071,8 @@ def _curve_lines(node: Node, parent: Node | None) -> list[str]:
     ]
     if trajectory.aborted:
         lines.append(f"  ABORTED: {trajectory.abort_reason or 'no reason given'}")
+    if trajectory.stopped_early:
+        lines.append(f"  STOPPED EARLY: {trajectory.stopped_early.reason}")
     if trajectory.checkpoint_uri:
         lines.append(f"  checkpoint {trajectory.checkpoint_uri}")
     for metric in CURVE_SUMMARY_METRICS:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from archive.status import best_score, children_trainings, report_arms
-from archive.update import ArchiveUpdater, Outcome, RunAccounting, UpdateResult, next_work
+from archive.update import ArchiveUpdater, Outcome, RunAccounting, UpdateResult
 from poise.bus import Bus
 from poise.contracts import (
     ROOT_ID,
@@ -117,7 +117,7 @@ class ArchiveService:
             return 0
         resumed = 0
         for node in nodes:
-            for work in next_work(node, self.config):
+            for work in self.updater.work_for(node, self.config):
                 self.bus.publish(work)
                 resumed += 1
         self.pump()

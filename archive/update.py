@@ -22,6 +22,7 @@ from enum import StrEnum
 
 from pydantic import ValidationError
 
+from archive.early_stop import StopPlanner
 from poise import objective
 from poise.contracts import (
     EVENT_STATUS,
@@ -57,6 +58,7 @@ from poise.store import ArchiveError, ArchiveStore
 
 log = logging.getLogger("poise.archive")
 
+STOPPED_EARLY = "stopped early"  # how the failure reason of a node the trainer stopped early begins
 IN_FLIGHT: frozenset[NodeStatus] = frozenset({NodeStatus.PROPOSED, NodeStatus.IMPLEMENTED, NodeStatus.TRAINED})
 # The phase a node at each status is waiting on: the only phase whose failure can fail it now.
 PENDING_PHASE: dict[NodeStatus, Phase] = {
@@ -170,6 +172,11 @@ class ArchiveUpdater:
     def __init__(self, store: ArchiveStore) -> None:
         self.store = store
         self._lock = threading.Lock()  # one event at a time: read-modify-write of a node is not split
+        self.planner = StopPlanner(store)
+
+    def work_for(self, node: Node, config: RunConfig) -> tuple[Message, ...]:
+        """`next_work`, a child's training with its early-stopping plan (archive/early_stop.py)."""
+        return self.planner.attach(next_work(node, config), node, config)
 
     def apply(self, event: Message) -> UpdateResult:
         """Apply one event to its node; never raises for a bad event (see the module docstring)."""
@@ -257,7 +264,7 @@ class ArchiveUpdater:
         if isinstance(event, EvtTrained) and event.replicate:
             return self._replicate_trained(event, node, config)
         if _reached(node, status):
-            work = next_work(node, config) if node.status == status else ()
+            work = self.work_for(node, config) if node.status == status else ()
             reason = f"node is {node.status} and holds its {STATUS_PART[status]}"
             return UpdateResult(Outcome.DUPLICATE, reason, node, work)
         if node.failure is not None:
@@ -276,6 +283,14 @@ class ArchiveUpdater:
                 return _advance(node, event, status=NodeStatus.FAILED, implementation=impl, failure=failure)
             case EvtImplemented(implementation=impl):
                 return _advance(node, event, status=status, implementation=impl)
+            case EvtTrained(trajectory=trajectory) if trajectory.stopped_early is not None:
+                # Not evaluated as if complete: failed in train, its curve and the stop kept (docs/early_stopping.md).
+                stop = trajectory.stopped_early
+                reason = (f"{STOPPED_EARLY} after {stop.steps_run} of {stop.steps_planned} steps: P(reach parent "
+                          f"{stop.parent_id}) {stop.probability:.3f}, predicted utility {stop.predicted:.4f} vs "
+                          f"{stop.parent_utility:.4f}")
+                failure = Failure(phase=Phase.TRAIN, reason=reason, detail=stop.reason)
+                return _advance(node, status=NodeStatus.FAILED, trajectory=trajectory, failure=failure)
             case EvtTrained(trajectory=trajectory) if trajectory.checkpoint_uri is None:
                 why = f" (aborted: {trajectory.abort_reason})" if trajectory.abort_reason else ""
                 failure = Failure(phase=Phase.TRAIN, reason=f"training left no checkpoint to evaluate{why}")
@@ -400,7 +415,7 @@ class ArchiveUpdater:
         change = f"{old.status} → {new.status}" if old.status != new.status else f"{new.status}, updated"
         if new.failure is not None:
             change += f" ({new.failure.phase}: {new.failure.reason})"
-        return UpdateResult(Outcome.APPLIED, change, new, next_work(new, config) if config else ())
+        return UpdateResult(Outcome.APPLIED, change, new, self.work_for(new, config) if config else ())
 
     @staticmethod
     def _reject(event: Message, reason: str, node: Node | None = None) -> UpdateResult:

@@ -61,10 +61,11 @@ def validation_problems(errors: ValidationError | Sequence[Mapping[str, Any]]) -
 # adds fields with defaults, so every minor version of a major reads every other; any other change is a major
 # version, which reads what the major before it wrote and which that one refuses.
 
-CONTRACT_VERSION = "2.1"  # 2.0: documents and messages carry schema_version (1.0 refuses it as an unknown field)
-# 2.1: RunSettings.seeding (racing, docs/racing.md); the selection/reporting split and the report's arms
-# (RunSettings.split and report_seeds, Evaluation.half, WorkEvaluate.half, the messages' arm, Node.reported;
-# docs/reporting.md)
+# 2.0: documents and messages carry schema_version (1.0 refuses it as an unknown field). 2.1: racing
+# (RunSettings.seeding, docs/racing.md); the selection/reporting split and the report's arms (RunSettings.split and
+# report_seeds, Evaluation.half, WorkEvaluate.half, the messages' arm, Node.reported; docs/reporting.md); early
+# stopping (TrainingTrajectory.stopped_early, WorkTrain.early_stop, RunSettings.early_stop; docs/early_stopping.md).
+CONTRACT_VERSION = "2.1"
 UNVERSIONED = "1.0"  # a document or message without schema_version: written before versions existed
 VERSION_PATTERN = r"^[0-9]+\.[0-9]+$"
 Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
@@ -575,8 +576,61 @@ class TrainingStep(Contract):
     extra: dict[str, float] = {}
 
 
+class StopCheckpoint(Contract):
+    """The early-stopping rule at one checkpoint (docs/early_stopping.md): after `step` steps, the child's final
+    utility minus its parent's is predicted as intercept + slope·gap, gap being the child's mean training reward over
+    those steps minus the parent's over the same steps; the prediction's spread is the fit's residual SD widened for
+    a new point (x_mean and sxx: the fit's mean gap and sum of squared deviations), with n − 2 degrees of freedom."""
+
+    step: int = Field(ge=1, description="steps run when the rule is checked")
+    intercept: float
+    slope: float
+    residual_sd: NonNegative
+    x_mean: float
+    sxx: NonNegative
+    n: int = Field(ge=3, description="the (child, parent) pairs the fit used")
+
+
+class EarlyStopRule(Contract):
+    """Fitted parameters of the early-stopping rule for one protocol: one `StopCheckpoint` per checkpoint. A child is
+    stopped at a checkpoint when P(its final utility reaches its parent's) < alpha and its partial curve is below its
+    parent's (docs/early_stopping.md)."""
+
+    protocol: str
+    steps: int = Field(ge=1, description="the protocol's training steps the rule was fitted for")
+    metric: str = Field("reward_mean", description="the TrainingStep curve the gap is measured on")
+    alpha: Unit = 0.05
+    checkpoints: list[StopCheckpoint] = []
+    source: str = Field("", description="what it was fitted on (runs, pairs), for the record")
+
+
+class EarlyStopPlan(Contract):
+    """What a trainer needs to stop a child early (WorkTrain.early_stop): the rule, the parent's curve and score,
+    and the run's seed noise (the SD of the root's seed scores; the prediction's spread never goes below √2 of it)."""
+
+    rule: EarlyStopRule
+    parent_id: Id
+    parent_curve: list[float | None]
+    parent_utility: float
+    noise_sd: NonNegative | None = None
+
+
+class EarlyStop(Contract):
+    """A training the trainer stopped early (TrainingTrajectory.stopped_early): where, and why."""
+
+    steps_run: int = Field(ge=1)
+    steps_planned: int = Field(ge=1)
+    parent_id: Id
+    parent_utility: float
+    gap: float = Field(description="the child's mean training reward so far minus its parent's over the same steps")
+    predicted: float = Field(description="the predicted final utility: the parent's plus the predicted difference")
+    probability: Unit = Field(description="the rule's P(the child's final utility reaches its parent's)")
+    reason: str
+
+
 class TrainingTrajectory(Contract):
-    """τ: the learning curves of one training run under a named protocol."""
+    """τ: the learning curves of one training run under a named protocol. `stopped_early`: the trainer stopped it
+    at a checkpoint because it could not reach its parent (docs/early_stopping.md); it has no checkpoint."""
 
     protocol: str
     seed: int
@@ -585,6 +639,7 @@ class TrainingTrajectory(Contract):
     abort_reason: str | None = None
     checkpoint_uri: str | None = None
     wall_s: NonNegative = 0.0
+    stopped_early: EarlyStop | None = None
 
     def curve(self, name: str) -> list[float | None]:
         """One metric over steps, from a named field or from `extra` (None where a step lacks it)."""
@@ -907,7 +962,7 @@ class Backends(Contract):
 
 # Settings a resumed run may change (a larger budget extends it, a larger cap lets it spend on); the others
 # define the run, and a resume that changes them is refused.
-RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd")
+RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd", "early_stop")
 # Recorded by the archive (the protocol's sha256 when a run is created, the contract version a config was written in),
 # never given by a caller: left out of the resume comparison.
 RECORDED_SETTINGS = ("protocol_sha256", "schema_version")
@@ -943,6 +998,9 @@ class RunSettings(Contract):
     backends: Backends = Field(default_factory=Backends)
     llm_budget_usd: NonNegative | None = Field(None, description="agent-LLM spend cap in USD; the run stops "
                                                                  "proposing when its nodes have spent it")
+    early_stop: bool | None = Field(None, description="stop a child's training early when it cannot reach its "
+                                    "parent (docs/early_stopping.md); None: on when the package holds a rule fitted "
+                                    "for the protocol")
 
 
 class RunConfig(RunSettings, Versioned):
@@ -1208,6 +1266,8 @@ class WorkTrain(_ReplicableMessage):
     source: str
     protocol: str
     seed: int
+    early_stop: EarlyStopPlan | None = Field(None, description="stop the training early by this plan "
+                                             "(docs/early_stopping.md); None: train every step")
 
 
 class WorkEvaluate(_ReplicableMessage):

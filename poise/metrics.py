@@ -44,9 +44,10 @@ OK = "ok"                # the phase did its work (the archive: the event was ap
 FAILED = "failed"        # the phase reported the node's failure (evt.failed)
 REJECTED = "rejected"    # the implementer could not verify the candidate; the archive refused an event
 ABORTED = "aborted"      # training stopped early (divergence, format collapse); the trajectory still counts
+STOPPED = "stopped"      # training stopped early because it could not reach its parent (docs/early_stopping.md)
 DUPLICATE = "duplicate"  # the archive had already applied this event (a redelivery)
 ERROR = "error"          # the handler raised; the bus redelivers the message or dead-letters it
-OUTCOMES = frozenset({OK, FAILED, REJECTED, ABORTED, DUPLICATE, ERROR})
+OUTCOMES = frozenset({OK, FAILED, REJECTED, ABORTED, STOPPED, DUPLICATE, ERROR})
 
 _QUICK = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _MINUTES = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0)

@@ -104,6 +104,11 @@ _running: set[subprocess.Popen | _ForkedChild] = set()
 _running_lock = threading.Lock()
 
 
+class StopChild(Exception):
+    """Raised by an `on_event` callback of run_sandboxed: the parent stops the child now, as at a deadline (the
+    trainer's early stopping, docs/early_stopping.md). The message says why; the run's `stopped` keeps it."""
+
+
 @dataclass
 class SandboxResult(Generic[Report]):
     returncode: int | None
@@ -120,10 +125,11 @@ class SandboxResult(Generic[Report]):
     malformed: str | None = None  # why the last result line did not validate as the report type (then no result)
     deadline_s: float | None = None  # the wall-clock deadline it ran under (SandboxLimits.wall_s)
     phase: str | None = None  # the last PhaseEvent the child printed: where it was when it ended (None: none came)
+    stopped: str | None = None  # why an on_event callback stopped the child (StopChild); then it was killed
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and self.result is not None and not self.timed_out
+        return self.returncode == 0 and self.result is not None and not self.timed_out and self.stopped is None
 
     def record_result(self, result: object, report_type: type[Report]) -> None:
         """Take the child's result line: validated as `report_type`, else `malformed` says what is wrong."""
@@ -137,6 +143,8 @@ class SandboxResult(Generic[Report]):
         """Why the run failed, in one line. Text the candidate controls (its stderr, a result line it printed) is
         quoted as the child's output, never worded as the verdict; `phase` says where the child was."""
         during = f" while {self.phase}" if self.phase else ""
+        if self.stopped is not None:
+            return f"stopped by the parent{during}: {self.stopped}"
         if self.stalled:
             return (f"killed after {_seconds(self.stall_s or 0.0)} s without progress{during} (no event from the "
                     f"child; {self.wall_s:.0f} s in all)")
@@ -420,6 +428,7 @@ def run_sandboxed(
 ) -> SandboxResult[Report]:
     """Run `python -I -m module` in a sandboxed child with `payload` (its limits set to `limits`) as JSON on
     stdin; the child's result comes back validated as `report_type`. Default limits: SandboxLimits().
+    `on_event` gets every event line as it comes; raising StopChild there kills the child as a deadline would.
     `fault`: the fault point passed once the child runs (poise/faults.py; tests only)."""
     limits = limits or SandboxLimits()
     if os.environ.get(ALLOW_WEAK_ENV, "") == "1":
@@ -486,9 +495,16 @@ def run_sandboxed(
             stdout_buffer += chunk
             *lines, stdout_buffer = stdout_buffer.split(b"\n")
             for line in lines:
-                if _take_line(line, result, report_type, on_event):
-                    progress = time.monotonic()
-    if result.timed_out or result.output_overflow:
+                try:
+                    if _take_line(line, result, report_type, on_event):
+                        progress = time.monotonic()
+                except StopChild as stop:
+                    result.stopped = str(stop) or "stopped by the caller"
+                    open_streams = 0
+                    break
+            if result.stopped is not None:
+                break
+    if result.timed_out or result.output_overflow or result.stopped is not None:
         if cgroup is not None:
             cgroup.kill()  # at once, whatever a fork storm does to the watchdog's pace
         _stop(child)
@@ -501,8 +517,9 @@ def run_sandboxed(
         cgroup.remove()
     child.stdout.close()
     child.stderr.close()
-    if stdout_buffer and not result.output_overflow:
-        _take_line(stdout_buffer, result, report_type, on_event)
+    if stdout_buffer and not result.output_overflow and result.stopped is None:
+        with contextlib.suppress(StopChild):  # the child has ended already: nothing is left to stop
+            _take_line(stdout_buffer, result, report_type, on_event)
     result.stderr_tail = stderr_tail.decode("utf-8", "replace")
     result.wall_s = time.monotonic() - started
     return result

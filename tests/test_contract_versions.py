@@ -5,8 +5,9 @@ Two mixed pairs exchange every message with the current contracts:
 - the previous version, 1.0: poise/contracts.py as deployed before versions existed, frozen in contracts_v1_0.py.
   The current version reads everything 1.0 sends; 1.0 refuses what the current version sends (schema_version is an
   unknown field to it), which is why 2.0 is a major version. "One ahead" holds from 2.0 on.
-- the deployed version, 2.0: poise/contracts.py before racing and the report, frozen in contracts_v2_0.py. Each side
-  reads what the other writes; 2.0 keeps the 2.1 fields it does not know and writes them back unchanged.
+- the deployed minor version, 2.0, frozen in contracts_v2_0.py (2.1 added racing, the split and the report, and
+  early stopping): each side reads what the other writes, and 2.0 keeps the 2.1 fields (a report arm, the half
+  an evaluation scored, a node's report runs, a stopped training, a training's plan) and writes them back unchanged.
 - the next version: the current source with a field added to Evaluation, CallRecord and Node, loaded as a
   module of its own. Each side reads what the other writes, and what the current side writes back (the archive
   updating a node, stored in SQLite or MongoDB) still holds the 2.1 fields with their values.
@@ -34,7 +35,15 @@ import contracts_v2_0 as deployed
 import mongomock
 import pytest
 from pydantic import ValidationError
-from test_contracts import MESSAGE_FACTORIES, RUN, make_call_record, make_evaluation, make_node, make_run_config
+from test_contracts import (
+    DOCUMENT_FACTORIES,
+    MESSAGE_FACTORIES,
+    RUN,
+    make_call_record,
+    make_evaluation,
+    make_node,
+    make_run_config,
+)
 
 from archive.mongo_store import MongoStore
 from archive.sqlite_store import DB_FILENAME, SQLiteStore
@@ -146,12 +155,8 @@ def test_json_without_a_version_was_written_before_versions_and_python_values_ar
 @pytest.mark.parametrize("subject", MESSAGE_TYPES)
 def test_what_the_previous_version_sends_this_one_reads(subject: str) -> None:
     message = with_calls(subject)
-    payload = json.loads(encode(message))
-    del payload["schema_version"]
-    # what 2.1 added, at its defaults here, a 1.0 sender never wrote
-    payload = {key: value for key, value in payload.items() if key in previous.MESSAGE_TYPES[subject].model_fields}
-    if "evaluation" in payload:
-        del payload["evaluation"]["half"]
+    # What 1.0 held: the fields later versions added have their defaults, and a 1.0 sender never wrote them.
+    payload = json.loads(message.model_dump_json(exclude={"schema_version"}, exclude_defaults=True))
     sent = previous.encode(previous.decode(subject, json.dumps(payload).encode()))  # a 1.0 service's bytes
     received = decode(subject, sent)
     assert received.schema_version == UNVERSIONED
@@ -209,6 +214,44 @@ def test_a_run_and_a_reported_node_of_this_version_survive_a_deployed_archive() 
     reported = node.model_copy(update={"reported": [contracts.ReportedRun(arm="best", evaluation=make_evaluation())]})
     kept_node = deployed.Node.model_validate_json(reported.model_dump_json())
     assert Node.model_validate_json(kept_node.model_dump_json()) == reported
+
+
+# ---------------------------------------------------------------- the deployed minor version (2.0, one behind)
+
+
+def stopped_trained() -> contracts.EvtTrained:
+    trajectory = MESSAGE_FACTORIES["evt.trained"]().trajectory.model_copy(
+        update={"checkpoint_uri": None, "stopped_early": DOCUMENT_FACTORIES["early_stop"]()})
+    return contracts.EvtTrained(run_id=RUN, node_id="n0007", trajectory=trajectory)
+
+
+def planned_train() -> contracts.WorkTrain:
+    return MESSAGE_FACTORIES["work.train"]().model_copy(update={"early_stop": DOCUMENT_FACTORIES["stop_plan"]()})
+
+
+@pytest.mark.parametrize("subject", MESSAGE_TYPES)
+def test_the_deployed_minor_version_and_this_one_read_each_other(subject: str) -> None:
+    assert deployed.CONTRACT_VERSION == "2.0" and version_key(deployed.CONTRACT_VERSION) < version_key(CONTRACT_VERSION)
+    message = with_calls(subject)
+    received = deployed.decode(subject, encode(message))  # 2.0 reads what 2.1 sends
+    assert json.loads(deployed.encode(received)) == json.loads(encode(message))  # and passes it on unchanged
+    old = decode(subject, deployed.encode(deployed.decode(subject, deployed.encode(received))))
+    assert old.model_dump(exclude={"schema_version"}) == message.model_dump(exclude={"schema_version"})
+
+
+@pytest.mark.parametrize("make", [stopped_trained, planned_train])
+def test_the_deployed_minor_version_keeps_what_early_stopping_added(make: Callable[[], contracts.Message]) -> None:
+    message = make()
+    received = deployed.decode(message.subject, encode(message))
+    assert received.schema_version == CONTRACT_VERSION
+    echoed = deployed.encode(received)
+    assert decode(message.subject, echoed) == message
+    if isinstance(message, contracts.EvtTrained):  # a 2.0 archive stores the node with the stop kept in it
+        node = deployed.Node.model_validate_json(make_node().model_dump_json())
+        kept = node.model_copy(update={"trajectory": received.trajectory, "evaluation": None, "reflection": None,
+                                       "replicates": [], "status": deployed.NodeStatus.TRAINED})
+        assert Node.model_validate_json(kept.model_dump_json()).trajectory.stopped_early == \
+            message.trajectory.stopped_early
 
 
 # --------------------------------------------------------------------------- the next version (one ahead)

@@ -147,6 +147,22 @@ def make_trajectory() -> TrainingTrajectory:
     )
 
 
+def make_stop_rule() -> contracts.EarlyStopRule:
+    checkpoint = contracts.StopCheckpoint(step=10, intercept=-0.002, slope=0.21, residual_sd=0.011, x_mean=-0.01,
+                                          sxx=0.4, n=23)
+    return contracts.EarlyStopRule(protocol="default", steps=40, checkpoints=[checkpoint], source="23 pairs of run r")
+
+
+def make_stop_plan() -> contracts.EarlyStopPlan:
+    return contracts.EarlyStopPlan(rule=make_stop_rule(), parent_id="n0003", parent_curve=[0.3, None, 0.5],
+                                   parent_utility=0.61, noise_sd=0.008)
+
+
+def make_early_stop() -> contracts.EarlyStop:
+    return contracts.EarlyStop(steps_run=10, steps_planned=40, parent_id="n0003", parent_utility=0.61, gap=-0.2,
+                               predicted=0.55, probability=0.01, reason="stopped after 10 of 40 steps")
+
+
 def make_suite(suite: str = "aime25", kind: MetricKind = MetricKind.PASS_AT_K, k: int = 32) -> SuiteResult:
     return SuiteResult(
         suite=suite,
@@ -312,6 +328,12 @@ DOCUMENT_FACTORIES: dict[str, Callable[[], BaseModel]] = {
     "implementation": make_implementation,
     "step": make_step,
     "trajectory": make_trajectory,
+    "stopped_trajectory": lambda: make_trajectory().model_copy(update={"checkpoint_uri": None,
+                                                                       "stopped_early": make_early_stop()}),
+    "stop_checkpoint": lambda: make_stop_rule().checkpoints[0],
+    "stop_rule": make_stop_rule,
+    "stop_plan": make_stop_plan,
+    "early_stop": make_early_stop,
     "suite": make_suite,
     "evaluation": make_evaluation,
     "effect": make_effect,

@@ -398,8 +398,9 @@ def test_a_resumed_run_may_raise_its_budget_and_llm_cap_like_poise_run(store: SQ
     resolve_run(store, "run-cap", {"budget": 3, "llm_budget_usd": 1.0}, Backends())
     resumed = resolve_run(store, "run-cap", {"budget": 5, "parallel": 2, "llm_budget_usd": 4.0}, Backends())
     assert (resumed.budget, resumed.parallel, resumed.llm_budget_usd) == (5, 2, 4.0)
-    with pytest.raises(RunRefused, match="budget, parallel, llm_budget_usd may change"):
+    with pytest.raises(RunRefused, match="budget, parallel, llm_budget_usd, early_stop may change"):
         resolve_run(store, "run-cap", {"seed": 9}, Backends())
+    assert resolve_run(store, "run-cap", {"early_stop": False}, Backends()).early_stop is False
 
 
 def test_resolve_run_starts_resumes_and_refuses(store: SQLiteStore):

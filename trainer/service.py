@@ -1,4 +1,5 @@
-"""The trainer bound to the bus: work.train → evt.trained (a failed run is a trajectory without checkpoint).
+"""The trainer bound to the bus: work.train → evt.trained (a failed run is a trajectory without checkpoint; so is
+one stopped early by the plan the work carries, docs/early_stopping.md).
 
 Each node trains in its own directory under the run (`nodes/<id>/train`, `nodes/<id>/train-r<i>` for a
 fresh-seed replicate); the checkpoint URI in the trajectory points there.
@@ -12,8 +13,9 @@ from pathlib import Path
 
 from poise.bus import Bus
 from poise.contracts import EvtTrained, SandboxLimits, TrainingStep, WorkTrain
+from poise.early_stop import EarlyStopWatch
 from poise.faults import fault_point
-from poise.metrics import ABORTED, FAILED, METRICS, OK, observed
+from poise.metrics import ABORTED, FAILED, METRICS, OK, STOPPED, observed
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import Protocol, get_protocol
 from poise.timing import PhaseClock
@@ -47,10 +49,12 @@ class TrainerService:
         if work.arm:  # a report arm's training (docs/reporting.md): "minus:clip:dual" → report-minus-clip-dual-r2
             folder = f"report-{re.sub(r'[^A-Za-z0-9_.-]', '-', work.arm)}-r{work.replicate}"
         on_step = (lambda step: self.on_step(work, step)) if self.on_step else None
+        # The archive sends a plan only for a child's own training (docs/early_stopping.md), never a replicate's.
+        watch = EarlyStopWatch(work.early_stop, protocol.steps) if work.early_stop and not work.replicate else None
         with self.clock.phase("train"):
             outcome = train_candidate(work.source, protocol, work.seed, base_checkpoint(protocol.base_checkpoint),
                                       self.workroot / work.node_id / folder, limits=self.limits(protocol),
-                                      on_step=on_step, name=work.node_id)
+                                      on_step=on_step, name=work.node_id, early_stop=watch)
         trajectory = outcome.trajectory
         if outcome.failure and not trajectory.abort_reason:
             trajectory = trajectory.model_copy(update={"aborted": True, "abort_reason": outcome.failure})
@@ -58,4 +62,6 @@ class TrainerService:
         self.bus.publish(EvtTrained(run_id=work.run_id, node_id=work.node_id, attempt=work.attempt,
                                     replicate=work.replicate, arm=work.arm, trajectory=trajectory))
         METRICS.record_training(self.backend, trajectory)
-        return FAILED if outcome.failure else ABORTED if trajectory.aborted else OK
+        if outcome.failure:
+            return FAILED
+        return STOPPED if trajectory.stopped_early else ABORTED if trajectory.aborted else OK

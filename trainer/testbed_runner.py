@@ -16,7 +16,8 @@ from poise.contracts import (
     TrainReport,
     TrainStepEvent,
 )
-from poise.sandbox import run_sandboxed
+from poise.early_stop import EarlyStopWatch
+from poise.sandbox import StopChild, run_sandboxed
 from poise.sandbox_audit import attempts_in, describe_attempts
 from poise.testbed.model import WEIGHTS_FILE
 from poise.testbed.protocol import Protocol
@@ -61,17 +62,23 @@ def train_candidate(
     limits: SandboxLimits | None = None,
     on_step: Callable[[TrainingStep], None] | None = None,
     name: str = "candidate",
+    early_stop: EarlyStopWatch | None = None,
 ) -> TrainOutcome:
     """Train `source` under `protocol` in the sandbox; the checkpoint lands in workdir/policy. Default limits:
-    `training_limits`."""
+    `training_limits`. `early_stop`: the child is killed when the watch says stop at a checkpoint; the trajectory
+    then holds the steps run and `stopped_early`, no checkpoint, and it is not a failure (docs/early_stopping.md)."""
     limits = limits or training_limits(protocol)
     payload = TrainPayload(protocol=protocol.as_dict(), seed=seed, source=source, name=name,
                            base_path=base_path.resolve(), out_dir=workdir.resolve())
 
     def forward(event: dict) -> None:
         step = _step_of(event)
-        if on_step and step is not None:
+        if step is None:
+            return
+        if on_step:
             on_step(step)
+        if early_stop is not None and early_stop.observe(step) is not None:
+            raise StopChild(early_stop.stop.reason)
 
     run = run_sandboxed(CHILD_MODULE, payload, workdir, limits, threads=protocol.threads, on_event=forward,
                         report_type=TrainReport, fault="trainer.train")
@@ -94,8 +101,12 @@ def train_candidate(
             trajectory.checkpoint_uri = None
             return TrainOutcome(trajectory, problem, isolation_notes=notes, wall_s=run.wall_s)
         return TrainOutcome(trajectory, isolation_notes=notes, wall_s=run.wall_s)
-    # Failed: keep the curve up to the failure, without a checkpoint.
+    # Failed or stopped early: keep the curve up to the end, without a checkpoint.
     steps = [step for step in map(_step_of, run.events) if step is not None]
+    if run.stopped is not None and not attempts and early_stop is not None and early_stop.stop is not None:
+        stopped = TrainingTrajectory(protocol=protocol.name, seed=seed, steps=steps, stopped_early=early_stop.stop,
+                                     wall_s=run.wall_s)
+        return TrainOutcome(stopped, isolation_notes=notes, wall_s=run.wall_s)
     # The report's reason only when the child ended cleanly after it: a report followed by an exit, a kill or a
     # deadline may be a line the candidate printed, and then how the child ended is the reason.
     if attempts:
