@@ -297,6 +297,18 @@ def make_train_report() -> contracts.TrainReport:
     return contracts.TrainReport(status="ok", trajectory=make_trajectory(), isolation=["no seccomp filter (EPERM)"])
 
 
+def make_report_status() -> contracts.ReportStatus:
+    """The report of a best against GRPO with one ablation (archive/status.py report_status builds these)."""
+    arm = contracts.ArmStatus(arm="best", seeds=[100003, 101003], overall=[0.46, 0.48], mean=0.47, ci_low=0.34,
+                              ci_high=0.60, mean_length=80.5)
+    return contracts.ReportStatus(
+        half="reporting", arms=[arm, arm.model_copy(update={"arm": "grpo", "overall": [0.44, 0.45], "mean": 0.445})],
+        paired_seeds=2, gain=0.025, gain_interval=(-0.01, 0.06), p=0.2, length_change=-3.5,
+        verdict="indistinguishable from GRPO on the reporting half over 2 fresh seeds (paired t p = 0.20)",
+        contributions=[contracts.Contribution(difference="minus:scale:none", arm="grpo", seeds=2, gain=0.025,
+                                              interval=(-0.01, 0.06), p=0.2)])
+
+
 def make_run_status() -> contracts.RunStatus:
     """Where a run stands, every optional part present (archive/status.py builds these)."""
     spend = contracts.OperatorSpend(calls=3, failed=1, unpriced=0, usd=0.042)
@@ -311,7 +323,7 @@ def make_run_status() -> contracts.RunStatus:
                                   utility=0.45, interval=(0.42, 0.48), seeds=3, scores=[0.44, 0.46, 0.45],
                                   selection_score=0.47, confirmed=True, gain_over_root=0.037, p_vs_root=0.01,
                                   verdict="better than GRPO (Welch p = 0.010)", overall=0.45, mean_length=88.5,
-                                  constraints_satisfied=True),
+                                  constraints_satisfied=True, report=make_report_status()),
         leader=contracts.LeaderStatus(node_id="n009", name="grpo+kl", utility=0.47, seeds=1),
         llm=contracts.LlmSpendStatus(agents={"propose": "anthropic:m"}, calls=3, usd=0.042, unpriced_calls=0,
                                      cap_usd=20.0, per_operator={"propose": spend}),
@@ -378,6 +390,11 @@ DOCUMENT_FACTORIES: dict[str, Callable[[], BaseModel]] = {
     "budget_status": lambda: make_run_status().budget,
     "root_status": lambda: make_run_status().root,
     "best_status": lambda: make_run_status().best,
+    "report_status": make_report_status,
+    "arm_status": lambda: make_report_status().arms[0],
+    "contribution": lambda: make_report_status().contributions[0],
+    "reported_run": lambda: contracts.ReportedRun(arm="minus:clip:dual", evaluation=make_evaluation().model_copy(
+        update={"half": "reporting"})),
     "leader_status": lambda: make_run_status().leader,
     "llm_spend_status": lambda: make_run_status().llm,
     "operator_spend": lambda: make_run_status().llm.per_operator["propose"],
