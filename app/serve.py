@@ -380,14 +380,57 @@ def implementer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
 
 
 def trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
-    if settings.trainer_backend != "testbed":
-        raise ServeError(f"POISE_TRAINER_BACKEND={settings.trainer_backend}: no trainer service for it in this "
-                         "build (trainer/service.py runs the CPU testbed); use testbed")
+    if settings.trainer_backend == "verl":
+        return verl_trainer_runtime(bus, settings)
     from trainer.service import TrainerService
 
     work_dir_ready(settings)
     trainers = PerRun(lambda run_id: TrainerService(bus, nodes_dir(settings, run_id), wall_s=settings.train_wall_s))
     return Runtime({"work.train": trainers.handle}, forward_dead_letter(bus), counter_label="work.train")
+
+
+def verl_trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    """The VERL trainer (docs/verl.md): the GPU protocol is loaded and checked now; a machine without the GPUs,
+    the model or the data still starts (and says so in its log), and fails each node with that reason."""
+    from trainer.service import VerlTrainerService
+    from trainer.verl.launch import ProcessLauncher
+    from trainer.verl.protocol import ProtocolError, load_gpu_protocol
+
+    work_dir_ready(settings)
+    try:
+        protocol = load_gpu_protocol(settings.verl_protocol)
+    except ProtocolError as err:
+        raise ServeError(f"POISE_VERL_PROTOCOL={settings.verl_protocol}: {err}") from err
+    python = settings.verl_python or sys.executable
+    if settings.verl_launcher == "kubernetes":
+        from trainer.verl.k8s_job import JobError, in_cluster_launcher
+
+        try:
+            launcher = in_cluster_launcher(settings.verl_namespace, settings.verl_image, settings.work_dir.resolve(),
+                                           settings.verl_work_claim, settings.verl_model_claim)
+        except JobError as err:
+            raise ServeError(f"POISE_VERL_LAUNCHER=kubernetes: {err}") from err
+    else:
+        launcher = ProcessLauncher(python=python)
+    train_files, val_files = settings.verl_files()
+
+    def trainer(run_id: str) -> VerlTrainerService:
+        return VerlTrainerService(bus, nodes_dir(settings, run_id), protocol, launcher, settings.base_model,
+                                  train_files, val_files, python=python)
+
+    def configured() -> str | None:  # the protocol loaded at start-up; GPUs, model and data are checked per node
+        return None
+
+    log.info("trainer backend verl: GPU protocol %s (%d GPU(s), deadline %.0f s), %s launcher, model %s",
+             protocol.name, protocol.resources.gpus, protocol.resources.deadline_s, launcher.name, settings.base_model)
+    probe = VerlTrainerService(bus, settings.work_dir, protocol, launcher, settings.base_model, train_files, val_files)
+    problem = launcher.preflight(protocol) or probe.missing_inputs()
+    if problem is not None:
+        log.warning("the VERL trainer cannot train here yet: %s; until that changes, each node it is sent fails "
+                    "with this reason", problem)
+    trainers = PerRun(trainer)
+    return Runtime({"work.train": trainers.handle}, forward_dead_letter(bus), checks={"verl": configured},
+                   counter_label="work.train")
 
 
 def evaluator_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
@@ -583,6 +626,10 @@ def serve(service: str, settings: ServiceSettings, stop: threading.Event | None 
         stop.set()
         bus.close()  # hands back a message whose handler outlived the grace period
         stopped = stop_children()  # after close: what the cut-short handler reports is not published
+        if service == "trainer":
+            from trainer.verl.launch import stop_runs
+
+            stopped += stop_runs()  # VERL process groups (a Kubernetes Job is found again on redelivery)
         if stopped:
             log.warning("killed %d sandboxed child(ren) of the unfinished handler", stopped)
         for close in runtime.closers if runtime is not None else ():

@@ -673,12 +673,29 @@ def test_serve_gives_a_stuck_handler_only_the_grace_period(tmp_path: Path):
     assert result == [0] and time.monotonic() - started < 5 and bus.closed
 
 
-def test_serve_refuses_backends_this_build_lacks(tmp_path: Path):
+def test_serve_trainer_with_verl_starts_without_gpus_and_passes_healthz(tmp_path: Path, caplog):
+    settings = ServiceSettings(work_dir=tmp_path, http_port=0, http_host="127.0.0.1", trainer_backend="verl")
+    bus = FakeBus()
+    with caplog.at_level("INFO", logger="app.serve"):
+        stop, thread, result, url = _serve_in_thread("trainer", settings, bus)
+    _wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+    assert httpx.get(f"{url}/healthz").json()["checks"] == {"bus": "ok", "verl": "ok"}
+    assert "trainer backend verl: GPU protocol paper (8 GPU(s)" in caplog.text
+    # a machine without GPUs still serves; it says why it cannot train, and each node fails with that reason
+    assert "the VERL trainer cannot train here yet" in caplog.text
+    stop.set()
+    thread.join(10)
+    assert result == [0] and bus.closed
+
+
+def test_serve_refuses_a_gpu_protocol_it_cannot_load(tmp_path: Path):
     from app.serve import ServeError
 
-    settings = ServiceSettings(work_dir=tmp_path, http_port=0, trainer_backend="verl")
+    broken = tmp_path / "broken.toml"
+    broken.write_text('name = "broken"\n[training]\nlr = 0\n')
+    settings = ServiceSettings(work_dir=tmp_path, http_port=0, trainer_backend="verl", verl_protocol=str(broken))
     bus = FakeBus()
-    with pytest.raises(ServeError, match="POISE_TRAINER_BACKEND=verl"):
+    with pytest.raises(ServeError, match=r"POISE_VERL_PROTOCOL=.*broken.toml refused: training.lr"):
         serve("trainer", settings, threading.Event(), bus_factory=lambda *a: bus)
     assert bus.closed
 

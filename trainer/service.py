@@ -1,13 +1,19 @@
 """The trainer bound to the bus: work.train → evt.trained (a failed run is a trajectory without checkpoint).
 
+Two backends (POISE_TRAINER_BACKEND): `TrainerService` trains on the CPU testbed in the sandbox;
+`VerlTrainerService` trains with VERL on GPUs under a GPU protocol (docs/verl.md).
+
 Each node trains in its own directory under the run (`nodes/<id>/train`, `nodes/<id>/train-r<i>` for a
 fresh-seed replicate); the checkpoint URI in the trajectory points there.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol as Interface
 
 from poise.bus import Bus
 from poise.contracts import EvtTrained, SandboxLimits, TrainingStep, WorkTrain
@@ -17,6 +23,28 @@ from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import Protocol, get_protocol
 from poise.timing import PhaseClock
 from trainer.testbed_runner import train_candidate, training_limits
+from trainer.verl.launch import RunOutcome, hf_checkpoint
+from trainer.verl.protocol import (
+    CANDIDATE_DIR,
+    GpuProtocol,
+    ProtocolError,
+    TrainInputs,
+    hydra_overrides,
+    validate_overrides,
+)
+
+log = logging.getLogger("trainer")
+
+
+class Launcher(Interface):
+    """Starts one VERL run and follows it to its end (trainer/verl/launch.py, trainer/verl/k8s_job.py)."""
+
+    name: str
+
+    def preflight(self, protocol: GpuProtocol) -> str | None: ...
+
+    def run(self, protocol: GpuProtocol, inputs: TrainInputs, on_step: Callable[[TrainingStep], None] | None = None,
+            ids: tuple[str, str, int, int] | None = None) -> RunOutcome: ...
 
 
 class TrainerService:
@@ -56,3 +84,88 @@ class TrainerService:
                                     replicate=work.replicate, trajectory=trajectory))
         METRICS.record_training(self.backend, trajectory)
         return FAILED if outcome.failure else ABORTED if trajectory.aborted else OK
+
+
+CANDIDATE_MODULE = "poise_candidate"  # the candidate's source as a module in the run's candidate/ directory
+
+
+class VerlTrainerService:
+    """work.train -> evt.trained with VERL on GPUs under a GPU protocol (docs/verl.md).
+
+    Each node trains in `nodes/<id>/train` (or `train-r<i>`): the candidate module, VERL's metrics and log, the
+    checkpoint and its Hugging Face weights (the URI in the trajectory). A node whose run cannot start (no GPU, no
+    model or data, a protocol VERL refuses) or does not complete (a crash, its deadline, a deleted Job) fails with
+    the reason; a run the early-abort rules stop is an aborted trajectory without checkpoint, as on the testbed."""
+
+    subject = WorkTrain.subject
+    backend = "verl"
+
+    def __init__(self, bus: Bus, workroot: Path, protocol: GpuProtocol, launcher: Launcher, model_path: str,
+                 train_files: tuple[str, ...], val_files: tuple[str, ...], clock: PhaseClock | None = None,
+                 on_step: Callable[[WorkTrain, TrainingStep], None] | None = None, python: str | None = None) -> None:
+        self.bus = bus
+        self.workroot = workroot
+        self.protocol = protocol
+        self.launcher = launcher
+        self.model_path = model_path
+        self.train_files = train_files
+        self.val_files = val_files
+        self.clock = clock or PhaseClock()
+        self.on_step = on_step
+        self.python = python
+
+    def inputs(self, work: WorkTrain) -> TrainInputs:
+        folder = "train" if not work.replicate else f"train-r{work.replicate}"
+        run_dir = (self.workroot / work.node_id / folder).resolve()
+        return TrainInputs(model_path=self.model_path, train_files=self.train_files, val_files=self.val_files,
+                           candidate_module=CANDIDATE_MODULE, candidate_dir=run_dir / CANDIDATE_DIR, run_dir=run_dir,
+                           experiment_name=f"{work.run_id}-{work.node_id}-r{work.replicate}", seed=work.seed)
+
+    def missing_inputs(self) -> str | None:
+        """The first data file or local model directory that is not there, with the setting that names it."""
+        for setting, paths in (("POISE_VERL_TRAIN_FILES", self.train_files), ("POISE_VERL_VAL_FILES", self.val_files)):
+            for path in paths:
+                if not Path(path).is_file():
+                    return f"{setting}: {path} does not exist (the parquet files the GPU protocol trains on)"
+        if self.model_path.startswith(("/", ".")) and not Path(self.model_path).is_dir():
+            return f"POISE_BASE_MODEL: {self.model_path} is not a directory (a local model, or a hub id in the cache)"
+        return None
+
+    @observed("train")
+    def handle(self, work: WorkTrain) -> str:
+        fault_point("trainer.received", f"{work.run_id}/{work.node_id}")
+        inputs = self.inputs(work)
+        on_step = (lambda step: self.on_step(work, step)) if self.on_step else None
+        with self.clock.phase("train"):
+            outcome, uri = self._train(work, inputs, on_step)
+        trajectory = outcome.trajectory(self.protocol.name, work.seed, uri)
+        if outcome.failure:
+            log.warning("%s/%s: VERL training failed: %s", work.run_id, work.node_id, outcome.failure)
+        fault_point("trainer.publish", f"{work.run_id}/{work.node_id}")
+        self.bus.publish(EvtTrained(run_id=work.run_id, node_id=work.node_id, attempt=work.attempt,
+                                    replicate=work.replicate, trajectory=trajectory,
+                                    gpu_seconds=outcome.gpu_seconds))
+        METRICS.record_training(self.backend, trajectory)
+        return FAILED if outcome.failure else ABORTED if trajectory.aborted else OK
+
+    def _train(self, work: WorkTrain, inputs: TrainInputs,
+               on_step: Callable[[TrainingStep], None] | None) -> tuple[RunOutcome, str | None]:
+        problem = self.launcher.preflight(self.protocol) or self.missing_inputs()
+        if problem is None:
+            try:
+                validate_overrides(hydra_overrides(self.protocol, inputs))
+            except ProtocolError as err:
+                problem = str(err)
+        if problem is not None:
+            return RunOutcome(failure=problem), None
+        inputs.candidate_dir.mkdir(parents=True, exist_ok=True)
+        (inputs.candidate_dir / f"{CANDIDATE_MODULE}.py").write_text(work.source, encoding="utf-8")
+        outcome = self.launcher.run(self.protocol, inputs, on_step=on_step,
+                                    ids=(work.run_id, work.node_id, work.replicate, work.attempt))
+        if outcome.failure or outcome.aborted:
+            return outcome, None
+        hf_dir, problem = hf_checkpoint(inputs.run_dir, inputs.checkpoint_dir, python=self.python or sys.executable)
+        if problem is not None:
+            outcome.failure = problem
+            return outcome, None
+        return outcome, str(hf_dir)
