@@ -51,7 +51,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 DEFAULT_RUN_DIR = "runs/default"
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
-                "llm_budget_usd")
+                "llm_budget_usd", "gpu_hours_budget")
 LLM_OPERATORS = ("propose", "screen", "implement", "reflect")
 # The flag that sets each RunConfig field whose name is not its flag's (the others: --field-name).
 FLAG_OF_FIELD = {"kind": "--objective", "agents": "--llm"}
@@ -703,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "--llm anthropic:claude-opus-5 --llm screen=anthropic:claude-haiku-4-5")
     run.add_argument("--llm-budget-usd", type=float,
                      help="stop proposing once the agent LLM has cost this much (default: no cap)")
+    run.add_argument("--gpu-hours-budget", type=float,
+                     help="stop proposing once training has held GPUs this many GPU-hours (VERL trainer; default: "
+                          "no cap)")
     run.add_argument("--evaluator", choices=("testbed", "vllm"),
                      help="who scores checkpoints: the testbed sampler in this process (default), or a vLLM server "
                           "(recorded with the run; docs/evaluation.md)")

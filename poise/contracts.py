@@ -61,7 +61,8 @@ def validation_problems(errors: ValidationError | Sequence[Mapping[str, Any]]) -
 # adds fields with defaults, so every minor version of a major reads every other; any other change is a major
 # version, which reads what the major before it wrote and which that one refuses.
 
-CONTRACT_VERSION = "2.0"  # 2.0: documents and messages carry schema_version (1.0 refuses it as an unknown field)
+CONTRACT_VERSION = "2.1"  # 2.0: documents and messages carry schema_version (1.0 refuses it as an unknown field);
+# 2.1: GPU-seconds (Cost.gpu_seconds, EvtTrained.gpu_seconds) and the run's gpu_hours_budget
 UNVERSIONED = "1.0"  # a document or message without schema_version: written before versions existed
 VERSION_PATTERN = r"^[0-9]+\.[0-9]+$"
 Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN)]
@@ -686,12 +687,14 @@ class Failure(Contract):
 
 
 class Cost(Contract):
-    """What a node (or a run) has spent: wall seconds per phase and agent-LLM usage."""
+    """What a node (or a run) has spent: wall seconds per phase, agent-LLM usage and GPU-seconds of training."""
 
     phase_seconds: dict[Phase, NonNegative] = {}
     llm_input_tokens: int = Field(0, ge=0)
     llm_output_tokens: int = Field(0, ge=0)
     llm_usd: NonNegative = 0.0
+    gpu_seconds: NonNegative = Field(0.0, description="GPUs held x seconds by training (VERL backend; 0 on the "
+                                     "CPU testbed)")
 
     def add(self, other: Cost) -> Cost:
         seconds = dict(self.phase_seconds)
@@ -702,6 +705,7 @@ class Cost(Contract):
             llm_input_tokens=self.llm_input_tokens + other.llm_input_tokens,
             llm_output_tokens=self.llm_output_tokens + other.llm_output_tokens,
             llm_usd=self.llm_usd + other.llm_usd,
+            gpu_seconds=self.gpu_seconds + other.gpu_seconds,
         )
 
 
@@ -885,7 +889,7 @@ class Backends(Contract):
 
 # Settings a resumed run may change (a larger budget extends it, a larger cap lets it spend on); the others
 # define the run, and a resume that changes them is refused.
-RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd")
+RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd", "gpu_hours_budget")
 # Recorded by the archive (the protocol's sha256 when a run is created, the contract version a config was written in),
 # never given by a caller: left out of the resume comparison.
 RECORDED_SETTINGS = ("protocol_sha256", "schema_version")
@@ -912,6 +916,8 @@ class RunSettings(Contract):
     backends: Backends = Field(default_factory=Backends)
     llm_budget_usd: NonNegative | None = Field(None, description="agent-LLM spend cap in USD; the run stops "
                                                                  "proposing when its nodes have spent it")
+    gpu_hours_budget: NonNegative | None = Field(None, description="training GPU-hours cap; the run stops proposing "
+                                                 "when its trainings have held the GPUs this long (VERL backend)")
 
 
 class RunConfig(RunSettings, Versioned):
@@ -1165,6 +1171,8 @@ class EvtTrained(_ReplicableMessage):
 
     subject: ClassVar[str] = "evt.trained"
     trajectory: TrainingTrajectory
+    gpu_seconds: NonNegative = Field(0.0, description="GPUs held x seconds by this training, booked on the node's "
+                                     "cost (0 on the CPU testbed)")
 
 
 class EvtEvaluated(_ReplicableMessage):
