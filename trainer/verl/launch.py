@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,6 +162,7 @@ class ProcessLauncher:
         deadline_s = protocol.resources.deadline_s
         argv = (self.command or (lambda p, i: launch_command(p, i, self.python)))(protocol, inputs)
         inputs.run_dir.mkdir(parents=True, exist_ok=True)
+        inputs.metrics_path.unlink(missing_ok=True)  # an earlier attempt's steps are not this run's
         env = {**os.environ, **run_env(inputs), "PYTHONUNBUFFERED": "1"}
         follower = StepFollower(inputs.metrics_path, AbortWatch(protocol.abort_rules()), on_step)
         log_path = inputs.run_dir / LOG_FILE
@@ -260,6 +262,7 @@ def hf_checkpoint(run_dir: Path, checkpoint_dir: Path, python: str = sys.executa
     if has_hf_weights(actor / "huggingface"):
         return actor / "huggingface", None
     target = run_dir / HF_DIR
+    shutil.rmtree(target, ignore_errors=True)  # an earlier attempt's merge
     command = merge_command(actor, target, python)
     run = runner or (lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s))
     try:
