@@ -37,9 +37,9 @@ EXTERNAL_MODULES_ENV = "VERL_USE_EXTERNAL_MODULES"  # verl/__init__.py imports e
 FILE_LOGGER_ENV = "VERL_FILE_LOGGER_PATH"         # where VERL's FileLogger writes the metrics JSONL
 ADV_ESTIMATOR = "poise"                           # the names the plugin registers its estimator and loss under
 LOSS_MODE = "poise"
-REWARD_FILE = Path(__file__).with_name("reward.py")
+REWARD_FILE = "trainer/verl/reward.py"           # under the code root: VERL loads it by path in its reward workers
 REWARD_FUNCTION = "compute_score"
-CODE_ROOT = Path(__file__).resolve().parents[2]   # the checkout that holds trainer/ (for PYTHONPATH)
+CODE_ROOT = Path(__file__).resolve().parents[2]   # the checkout (or site-packages) that holds trainer/
 # under the node's training directory
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "ckpt"
@@ -249,7 +249,7 @@ def hydra_overrides(protocol: GpuProtocol, inputs: TrainInputs) -> list[str]:
         "actor_rollout_ref.rollout.top_k": -1,
         "actor_rollout_ref.rollout.tensor_model_parallel_size": t.rollout_tensor_parallel_size,
         "actor_rollout_ref.rollout.gpu_memory_utilization": t.rollout_gpu_memory_utilization,
-        "reward.custom_reward_function.path": str(REWARD_FILE.resolve()),
+        "reward.custom_reward_function.path": str(inputs.code_root / REWARD_FILE),
         "reward.custom_reward_function.name": REWARD_FUNCTION,
         "trainer.use_v1": True,
         "trainer.v1.trainer_mode": "sync",
