@@ -145,6 +145,8 @@ def test_what_the_previous_version_sends_this_one_reads(subject: str) -> None:
     message = with_calls(subject)
     payload = json.loads(encode(message))
     del payload["schema_version"]
+    known = previous.MESSAGE_TYPES[subject].model_fields  # 1.0 never sends a field added since (e.g. 2.1's)
+    payload = {key: value for key, value in payload.items() if key in known}
     sent = previous.encode(previous.decode(subject, json.dumps(payload).encode()))  # a 1.0 service's bytes
     received = decode(subject, sent)
     assert received.schema_version == UNVERSIONED

@@ -255,6 +255,8 @@ FAKE_VERL = textwrap.dedent('''
         (hf / "model.safetensors").write_bytes(b"weights")
         (run_dir / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2")
     print("env", plugin, os.environ.get("POISE_CANDIDATE_MODULE"))
+    print("leaked", sorted(k for k in os.environ if k.startswith("POISE_") and k != "POISE_CANDIDATE_MODULE"
+                           or "API_KEY" in k))
     time.sleep(plan.get("linger_s", 0))
     sys.exit(plan.get("exit", 0))
 ''')
@@ -285,7 +287,9 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.verl
-def test_the_launcher_hands_on_each_step_and_books_gpu_seconds(tmp_path):
+def test_the_launcher_hands_on_each_step_and_books_gpu_seconds(tmp_path, monkeypatch):
+    monkeypatch.setenv("POISE_NATS_PASSWORD", "the-service's")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "not for candidates")
     launcher = fake_launcher(tmp_path, steps=[GOOD_STEP, GOOD_STEP, GOOD_STEP])
     inputs = inputs_for(tmp_path)
     inputs.run_dir.mkdir(parents=True)
@@ -297,6 +301,7 @@ def test_the_launcher_hands_on_each_step_and_books_gpu_seconds(tmp_path):
     assert outcome.gpu_seconds == pytest.approx(outcome.wall_s * 8) and outcome.wall_s > 0
     log = (tmp_path / "node dir" / "verl.log").read_text()
     assert f"env {PLUGIN_MODULE} {CANDIDATE_MODULE}" in log  # the plugin and the candidate reach the run
+    assert "leaked []" in log, "the service's settings or keys reached the run's processes"
 
 
 @pytest.mark.verl

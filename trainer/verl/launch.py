@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +164,7 @@ class ProcessLauncher:
         argv = (self.command or (lambda p, i: launch_command(p, i, self.python)))(protocol, inputs)
         inputs.run_dir.mkdir(parents=True, exist_ok=True)
         inputs.metrics_path.unlink(missing_ok=True)  # an earlier attempt's steps are not this run's
-        env = {**os.environ, **run_env(inputs), "PYTHONUNBUFFERED": "1"}
+        env = {**child_env(os.environ), **run_env(inputs), "PYTHONUNBUFFERED": "1"}
         follower = StepFollower(inputs.metrics_path, AbortWatch(protocol.abort_rules()), on_step)
         log_path = inputs.run_dir / LOG_FILE
         started = time.monotonic()
@@ -204,9 +205,22 @@ class ProcessLauncher:
             time.sleep(self.poll_s)
 
 
+_SECRET_NAME = re.compile(r"KEY|TOKEN|PASSWORD|SECRET|CREDENTIAL", re.IGNORECASE)
+
+
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The service's environment without its own settings and credentials: candidate code runs in VERL's
+    processes (CUDA, HF and Ray variables pass)."""
+    return {name: value for name, value in environ.items()
+            if not name.startswith("POISE_") and not _SECRET_NAME.search(name)}
+
+
 def exit_reason(returncode: int) -> str:
     if returncode < 0:
-        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else returncode
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
         return f"the VERL run was killed by {name} (out of memory, or stopped from outside); see {LOG_FILE}"
     return f"the VERL run exited with status {returncode}; the end of {LOG_FILE} says why"
 
