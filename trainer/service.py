@@ -13,7 +13,6 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol as Interface
 
 from poise.bus import Bus
 from poise.contracts import EvtTrained, SandboxLimits, TrainingStep, WorkTrain
@@ -23,7 +22,7 @@ from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import Protocol, get_protocol
 from poise.timing import PhaseClock
 from trainer.testbed_runner import train_candidate, training_limits
-from trainer.verl.launch import RunOutcome, hf_checkpoint
+from trainer.verl.launch import Launcher, RunOutcome, hf_checkpoint
 from trainer.verl.protocol import (
     CANDIDATE_DIR,
     GpuProtocol,
@@ -34,17 +33,6 @@ from trainer.verl.protocol import (
 )
 
 log = logging.getLogger("trainer")
-
-
-class Launcher(Interface):
-    """Starts one VERL run and follows it to its end (trainer/verl/launch.py, trainer/verl/k8s_job.py)."""
-
-    name: str
-
-    def preflight(self, protocol: GpuProtocol) -> str | None: ...
-
-    def run(self, protocol: GpuProtocol, inputs: TrainInputs, on_step: Callable[[TrainingStep], None] | None = None,
-            ids: tuple[str, str, int, int] | None = None) -> RunOutcome: ...
 
 
 class TrainerService:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from poise.contracts import TrainingStep, TrainingTrajectory
 from poise.early_abort import AbortWatch
@@ -82,6 +83,20 @@ class StepFollower:
             if reason is not None:
                 return reason
         return None
+
+
+class Launcher(Protocol):
+    """Starts one VERL run and follows it to its end: `ProcessLauncher` here, trainer/verl/k8s_job.py
+    `KubernetesLauncher`."""
+
+    name: str
+
+    def preflight(self, protocol: GpuProtocol) -> str | None:
+        """Why this launcher cannot run `protocol` now (no GPUs, no image), or None."""
+
+    def run(self, protocol: GpuProtocol, inputs: TrainInputs, on_step: Callable[[TrainingStep], None] | None = None,
+            ids: tuple[str, str, int, int] | None = None) -> RunOutcome:
+        """Run to the end; `ids` (run, node, replicate, attempt) name what is trained."""
 
 
 # ------------------------------------------------------------------------------------------------ GPUs
