@@ -392,39 +392,22 @@ def trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
 def verl_trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
     """The VERL trainer (docs/verl.md): the GPU protocol is loaded and checked now; a machine without the GPUs,
     the model or the data still starts (and says so in its log), and fails each node with that reason."""
-    from trainer.service import VerlTrainerService
-    from trainer.verl.launch import ProcessLauncher
-    from trainer.verl.protocol import ProtocolError, load_gpu_protocol
+    from trainer.service import VerlSetupError, VerlTrainerService, VerlTrainerSetup
 
     work_dir_ready(settings)
     try:
-        protocol = load_gpu_protocol(settings.verl_protocol)
-    except ProtocolError as err:
-        raise ServeError(f"POISE_VERL_PROTOCOL={settings.verl_protocol}: {err}") from err
-    python = settings.verl_python or sys.executable
-    if settings.verl_launcher == "kubernetes":
-        from trainer.verl.k8s_job import JobError, in_cluster_launcher
-
-        try:
-            launcher = in_cluster_launcher(settings.verl_namespace, settings.verl_image, settings.work_dir.resolve(),
-                                           settings.verl_work_claim, settings.verl_model_claim)
-        except JobError as err:
-            raise ServeError(f"POISE_VERL_LAUNCHER=kubernetes: {err}") from err
-    else:
-        launcher = ProcessLauncher(python=python)
-    train_files, val_files = settings.verl_files()
+        setup = VerlTrainerSetup.from_settings(settings)
+    except VerlSetupError as err:
+        raise ServeError(str(err)) from err
 
     def trainer(run_id: str) -> VerlTrainerService:
-        return VerlTrainerService(bus, nodes_dir(settings, run_id), protocol, launcher, settings.base_model,
-                                  train_files, val_files, python=python)
+        return setup.service(bus, nodes_dir(settings, run_id))
 
     def configured() -> str | None:  # the protocol loaded at start-up; GPUs, model and data are checked per node
         return None
 
-    log.info("trainer backend verl: GPU protocol %s (%d GPU(s), deadline %.0f s), %s launcher, model %s",
-             protocol.name, protocol.resources.gpus, protocol.resources.deadline_s, launcher.name, settings.base_model)
-    probe = VerlTrainerService(bus, settings.work_dir, protocol, launcher, settings.base_model, train_files, val_files)
-    problem = launcher.preflight(protocol) or probe.missing_inputs()
+    log.info("trainer backend verl: %s", setup.describe())
+    problem = setup.problem()
     if problem is not None:
         log.warning("the VERL trainer cannot train here yet: %s; until that changes, each node it is sent fails "
                     "with this reason", problem)

@@ -338,6 +338,11 @@ def test_a_crashed_run_fails_with_its_exit_status_and_log(tmp_path):
     assert "env trainer.verl.plugin" in outcome.detail
 
 
+def test_an_interpreter_that_cannot_start_fails_the_run_naming_the_setting(tmp_path):
+    outcome = ProcessLauncher(python=str(tmp_path / "no-python")).run(PAPER, inputs_for(tmp_path))
+    assert outcome.failure.startswith("cannot start VERL") and "POISE_VERL_PYTHON" in outcome.failure
+
+
 # ---------------------------------------------------------------------------------------------- checkpoint
 
 
@@ -479,3 +484,34 @@ def test_poise_run_takes_a_gpu_hours_budget_and_a_resume_may_raise_it():
     assert "gpu_hours_budget" in RESUMABLE_SETTINGS
     with pytest.raises(ValidationError):
         RunConfig(run_id="r", gpu_hours_budget=-1)
+
+
+# ------------------------------------------------------------------------------------- embedded: poise run
+
+
+def test_poise_run_records_the_trainer_and_refuses_to_switch_it_on_resume():
+    from app.cli import build_parser, run_config
+
+    config = run_config(build_parser().parse_args(["run", "--trainer", "verl"]), None, "r1")
+    assert config.backends.trainer == "verl"
+    with pytest.raises(ValueError, match="the run was trained with 'verl'; --trainer testbed would make its nodes"):
+        run_config(build_parser().parse_args(["run", "--trainer", "testbed"]), config, "r1")
+
+
+def test_an_embedded_run_trains_with_verl_and_a_machine_without_gpus_fails_the_root_saying_why(tmp_path):
+    from app.runner import RunError, run
+    from trainer.service import VerlTrainerSetup
+
+    config = RunConfig(run_id="r-verl", budget=1, parallel=1, root_seeds=1, protocol="tiny",
+                       backends={"trainer": "verl"})
+    with pytest.raises(RunError, match="trains with VERL .* `poise run --trainer verl`"):
+        run(config, tmp_path / "no-setup")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.parquet", "val.parquet"):
+        (data / name).write_bytes(b"PAR1")
+    setup = VerlTrainerSetup(PAPER, ProcessLauncher(gpus_available=lambda: 0), "Qwen/Qwen2.5-Math-1.5B",
+                             (str(data / "train.parquet"),), (str(data / "val.parquet"),), sys.executable)
+    summary = run(config, tmp_path / "run", verl=setup)
+    assert summary.stop_reason.startswith("the root (GRPO) failed in train: training left no checkpoint to "
+                                          "evaluate (aborted: GPU protocol paper needs 8 GPU(s) and this machine has 0")

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from poise.bus import Bus
 from poise.contracts import EvtTrained, SandboxLimits, TrainingStep, WorkTrain
 from poise.faults import fault_point
 from poise.metrics import ABORTED, FAILED, METRICS, OK, observed
+from poise.settings import ServiceSettings
 from poise.testbed.checkpoints import base_checkpoint
 from poise.testbed.protocol import Protocol, get_protocol
 from poise.timing import PhaseClock
@@ -110,14 +112,7 @@ class VerlTrainerService:
                            experiment_name=f"{work.run_id}-{work.node_id}-r{work.replicate}", seed=work.seed)
 
     def missing_inputs(self) -> str | None:
-        """The first data file or local model directory that is not there, with the setting that names it."""
-        for setting, paths in (("POISE_VERL_TRAIN_FILES", self.train_files), ("POISE_VERL_VAL_FILES", self.val_files)):
-            for path in paths:
-                if not Path(path).is_file():
-                    return f"{setting}: {path} does not exist (the parquet files the GPU protocol trains on)"
-        if self.model_path.startswith(("/", ".")) and not Path(self.model_path).is_dir():
-            return f"POISE_BASE_MODEL: {self.model_path} is not a directory (a local model, or a hub id in the cache)"
-        return None
+        return missing_inputs(self.model_path, self.train_files, self.val_files)
 
     @observed("train")
     def handle(self, work: WorkTrain) -> str:
@@ -157,3 +152,71 @@ class VerlTrainerService:
             outcome.failure = problem
             return outcome, None
         return outcome, str(hf_dir)
+
+
+class VerlSetupError(ValueError):
+    """The settings do not describe a VERL trainer that can start; the message names the setting."""
+
+
+@dataclass
+class VerlTrainerSetup:
+    """What every VERL trainer of a process shares: the GPU protocol (loaded once), the launcher, the model and the
+    data. `poise serve trainer` and `poise run --trainer verl` both build it from the settings (docs/verl.md)."""
+
+    protocol: GpuProtocol
+    launcher: Launcher
+    model_path: str
+    train_files: tuple[str, ...]
+    val_files: tuple[str, ...]
+    python: str
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> VerlTrainerSetup:
+        from trainer.verl.launch import ProcessLauncher
+        from trainer.verl.protocol import load_gpu_protocol
+
+        try:
+            protocol = load_gpu_protocol(settings.verl_protocol)
+        except ProtocolError as err:
+            raise VerlSetupError(f"POISE_VERL_PROTOCOL={settings.verl_protocol}: {err}") from err
+        python = settings.verl_python or sys.executable
+        launcher: Launcher
+        if settings.verl_launcher == "kubernetes":
+            from trainer.verl.k8s_job import JobError, in_cluster_launcher
+
+            try:
+                launcher = in_cluster_launcher(settings.verl_namespace, settings.verl_image,
+                                               settings.work_dir.resolve(), settings.verl_work_claim,
+                                               settings.verl_model_claim)
+            except JobError as err:
+                raise VerlSetupError(f"POISE_VERL_LAUNCHER=kubernetes: {err}") from err
+        else:
+            launcher = ProcessLauncher(python=python)
+        train_files, val_files = settings.verl_files()
+        return cls(protocol, launcher, settings.base_model, train_files, val_files, python)
+
+    def service(self, bus: Bus, workroot: Path, clock: PhaseClock | None = None,
+                on_step: Callable[[WorkTrain, TrainingStep], None] | None = None) -> VerlTrainerService:
+        return VerlTrainerService(bus, workroot, self.protocol, self.launcher, self.model_path, self.train_files,
+                                  self.val_files, clock=clock, on_step=on_step, python=self.python)
+
+    def describe(self) -> str:
+        resources = self.protocol.resources
+        return (f"GPU protocol {self.protocol.name} ({resources.gpus} GPU(s), deadline {resources.deadline_s:.0f} s), "
+                f"{self.launcher.name} launcher, model {self.model_path}")
+
+    def problem(self) -> str | None:
+        """Why no node could train here now (GPUs, image, model or data), or None."""
+        return self.launcher.preflight(self.protocol) or missing_inputs(self.model_path, self.train_files,
+                                                                         self.val_files)
+
+
+def missing_inputs(model_path: str, train_files: tuple[str, ...], val_files: tuple[str, ...]) -> str | None:
+    """The first data file or local model directory that is not there, with the setting that names it."""
+    for setting, paths in (("POISE_VERL_TRAIN_FILES", train_files), ("POISE_VERL_VAL_FILES", val_files)):
+        for path in paths:
+            if not Path(path).is_file():
+                return f"{setting}: {path} does not exist (the parquet files the GPU protocol trains on)"
+    if model_path.startswith(("/", ".")) and not Path(model_path).is_dir():
+        return f"POISE_BASE_MODEL: {model_path} is not a directory (a local model, or a hub id in the HF cache)"
+    return None

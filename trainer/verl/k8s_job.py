@@ -322,14 +322,11 @@ class KubernetesLauncher:
                 pods = list(self.core.list_namespaced_pod(namespace=self.namespace,
                                                           label_selector=f"job-name={name}").items)
                 api_failures = 0
-            except Exception as err:  # noqa: BLE001 - judged by its HTTP status
-                status = _status_of(err)
-                if status == 404:
+            except Exception as err:  # noqa: BLE001 - the API or the network: judged by the HTTP status, if any
+                if _status_of(err) == 404:
                     return self._ended(RunOutcome(failure=f"the training Job {name} was deleted before it finished"),
                                        protocol, pods)
-                if status is None and not isinstance(err, OSError):
-                    raise
-                api_failures += 1
+                api_failures += 1  # anything else may pass (a restarting API server, a network blip)
                 if api_failures >= API_PATIENCE:
                     return self._ended(RunOutcome(failure=f"lost the Kubernetes API while following Job {name}: "
                                                           f"{err}"), protocol, pods, delete=name)

@@ -184,8 +184,12 @@ class ProcessLauncher:
         log_path = inputs.run_dir / LOG_FILE
         started = time.monotonic()
         with log_path.open("wb") as log_file:
-            child = subprocess.Popen(argv, cwd=inputs.run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                child = subprocess.Popen(argv, cwd=inputs.run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as err:
+                return RunOutcome(failure=f"cannot start VERL ({argv[0]}: {err}); set POISE_VERL_PYTHON to the "
+                                          "interpreter that has verl")
             with _running_lock:
                 _running.add(child)
             try:
