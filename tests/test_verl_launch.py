@@ -102,6 +102,15 @@ def test_the_rendered_protocol_passes_verls_own_composition_and_validation(tmp_p
 
 
 @pytest.mark.verl
+@pytest.mark.parametrize("name", protocol_names())
+def test_every_shipped_protocol_passes_verls_validation(tmp_path, name):
+    protocol = load_gpu_protocol(name)
+    config = validate_overrides(hydra_overrides(protocol, inputs_for(tmp_path)))
+    assert config.trainer.n_gpus_per_node == protocol.resources.gpus_per_node
+    assert config.actor_rollout_ref.rollout.n == protocol.training.group_size
+
+
+@pytest.mark.verl
 @pytest.mark.parametrize(("extra", "says"), [
     ("actor_rollout_ref.actor.loss_agg_mode=nonsense", "Invalid loss_agg_mode"),
     ("actor_rollout_ref.actor.use_dynamic_bsz=False", "ppo_micro_batch_size"),
