@@ -31,6 +31,7 @@ from typing import Protocol
 
 from poise.contracts import TrainingStep, TrainingTrajectory
 from poise.early_abort import AbortWatch
+from poise.sandbox import kill_group
 from trainer.verl.metrics import MetricsError, MetricsTail
 from trainer.verl.protocol import HF_DIR, GpuProtocol, TrainInputs, launch_command, run_env
 
@@ -140,22 +141,21 @@ def stop_runs() -> int:
 
 
 def kill_process_group(child: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
-    """SIGTERM to the child's whole group (Ray shuts its workers down), SIGKILL to what is left after grace_s."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(child.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
-        try:
-            child.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGTERM:  # the leader is gone; its group may still hold workers
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        break
+    """SIGTERM to the child's whole group (Ray shuts its workers down), then SIGKILL to what is left of the group
+    once the leader has gone or after grace_s (`kill_group`, as for a sandboxed child)."""
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_group(child.pid)
+    try:
+        child.wait(timeout=10.0)
+    except subprocess.TimeoutExpired:
+        log.error("VERL's process %d survived SIGKILL (stuck in the kernel?)", child.pid)
 
 
 @dataclass
