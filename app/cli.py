@@ -51,7 +51,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 DEFAULT_RUN_DIR = "runs/default"
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
-                "seeding", "split", "report_seeds", "llm_budget_usd", "early_stop")
+                "seeding", "split", "report_seeds", "llm_budget_usd", "early_stop", "gpu_hours_budget")
 LLM_OPERATORS = ("propose", "screen", "implement", "reflect")
 # The flag that sets each RunConfig field whose name is not its flag's (the others: --field-name).
 FLAG_OF_FIELD = {"kind": "--objective", "agents": "--llm"}
@@ -71,6 +71,12 @@ def run_config(args: argparse.Namespace, stored: RunConfig | None, run_id: str) 
     if objective:
         given["objective"] = (stored.objective if stored else Objective()).model_copy(update=objective)
     backends: dict[str, object] = llm_settings(args.llm) if args.llm else {}
+    trainer = getattr(args, "trainer", None)
+    if trainer is not None:
+        if stored is not None and stored.backends.trainer != trainer:
+            raise ValueError(f"the run was trained with {stored.backends.trainer!r}; --trainer {trainer} "
+                             "would make its nodes incomparable (start a run in another --run-dir)")
+        backends["trainer"] = trainer
     evaluator = getattr(args, "evaluator", None)
     if evaluator is not None:
         if stored is not None and stored.backends.evaluator != evaluator:
@@ -148,8 +154,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                            startup_timeout_s=args.vllm_startup_timeout)
     if evaluator is None:
         return 2
+    verl = None
+    if config.backends.trainer == "verl":
+        verl = _verl_trainer()
+        if verl is None:
+            evaluator.close()
+            return 2
     try:
-        summary = run(config, run_dir, stream=sys.stdout, evaluator=evaluator, force=args.force)
+        summary = run(config, run_dir, stream=sys.stdout, evaluator=evaluator, force=args.force, verl=verl)
     except RunError as err:
         print(str(err), file=sys.stderr)
         return 2
@@ -340,6 +352,25 @@ def cmd_ui(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _verl_trainer():
+    """The VERL trainer from the POISE_VERL_* / POISE_BASE_MODEL settings (docs/verl.md), or None after saying
+    what is wrong; a machine that cannot train yet (no GPUs, no data) is told so and goes on, failing each node."""
+    from poise.settings import SettingsError, load_settings
+    from trainer.service import VerlSetupError, VerlTrainerSetup
+
+    try:
+        setup = VerlTrainerSetup.from_settings(load_settings())
+    except (SettingsError, VerlSetupError) as err:
+        print(f"--trainer verl: {err}", file=sys.stderr)
+        return None
+    print(f"VERL trainer: {setup.describe()}")
+    problem = setup.problem()
+    if problem is not None:
+        print(f"warning: the VERL trainer cannot train here yet: {problem}; each node will fail with this reason",
+              file=sys.stderr)
+    return setup
 
 
 def _evaluator(args: argparse.Namespace, kind: str, work_dir: Path, **settings):
@@ -773,6 +804,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "parent (docs/early_stopping.md), by the rule POISE holds for the protocol or the run's "
                           "own once its archive holds 12 (child, parent) pairs; default: on when POISE holds a rule "
                           "for the protocol (none yet), else off; a resumed run may change it")
+    run.add_argument("--gpu-hours-budget", type=float,
+                     help="stop proposing once training has held GPUs this many GPU-hours (VERL trainer; default: "
+                          "no cap)")
+    run.add_argument("--trainer", choices=("testbed", "verl"),
+                     help="who trains candidates: the CPU testbed in this process's sandbox (default), or VERL on "
+                          "this machine's GPUs under the GPU protocol POISE_VERL_PROTOCOL, with POISE_BASE_MODEL and "
+                          "POISE_VERL_TRAIN_FILES (recorded with the run; docs/verl.md)")
     run.add_argument("--evaluator", choices=("testbed", "vllm"),
                      help="who scores checkpoints: the testbed sampler in this process (default), or a vLLM server "
                           "(recorded with the run; docs/evaluation.md)")

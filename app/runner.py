@@ -43,7 +43,8 @@ from poise.testbed.protocol import get_protocol
 from poise.timing import PhaseClock
 from proposer.service import ProposerService
 from reflector.service import ReflectorService
-from trainer.service import TrainerService
+from trainer.service import TrainerService, VerlTrainerSetup
+from trainer.verl.launch import stop_runs
 
 
 class RunError(Exception):
@@ -144,10 +145,12 @@ def thread_share(workers: int) -> Iterator[None]:
 
 def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_wall_s: float = 120.0,
         coder=None, max_messages: int | None = None, agents: Agents | None = None,
-        evaluator: EvaluatorBackend | None = None, force: bool = False) -> RunSummary:
+        evaluator: EvaluatorBackend | None = None, force: bool = False,
+        verl: VerlTrainerSetup | None = None) -> RunSummary:
     """Run (or resume) the search in `run_dir` until its budget is evaluated; returns the summary. `agents`:
     the agent-LLM clients of the run's operators (this process's by default); `evaluator`: the backend that
     scores checkpoints (default: the run's `backends.evaluator` with default settings). The run closes it.
+    `verl`: the VERL trainer a run with `backends.trainer` verl trains with (docs/verl.md).
     The run holds `run_dir`'s lock and backs its archive up (app/rundir.py); `force`: start in a foreign directory."""
     run_dir = run_dir.resolve()
     agents = agents or default_agents()
@@ -166,6 +169,11 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
     except BaseException:
         lock.release()
         raise
+    if config.backends.trainer == "verl" and verl is None:
+        store.close()
+        lock.release()
+        raise RunError(f"run {config.run_id} trains with VERL (backends.trainer verl), but no VERL trainer was set "
+                       "up; run it with `poise run --trainer verl` on a GPU machine (docs/verl.md)")
     if evaluator is None:
         evaluator = build_evaluator(config.backends.evaluator, run_dir)
     elif evaluator.name != config.backends.evaluator:
@@ -201,7 +209,8 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
             ProposerService(bus, store, fingerprint_dir=run_dir / "fingerprints", agents=agents),
             ImplementerService(bus, workroot, config.protocol, config.max_correction_attempts, coder=coder,
                                verify_wall_s=verify_wall_s, clock=clock, config=config, archive=store, agents=agents),
-            TrainerService(bus, workroot, clock=clock, on_step=progress.on_step),
+            verl.service(bus, workroot, clock=clock, on_step=progress.on_step) if config.backends.trainer == "verl"
+            else TrainerService(bus, workroot, clock=clock, on_step=progress.on_step),
             EvaluatorService(bus, clock=clock, backend=evaluator),
             ReflectorService(bus, store, agents=agents),
         ]
@@ -239,6 +248,7 @@ def run(config: RunConfig, run_dir: Path, stream: TextIO | None = None, verify_w
         progress.close()
         return summary
     finally:
+        stop_runs()  # an interrupted run leaves no VERL process group behind (its own session survives Ctrl-C)
         if progress is not None:
             progress.close(erase=False)  # interrupted: its last state stays on screen
         evaluator.close()

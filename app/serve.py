@@ -380,14 +380,40 @@ def implementer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
 
 
 def trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
-    if settings.trainer_backend != "testbed":
-        raise ServeError(f"POISE_TRAINER_BACKEND={settings.trainer_backend}: no trainer service for it in this "
-                         "build (trainer/service.py runs the CPU testbed); use testbed")
+    if settings.trainer_backend == "verl":
+        return verl_trainer_runtime(bus, settings)
     from trainer.service import TrainerService
 
     work_dir_ready(settings)
     trainers = PerRun(lambda run_id: TrainerService(bus, nodes_dir(settings, run_id), wall_s=settings.train_wall_s))
     return Runtime({"work.train": trainers.handle}, forward_dead_letter(bus), counter_label="work.train")
+
+
+def verl_trainer_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
+    """The VERL trainer (docs/verl.md): the GPU protocol is loaded and checked now; a machine without the GPUs,
+    the model or the data still starts (and says so in its log), and fails each node with that reason."""
+    from trainer.service import VerlSetupError, VerlTrainerService, VerlTrainerSetup
+
+    work_dir_ready(settings)
+    try:
+        setup = VerlTrainerSetup.from_settings(settings)
+    except VerlSetupError as err:
+        raise ServeError(str(err)) from err
+
+    def trainer(run_id: str) -> VerlTrainerService:
+        return setup.service(bus, nodes_dir(settings, run_id))
+
+    def configured() -> str | None:  # the protocol loaded at start-up; GPUs, model and data are checked per node
+        return None
+
+    log.info("trainer backend verl: %s", setup.describe())
+    problem = setup.problem()
+    if problem is not None:
+        log.warning("the VERL trainer cannot train here yet: %s; until that changes, each node it is sent fails "
+                    "with this reason", problem)
+    trainers = PerRun(trainer)
+    return Runtime({"work.train": trainers.handle}, forward_dead_letter(bus), checks={"verl": configured},
+                   counter_label="work.train")
 
 
 def evaluator_runtime(bus: Any, settings: ServiceSettings) -> Runtime:
@@ -583,6 +609,10 @@ def serve(service: str, settings: ServiceSettings, stop: threading.Event | None 
         stop.set()
         bus.close()  # hands back a message whose handler outlived the grace period
         stopped = stop_children()  # after close: what the cut-short handler reports is not published
+        if service == "trainer":
+            from trainer.verl.launch import stop_runs
+
+            stopped += stop_runs()  # VERL process groups (a Kubernetes Job is found again on redelivery)
         if stopped:
             log.warning("killed %d sandboxed child(ren) of the unfinished handler", stopped)
         for close in runtime.closers if runtime is not None else ():

@@ -4,9 +4,9 @@
 `POISE_RUN_ID` at start-up, archive/host.py) both call `resolve_run`:
 
 - a new run is validated, its protocol's settings are recorded (sha256), and it is stored;
-- a stored run keeps its settings: only RESUMABLE_SETTINGS (budget, parallelism, the agent-LLM cap, early
-  stopping) may change; any other difference is refused, and so is a resume after the protocol's settings changed
-  in the code.
+- a stored run keeps its settings: only RESUMABLE_SETTINGS (budget, parallelism, the agent-LLM and GPU-hours caps,
+  early stopping) may change; any other difference is refused, and so is a resume after the protocol's settings
+  changed in the code.
 
 See docs/architecture.md, "Runs: start and resume".
 """

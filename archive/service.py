@@ -30,6 +30,7 @@ from poise.contracts import (
     EvtEvaluated,
     EvtFailed,
     EvtProposed,
+    EvtTrained,
     Failure,
     Message,
     Node,
@@ -97,6 +98,7 @@ class ArchiveService:
         self.config = config
         self.updater = ArchiveUpdater(store)
         self._evaluations: int | None = None  # the run's stored evaluations, the clock of `Evaluation.archive_seq`
+        self._gpu_seconds: float | None = None  # held by the run's trainings (nodes' cost + replicates since start)
         self.state = RunState(proposals={}, replicates=set(), replicate_tries=Counter())
         self.on_result = on_result
         self.backend = backend_name(store)
@@ -111,6 +113,7 @@ class ArchiveService:
         """Publish the root or the work every stored node waits for; returns how many nodes are resumed."""
         nodes = self.store.nodes(self.run_id)
         self._evaluations = evaluation_clock(nodes)
+        self._gpu_seconds = sum(node.cost.gpu_seconds for node in nodes)
         if not nodes:
             proposal = root_proposal().model_copy(update={"directive": self.config.objective.directive})
             self.bus.publish(EvtProposed(run_id=self.run_id, node_id=ROOT_ID, proposal=proposal))
@@ -123,6 +126,12 @@ class ArchiveService:
         self.pump()
         return resumed
 
+    def gpu_seconds(self) -> float:
+        """GPU-seconds the run's trainings held: booked on its nodes (read once), plus replicates since start."""
+        if self._gpu_seconds is None:
+            self._gpu_seconds = sum(node.cost.gpu_seconds for node in self.store.nodes(self.run_id))
+        return self._gpu_seconds
+
     @observed("update")
     def handle(self, event: Message) -> str:
         """Apply one event, publish what follows, and refill the pipeline."""
@@ -132,6 +141,11 @@ class ArchiveService:
             fault_point("archive.publish", f"{event.subject} {event.run_id}/{event.node_id}")
         if isinstance(event, EvtEvaluated) and result.outcome == Outcome.APPLIED:
             self._evaluations = event.evaluation.archive_seq
+        if isinstance(event, EvtTrained) and result.outcome == Outcome.APPLIED:
+            counted = self._gpu_seconds is not None
+            total = self.gpu_seconds()  # read now, it holds this booking (a replicate's is on no node)
+            if counted or event.replicate:
+                self._gpu_seconds = total + event.gpu_seconds
         self._settle(event, result)
         for work in result.next_work:
             self.bus.publish(work)
@@ -257,6 +271,10 @@ class ArchiveService:
             if spent >= cap:
                 self.state.stop_reason = (f"the agent-LLM cost cap is reached (${spent:.4f} of ${cap:.2f}); "
                                           "stopped proposing")
+        gpu_cap = self.config.gpu_hours_budget
+        if gpu_cap is not None and self.state.stop_reason is None and self.gpu_seconds() / 3600 >= gpu_cap:
+            self.state.stop_reason = (f"the GPU-hours budget is reached ({self.gpu_seconds() / 3600:.2f} of "
+                                      f"{gpu_cap:g} GPU-hours of training); stopped proposing")
 
     # ------------------------------------------------------------------------------------ racing
 

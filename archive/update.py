@@ -28,6 +28,7 @@ from poise.contracts import (
     EVENT_STATUS,
     PIPELINE,
     STATUS_PART,
+    Cost,
     EvtEvaluated,
     EvtFailed,
     EvtImplemented,
@@ -144,6 +145,11 @@ def _advance(node: Node, event: Message | None = None, **changes: object) -> Nod
         changes["llm_calls"] = [*node.llm_calls, *calls]
         changes["cost"] = node.cost.add(llm_cost(calls))
     return Node(**{**dict(node), **changes, "updated_at": utc_now()})
+
+
+def _with_gpu_seconds(node: Node, event: EvtTrained) -> Cost:
+    """The node's cost with the GPU-seconds its training held booked on it."""
+    return node.cost.add(Cost(gpu_seconds=event.gpu_seconds)) if event.gpu_seconds else node.cost
 
 
 def _reached(node: Node, status: NodeStatus) -> bool:
@@ -294,9 +300,10 @@ class ArchiveUpdater:
             case EvtTrained(trajectory=trajectory) if trajectory.checkpoint_uri is None:
                 why = f" (aborted: {trajectory.abort_reason})" if trajectory.abort_reason else ""
                 failure = Failure(phase=Phase.TRAIN, reason=f"training left no checkpoint to evaluate{why}")
-                return _advance(node, status=NodeStatus.FAILED, trajectory=trajectory, failure=failure)
+                return _advance(node, status=NodeStatus.FAILED, trajectory=trajectory, failure=failure,
+                                cost=_with_gpu_seconds(node, event))
             case EvtTrained(trajectory=trajectory):
-                return _advance(node, status=status, trajectory=trajectory)
+                return _advance(node, status=status, trajectory=trajectory, cost=_with_gpu_seconds(node, event))
             case EvtEvaluated(evaluation=evaluation):
                 return _advance(node, status=status, evaluation=evaluation)
             case EvtReflected(reflection=reflection):

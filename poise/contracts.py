@@ -64,7 +64,8 @@ def validation_problems(errors: ValidationError | Sequence[Mapping[str, Any]]) -
 # 2.0: documents and messages carry schema_version (1.0 refuses it as an unknown field). 2.1: racing
 # (RunSettings.seeding, docs/racing.md); the selection/reporting split and the report's arms (RunSettings.split and
 # report_seeds, Evaluation.half, WorkEvaluate.half, the messages' arm, Node.reported; docs/reporting.md); early
-# stopping (TrainingTrajectory.stopped_early, WorkTrain.early_stop, RunSettings.early_stop; docs/early_stopping.md).
+# stopping (TrainingTrajectory.stopped_early, WorkTrain.early_stop, RunSettings.early_stop; docs/early_stopping.md);
+# GPU-seconds (Cost.gpu_seconds, EvtTrained.gpu_seconds) and the run's gpu_hours_budget (docs/verl.md).
 CONTRACT_VERSION = "2.1"
 UNVERSIONED = "1.0"  # a document or message without schema_version: written before versions existed
 VERSION_PATTERN = r"^[0-9]+\.[0-9]+$"
@@ -752,12 +753,14 @@ class Failure(Contract):
 
 
 class Cost(Contract):
-    """What a node (or a run) has spent: wall seconds per phase and agent-LLM usage."""
+    """What a node (or a run) has spent: wall seconds per phase, agent-LLM usage and GPU-seconds of training."""
 
     phase_seconds: dict[Phase, NonNegative] = {}
     llm_input_tokens: int = Field(0, ge=0)
     llm_output_tokens: int = Field(0, ge=0)
     llm_usd: NonNegative = 0.0
+    gpu_seconds: NonNegative = Field(0.0, description="GPUs held x seconds by training (VERL backend; 0 on the "
+                                     "CPU testbed)")
 
     def add(self, other: Cost) -> Cost:
         seconds = dict(self.phase_seconds)
@@ -768,6 +771,7 @@ class Cost(Contract):
             llm_input_tokens=self.llm_input_tokens + other.llm_input_tokens,
             llm_output_tokens=self.llm_output_tokens + other.llm_output_tokens,
             llm_usd=self.llm_usd + other.llm_usd,
+            gpu_seconds=self.gpu_seconds + other.gpu_seconds,
         )
 
 
@@ -962,7 +966,7 @@ class Backends(Contract):
 
 # Settings a resumed run may change (a larger budget extends it, a larger cap lets it spend on); the others
 # define the run, and a resume that changes them is refused.
-RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd", "early_stop")
+RESUMABLE_SETTINGS = ("budget", "parallel", "llm_budget_usd", "early_stop", "gpu_hours_budget")
 # Recorded by the archive (the protocol's sha256 when a run is created, the contract version a config was written in),
 # never given by a caller: left out of the resume comparison.
 RECORDED_SETTINGS = ("protocol_sha256", "schema_version")
@@ -1001,6 +1005,8 @@ class RunSettings(Contract):
     early_stop: bool | None = Field(None, description="stop a child's training early when it cannot reach its "
                                     "parent (docs/early_stopping.md); None: on when the package holds a rule fitted "
                                     "for the protocol")
+    gpu_hours_budget: NonNegative | None = Field(None, description="training GPU-hours cap; the run stops proposing "
+                                                 "when its trainings have held the GPUs this long (VERL backend)")
 
 
 class RunConfig(RunSettings, Versioned):
@@ -1316,6 +1322,8 @@ class EvtTrained(_ReplicableMessage):
 
     subject: ClassVar[str] = "evt.trained"
     trajectory: TrainingTrajectory
+    gpu_seconds: NonNegative = Field(0.0, description="GPUs held x seconds by this training, booked on the node's "
+                                     "cost (0 on the CPU testbed)")
 
 
 class EvtEvaluated(_ReplicableMessage):

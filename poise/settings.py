@@ -37,7 +37,7 @@ SECRET_SETTINGS = ("archive_token", "archive_read_token", "nats_password")
 TOKEN_SETTINGS = ("archive_token", "archive_read_token")  # one token a line (several while one is rotated out)
 # RunConfig settings the archive takes from the environment (POISE_<NAME>); run_id names the run.
 RUN_SETTINGS = ("budget", "parallel", "seed", "protocol", "parent_selection", "root_seeds", "replicate_seeds",
-                "max_correction_attempts")
+                "max_correction_attempts", "gpu_hours_budget")
 
 
 class SettingsError(ValueError):
@@ -86,6 +86,26 @@ class ServiceSettings(BaseSettings):
     train_wall_s: float | None = Field(None, gt=0, description="trainer: wall limit of one sandboxed training run "
                                        "(default: trainer/testbed_runner.py training_limits, 30 s per protocol step "
                                        "+ 300 s)")
+    # the VERL trainer (POISE_TRAINER_BACKEND=verl, docs/verl.md)
+    verl_protocol: str = Field("paper", description="trainer with verl: the GPU protocol, a name under "
+                               "trainer/verl/protocols/ or a path to a .toml file")
+    base_model: str = Field("Qwen/Qwen2.5-Math-1.5B", description="trainer with verl: the base model, a local "
+                            "directory or a hub id found in the offline cache (HF_HOME)")
+    verl_train_files: str | None = Field(None, description="trainer with verl: training parquet file(s), "
+                                         "comma-separated (default: POISE_WORK_DIR/data/train.parquet)")
+    verl_val_files: str | None = Field(None, description="trainer with verl: validation parquet file(s) "
+                                       "(default: POISE_WORK_DIR/data/val.parquet)")
+    verl_launcher: Literal["process", "kubernetes"] = Field("process", description="trainer with verl: a process "
+                                                            "group on this machine's GPUs, or a Kubernetes Job per "
+                                                            "candidate")
+    verl_python: str | None = Field(None, description="trainer with verl: the interpreter that has verl (default: "
+                                    "this one)")
+    verl_namespace: str | None = Field(None, description="kubernetes launcher: the Jobs' namespace (default: the "
+                                       "pod's own)")
+    verl_image: str | None = Field(None, description="kubernetes launcher: the Jobs' image (the GPU image)")
+    verl_work_claim: str = Field("poise-work", description="kubernetes launcher: the PVC of POISE_WORK_DIR")
+    verl_model_claim: str | None = Field("poise-model-cache", description="kubernetes launcher: the PVC of the "
+                                         "model cache, mounted read-only at /models")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     archive_token: SecretStr | None = Field(None, description="the archive API's write token: the archive refuses "
@@ -107,6 +127,9 @@ class ServiceSettings(BaseSettings):
     root_seeds: int | None = None
     replicate_seeds: int | None = None
     max_correction_attempts: int | None = None
+    gpu_hours_budget: float | None = Field(None, ge=0, description="archive: the run stops proposing once its "
+                                           "trainings have held GPUs this many GPU-hours (as `poise run "
+                                           "--gpu-hours-budget`)")
 
     @field_validator("nats_url")
     @classmethod
@@ -169,6 +192,14 @@ class ServiceSettings(BaseSettings):
             raise ValueError(f"{names} set without POISE_RUN_ID; name the run they describe")
         self.run_config()  # a run described by the environment must be a valid RunConfig now, not later
         return self
+
+    def verl_files(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(training, validation) parquet files of the VERL trainer, as absolute paths."""
+        def split(value: str | None, default: str) -> tuple[str, ...]:
+            names = [v.strip() for v in (value or str(self.work_dir / "data" / default)).split(",") if v.strip()]
+            return tuple(str(Path(name).absolute()) for name in names)
+
+        return split(self.verl_train_files, "train.parquet"), split(self.verl_val_files, "val.parquet")
 
     def port_of(self, service: str) -> int:
         """Where `service` serves HTTP: POISE_HTTP_PORT, else the service's own port."""

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.serve import CANDIDATE_RUNNERS, ServeError, evaluator_runtime, trainer_runtime
+from app.serve import CANDIDATE_RUNNERS, evaluator_runtime, trainer_runtime
 from poise.bus import InProcBus
 from poise.credentials import ARCHIVE_READ_TOKEN, NATS_SERVER_CONF, files_of, write_secrets
 from poise.sandbox import SECCOMP_PROFILE_PATH, container_seccomp_profile
@@ -1250,16 +1250,11 @@ def workload_env(kind: str, where: str, role: str) -> dict[str, str]:
 
 
 def backend_params(role: str) -> list:
-    """One case per compose profile and k8s overlay; a VERL trainer is expected to be refused (issue 20)."""
+    """One case per compose profile and k8s overlay."""
     params = []
     for kind, where in DEPLOYMENTS:
         trainer, evaluator = BACKENDS[where]
-        marks = ()
-        if role == "trainer" and trainer == "verl":
-            marks = pytest.mark.xfail(strict=True, raises=ServeError,
-                                      reason="the VERL trainer backend is not built yet (issue 20)")
-        params.append(pytest.param(kind, where, trainer if role == "trainer" else evaluator, marks=marks,
-                                   id=f"{kind}-{where}"))
+        params.append(pytest.param(kind, where, trainer if role == "trainer" else evaluator, id=f"{kind}-{where}"))
     return params
 
 
@@ -1288,9 +1283,139 @@ def test_trainer_of_every_deployment_is_built_by_serve(kind, where, backend, mon
     env = workload_env(kind, where, "trainer")
     settings = settings_under({**env, "POISE_WORK_DIR": str(tmp_path)}, monkeypatch, f"{kind} {where} trainer")
     assert settings.trainer_backend == backend
-    runtime = trainer_runtime(InProcBus(), settings)
+    runtime = trainer_runtime(InProcBus(), settings)  # the VERL trainer: the GPU protocol loaded; nothing started
     try:
         assert list(runtime.subscriptions) == ["work.train"]
+        (handle,) = runtime.subscriptions.values()
+        built = handle.__self__.make("run")
+        assert built.backend == backend, f"{kind} {where}: the trainer is {built.backend}, expected {backend}"
+        if backend == "verl":
+            assert runtime.checks["verl"]() is None
+            assert built.protocol.name == settings.verl_protocol
+            assert built.model_path == settings.base_model
     finally:
         for close in runtime.closers:
             close()
+
+
+# -------------------------------------------------------------------------------- the VERL training Jobs
+
+VERL_JOBS = "verl-jobs"
+
+
+def test_the_verl_job_template_runs_the_paper_protocol_as_the_trainer_renders_it():
+    from trainer.verl.protocol import (
+        CANDIDATE_ENV,
+        ENTRY_MODULE,
+        EXTERNAL_MODULES_ENV,
+        PLUGIN_MODULE,
+        TrainInputs,
+        hydra_overrides,
+        load_gpu_protocol,
+    )
+
+    (job,) = [obj for obj in objects("cluster") if obj["kind"] == "Job" and obj["metadata"]["name"].endswith(
+        "verl-train-template")]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    paper = load_gpu_protocol("paper")
+    node = Path("/var/lib/poise/node")
+    # the template's placeholders, and the code where the GPU image installs it (Dockerfile.gpu)
+    inputs = TrainInputs(model_path="$(POISE_BASE_MODEL)", train_files=("/var/lib/poise/data/train.parquet",),
+                         val_files=("/var/lib/poise/data/val.parquet",), candidate_module="poise_candidate",
+                         candidate_dir=node / "candidate", run_dir=node, experiment_name="$(POISE_NODE_ID)",
+                         code_root=Path("/opt/venv/lib/python3.12/site-packages"))
+    assert container["command"] == ["python", "-m", ENTRY_MODULE]
+    assert container["args"] == hydra_overrides(paper, inputs), "re-render verl-train-job.yaml's args"
+    env = {v["name"]: v.get("value") for v in container["env"]}
+    assert env[EXTERNAL_MODULES_ENV] == PLUGIN_MODULE and env[CANDIDATE_ENV] == "poise_candidate"
+    assert job["spec"]["activeDeadlineSeconds"] == paper.resources.deadline_s
+    assert gpus(container) == paper.resources.gpus
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/var/lib/poise/data"].get("readOnly") is True
+    assert mounts[str(node)]["subPathExpr"].endswith("/nodes/$(POISE_NODE_ID)/train")
+
+
+def service_job(tmp_path: Path) -> dict:
+    from trainer.verl.k8s_job import job_manifest, job_name
+    from trainer.verl.protocol import TrainInputs, load_gpu_protocol
+
+    work = Path("/var/lib/poise")
+    run_dir = work / "runs/r1/nodes/n001/train"
+    inputs = TrainInputs(model_path="Qwen/Qwen2.5-Math-1.5B", train_files=(str(work / "data/train.parquet"),),
+                         val_files=(str(work / "data/val.parquet"),), candidate_module="poise_candidate",
+                         candidate_dir=run_dir / "candidate", run_dir=run_dir, experiment_name="r1-n001-r0")
+    return job_manifest(load_gpu_protocol("paper"), inputs, name=job_name("r1", "n001", 0, 1), namespace="poise",
+                        image="registry.example.com/poise/poise-gpu:0.1.0", work_dir=work, work_claim="poise-work",
+                        model_claim="poise-model-cache", run_id="r1", node_id="n001")
+
+
+def test_the_job_the_trainer_creates_passes_strict_validation_and_reaches_nothing(tmp_path):
+    from trainer.verl.k8s_job import rbac_manifests
+
+    validator = tool("kubernetes-validate")
+    job = service_job(tmp_path)
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump_all([job, *rbac_manifests("poise")]))
+    result = run_tool(validator, "--strict", "--quiet", "-k", K8S_VERSION, str(manifest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 43200
+    (container,) = pod["containers"]
+    assert gpus(container) == 8 and container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "secret" not in json.dumps(pod).lower()
+    # no network out, not even DNS: the cluster's policies select it to deny (the base's default deny), and the
+    # only rule that applies lets Prometheus (namespace monitoring) in, as for every POISE pod (the template's too)
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    policies = [obj for obj in objects("cluster") if obj["kind"] == "NetworkPolicy"
+                and selects(obj["spec"]["podSelector"], labels)]
+    assert any(p["spec"]["podSelector"] == {} for p in policies)
+    egress = [p["metadata"]["name"] for p in policies if p["spec"].get("egress")]
+    assert not egress, f"the training Job may reach out through {egress}"
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            assert [peer.get("namespaceSelector") for peer in rule["from"]] == [
+                {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}], policy["metadata"]["name"]
+
+
+def test_strict_validation_catches_a_broken_job_manifest(tmp_path):
+    validator = tool("kubernetes-validate")
+    job = service_job(tmp_path)
+    job["spec"]["template"]["spec"]["containers"][0]["resources"]["limit"] = {}  # "limits" misspelt
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(job))
+    result = run_tool(validator, "--strict", "--quiet", "-k", K8S_VERSION, str(manifest))
+    assert result.returncode != 0 and "limit" in result.stdout + result.stderr
+
+
+def test_the_verl_jobs_component_validates_and_gives_the_trainer_jobs_and_nothing_more(tmp_path):
+    from trainer.verl.k8s_job import SERVICE_ACCOUNT, rbac_manifests
+
+    validator = tool("kubernetes-validate")
+    manifest = tmp_path / "cluster-verl-jobs.yaml"
+    manifest.write_text(rendered("cluster", (VERL_JOBS,)))
+    result = run_tool(validator, "--strict", "--quiet", "-k", K8S_VERSION, str(manifest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    shipped = [doc for doc in yaml.safe_load_all((K8S_DIR / "components" / VERL_JOBS / "rbac.yaml").read_text())
+               if doc]
+    assert shipped == rbac_manifests("poise"), "k8s/components/verl-jobs/rbac.yaml: regenerate from rbac_manifests"
+    default, opted = by_kind_and_name("cluster"), by_kind_and_name("cluster", (VERL_JOBS,))
+    added = opted.keys() - default.keys()
+    assert added == {("ServiceAccount", SERVICE_ACCOUNT), ("Role", "verl-jobs"), ("RoleBinding", "verl-jobs"),
+                     ("NetworkPolicy", "trainer-kubernetes-api")}
+    (rules,) = [opted["Role", "verl-jobs"]["rules"]]
+    granted = {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert {(g, r) for g, r, _ in granted} == {("batch", "jobs"), ("batch", "jobs/status"), ("", "pods")}
+    assert not any("*" in item for item in granted) and not {v for g, r, v in granted if r == "pods"} - {
+        "get", "list", "watch"}, "pods: read only"
+    binding = opted["RoleBinding", "verl-jobs"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": "poise"}]
+    trainer = opted["Deployment", "trainer"]["spec"]["template"]
+    spec, (container,) = trainer["spec"], trainer["spec"]["containers"]
+    assert spec["serviceAccountName"] == SERVICE_ACCOUNT and spec["automountServiceAccountToken"] is True
+    assert gpus(container) == 0 and "nvidia.com/gpu" not in container["resources"].get("requests", {})
+    assert {v["name"]: v.get("value") for v in container["env"]}["POISE_VERL_LAUNCHER"] == "kubernetes"
+    assert trainer["metadata"]["labels"][CANDIDATE_LABEL] == "false", "the trainer no longer loads candidate code"
+    for key in default.keys() - {("Deployment", "trainer")}:
+        assert opted[key] == default[key], f"{key} changed by {VERL_JOBS}"

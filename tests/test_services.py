@@ -395,10 +395,11 @@ def test_poise_serve_with_bad_settings_exits_2_with_the_message(monkeypatch, cap
 
 
 def test_a_resumed_run_may_raise_its_budget_and_llm_cap_like_poise_run(store: SQLiteStore):
-    resolve_run(store, "run-cap", {"budget": 3, "llm_budget_usd": 1.0}, Backends())
-    resumed = resolve_run(store, "run-cap", {"budget": 5, "parallel": 2, "llm_budget_usd": 4.0}, Backends())
-    assert (resumed.budget, resumed.parallel, resumed.llm_budget_usd) == (5, 2, 4.0)
-    with pytest.raises(RunRefused, match="budget, parallel, llm_budget_usd, early_stop may change"):
+    resolve_run(store, "run-cap", {"budget": 3, "llm_budget_usd": 1.0, "gpu_hours_budget": 8.0}, Backends())
+    resumed = resolve_run(store, "run-cap", {"budget": 5, "parallel": 2, "llm_budget_usd": 4.0,
+                                             "gpu_hours_budget": 16.0}, Backends())
+    assert (resumed.budget, resumed.parallel, resumed.llm_budget_usd, resumed.gpu_hours_budget) == (5, 2, 4.0, 16.0)
+    with pytest.raises(RunRefused, match="budget, parallel, llm_budget_usd, early_stop, gpu_hours_budget may change"):
         resolve_run(store, "run-cap", {"seed": 9}, Backends())
     assert resolve_run(store, "run-cap", {"early_stop": False}, Backends()).early_stop is False
 
@@ -674,12 +675,29 @@ def test_serve_gives_a_stuck_handler_only_the_grace_period(tmp_path: Path):
     assert result == [0] and time.monotonic() - started < 5 and bus.closed
 
 
-def test_serve_refuses_backends_this_build_lacks(tmp_path: Path):
+def test_serve_trainer_with_verl_starts_without_gpus_and_passes_healthz(tmp_path: Path, caplog):
+    settings = ServiceSettings(work_dir=tmp_path, http_port=0, http_host="127.0.0.1", trainer_backend="verl")
+    bus = FakeBus()
+    with caplog.at_level("INFO", logger="app.serve"):
+        stop, thread, result, url = _serve_in_thread("trainer", settings, bus)
+    _wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+    assert httpx.get(f"{url}/healthz").json()["checks"] == {"bus": "ok", "verl": "ok"}
+    assert "trainer backend verl: GPU protocol paper (8 GPU(s)" in caplog.text
+    # a machine without GPUs still serves; it says why it cannot train, and each node fails with that reason
+    assert "the VERL trainer cannot train here yet" in caplog.text
+    stop.set()
+    thread.join(10)
+    assert result == [0] and bus.closed
+
+
+def test_serve_refuses_a_gpu_protocol_it_cannot_load(tmp_path: Path):
     from app.serve import ServeError
 
-    settings = ServiceSettings(work_dir=tmp_path, http_port=0, trainer_backend="verl")
+    broken = tmp_path / "broken.toml"
+    broken.write_text('name = "broken"\n[training]\nlr = 0\n')
+    settings = ServiceSettings(work_dir=tmp_path, http_port=0, trainer_backend="verl", verl_protocol=str(broken))
     bus = FakeBus()
-    with pytest.raises(ServeError, match="POISE_TRAINER_BACKEND=verl"):
+    with pytest.raises(ServeError, match=r"POISE_VERL_PROTOCOL=.*broken.toml refused: training.lr"):
         serve("trainer", settings, threading.Event(), bus_factory=lambda *a: bus)
     assert bus.closed
 
@@ -799,3 +817,40 @@ def test_a_work_dir_that_cannot_be_made_stops_the_service_naming_poise_work_dir(
     with pytest.raises(ServeError, match="set POISE_WORK_DIR to a directory this user can write"):
         serve(service, settings, threading.Event(), bus_factory=lambda *a: bus)
     assert bus.closed
+
+
+@pytest.mark.nats
+def test_poise_serve_trainer_with_verl_started_by_hand_passes_healthz_on_a_machine_without_gpus(tmp_path: Path):
+    # POISE_TRAINER_BACKEND=verl poise serve trainer, with a real NATS: healthy, the backend named as configured,
+    # and the log says why this machine cannot train (each node it gets fails with that reason; docs/verl.md)
+    from app.cluster import NatsServer
+
+    server = NatsServer(tmp_path / "jetstream", tmp_path / "nats-server.log").start()
+    process = _serve_by_hand("trainer", tmp_path, POISE_NATS_URL=server.url, POISE_TRAINER_BACKEND="verl",
+                             POISE_LOG_LEVEL="INFO", CUDA_VISIBLE_DEVICES="")
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        port = None
+        while port is None:
+            assert time.monotonic() < deadline and process.poll() is None, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                continue
+            if "serving /healthz and /metrics on port" in seen[-1]:
+                port = int(seen[-1].rsplit(" ", 1)[1])
+        url = f"http://127.0.0.1:{port}/healthz"
+        _wait_for(lambda: httpx.get(url).status_code == 200, timeout_s=60)
+        health = httpx.get(url).json()
+        assert health["service"] == "trainer" and health["checks"] == {"bus": "ok", "verl": "ok"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(30)
+        server.stop()
+    text = "".join(seen)
+    assert "trainer backend verl: GPU protocol paper (8 GPU(s)" in text
+    assert "the VERL trainer cannot train here yet: GPU protocol paper needs 8 GPU(s)" in text
+    assert status == 0 and "Traceback" not in text

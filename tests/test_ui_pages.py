@@ -83,7 +83,8 @@ def with_llm_and_screening(node: Node) -> Node:
                                predicted_std=0.02, nearest_id="n0", distance=0.31),
         rejections=[Rejection(proposal_name="copy", stage="novelty", reason="behaves like n0 (distance 0.001)")],
         screened_by="screened by the offline gates", parent_utility=0.4)  # fmt: skip
-    cost = llm_cost(calls).model_copy(update={"phase_seconds": {Phase.TRAIN: 12.5, Phase.EVALUATE: 3.0}})
+    cost = llm_cost(calls).model_copy(update={"phase_seconds": {Phase.TRAIN: 12.5, Phase.EVALUATE: 3.0},
+                                              "gpu_seconds": 8 * 5400.0})
     return node.model_copy(update={"llm_calls": calls, "cost": cost,
                                    "proposal": node.proposal.model_copy(update={"screening": screening})})
 
@@ -343,6 +344,7 @@ def test_the_proposal_screening_reflection_and_llm_requests_are_shown(archive: S
     assert "propose propose@v1 anthropic:claude-opus-5 1 900 / 400 4.2 s $0.0165 ok" in rows[0]
     assert "unpriced failed" in rows[1] and HOSTILE in rows[1]
     assert "train 12.5" in text(llm) and "$0.0165" in text(llm)
+    assert "training held GPUs for 12.00 GPU-hours" in text(llm)
 
 
 def test_a_two_parent_child_diffs_against_its_first_parent_and_offers_both_comparisons(archive: SQLiteStore) -> None:

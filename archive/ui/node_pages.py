@@ -567,6 +567,8 @@ def _llm_section(node: Node) -> str:
               for phase, seconds in cost.phase_seconds.items()]
     seconds = _table(("phase", "seconds"), phases, ' class="phase-seconds"') if phases \
         else '<p class="note">no phase times recorded</p>'
+    if cost.gpu_seconds:
+        seconds += f'<p class="gpu-seconds">training held GPUs for {cost.gpu_seconds / 3600:.2f} GPU-hours</p>'
     return f'<section id="llm"><h2>Agent-LLM requests and cost</h2>{calls}<h3>Time per phase</h3>{seconds}</section>'
 
 

@@ -34,6 +34,7 @@ from poise.algorithm import (
 )
 from poise.algorithms.common import kl_penalty, masked_mean
 from poise.contracts import KLEstimator, TrainingStep, TrainingTrajectory
+from poise.early_abort import AbortRules, AbortWatch
 from poise.testbed.model import load_model, response_log_probs_by_length, save_model
 from poise.testbed.protocol import Protocol
 from poise.testbed.sampler import sample
@@ -70,7 +71,7 @@ def train(
     shuffle = torch.Generator().manual_seed(seed)
     trajectory = TrainingTrajectory(protocol=protocol.name, seed=seed)
     average = _WeightAverage(policy, protocol.policy_ema) if protocol.policy_ema > 0 else None
-    low_format_streak = 0
+    abort_watch = AbortWatch(abort_rules(protocol))
     try:
         for step in range(protocol.steps):
             step_started = time.perf_counter()
@@ -130,8 +131,9 @@ def train(
             trajectory.steps.append(record)
             if on_step:
                 on_step(record)
-            low_format_streak = low_format_streak + 1 if record.format_valid_rate < protocol.abort_format_valid else 0
-            _check_abort(record, protocol, low_format_streak)
+            reason = abort_watch.observe(record)
+            if reason is not None:
+                raise TrainingAborted(reason)
     except TrainingAborted as abort:
         trajectory.aborted, trajectory.abort_reason = True, str(abort)
     if average:
@@ -207,14 +209,9 @@ def _check_unchanged(logged: dict[str, float], now: dict[str, float], step: int)
                         f"{step} ({'; '.join(changed)}); the candidate is given copies and must not reach them")
 
 
-def _check_abort(record: TrainingStep, protocol: Protocol, low_format_streak: int) -> None:
-    if record.kl is not None and not (record.kl <= protocol.abort_kl):
-        raise TrainingAborted(f"KL to the base model {record.kl:.3g} exceeds {protocol.abort_kl} at step "
-                              f"{record.step}: the policy collapsed")
-    if low_format_streak >= protocol.abort_patience:
-        raise TrainingAborted(f"format-valid rate {record.format_valid_rate:.2f} below "
-                              f"{protocol.abort_format_valid} for {low_format_streak} steps (step {record.step}): "
-                              "the policy stopped answering in the required format")
+def abort_rules(protocol: Protocol) -> AbortRules:
+    """The protocol's early-abort thresholds (the rules themselves: poise/early_abort.py)."""
+    return AbortRules(kl=protocol.abort_kl, format_valid=protocol.abort_format_valid, patience=protocol.abort_patience)
 
 
 def _zero_advantage_groups(advantages: torch.Tensor, protocol: Protocol) -> float:
