@@ -218,6 +218,19 @@ def shaped_length_groups(probes: RecordedProbes, min_pass_rate: float = 0.0) -> 
     return shaped, groups
 
 
+def largest_negative_ratio(probes: RecordedProbes) -> float:
+    """The largest ratio r = pi / pi_old on the recorded updates among tokens of responses that scored below their
+    group's mean (negative advantage under any group-centred baseline): where dual-clip could act."""
+    largest = 0.0
+    for step in probes.steps:
+        group_ids, inverse = np.unique(step.group, return_inverse=True)
+        means = np.bincount(inverse, weights=step.scores) / np.bincount(inverse)
+        below = (step.scores < means[inverse])[:, None] & (step.mask > 0)
+        if below.any():
+            largest = max(largest, float(np.exp(step.log_prob[below] - step.old_log_prob[below]).max()))
+    return largest
+
+
 def ratio_table(meta: dict[str, Any], skip_first_update: bool = True) -> list[dict[str, Any]]:
     """Per ratio threshold: the share of valid tokens above it (and on negative-advantage tokens) over the
     recorded run's updates (by default the off-policy ones: each step's first update has ratio 1)."""
@@ -253,6 +266,7 @@ __all__ = [
     "RecordedProbes",
     "RecordedStep",
     "describe_ratio_table",
+    "largest_negative_ratio",
     "load_recorded_probes",
     "ratio_table",
     "record_probe_batches",
