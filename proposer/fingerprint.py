@@ -93,9 +93,10 @@ RECORDED_QUANTITIES: tuple[str, ...] = ("advantages", "loss", "grad")
 SKETCH_SIZE = 256
 SKETCH_SEED = 24_000
 # A child whose recorded-probe quantities are all within this relative RMS of its parent's is a behavioural no-op.
-# An unchanged computation spelled differently (the compiled GRPO against the reference module) differs by float32
-# rounding, below 1e-6; on the recorded batches the smallest change that acts measured (docs/screening.md) is
-# clip_ratio 0.2 -> 0.21 at 2e-3. Small-but-real effects (kl:penalty at 1e-5) are left to the novelty gate.
+# Measured (bench/scripts/no_op_moves.py, docs/screening.md): the compiled GRPO against the reference module, and
+# dual_clip 3 -> 5 or 10, clip:dual removed, either length shaping added, are at exactly 0; the least of the moves
+# that act is kl:penalty at its default 1e-3, at 2.9e-4 (clip_ratio 0.2 -> 0.21: 1.5e-2, dual_clip 3 -> 1.5:
+# 8.8e-3). Effects smaller still (kl:penalty at 1e-5) are the novelty gate's: near-duplicates on the synthetic probes.
 NO_OP_DISTANCE = 1e-5
 
 
