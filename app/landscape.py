@@ -92,7 +92,7 @@ from poise.description.proposals import description_key, proposal_description, r
 from poise.racing import SEED_POLICIES, SeedPolicy, next_seed
 from poise.scoring import pooled_sd, replicate_seed, seed_scores
 from proposer.baseline import MutationError, mutate, select_parent
-from proposer.fingerprint import FINGERPRINT_LENGTH, FingerprintResult
+from proposer.fingerprint import FINGERPRINT_LENGTH, RECORDED_OFFSET, FingerprintResult
 from proposer.screening import phase_one
 from proposer.selection import candidate_parents, genotype_features, param_position, seed_mean, select_parents
 
@@ -247,13 +247,15 @@ def description_fingerprint(source: str) -> FingerprintResult:
     """The landscape's stand-in for screening's sandboxed fingerprinter, on a `landscape_source`: the description
     comes back with its declared aggregation and constants (so the consistency gate passes, as for the offline
     compiler's code) and its genotype (`genotype_features`) as the behaviour vector, in the fingerprint's layout.
-    Two different descriptions are therefore never near-duplicates here: the landscape has no behaviour beyond
-    the description, so the real fingerprint's rejections (e.g. a moved eps that changes nothing) are not
-    simulated, and the archive's exclusion of repeated descriptions is the only novelty gate."""
+    Two different descriptions are therefore never near-duplicates (nor no-ops, the genotype standing in for the
+    recorded probes' sketches too) here: the landscape has no behaviour beyond the description, so the real
+    fingerprint's rejections (e.g. a moved eps that changes nothing, a dual-clip move real ratios never reach) are
+    not simulated, and the archive's exclusion of repeated descriptions is the only novelty gate."""
     description = _DESCRIPTIONS[source]
     vector = np.zeros(FINGERPRINT_LENGTH)
     features = genotype_features(description)
     vector[: len(features)] = features
+    vector[RECORDED_OFFSET: RECORDED_OFFSET + len(features)] = features
     return FingerprintResult(source_sha256=sha256_hex(source), vector=vector, loss_agg_mode=description.loss_agg_mode,
                              hparams=dict(description.hparams))
 

@@ -10,6 +10,13 @@ The vector is laid out in blocks (one per probe and quantity, `fingerprint_block
 is the largest relative RMS difference over the quantities, so a change shows up wherever it acts (a new
 clip range only in the far-off-policy losses and gradients, a new baseline already in the advantages).
 
+The vector ends with three more blocks computed on batches a real GRPO run produced (proposer/probe_batches.py):
+the candidate's advantages, per-token loss and loss gradient on every minibatch update of a few recorded steps,
+each compressed to a fixed random projection of `SKETCH_SIZE` values (`recorded_blocks`). They are kept out of the
+novelty distance (calibrated on the synthetic probes) and feed the no-op check instead: `recorded_distance` of a
+child to its parent at most `NO_OP_DISTANCE` means the change does nothing to what training computes
+(docs/screening.md).
+
 Computing a fingerprint runs candidate code, so it only ever happens in the sandboxed child
 (proposer/fingerprint_child.py), which also runs the structural check; this module is the parent side: the
 probe definitions both sides share, the sandbox call, the distance, and an on-disk cache keyed by the
@@ -31,6 +38,7 @@ import numpy as np
 from poise.contracts import CheckResult, FingerprintPayload, FingerprintReport, SandboxLimits, sha256_hex
 from poise.sandbox import run_sandboxed
 from poise.sandbox_audit import attempts_in, describe_attempts
+from proposer.probe_batches import RECORDED_PROBES
 
 FINGERPRINT_MODULE = "proposer.fingerprint_child"
 SANDBOX_FAILURE = "sandbox: "  # how the failure of a run that returned no result starts
@@ -74,29 +82,62 @@ DEFAULT_WALL_S = 60.0
 FINGERPRINT_MEMORY_BYTES = 4 << 30
 
 
+# The recorded probes: each quantity (advantages, per-token loss, gradient of the aggregated loss, over the valid
+# tokens of every recorded step and minibatch update) is projected onto SKETCH_SIZE fixed Gaussian directions
+# (seed SKETCH_SEED + its position in RECORDED_QUANTITIES), scaled by 1/sqrt(SKETCH_SIZE). A projection is linear,
+# so the sketch of a difference is the difference of the sketches and a relative RMS difference is estimated
+# within about sqrt(2 / SKETCH_SIZE) = 9% of itself (an exact no-op stays exactly 0), in 768 values instead of the
+# ~40,000 the recorded tokens hold (an archive keeps one fingerprint per node).
+RECORDED = "recorded"
+RECORDED_QUANTITIES: tuple[str, ...] = ("advantages", "loss", "grad")
+SKETCH_SIZE = 256
+SKETCH_SEED = 24_000
+# A child whose recorded-probe quantities are all within this relative RMS of its parent's is a behavioural no-op.
+# Measured (bench/scripts/no_op_moves.py, docs/screening.md): the compiled GRPO against the reference module, and
+# dual_clip 3 -> 5 or 10, clip:dual removed, either length shaping added, are at exactly 0; the least of the moves
+# that act is kl:penalty at its default 1e-3, at 2.9e-4 (clip_ratio 0.2 -> 0.21: 1.5e-2, dual_clip 3 -> 1.5:
+# 8.8e-3). Effects smaller still (kl:penalty at 1e-5) are the novelty gate's: near-duplicates on the synthetic probes.
+NO_OP_DISTANCE = 1e-5
+
+
+def recorded_blocks() -> list[tuple[str, int]]:
+    """The (name, length) blocks of the recorded probes, at the end of a fingerprint vector."""
+    return [(f"{RECORDED}:{quantity}", SKETCH_SIZE) for quantity in RECORDED_QUANTITIES]
+
+
 def fingerprint_blocks() -> list[tuple[str, int]]:
-    """The (name, length) blocks of a fingerprint vector, in order: per probe, its (B, L) advantages, then
-    per perturbation its masked (B, L) per-token loss and the (B, L) gradient of the aggregated loss."""
+    """The (name, length) blocks of a fingerprint vector, in order: per synthetic probe, its (B, L) advantages,
+    then per perturbation its masked (B, L) per-token loss and the (B, L) gradient of the aggregated loss; then
+    the sketches of the recorded probes (`recorded_blocks`)."""
     blocks = []
     for probe in PROBES:
         size = probe.rows * probe.max_len
         blocks.append((f"{probe.name}:advantages", size))
         for scale in PERTURBATION_SCALES:
             blocks += [(f"{probe.name}:loss@{scale:g}", size), (f"{probe.name}:grad@{scale:g}", size)]
-    return blocks
+    return blocks + recorded_blocks()
+
+
+def _recorded_probes_sha256() -> str:
+    return hashlib.sha256(RECORDED_PROBES.read_bytes()).hexdigest() if RECORDED_PROBES.exists() else "missing"
 
 
 FINGERPRINT_LENGTH = sum(size for _, size in fingerprint_blocks())
-# Changes whenever the probes change, so cached fingerprints of another layout are never compared.
-FINGERPRINT_VERSION = hashlib.sha256(repr((PROBES, PERTURBATION_SCALES)).encode()).hexdigest()[:12]
+# Where the recorded probes' sketches start in the vector (they end it).
+RECORDED_OFFSET = FINGERPRINT_LENGTH - sum(size for _, size in recorded_blocks())
+# Changes whenever the probes change (the recorded ones included), so cached fingerprints of another layout or
+# other batches are never compared.
+FINGERPRINT_VERSION = hashlib.sha256(repr((PROBES, PERTURBATION_SCALES, SKETCH_SIZE, SKETCH_SEED,
+                                           _recorded_probes_sha256())).encode()).hexdigest()[:12]
 
 
 # -------------------------------------------------------------------------------------------- distance
 
 
 def fingerprint_distance(first: np.ndarray, second: np.ndarray) -> float:
-    """The largest relative RMS difference over the quantities (advantages, and the loss and its gradient at
-    each perturbation, each over all probes): 0 for the same behaviour, 1 where one side is zero and the other
+    """The largest relative RMS difference over the synthetic probes' quantities (advantages, and the loss and its
+    gradient at each perturbation, each over all synthetic probes; the recorded probes are `recorded_distance`'s,
+    the no-op check's): 0 for the same behaviour, 1 where one side is zero and the other
     not, up to 2 for opposite signs; inf for vectors that are not both fingerprints of this layout.
 
     Each quantity is compared over all probes at once, so a term that only acts where the other side is
@@ -116,8 +157,29 @@ def fingerprint_distances(vector: np.ndarray, others: np.ndarray) -> np.ndarray:
         return np.full(len(others), math.inf)
     # Mean squares as np.add.reduce / n: what np.mean computes, the same sums bit for bit, without its Python
     # wrapper, which cost more than the arithmetic here. One quantity at a time keeps the temporaries small.
+    return _largest_relative_rms(vector, others, _NOVELTY_INDEX)
+
+
+def recorded_distance(first: np.ndarray, second: np.ndarray) -> float:
+    """The largest relative RMS difference over the recorded-probe quantities (advantages, loss, gradient on the
+    batches a real run produced), estimated from their sketches: what the no-op check compares with
+    NO_OP_DISTANCE; inf for vectors that are not both fingerprints of this layout."""
+    if first.shape != (FINGERPRINT_LENGTH,) or second.shape != (FINGERPRINT_LENGTH,):
+        return math.inf
+    return float(_largest_relative_rms(first, second[None, :], _RECORDED_INDEX)[0])
+
+
+def recorded_distances(first: np.ndarray, second: np.ndarray) -> dict[str, float]:
+    """`recorded_distance` per quantity ("advantages", "loss", "grad"), for reports."""
+    if first.shape != (FINGERPRINT_LENGTH,) or second.shape != (FINGERPRINT_LENGTH,):
+        return {quantity: math.inf for quantity in RECORDED_QUANTITIES}
+    return {quantity.split(":", 1)[1]: float(_largest_relative_rms(first, second[None, :], {quantity: index})[0])
+            for quantity, index in _RECORDED_INDEX.items()}
+
+
+def _largest_relative_rms(vector: np.ndarray, others: np.ndarray, quantities: dict[str, np.ndarray]) -> np.ndarray:
     worst = np.zeros(len(others))
-    for index in _QUANTITY_INDEX.values():
+    for index in quantities.values():
         a, b = vector[index], others[:, index]
         mean_square = np.add.reduce(np.square(b - a), axis=1) / len(index)
         scale = np.sqrt(np.maximum(np.add.reduce(a * a) / len(index), np.add.reduce(b * b, axis=1) / len(index)))
@@ -126,16 +188,20 @@ def fingerprint_distances(vector: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 
 def _quantity_index() -> dict[str, np.ndarray]:
-    """Positions of each quantity ("advantages", "loss@0.5" …) in the vector, over all probes."""
+    """Positions of each quantity in the vector: a synthetic one ("advantages", "loss@0.5" …) over all synthetic
+    probes, a recorded one under its block name ("recorded:loss")."""
     positions: dict[str, list[np.ndarray]] = {}
     start = 0
     for name, size in fingerprint_blocks():
-        positions.setdefault(name.split(":", 1)[1], []).append(np.arange(start, start + size))
+        quantity = name if name.startswith(f"{RECORDED}:") else name.split(":", 1)[1]
+        positions.setdefault(quantity, []).append(np.arange(start, start + size))
         start += size
     return {quantity: np.concatenate(parts) for quantity, parts in positions.items()}
 
 
 _QUANTITY_INDEX = _quantity_index()
+_NOVELTY_INDEX = {q: index for q, index in _QUANTITY_INDEX.items() if not q.startswith(f"{RECORDED}:")}
+_RECORDED_INDEX = {q: index for q, index in _QUANTITY_INDEX.items() if q.startswith(f"{RECORDED}:")}
 
 
 def is_near_duplicate(distance: float, threshold: float = NEAR_DUPLICATE_DISTANCE) -> bool:
@@ -303,8 +369,12 @@ __all__ = [
     "FINGERPRINT_LENGTH",
     "FINGERPRINT_VERSION",
     "NEAR_DUPLICATE_DISTANCE",
+    "NO_OP_DISTANCE",
     "PERTURBATION_SCALES",
     "PROBES",
+    "RECORDED_OFFSET",
+    "RECORDED_QUANTITIES",
+    "SKETCH_SIZE",
     "FingerprintCache",
     "FingerprintResult",
     "Probe",
@@ -313,4 +383,7 @@ __all__ = [
     "fingerprint_distances",
     "fingerprint_in_sandbox",
     "is_near_duplicate",
+    "recorded_blocks",
+    "recorded_distance",
+    "recorded_distances",
 ]

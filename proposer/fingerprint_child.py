@@ -3,7 +3,8 @@
 Started only by proposer.fingerprint.fingerprint_in_sandbox through poise.sandbox.run_sandboxed. It receives
 the candidate's source (a `FingerprintPayload`) and reports a `FingerprintReport` (both in poise/contracts.py):
 the structural checks (poise.algorithm) and, when they pass, the fingerprint vector on the probes of
-proposer/fingerprint.py, with the module's LOSS_AGG_MODE and HPARAMS. The candidate is loaded and called under a
+proposer/fingerprint.py (synthetic) and proposer/probe_batches.py (recorded from a real run), with the module's
+LOSS_AGG_MODE and HPARAMS. The candidate is loaded and called under a
 `CandidateGuard` (poise/integrity.py), as in the other harnesses.
 """
 
@@ -16,7 +17,7 @@ from poise.sandbox import emit, emit_result, enter_sandbox
 from poise.sandbox_audit import record_attempts
 
 # Trusted modules the fork server (poise.forkserver) imports once, before it forks any child.
-PRELOAD = ("torch", "poise.algorithm", "poise.integrity", "proposer.fingerprint")
+PRELOAD = ("torch", "poise.algorithm", "poise.integrity", "proposer.fingerprint", "proposer.probe_batches")
 
 
 def main() -> None:
@@ -96,7 +97,77 @@ def fingerprint(module) -> tuple[list[float] | None, str | None]:
             if not (torch.isfinite(masked_loss).all() and torch.isfinite(grad).all()):
                 return None, f"fingerprint: policy_loss or its gradient is non-finite {at}"
             parts += [masked_loss, grad * mask]
-    return torch.cat([p.reshape(-1).double() for p in parts]).tolist(), None
+    recorded, failure = recorded_sketches(module, describe)
+    if failure is not None:
+        return None, failure
+    return torch.cat([p.reshape(-1).double() for p in parts] + recorded).tolist(), None
+
+
+def recorded_sketches(module, describe) -> tuple[list, str | None]:
+    """The sketches of the candidate's advantages, per-token losses and loss gradients on the recorded probe
+    batches (proposer/probe_batches.py), as training computes them: advantages over each step's whole rollout
+    batch, then the loss of each minibatch update at the log-probs the recorded run had there, aggregated with the
+    candidate's mode and the protocol's horizon. Layout: proposer.fingerprint.recorded_blocks."""
+    import torch
+
+    from poise.algorithm import (
+        CandidateError,
+        aggregate_loss,
+        build_batch,
+        loss_agg_mode,
+        module_hparams,
+        run_advantages,
+        run_policy_loss,
+        slice_batch,
+    )
+    from proposer.fingerprint import RECORDED_QUANTITIES, SKETCH_SEED, SKETCH_SIZE
+    from proposer.probe_batches import load_recorded_probes
+
+    probes = load_recorded_probes()
+    hparams, mode = module_hparams(module), loss_agg_mode(module)
+    values: dict[str, list[torch.Tensor]] = {quantity: [] for quantity in RECORDED_QUANTITIES}
+    for step in probes.steps:
+        mask = torch.from_numpy(step.mask)
+        valid = mask > 0
+        batch = build_batch(torch.from_numpy(step.scores), mask, torch.from_numpy(step.group).long(),
+                            format_valid=torch.from_numpy(step.format_valid), entropy=torch.from_numpy(step.entropy),
+                            ref_log_prob=torch.from_numpy(step.ref_log_prob), hparams=hparams)
+        where = f"on the recorded training batch of step {step.step}"
+        try:
+            advantages, _ = run_advantages(module, batch)
+        except CandidateError as err:
+            return [], f"fingerprint: {err} {where}"
+        except Exception as err:  # noqa: BLE001
+            return [], f"fingerprint: compute_advantages raised {describe(err)} {where}"
+        if not torch.isfinite(advantages).all():
+            return [], f"fingerprint: compute_advantages returned non-finite values {where}"
+        values["advantages"].append(advantages[valid])
+        old_log_prob = torch.from_numpy(step.old_log_prob)
+        for update, rows in enumerate(step.minibatches()):
+            index = torch.arange(rows.start, rows.stop)
+            log_prob = torch.from_numpy(step.log_prob[rows]).clone().requires_grad_(True)
+            at = f"{where}, minibatch update {update + 1}"
+            try:
+                loss_mat, _ = run_policy_loss(module, log_prob, old_log_prob[rows], advantages[rows], mask[rows],
+                                              slice_batch(batch, index))
+                loss = aggregate_loss(loss_mat, mask[rows], mode, loss_scale_factor=probes.meta["max_new_tokens"])
+                (grad,) = torch.autograd.grad(loss, log_prob, allow_unused=True) if loss.requires_grad else (None,)
+            except CandidateError as err:
+                return [], f"fingerprint: {err} {at}"
+            except Exception as err:  # noqa: BLE001
+                return [], f"fingerprint: policy_loss raised {describe(err)} {at}"
+            grad = torch.zeros_like(log_prob) if grad is None else grad
+            if not (torch.isfinite(loss_mat.detach()[valid[rows]]).all() and torch.isfinite(grad).all()):
+                return [], f"fingerprint: policy_loss or its gradient is non-finite {at}"
+            values["loss"].append(loss_mat.detach()[valid[rows]])
+            values["grad"].append(grad[valid[rows]])
+    sketches = []
+    for position, quantity in enumerate(RECORDED_QUANTITIES):
+        vector = torch.cat(values[quantity]).double()
+        directions = torch.randn(SKETCH_SIZE, vector.numel(), dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(SKETCH_SEED + position))
+        sketches.append(directions @ vector / SKETCH_SIZE ** 0.5)
+    return sketches, None
 
 
 def probe_rollout(probe, hparams: dict):

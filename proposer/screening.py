@@ -1,6 +1,6 @@
 """Screening (Phase I): rank a parent's population before anything is trained, and say why each one fell out.
 
-Each proposal goes through three gates, then the survivors are ranked:
+Each proposal goes through four gates, then the survivors are ranked:
 
     consistency  the source (compiled from the description, or an LLM's) parses, passes the structural check in
                  the sandbox (proposer/fingerprint_child.py) and declares what the proposal says: its
@@ -8,6 +8,11 @@ Each proposal goes through three gates, then the survivors are ranked:
     novelty      its behavioural fingerprint is farther than NEAR_DUPLICATE_DISTANCE from every archived node's
                  (their sources fingerprinted once, then cached) — a renamed copy of an archived algorithm is
                  rejected with the nearest node and the distance in the reason
+    no-op        on the batches a real training run produced (the recorded probes, proposer/probe_batches.py) its
+                 advantages, losses and loss gradients are within NO_OP_DISTANCE of the parent's: the change would
+                 train exactly like the parent, whatever it does on the synthetic probes; rejected (stage
+                 "novelty", nearest_id the parent) naming the mechanisms that changed and why they do nothing
+                 there (docs/screening.md)
     uniqueness   in rank order, one that behaves like a better-ranked proposal of the same population is dropped
     rank         by expected improvement from the injected predictor (the UtilityGP of proposer/selection.py in a
                  run, `phase_one`, or any callable features -> (mean, std)): EI or UCB against `incumbent` (the
@@ -38,9 +43,11 @@ from poise.description.proposals import description_key, proposal_description
 from proposer.context import Context, build_context
 from proposer.fingerprint import (
     NEAR_DUPLICATE_DISTANCE,
+    NO_OP_DISTANCE,
     FingerprintResult,
     fingerprint_distance,
     fingerprint_distances,
+    recorded_distance,
 )
 from proposer.population import generate_population
 from proposer.selection import UtilityGP
@@ -170,6 +177,7 @@ def screen_population(
 
     archived = archive_fingerprints([*archive, parent], fingerprinter, source_of) if passed else {}
     survivors: list[_Survivor] = []
+    parent_vector = archived.get(parent.node_id)
     for index, proposal, result in passed:
         nearest_id, distance = _nearest(result.vector, archived)
         if nearest_id is not None and distance <= threshold:
@@ -177,6 +185,10 @@ def screen_population(
                 proposal_name=proposal.name, stage="novelty", nearest_id=nearest_id, distance=distance,
                 reason=(f"near-duplicate of node {nearest_id}: fingerprint distance {distance:.2g} <= {threshold:g} "
                         "(same advantages, losses and gradients on the probe batches)")))
+            continue
+        no_op = _no_op(proposal, result, parent, parent_vector)
+        if no_op is not None:
+            rejections.append(no_op)
             continue
         survivor = _Survivor(index, proposal, result, nearest_id, distance)
         if predictor is not None:
@@ -258,6 +270,91 @@ def phase_one(
     gp = UtilityGP().fit(nodes)
     return propose_screened(parent, nodes, config, rng, fingerprinter, predictor=gp, incumbent=gp.incumbent(parent),
                             source_of=source_of)
+
+
+def _no_op(proposal: Proposal, result: FingerprintResult, parent: Node,
+           parent_vector: np.ndarray | None) -> Rejection | None:
+    """The rejection of a proposal that computes what its parent computes on the recorded training batches, or
+    None (also when the parent has no fingerprint to compare with)."""
+    if parent_vector is None:
+        return None
+    distance = recorded_distance(result.vector, parent_vector)
+    if not distance <= NO_OP_DISTANCE:
+        return None
+    return Rejection(
+        proposal_name=proposal.name, stage="novelty", nearest_id=parent.node_id, distance=distance,
+        reason=(f"behavioural no-op: {describe_change(parent.proposal, proposal)} never changes the advantages, "
+                f"loss or gradient on batches real training produces (relative difference {distance:.2g} <= "
+                f"{NO_OP_DISTANCE:g} from parent {parent.node_id} on {recorded_probe_summary()})"
+                f"{why_inert(parent.proposal, proposal)}; it would train like its parent"))
+
+
+def describe_change(parent: Proposal, proposal: Proposal) -> str:
+    """What `proposal` changes in `parent`'s description, in mechanism names: "clip:dual (dual_clip 3 -> 5)",
+    "+length:pass_rate_conditioned", "-clip:dual"; "its change" for code outside the library."""
+    try:
+        before, after = proposal_description(parent), proposal_description(proposal)
+    except DescriptionError:
+        return "its change"
+    old = {m.name: m for m in before.mechanisms}
+    new = {m.name: m for m in after.mechanisms}
+    changes = [f"+{name}" for name in new if name not in old] + [f"-{name}" for name in old if name not in new]
+    for name, mechanism in new.items():
+        moved = [f"{key} {_value(before.hparams.get(key))} -> {_value(after.hparams[key])}"
+                 for key in mechanism.params if name in old and before.hparams.get(key) != after.hparams[key]]
+        if moved:
+            changes.append(f"{name} ({', '.join(moved)})")
+    if after.loss_agg_mode != before.loss_agg_mode and not changes:
+        changes.append(f"agg {before.loss_agg_mode} -> {after.loss_agg_mode}")
+    return ", ".join(changes) if changes else "its change"
+
+
+def why_inert(parent: Proposal, proposal: Proposal) -> str:
+    """Why the mechanisms the change touches cannot act on the recorded batches, from what the recorded run saw
+    (proposer/probe_batches.py); empty when there is nothing specific to say."""
+    from proposer.probe_batches import largest_negative_ratio, load_recorded_probes, ratio_table, shaped_length_groups
+
+    try:
+        before, after = proposal_description(parent), proposal_description(proposal)
+        probes = load_recorded_probes()
+    except (DescriptionError, FileNotFoundError, ValueError):
+        return ""
+    changed = {m.name for m in before.mechanisms} ^ {m.name for m in after.mechanisms}
+    changed |= {m.name for m in after.mechanisms if any(before.hparams.get(k) != after.hparams[k] for k in m.params)}
+    hparams = {**before.hparams, **after.hparams}
+    notes = []
+    if "clip:dual" in changed:
+        c = float(hparams.get("dual_clip", 0.0))
+        run = ratio_table(probes.meta)
+        tracked = next((row for row in run if row["ratio_above"] == c), None)
+        in_run = (f" (over the whole recorded run, {tracked['count_negative_advantage']} of its {tracked['tokens']} "
+                  f"off-policy tokens had A < 0 and a ratio above {c:g})" if tracked else "")
+        notes.append(f"dual-clip only acts on negative-advantage tokens whose ratio exceeds c={c:g}, and on the "
+                     f"recorded batches the largest such ratio is {largest_negative_ratio(probes):.3g}{in_run}")
+    shaping = changed & {"length:pass_rate_conditioned", "length:correct_shorter"}
+    if shaping:
+        min_pass_rate = float(hparams.get("min_pass_rate", 0.0)) if "length:pass_rate_conditioned" in shaping else 0.0
+        shaped, groups = shaped_length_groups(probes, min_pass_rate)
+        notes.append(f"the length shaping only acts on a group whose correct responses differ in length"
+                     f"{f' at pass rate >= {min_pass_rate:g}' if min_pass_rate else ''}: {shaped} of the "
+                     f"{groups} recorded groups")
+    return ": " + "; ".join(notes) if notes else ""
+
+
+def recorded_probe_summary() -> str:
+    """"steps 2, 20, 39 of a default-protocol GRPO run (seed 0)": where the recorded probes come from."""
+    from proposer.probe_batches import load_recorded_probes
+
+    try:
+        meta = load_recorded_probes().meta
+    except (FileNotFoundError, ValueError):
+        return "the recorded probe batches"
+    return (f"steps {', '.join(str(s) for s in meta['steps'])} of a {meta['protocol']}-protocol GRPO run "
+            f"(seed {meta['seed']})")
+
+
+def _value(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _key(proposal: Proposal) -> str | None:
@@ -354,6 +451,7 @@ __all__ = [
     "ScreenedProposal",
     "ScreeningReport",
     "archive_fingerprints",
+    "describe_change",
     "expected_improvement",
     "node_source",
     "phase_one",
