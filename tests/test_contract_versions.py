@@ -5,14 +5,10 @@ Two mixed pairs exchange every message with the current contracts:
 - the previous version, 1.0: poise/contracts.py as deployed before versions existed, frozen in contracts_v1_0.py.
   The current version reads everything 1.0 sends; 1.0 refuses what the current version sends (schema_version is an
   unknown field to it), which is why 2.0 is a major version. "One ahead" holds from 2.0 on.
-<<<<<<< HEAD
-- the deployed minor version, 2.0, frozen in contracts_v2_0.py (2.1 added racing, the split and the report, and
-  early stopping): each side reads what the other writes, and 2.0 keeps the 2.1 fields (a report arm, the half
-  an evaluation scored, a node's report runs, a stopped training, a training's plan) and writes them back unchanged.
-=======
-- the deployed minor version, 2.0 (contracts_v2_0.py) and this one, 2.1 (GPU-seconds): each reads the other, and
-  2.0 passes on the 2.1 fields it does not know.
->>>>>>> wip/20-launch
+- the deployed minor version, 2.0, frozen in contracts_v2_0.py (2.1 added racing, the split and the report, early
+  stopping, and GPU-seconds): each side reads what the other writes, and 2.0 keeps the 2.1 fields (a report arm,
+  the half an evaluation scored, a node's report runs, a stopped training, a training's plan, GPU-seconds) and
+  writes them back unchanged.
 - the next version: the current source with a field added to Evaluation, CallRecord and Node, loaded as a
   module of its own. Each side reads what the other writes, and what the current side writes back (the archive
   updating a node, stored in SQLite or MongoDB) still holds the 2.1 fields with their values.
@@ -160,15 +156,8 @@ def test_json_without_a_version_was_written_before_versions_and_python_values_ar
 @pytest.mark.parametrize("subject", MESSAGE_TYPES)
 def test_what_the_previous_version_sends_this_one_reads(subject: str) -> None:
     message = with_calls(subject)
-<<<<<<< HEAD
     # What 1.0 held: the fields later versions added have their defaults, and a 1.0 sender never wrote them.
     payload = json.loads(message.model_dump_json(exclude={"schema_version"}, exclude_defaults=True))
-=======
-    payload = json.loads(encode(message))
-    del payload["schema_version"]
-    known = previous.MESSAGE_TYPES[subject].model_fields  # 1.0 never sends a field added since (e.g. 2.1's)
-    payload = {key: value for key, value in payload.items() if key in known}
->>>>>>> wip/20-launch
     sent = previous.encode(previous.decode(subject, json.dumps(payload).encode()))  # a 1.0 service's bytes
     received = decode(subject, sent)
     assert received.schema_version == UNVERSIONED

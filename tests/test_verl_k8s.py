@@ -217,7 +217,7 @@ def test_the_job_mounts_only_the_nodes_directory_writable_and_asks_for_the_proto
     writable = [m for m in container["volumeMounts"] if m["name"] == "work" and not m.get("readOnly")]
     assert writable == [{"name": "work", "mountPath": str(inputs(tmp_path).run_dir),
                          "subPath": "runs/r1/nodes/n001/train"}]
-    assert container["command"] == ["python", "-m", "verl.trainer.main_ppo"]
+    assert container["command"] == ["python", "-m", "trainer.verl.main"]
     env = {v["name"]: v["value"] for v in container["env"]}
     assert env["VERL_USE_EXTERNAL_MODULES"] == "trainer.verl.plugin" and env["POISE_CANDIDATE_MODULE"]
     outside = inputs(tmp_path)

@@ -90,7 +90,8 @@ def test_the_rendered_protocol_passes_verls_own_composition_and_validation(tmp_p
     assert config.algorithm.adv_estimator == "poise" and actor.policy_loss.loss_mode == "poise"
     # the plugin and the candidate reach every Ray process; a path with ',' or ' ' survives Hydra's grammar
     env = config.ray_kwargs.ray_init.runtime_env.env_vars
-    assert env[EXTERNAL_MODULES_ENV] == PLUGIN_MODULE and env[CANDIDATE_ENV] == CANDIDATE_MODULE
+    assert env[EXTERNAL_MODULES_ENV] == PLUGIN_MODULE
+    assert env[CANDIDATE_ENV] == str(inputs.candidate_dir / f"{CANDIDATE_MODULE}.py")  # the plugin reads the file
     assert env["VERL_FILE_LOGGER_PATH"] == str(inputs.run_dir / "metrics.jsonl")
     assert str(inputs.candidate_dir) in env["PYTHONPATH"].split(":")
     assert config.data.val_files == inputs.val_files[0]
@@ -309,7 +310,8 @@ def test_the_launcher_hands_on_each_step_and_books_gpu_seconds(tmp_path, monkeyp
     assert [s.step for s in outcome.steps] == [0, 1, 2] and seen == outcome.steps
     assert outcome.gpu_seconds == pytest.approx(outcome.wall_s * 8) and outcome.wall_s > 0
     log = (tmp_path / "node dir" / "verl.log").read_text()
-    assert f"env {PLUGIN_MODULE} {CANDIDATE_MODULE}" in log  # the plugin and the candidate reach the run
+    candidate = inputs.candidate_dir / f"{CANDIDATE_MODULE}.py"
+    assert f"env {PLUGIN_MODULE} {candidate}" in log  # the plugin and the candidate reach the run
     assert "leaked []" in log, "the service's settings or keys reached the run's processes"
 
 
