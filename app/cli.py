@@ -244,6 +244,8 @@ def _print_outcome(summary) -> None:
     if best:
         print(f"best: {best.node_id} {best.name} [{', '.join(best.mechanisms)}]: {_interval_text(best)} "
               f"— {best.verdict}")
+        if best.report is not None:
+            print(report_text(best.report))
 
 
 def _interval_text(entry: RootStatus | BestStatus) -> str:

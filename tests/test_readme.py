@@ -54,8 +54,9 @@ CHECKED: dict[str, Run | Covered] = {
     "bin/poise status": Run(expect=("evaluated",)),
     "bin/poise run --parent-selection poise --run-dir runs/p1": Run(
         f"bin/poise run --parent-selection poise --budget 1 {TINY} --run-dir runs/p1"),
-    "bin/poise run --seeding racing --run-dir runs/r1": Run(
-        f"bin/poise run --seeding racing --budget 4 {TINY} --run-dir runs/r1", expect=("trainings",)),
+    "bin/poise run --seeding racing --split --report-seeds 5 --run-dir runs/r1": Run(
+        f"bin/poise run --seeding racing --split --report-seeds 2 --budget 4 {TINY} --run-dir runs/r1",
+        expect=("trainings",)),
     'bin/poise run --objective length --directive "shorter answers, same accuracy" --run-dir runs/short': Run(
         f'bin/poise run --objective length --directive "shorter answers, same accuracy" --budget 1 {TINY} '
         "--run-dir runs/short"),
