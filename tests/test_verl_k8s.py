@@ -32,6 +32,8 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from trainer.verl.k8s_job import KubernetesLauncher, job_manifest, job_name  # noqa: E402
 from trainer.verl.protocol import TrainInputs, load_gpu_protocol  # noqa: E402
 
+pytestmark = pytest.mark.verl  # the VERL backend (docs/verl.md): runs in CI on this CPU
+
 PAPER = load_gpu_protocol("paper")
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 IDS = ("r1", "n001", 0, 1)

@@ -54,6 +54,8 @@ from trainer.verl.protocol import (
     validate_overrides,
 )
 
+pytestmark = pytest.mark.verl  # the VERL backend (docs/verl.md): runs in CI on this CPU
+
 PAPER = load_gpu_protocol("paper")
 GRPO_SOURCE = reference_algorithm("grpo").source()
 PAPER_TEXT = (Path(__file__).resolve().parents[1] / "trainer/verl/protocols/paper.toml").read_text()
