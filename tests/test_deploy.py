@@ -1327,7 +1327,8 @@ def test_the_verl_job_template_runs_the_paper_protocol_as_the_trainer_renders_it
     assert container["command"] == ["python", "-m", ENTRY_MODULE]
     assert container["args"] == hydra_overrides(paper, inputs), "re-render verl-train-job.yaml's args"
     env = {v["name"]: v.get("value") for v in container["env"]}
-    assert env[EXTERNAL_MODULES_ENV] == PLUGIN_MODULE and env[CANDIDATE_ENV] == "poise_candidate"
+    assert env[EXTERNAL_MODULES_ENV] == PLUGIN_MODULE
+    assert env[CANDIDATE_ENV] == str(node / "candidate" / "poise_candidate.py")  # the file the plugin loads
     assert job["spec"]["activeDeadlineSeconds"] == paper.resources.deadline_s
     assert gpus(container) == paper.resources.gpus
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}

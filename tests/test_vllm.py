@@ -239,7 +239,7 @@ def test_a_server_that_cannot_be_restarted_fails_that_node_and_the_run_goes_on(v
     original = evaluator.evaluate
     calls = []
 
-    def evaluate(checkpoint, protocol, seed):
+    def evaluate(checkpoint, protocol, seed, half="all"):
         calls.append(Path(checkpoint).parts[-3])   # nodes/<id>/train/policy
         if len(calls) == 2:                        # after the root: the server dies and cannot come back
             flag.touch()
@@ -247,7 +247,7 @@ def test_a_server_that_cannot_be_restarted_fails_that_node_and_the_run_goes_on(v
             srv.process.wait()
         if len(calls) == 3:
             flag.unlink()
-        return original(checkpoint, protocol, seed)
+        return original(checkpoint, protocol, seed, half)
 
     evaluator.evaluate = evaluate
     config = RunConfig(run_id="f", budget=2, parallel=1, protocol="tiny", root_seeds=1, replicate_seeds=1,
