@@ -114,21 +114,27 @@ class ScriptedWorld:
                                       arm=work.arm, evaluation=scored))
 
 
+def wire(bus: InProcBus, store: SQLiteStore, config: RunConfig, truth: Callable[[str], float] = true_value
+         ) -> tuple[ArchiveService, ScriptedWorld]:
+    """The real archive, proposer and reflector on `bus`, with the scripted world doing the rest."""
+    world = ScriptedWorld(bus, truth)
+    archive = world.archive = ArchiveService(bus, store, config)
+    bus.dead_letter = archive.dead_letter
+    bus.subscribe("work.propose", ProposerService(bus, store).handle)
+    bus.subscribe("work.reflect", ReflectorService(bus, store).handle)
+    for subject in ("evt.proposed", "evt.implemented", "evt.trained", "evt.evaluated", "evt.reflected",
+                    "evt.failed"):
+        bus.subscribe(subject, archive.handle)
+    return archive, world
+
+
 def run_scripted(tmp_path: Path, truth: Callable[[str], float] = true_value, **settings
                  ) -> tuple[SQLiteStore, ArchiveService, ScriptedWorld]:
     store = SQLiteStore(tmp_path / "archive.db")
     config = RunConfig(run_id="race", protocol="tiny", seed=3, **settings)
     store.put_run(config)
     bus = InProcBus()
-    world = ScriptedWorld(bus, truth)
-    archive = world.archive = ArchiveService(bus, store, config)
-    bus.dead_letter = archive.dead_letter
-    proposer, reflector = ProposerService(bus, store), ReflectorService(bus, store)
-    bus.subscribe("work.propose", proposer.handle)
-    bus.subscribe("work.reflect", reflector.handle)
-    for subject in ("evt.proposed", "evt.implemented", "evt.trained", "evt.evaluated", "evt.reflected",
-                    "evt.failed"):
-        bus.subscribe(subject, archive.handle)
+    archive, world = wire(bus, store, config, truth)
     archive.start()
     for _ in range(100_000):
         if not bus.step():
@@ -223,19 +229,8 @@ def test_a_racing_run_resumed_midway_redoes_the_pending_seed_and_ends_the_same(t
     config = RunConfig(run_id="race", protocol="tiny", seed=3, budget=12, parallel=2, seeding="racing")
     store.put_run(config)
 
-    def wire(bus: InProcBus) -> tuple[ArchiveService, ScriptedWorld]:
-        world = ScriptedWorld(bus)
-        archive = world.archive = ArchiveService(bus, store, config)
-        bus.dead_letter = archive.dead_letter
-        bus.subscribe("work.propose", ProposerService(bus, store).handle)
-        bus.subscribe("work.reflect", ReflectorService(bus, store).handle)
-        for subject in ("evt.proposed", "evt.implemented", "evt.trained", "evt.evaluated", "evt.reflected",
-                        "evt.failed"):
-            bus.subscribe(subject, archive.handle)
-        return archive, world
-
     first_bus = InProcBus()
-    archive, world = wire(first_bus)
+    archive, world = wire(first_bus, store, config)
     archive.start()
     first = None
     while first_bus.step():
@@ -245,7 +240,7 @@ def test_a_racing_run_resumed_midway_redoes_the_pending_seed_and_ends_the_same(t
             break
     assert first is not None, "no extra seed was asked for"
     second_bus = InProcBus()
-    archive, world = wire(second_bus)
+    archive, world = wire(second_bus, store, config)
     archive.start()
     redone = [m for m in world.log if isinstance(m, WorkTrain) and m.replicate and m.node_id != ROOT_ID]
     assert redone and (redone[0].node_id, redone[0].seed) == (first.node_id, first.seed)
@@ -316,25 +311,14 @@ def test_a_report_interrupted_by_a_crash_is_finished_by_the_next_archive(tmp_pat
     config = RunConfig(run_id="race", protocol="tiny", seed=3, budget=6, parallel=2, report_seeds=2)
     store.put_run(config)
 
-    def wire(bus: InProcBus) -> tuple[ArchiveService, ScriptedWorld]:
-        world = ScriptedWorld(bus)
-        archive = world.archive = ArchiveService(bus, store, config)
-        bus.dead_letter = archive.dead_letter
-        bus.subscribe("work.propose", ProposerService(bus, store).handle)
-        bus.subscribe("work.reflect", ReflectorService(bus, store).handle)
-        for subject in ("evt.proposed", "evt.implemented", "evt.trained", "evt.evaluated", "evt.reflected",
-                        "evt.failed"):
-            bus.subscribe(subject, archive.handle)
-        return archive, world
-
     bus = InProcBus()
-    archive, world = wire(bus)
+    archive, world = wire(bus, store, config)
     archive.start()
     while bus.step():
         if sum(isinstance(m, EvtEvaluated) and m.arm is not None for m in world.log) == 2:
             break  # two report runs stored, the rest lost with the process
     bus = InProcBus()
-    archive, world = wire(bus)
+    archive, world = wire(bus, store, config)
     archive.start()
     while bus.step():
         pass
